@@ -1,0 +1,1 @@
+"""The kopf operator for TuningJobs (Kubernetes side). Filled by the operator issue."""
