@@ -1,0 +1,137 @@
+"""Spec to Optuna: distributions, samplers and pruners are built here and nowhere else."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from kubetune.spec import CategoricalParam, FloatParam, IntParam, JobSpec, Pruner, Sampler
+
+
+def to_distributions(search_space: dict[str, Any]) -> dict[str, BaseDistribution]:
+    """The one mapping of spec parameters onto Optuna distributions."""
+    distributions: dict[str, BaseDistribution] = {}
+    for name, param in search_space.items():
+        if isinstance(param, FloatParam):
+            distributions[name] = FloatDistribution(
+                float(param.low), float(param.high), log=param.log,
+                step=None if param.step is None else float(param.step))
+        elif isinstance(param, IntParam):
+            distributions[name] = IntDistribution(param.low, param.high, log=param.log,
+                                                  step=param.step)
+        elif isinstance(param, CategoricalParam):
+            distributions[name] = CategoricalDistribution(list(param.choices))
+        else:  # pragma: no cover - the spec model admits nothing else
+            raise TypeError(f"unsupported search parameter {name}: {param!r}")
+    return distributions
+
+
+def grid_values(search_space: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every value each parameter takes on a grid (spec validation guarantees it is finite)."""
+    grid: dict[str, list[Any]] = {}
+    for name, param in search_space.items():
+        if isinstance(param, CategoricalParam):
+            grid[name] = list(param.choices)
+        elif isinstance(param, IntParam):
+            if param.log:
+                grid[name] = sorted({int(round(v)) for v in np.geomspace(
+                    param.low, param.high, num=min(param.high - param.low + 1, 16))})
+            else:
+                grid[name] = list(range(param.low, param.high + 1, param.step))
+        elif param.points is not None:
+            space = np.geomspace if param.log else np.linspace
+            grid[name] = [float(v) for v in space(param.low, param.high, num=param.points)]
+        else:
+            count = int(round((param.high - param.low) / param.step)) + 1
+            grid[name] = [float(param.low + i * param.step) for i in range(count)]
+    return grid
+
+
+def grid_size(search_space: dict[str, Any]) -> int:
+    return math.prod(len(v) for v in grid_values(search_space).values())
+
+
+def effective_max_trials(spec: JobSpec) -> int:
+    """maxTrials, capped by the grid size: a grid search ends when every point is tried."""
+    if spec.sampler.type == "grid":
+        return min(spec.budget.max_trials, grid_size(spec.search_space))
+    return spec.budget.max_trials
+
+
+def worker_seed(seed: int | None, worker_id: str) -> int | None:
+    """Distinct, reproducible seeds per worker, so parallel workers never draw the same points."""
+    if seed is None:
+        return None
+    return (seed + zlib.crc32(worker_id.encode())) % (2**31)
+
+
+def make_sampler(spec: JobSpec, *, seed: int | None = None,
+                 parallel: bool = False) -> optuna.samplers.BaseSampler:
+    """Build the configured sampler; ``seed`` overrides ``spec.sampler.seed`` (per worker)."""
+    cfg: Sampler = spec.sampler
+    seed = cfg.seed if seed is None else seed
+    if cfg.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.type == "grid":
+        return optuna.samplers.GridSampler(grid_values(spec.search_space), seed=seed)
+    if cfg.type == "tpe":
+        kwargs: dict[str, Any] = {"seed": seed,
+                                  "multivariate": bool(cfg.multivariate),
+                                  "constant_liar": parallel if cfg.constant_liar is None
+                                  else cfg.constant_liar}
+        if cfg.n_startup_trials is not None:
+            kwargs["n_startup_trials"] = cfg.n_startup_trials
+        return optuna.samplers.TPESampler(**kwargs)
+    if cfg.type == "cmaes":
+        kwargs = {"seed": seed}
+        if cfg.n_startup_trials is not None:
+            kwargs["n_startup_trials"] = cfg.n_startup_trials
+        return optuna.samplers.CmaEsSampler(**kwargs, warn_independent_sampling=False)
+    if cfg.type == "gp":
+        kwargs = {"seed": seed}
+        if cfg.n_startup_trials is not None:
+            kwargs["n_startup_trials"] = cfg.n_startup_trials
+        return optuna.samplers.GPSampler(**kwargs)
+    if cfg.type == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type=cfg.qmc_type or "sobol", seed=seed,
+                                          warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {cfg.type!r}")  # pragma: no cover
+
+
+def make_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:
+    """Build the configured Optuna pruner; the NaN/divergence guards live in ``guards``."""
+    cfg: Pruner = spec.pruning.pruner
+    if cfg.type == "none":
+        return optuna.pruners.NopPruner()
+    if cfg.type == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=_or(cfg.n_startup_trials, 5),
+            n_warmup_steps=_or(cfg.n_warmup_steps, 0))
+    if cfg.type == "percentile":
+        return optuna.pruners.PercentilePruner(
+            float(cfg.percentile), n_startup_trials=_or(cfg.n_startup_trials, 5),
+            n_warmup_steps=_or(cfg.n_warmup_steps, 0))
+    if cfg.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=_or(cfg.min_resource, 1),
+            max_resource=_or(cfg.max_resource, spec.epochs),
+            reduction_factor=_or(cfg.reduction_factor, 3))
+    if cfg.type == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=_or(cfg.min_resource, 1),
+            reduction_factor=_or(cfg.reduction_factor, 4))
+    raise ValueError(f"unknown pruner {cfg.type!r}")  # pragma: no cover
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value

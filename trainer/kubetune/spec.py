@@ -1,0 +1,773 @@
+"""The TuningJob spec model: one place that parses and checks what a user wrote.
+
+``parse_job`` / ``parse_job_file`` turn YAML or a dict into typed objects or a list of
+``Problem``s, each naming the field path (``spec.searchSpace.lr.low``) and what is wrong. The
+local runner, the worker and the operator all go through here, so a spec means one thing
+everywhere.
+
+Checks run in two passes: pydantic checks shapes and types (unknown fields, wrong types,
+bounds of single fields), then ``_semantic_problems`` checks what spans fields (a metric the
+trainer never reports, a knob that is both fixed and searched, grid needs).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from kubetune.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS
+from kubetune.yaml_source import YamlDocument, YamlError, load_yaml
+
+API_VERSION = "kubetune.io/v1alpha1"
+KIND = "TuningJob"
+SAMPLERS = ("random", "grid", "tpe", "cmaes", "gp", "qmc")
+PRUNERS = ("median", "percentile", "hyperband", "asha", "none")
+DATASETS = ("digits", "synthetic", "file")
+PARAM_TYPES = ("float", "int", "categorical")
+ENSEMBLE_METHODS = ("greedy", "average")
+ENSEMBLE_MEMBERS = ("trials", "seeds", "snapshots")
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+class SpecError(ValueError):
+    """Raised with every problem of a spec at once."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec: the field path, the message and, from a file, the line."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f" (line {self.line})" if self.line else ""
+        return f"{self.path}: {self.message}{where}"
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds in a duration such as ``90``, ``"45s"``, ``"30m"``, ``"2h"`` or ``"1h30m"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"cannot parse {value!r} as a duration")
+    if isinstance(value, (int, float)):
+        if value <= 0 or not math.isfinite(value):
+            raise ValueError(f"must be a positive duration, got {value!r}")
+        return float(value)
+    text = value.strip().replace(" ", "")
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    pos, total = 0, 0.0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * units[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise ValueError(
+            f"cannot parse {value!r} as a duration (use e.g. 90s, 30m, 2h, 1h30m, 1d)")
+    if total <= 0:
+        raise ValueError(f"must be a positive duration, got {value!r}")
+    return total
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, alias_generator=to_camel, populate_by_name=True,
+        frozen=True,
+    )
+
+
+def _at(field_name: str, message: str) -> ValueError:
+    """A model-level error pinned to one of the model's fields (see ``_problems_from``)."""
+    return ValueError(f"@{field_name}@{message}")
+
+
+# ---------------------------------------------------------------- search space
+Number = Union[StrictInt, StrictFloat]
+
+
+class FloatParam(_Model):
+    type: Literal["float"]
+    low: Number
+    high: Number
+    log: StrictBool = False
+    step: Number | None = None
+    points: StrictInt | None = Field(
+        default=None, description="number of grid points (grid sampler only)")
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatParam:
+        for name in ("low", "high"):
+            if not math.isfinite(getattr(self, name)):
+                raise _at(name, "must be a finite number")
+        if self.log and self.low <= 0:
+            raise _at("low", "must be > 0 when log is true")
+        if self.low >= self.high:
+            raise _at("low", f"must be < high ({self.high}), got {self.low}")
+        if self.step is not None:
+            if self.log:
+                raise _at("step", "cannot be combined with log: true")
+            if self.step <= 0:
+                raise _at("step", "must be > 0")
+            if not _fits(self.high - self.low, self.step):
+                raise _at("step", f"high - low ({self.high - self.low:g}) is not a multiple "
+                                  f"of step ({self.step:g})")
+        if self.points is not None and self.points < 2:
+            raise _at("points", "must be >= 2")
+        return self
+
+
+class IntParam(_Model):
+    type: Literal["int"]
+    low: StrictInt
+    high: StrictInt
+    log: StrictBool = False
+    step: StrictInt = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> IntParam:
+        if self.log and self.low <= 0:
+            raise _at("low", "must be > 0 when log is true")
+        if self.low >= self.high:
+            raise _at("low", f"must be < high ({self.high}), got {self.low}")
+        if self.step < 1:
+            raise _at("step", "must be >= 1")
+        if self.log and self.step != 1:
+            raise _at("step", "must be 1 when log is true")
+        if (self.high - self.low) % self.step:
+            raise _at("step", f"high - low ({self.high - self.low}) is not a multiple of "
+                              f"step ({self.step})")
+        return self
+
+
+Choice = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+
+
+class CategoricalParam(_Model):
+    type: Literal["categorical"]
+    choices: list[Choice]
+
+    @field_validator("choices")
+    @classmethod
+    def _check_choices(cls, choices: list[Any]) -> list[Any]:
+        if not choices:
+            raise ValueError("must list at least one choice")
+        seen: set[tuple[type, Any]] = set()
+        for choice in choices:
+            key = (type(choice), choice)
+            if key in seen:
+                raise ValueError(f"duplicate choice {choice!r}")
+            seen.add(key)
+            if isinstance(choice, float) and not math.isfinite(choice):
+                raise ValueError(f"choice {choice!r} is not a finite number")
+        return choices
+
+
+def _fits(span: float, step: float) -> bool:
+    ratio = span / step
+    return abs(ratio - round(ratio)) < 1e-9 * max(1.0, abs(ratio))
+
+
+def _tag_by_type(value: Any) -> str | None:
+    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+
+
+SearchParam = Annotated[
+    Union[
+        Annotated[FloatParam, Tag("float")],
+        Annotated[IntParam, Tag("int")],
+        Annotated[CategoricalParam, Tag("categorical")],
+    ],
+    Discriminator(_tag_by_type),
+]
+
+# ---------------------------------------------------------------- objective, budget, sampler
+class Objective(_Model):
+    metric: StrictStr
+    direction: Literal["maximize", "minimize"] | None = None
+    goal: Number | None = Field(
+        default=None, description="stop starting trials once a trial reaches this value")
+
+    @property
+    def resolved_direction(self) -> str:
+        """The direction given, or the natural one for the metric (losses are minimized)."""
+        if self.direction:
+            return self.direction
+        return "minimize" if self.metric.endswith("loss") else "maximize"
+
+
+class Budget(_Model):
+    max_trials: StrictInt = Field(default=100, ge=1)
+    parallelism: StrictInt = Field(default=1, ge=1)
+    max_failed_trials: StrictInt = Field(default=10, ge=0)
+    max_retries: StrictInt = Field(
+        default=3, ge=0, description="times a trial whose worker died is retried")
+    timeout: Union[StrictStr, StrictInt, StrictFloat, None] = None
+
+    @field_validator("timeout")
+    @classmethod
+    def _check_timeout(cls, value: Any) -> Any:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @property
+    def timeout_seconds(self) -> float | None:
+        return None if self.timeout is None else parse_duration(self.timeout)
+
+
+class Sampler(_Model):
+    type: StrictStr = "tpe"
+    seed: StrictInt | None = None
+    n_startup_trials: StrictInt | None = Field(default=None, ge=0)
+    multivariate: StrictBool | None = None
+    constant_liar: StrictBool | None = None
+    qmc_type: Literal["sobol", "halton"] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Sampler:
+        if self.type not in SAMPLERS:
+            raise _at("type", _unknown("sampler", self.type, SAMPLERS))
+        allowed = {
+            "tpe": {"n_startup_trials", "multivariate", "constant_liar"},
+            "gp": {"n_startup_trials"},
+            "cmaes": {"n_startup_trials"},
+            "qmc": {"qmc_type"},
+        }.get(self.type, set())
+        for name in ("n_startup_trials", "multivariate", "constant_liar", "qmc_type"):
+            if getattr(self, name) is not None and name not in allowed:
+                raise _at(name, f"not used by the {self.type} sampler")
+        return self
+
+
+# ---------------------------------------------------------------- pruning
+class Divergence(_Model):
+    enabled: StrictBool = True
+    factor: Number = Field(default=10.0, gt=1.0)
+
+
+class Pruner(_Model):
+    type: StrictStr = "median"
+    n_startup_trials: StrictInt | None = Field(default=None, ge=0)
+    n_warmup_steps: StrictInt | None = Field(default=None, ge=0)
+    percentile: Number | None = Field(default=None, gt=0, lt=100)
+    min_resource: StrictInt | None = Field(default=None, ge=1)
+    max_resource: StrictInt | None = Field(default=None, ge=1)
+    reduction_factor: StrictInt | None = Field(default=None, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> Pruner:
+        if self.type not in PRUNERS:
+            raise _at("type", _unknown("pruner", self.type, PRUNERS))
+        allowed = {
+            "median": {"n_startup_trials", "n_warmup_steps"},
+            "percentile": {"n_startup_trials", "n_warmup_steps", "percentile"},
+            "hyperband": {"min_resource", "max_resource", "reduction_factor"},
+            "asha": {"min_resource", "reduction_factor"},
+        }.get(self.type, set())
+        for name in ("n_startup_trials", "n_warmup_steps", "percentile", "min_resource",
+                     "max_resource", "reduction_factor"):
+            if getattr(self, name) is not None and name not in allowed:
+                raise _at(name, f"not used by the {self.type} pruner")
+        if self.type == "percentile" and self.percentile is None:
+            raise _at("percentile", "required by the percentile pruner (e.g. 25)")
+        if (self.min_resource and self.max_resource
+                and self.min_resource >= self.max_resource):
+            raise _at("min_resource", "must be < maxResource")
+        return self
+
+
+class Pruning(_Model):
+    nan: StrictBool = True
+    divergence: Divergence = Divergence()
+    pruner: Pruner = Pruner()
+
+
+# ---------------------------------------------------------------- trainer
+class DigitsData(_Model):
+    name: Literal["digits"]
+
+
+class SyntheticData(_Model):
+    name: Literal["synthetic"]
+    samples: StrictInt = Field(default=2000, ge=20)
+    features: StrictInt = Field(default=20, ge=1)
+    informative: StrictInt = Field(default=10, ge=1)
+    classes: StrictInt = Field(default=2, ge=2)
+    class_weights: list[Number] | None = None
+    class_sep: Number = Field(default=1.0, gt=0)
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticData:
+        if self.class_weights is not None:
+            if len(self.class_weights) != self.classes:
+                raise _at("class_weights", f"needs one weight per class ({self.classes}), got "
+                                           f"{len(self.class_weights)}")
+            if any(w <= 0 for w in self.class_weights):
+                raise _at("class_weights", "weights must be > 0")
+        if self.classes > 2 ** min(self.informative, self.features):
+            raise _at("classes", "too many classes for the number of informative features")
+        return self
+
+
+class FileData(_Model):
+    name: Literal["file"]
+    path: StrictStr = Field(min_length=1)
+    label_column: StrictStr = "label"
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.endswith((".csv", ".npz")):
+            raise ValueError(f"must end in .csv or .npz, got {value!r}")
+        return value
+
+
+def _tag_by_name(value: Any) -> str | None:
+    return value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+
+
+DatasetSpec = Annotated[
+    Union[
+        Annotated[DigitsData, Tag("digits")],
+        Annotated[SyntheticData, Tag("synthetic")],
+        Annotated[FileData, Tag("file")],
+    ],
+    Discriminator(_tag_by_name),
+]
+
+
+class Split(_Model):
+    validation: Number = Field(default=0.2, gt=0, lt=1)
+    test: Number = Field(default=0.2, gt=0, lt=1)
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> Split:
+        if self.validation + self.test >= 0.9:
+            raise _at("test", "validation + test must leave at least 10% for training")
+        return self
+
+
+class Builtin(_Model):
+    model: StrictStr = "mlp"
+    dataset: DatasetSpec
+    split: Split = Split()
+    epochs: StrictInt = Field(default=20, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> Builtin:
+        if self.model not in MODELS:
+            raise _at("model", _unknown("model", self.model, MODELS))
+        return self
+
+
+class Trainer(_Model):
+    builtin: Builtin
+    template: dict[str, Any] | None = Field(
+        default=None, description="pod template for worker pods (Kubernetes only)")
+
+
+# ---------------------------------------------------------------- storage, artifacts, ensemble
+class SecretRef(_Model):
+    name: StrictStr = Field(min_length=1)
+    key: StrictStr = "url"
+
+
+class Storage(_Model):
+    secret_ref: SecretRef | None = None
+
+
+class Artifacts(_Model):
+    path: StrictStr | None = Field(
+        default=None, description="folder shared by the workers (a mounted volume on a cluster)")
+
+
+class Ensemble(_Model):
+    enabled: StrictBool = True
+    top_k: StrictInt = Field(default=5, ge=2)
+    method: Literal["greedy", "average"] = "greedy"
+    members: Literal["trials", "seeds", "snapshots"] = "trials"
+
+
+class JobSpec(_Model):
+    objective: Objective
+    search_space: dict[str, SearchParam]
+    budget: Budget = Budget()
+    sampler: Sampler = Sampler()
+    pruning: Pruning = Pruning()
+    trainer: Trainer
+    storage: Storage = Storage()
+    artifacts: Artifacts = Artifacts()
+    ensemble: Ensemble = Ensemble()
+
+    @field_validator("search_space")
+    @classmethod
+    def _check_space(cls, space: dict[str, Any]) -> dict[str, Any]:
+        if not space:
+            raise ValueError("must define at least one parameter to search")
+        return space
+
+    @property
+    def epochs(self) -> int:
+        """Most epochs a trial can train (the resource hyperband and ASHA count)."""
+        space = self.search_space.get("epochs")
+        if isinstance(space, IntParam):
+            return space.high
+        if isinstance(space, CategoricalParam):
+            return int(max(space.choices))
+        return int(self.trainer.builtin.params.get("epochs", self.trainer.builtin.epochs))
+
+
+class Metadata(BaseModel):
+    """Only what kubetune reads; Kubernetes adds more (uid, resourceVersion...), kept aside."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: StrictStr
+    namespace: StrictStr | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if len(value) > 63 or not _NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid name: at most 63 lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit")
+        return value
+
+
+class TuningJob(_Model):
+    api_version: Literal["kubetune.io/v1alpha1"]
+    kind: Literal["TuningJob"]
+    metadata: Metadata
+    spec: JobSpec
+    status: dict[str, Any] | None = None  # accepted so `kubectl get -o yaml` output re-applies
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+    @property
+    def study_name(self) -> str:
+        """Unique per namespace and name; '/' cannot appear in either, so no two jobs clash."""
+        return f"{self.namespace}/{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as camelCase JSON-able data, the form stored with the study."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        data.pop("status", None)
+        return data
+
+
+# ---------------------------------------------------------------- entry points
+def parse_job(data: Any, *, document: YamlDocument | None = None,
+              base_dir: Path | None = None) -> TuningJob:
+    """Validate a TuningJob given as parsed YAML/JSON; raise SpecError with every problem.
+
+    ``base_dir`` resolves a relative ``dataset.path`` (the job file's folder for local runs).
+    """
+    if not isinstance(data, dict):
+        raise SpecError([Problem("(root)", "must be a mapping with apiVersion, kind, metadata "
+                                           "and spec", _line(document, ()))])
+    try:
+        job = TuningJob.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_problems_from(err, document)) from None
+    problems = _semantic_problems(job.spec)
+    if problems:
+        raise SpecError([Problem(p.path, p.message, _line(document, _split_path(p.path)))
+                         for p in problems])
+    if base_dir is not None:
+        job = _resolve_paths(job, base_dir)
+    return job
+
+
+def parse_job_file(path: str | Path) -> TuningJob:
+    """Read and validate a TuningJob YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise SpecError([Problem(str(path), f"cannot read file: {err.strerror}")]) from None
+    try:
+        document = load_yaml(text)
+    except YamlError as err:
+        raise SpecError([Problem(str(path), err.message, err.line)]) from None
+    return parse_job(document.data, document=document, base_dir=path.resolve().parent)
+
+
+def validate_spec(spec: Any) -> list[Problem]:
+    """Problems of a bare ``spec`` mapping (what the operator sees), paths under ``spec.``."""
+    job = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "x"}, "spec": spec}
+    try:
+        parse_job(job)
+    except SpecError as err:
+        return err.problems
+    return []
+
+
+def _resolve_paths(job: TuningJob, base_dir: Path) -> TuningJob:
+    dataset = job.spec.trainer.builtin.dataset
+    if isinstance(dataset, FileData) and not Path(dataset.path).is_absolute():
+        data = job.to_dict()
+        data["spec"]["trainer"]["builtin"]["dataset"]["path"] = str(base_dir / dataset.path)
+        return TuningJob.model_validate(data)
+    return job
+
+
+# ---------------------------------------------------------------- semantic checks
+def _semantic_problems(spec: JobSpec) -> list[Problem]:
+    problems: list[Problem] = []
+    builtin = spec.trainer.builtin
+    metric = spec.objective.metric
+    if metric not in REPORTED_METRICS:
+        problems.append(Problem("spec.objective.metric", _unknown(
+            "metric", metric, REPORTED_METRICS, what="the builtin trainer reports")))
+    elif spec.objective.direction == "maximize" and metric in LOSS_METRICS:
+        problems.append(Problem("spec.objective.direction",
+                                f"{metric} is a loss: use minimize"))
+    for name, value in builtin.params.items():
+        path = f"spec.trainer.builtin.params.{name}"
+        if name not in KNOBS:
+            problems.append(Problem(path, _unknown("parameter", name, KNOBS,
+                                                   what="the builtin mlp trainer has")))
+        elif name in spec.search_space:
+            problems.append(Problem(path, "is also in spec.searchSpace: fix it or search it, "
+                                          "not both"))
+        elif (why := KNOBS[name].problem(value)) is not None:
+            problems.append(Problem(path, why))
+    for name, param in spec.search_space.items():
+        problems.extend(_space_problems(name, param))
+    if spec.sampler.type == "grid":
+        for name, param in spec.search_space.items():
+            if isinstance(param, FloatParam) and param.step is None and param.points is None:
+                problems.append(Problem(
+                    f"spec.searchSpace.{name}",
+                    "the grid sampler needs a finite set of values: give step or points"))
+    if spec.sampler.type == "cmaes" and not any(
+            isinstance(p, (FloatParam, IntParam)) for p in spec.search_space.values()):
+        problems.append(Problem("spec.sampler.type",
+                                "cmaes needs at least one float or int parameter"))
+    pruner = spec.pruning.pruner
+    if pruner.max_resource is not None and pruner.max_resource > spec.epochs:
+        problems.append(Problem("spec.pruning.pruner.maxResource",
+                                f"exceeds the epochs a trial trains ({spec.epochs})"))
+    return problems
+
+
+def _space_problems(name: str, param: Any) -> list[Problem]:
+    path = f"spec.searchSpace.{name}"
+    knob = KNOBS.get(name)
+    if knob is None:
+        return [Problem(path, _unknown("parameter", name, KNOBS,
+                                       what="the builtin mlp trainer has"))]
+    if isinstance(param, CategoricalParam):
+        return [Problem(f"{path}.choices[{i}]", why) for i, choice in enumerate(param.choices)
+                if (why := knob.problem(choice)) is not None]
+    if knob.kind in ("choice", "bool"):
+        return [Problem(f"{path}.type", f"{name} takes {knob.describe()}: use type categorical")]
+    if knob.kind == "int" and isinstance(param, FloatParam):
+        return [Problem(f"{path}.type", f"{name} is an integer: use type int")]
+    problems = []
+    for bound in ("low", "high"):
+        if (why := knob.problem(getattr(param, bound))) is not None:
+            problems.append(Problem(f"{path}.{bound}", why))
+    return problems
+
+
+# ---------------------------------------------------------------- error messages
+def _unknown(kind: str, value: Any, known: Any, what: str = "known") -> str:
+    known = list(known)
+    close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {value!r} ({what}: {', '.join(map(str, known))}){hint}"
+
+
+_UNION_TAGS = {
+    ("spec", "searchSpace", "*"): ("type", PARAM_TYPES, "parameter type"),
+    ("spec", "trainer", "builtin", "dataset"): ("name", DATASETS, "dataset"),
+}
+
+
+def _union_site(loc: tuple) -> tuple[int, tuple[str, tuple[str, ...], str]] | None:
+    """If ``loc`` passes through a tagged union, where (index of the tag) and which union."""
+    for pattern, info in _UNION_TAGS.items():
+        if len(loc) > len(pattern) and all(
+                p == "*" or p == part for p, part in zip(pattern, loc)):
+            return len(pattern), info
+    return None
+
+
+def _problems_from(err: ValidationError, document: YamlDocument | None) -> list[Problem]:
+    problems: list[Problem] = []
+    for error in err.errors(include_url=False):
+        loc = tuple(error["loc"])
+        message = error["msg"]
+        kind = error["type"]
+        site = _union_site(loc)
+        if kind in ("union_tag_invalid", "union_tag_not_found") and site is None:
+            site = _union_site(loc + ("",))
+        if site is not None:
+            index, (tag_field, tags, label) = site
+            if kind == "union_tag_invalid":
+                loc = loc + (tag_field,)
+                message = _unknown(label, error["ctx"]["tag"], tags)
+            elif kind == "union_tag_not_found" and not isinstance(error["input"], dict):
+                message = f"must be a mapping with a {tag_field} field, got " \
+                          f"{_describe(error['input'])}"
+            elif kind == "union_tag_not_found":
+                loc = loc + (tag_field,)
+                message = f"required ({' | '.join(tags)})"
+            elif index < len(loc) and loc[index] in tags:
+                loc = loc[:index] + loc[index + 1:]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+            if message.startswith("@"):
+                field_name, _, message = message[1:].partition("@")
+                loc = loc + (to_camel(field_name),)
+        elif kind == "extra_forbidden":
+            message = _unknown_field(tuple(error["loc"]))
+        elif kind == "missing":
+            message = "required field is missing"
+        elif kind == "literal_error":
+            message = f"must be {error['ctx']['expected']}, got {error['input']!r}"
+        elif kind.endswith("_type") or kind in ("model_type", "dict_type", "list_type"):
+            message = f"{_type_message(message)}, got {_describe(error['input'])}"
+        else:
+            message = _tidy(message)
+        path = _join(loc)
+        problems.append(Problem(path, message, _line(document, loc)))
+    return _dedupe(problems)
+
+
+def _unknown_field(loc: tuple) -> str:
+    name = str(loc[-1])
+    siblings = _known_fields(loc[:-1])
+    close = difflib.get_close_matches(name, siblings, n=1)
+    return "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+def _known_fields(parent: tuple) -> list[str]:
+    """camelCase field names accepted at ``parent`` (for did-you-mean hints)."""
+    tag_models = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam,
+                  "digits": DigitsData, "synthetic": SyntheticData, "file": FileData}
+    model: Any = TuningJob
+    skip_key = False
+    for part in parent:
+        if skip_key:
+            skip_key = False
+            continue
+        if model is None and part in tag_models:
+            model = tag_models[part]
+            continue
+        if model is None or isinstance(part, int):
+            return []
+        info = {to_camel(n): f for n, f in model.model_fields.items()}.get(part)
+        if info is None:
+            return []
+        annotation = info.annotation
+        if get_origin(annotation) is dict:
+            skip_key, model = True, None
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            model = _first_model(annotation)
+    return [to_camel(n) for n in model.model_fields] if model is not None else []
+
+
+def _first_model(annotation: Any) -> Any:
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _type_message(message: str) -> str:
+    message = message.replace("Input should be", "must be").replace(
+        "a valid integer", "an integer")
+    return message.replace("a valid dictionary", "a mapping").replace(
+        "a valid list", "a list").replace("a valid ", "a ")
+
+
+def _tidy(message: str) -> str:
+    for old, new in (("Input should be greater than or equal to", "must be >="),
+                     ("Input should be greater than", "must be >"),
+                     ("Input should be less than or equal to", "must be <="),
+                     ("Input should be less than", "must be <"),
+                     ("Input should be", "must be"),
+                     ("String should have at least 1 character", "must not be empty")):
+        if message.startswith(old):
+            return new + message[len(old):]
+    return message
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}" if not isinstance(value, (dict, list)) else \
+        type(value).__name__.replace("dict", "a mapping").replace("list", "a list")
+
+
+def _join(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path or "(root)"
+
+
+def _split_path(path: str) -> tuple[str | int, ...]:
+    parts: list[str | int] = []
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        parts.append(int(token[1:-1]) if token.startswith("[") else token)
+    return tuple(parts)
+
+
+def _line(document: YamlDocument | None, loc: tuple) -> int | None:
+    return document.line_of(loc) if document is not None else None
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for problem in problems:
+        if (problem.path, problem.message) not in seen:
+            seen.add((problem.path, problem.message))
+            unique.append(problem)
+    return unique
