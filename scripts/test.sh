@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up the test environment and run pytest. Arguments go to pytest.
+# Exits with pytest's status, except that "no tests collected" (5) is a failure.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+VENV="${KUBETUNE_VENV:-$REPO_ROOT/.venv}"
+
+bash scripts/setup.sh --test
+echo "==> running pytest $*"
+rc=0
+"$VENV/bin/python" -m pytest "$@" || rc=$?
+
+if [ "$rc" -eq 5 ]; then
+    echo "test.sh: error: pytest collected no tests (exit code 5); treating as failure" >&2
+    exit 1
+fi
+exit "$rc"
