@@ -18,27 +18,16 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from kubetune.data import Dataset
+from kubetune.knobs import (  # names and defaults shared with the torch-free spec model
+    ACTIVATIONS,
+    DEFAULT_PARAMS,
+    INITS,
+    OPTIMIZERS,
+    REPORTED_METRICS,
+)
 
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
-INITS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "orthogonal")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adadelta", "adagrad")
-REPORTED_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1")
-DEFAULT_PARAMS: dict[str, object] = {
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "momentum": 0.9,
-    "dropout": 0.0,
-    "layers": 2,
-    "hidden": 128,
-    "activation": "relu",
-    "init": "he_uniform",
-    "optimizer": "adam",
-    "batch_size": 64,
-    "epochs": 20,
-    "grad_clip": 0.0,
-    "lr_halving_patience": 0,
-    "batch_norm": False,
-}
+__all__ = ["ACTIVATIONS", "DEFAULT_PARAMS", "INITS", "OPTIMIZERS", "REPORTED_METRICS",
+           "TrainResult", "build_mlp", "make_optimizer", "predict_proba", "train"]
 
 EVAL_BATCH_ROWS = 4096
 _LEAKY_SLOPE = 0.01  # nn.LeakyReLU's default, mirrored in the he_* gain

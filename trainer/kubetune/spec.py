@@ -405,6 +405,17 @@ class SecretRef(_Model):
 
 class Storage(_Model):
     secret_ref: SecretRef | None = None
+    heartbeat_interval: StrictInt = Field(
+        default=10, ge=1, description="seconds between a running trial's heartbeats")
+    grace_period: StrictInt = Field(
+        default=60, ge=2, description="seconds without a heartbeat before a trial is failed "
+                                      "and retried")
+
+    @model_validator(mode="after")
+    def _check(self) -> Storage:
+        if self.grace_period < 2 * self.heartbeat_interval:
+            raise _at("grace_period", "must be at least twice heartbeatInterval")
+        return self
 
 
 class Artifacts(_Model):

@@ -1,0 +1,118 @@
+"""The ``kubetune`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kubetune import __version__
+from kubetune.spec import SpecError, parse_job_file
+
+EXIT_INVALID = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_INVALID
+    return int(args.handler(args) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="Hyperparameter tuning with Optuna, locally or on "
+                                     "Kubernetes, from one TuningJob file.")
+    parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a TuningJob on this machine")
+    run.add_argument("file", help="TuningJob YAML file")
+    run.add_argument("--workers", type=_positive_int, metavar="N",
+                     help="worker processes (default: spec.budget.parallelism)")
+    run.add_argument("--storage", metavar="URL",
+                     help="Optuna storage: postgresql://... or a journal file path "
+                          "(default: OUTPUT/study.journal)")
+    run.add_argument("--output", metavar="DIR",
+                     help="output folder (default: ./kubetune-runs/<name>)")
+    run.add_argument("--artifacts", metavar="DIR",
+                     help="artifact folder (default: spec.artifacts.path or OUTPUT/artifacts)")
+    run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--verbose", action="store_true", help="log what the runner does")
+    run.set_defaults(handler=_run)
+
+    validate = sub.add_parser("validate", help="check a TuningJob file")
+    validate.add_argument("file")
+    validate.set_defaults(handler=_validate)
+
+    worker = sub.add_parser("worker", help="run trials of a study (started by the runner or "
+                                           "the operator)")
+    worker.add_argument("--storage", required=True, metavar="URL")
+    worker.add_argument("--study", required=True, metavar="NAME")
+    worker.add_argument("--worker-id", required=True, metavar="ID")
+    worker.add_argument("--artifacts", required=True, metavar="DIR")
+    worker.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="torch CPU threads")
+    worker.set_defaults(handler=_worker)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _load(path: str):
+    try:
+        return parse_job_file(path)
+    except SpecError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    if _load(args.file) is None:
+        return EXIT_INVALID
+    print("valid")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kubetune.runner import RunError, RunOptions, configure_logging, run_job
+    from kubetune.job_study import StudyMismatch
+
+    job = _load(args.file)
+    if job is None:
+        return EXIT_INVALID
+    configure_logging(args.verbose)
+    options = RunOptions(workers=args.workers, storage=args.storage, output=args.output,
+                         artifacts=args.artifacts, quiet=args.quiet)
+    try:
+        return run_job(job, options)
+    except (RunError, StudyMismatch) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from kubetune.worker import WorkerOptions, run_worker
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_worker(WorkerOptions(storage=args.storage, study=args.study,
+                                    worker_id=args.worker_id, artifacts=args.artifacts,
+                                    threads=args.threads))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

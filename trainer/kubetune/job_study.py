@@ -1,0 +1,54 @@
+"""The Optuna study behind a TuningJob, with the resolved job stored inside it.
+
+Workers need only the storage URL and the study name: the job (spec included) is a user
+attribute of the study, so a worker pod needs no Kubernetes access to learn what to do.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+
+from kubetune.spec import SpecError, TuningJob, Problem
+
+JOB_ATTR = "kubetune:job"
+STARTED_ATTR = "kubetune:startedAt"
+
+
+class StudyMismatch(ValueError):
+    """An existing study cannot continue under the given job (objective changed)."""
+
+
+def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
+    """Create the job's study, or reopen it to continue; refuse a changed objective."""
+    direction = job.spec.objective.resolved_direction
+    study = optuna.create_study(study_name=job.study_name, storage=storage,
+                                direction=direction, load_if_exists=True)
+    stored = study.user_attrs.get(JOB_ATTR)
+    if stored is not None:
+        before = stored["spec"]["objective"]
+        if before.get("metric") != job.spec.objective.metric or (
+                study.direction.name.lower() != direction):
+            raise StudyMismatch(
+                f"study {job.study_name!r} already optimizes {before.get('metric')} "
+                f"({study.direction.name.lower()}); the job now asks for "
+                f"{job.spec.objective.metric} ({direction}). Use a new name or output folder.")
+    else:
+        study.set_user_attr(STARTED_ATTR, time.time())
+    study.set_user_attr(JOB_ATTR, job.to_dict())
+    return study
+
+
+def load_job(study: optuna.Study) -> TuningJob:
+    data = study.user_attrs.get(JOB_ATTR)
+    if data is None:
+        raise SpecError([Problem("study", f"study {study.study_name!r} holds no kubetune job")])
+    return TuningJob.model_validate(data)
+
+
+def started_at(study: optuna.Study) -> float:
+    value: Any = study.user_attrs.get(STARTED_ATTR)
+    return float(value) if value is not None else time.time()

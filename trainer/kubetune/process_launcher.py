@@ -1,0 +1,85 @@
+"""Workers as local processes: the launcher ``kubetune run`` gives the job core."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from kubetune.controller import WorkerState
+
+_PR_SET_PDEATHSIG = 1
+LOCAL_PREFIX = "local-"
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the worker gets SIGTERM if the runner dies, even by SIGKILL: no orphans."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class ProcessLauncher:
+    """Starts ``kubetune worker`` subprocesses; each writes its log to ``log_dir``."""
+
+    def __init__(self, storage: str, study: str, artifacts: str, log_dir: Path,
+                 threads: int | None = None) -> None:
+        self._storage, self._study, self._artifacts = storage, study, artifacts
+        self._log_dir = log_dir
+        self._threads = threads
+        self._session = uuid.uuid4().hex[:6]
+        self._count = 0
+        self._procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+    def start_worker(self) -> str:
+        self._count += 1
+        worker_id = f"{LOCAL_PREFIX}{self._session}-{self._count}"
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self._log_dir / f"worker-{self._count}.log"
+        command = [sys.executable, "-m", "kubetune", "worker", "--storage", self._storage,
+                   "--study", self._study, "--worker-id", worker_id,
+                   "--artifacts", self._artifacts]
+        if self._threads:
+            command += ["--threads", str(self._threads)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env,
+                                    preexec_fn=_die_with_parent)
+        self._procs[worker_id] = (proc, log_path)
+        return worker_id
+
+    def list_workers(self) -> list[WorkerState]:
+        return [WorkerState(worker_id, proc.poll(),
+                            _tail(path) if proc.poll() not in (None, 0) else "")
+                for worker_id, (proc, path) in self._procs.items()]
+
+    def forget_worker(self, worker_id: str) -> None:
+        self._procs.pop(worker_id, None)
+
+    def pids(self) -> dict[str, int]:
+        return {worker_id: proc.pid for worker_id, (proc, _) in self._procs.items()}
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        """SIGTERM (the worker gives its trial back), then SIGKILL after ``timeout``."""
+        for proc, _ in self._procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in self._procs.values():
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

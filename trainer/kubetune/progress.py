@@ -1,0 +1,113 @@
+"""What ``kubetune run`` shows: a live progress bar on a terminal, plain lines elsewhere,
+and a leaderboard at the end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kubetune.spec import TuningJob
+
+
+class ProgressView:
+    def __init__(self, job: TuningJob, *, quiet: bool = False,
+                 console: Console | None = None) -> None:
+        self._job = job
+        self._quiet = quiet
+        self._console = console or Console(highlight=False)
+        self._live = self._console.is_terminal and not quiet
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._last_line = ("", 0.0)
+
+    # ------------------------------------------------------------------ lifecycle
+    def intro(self, *, storage: str, output: Path, workers: int, resumed: int,
+              done: int) -> None:
+        if self._quiet:
+            return
+        spec = self._job.spec
+        what = f"continuing study ({done} trials done)" if done else "new study"
+        self._console.print(
+            f"[bold]kubetune run {self._job.name}[/]: {what}, up to "
+            f"{spec.budget.max_trials} trials, {workers} worker(s), objective "
+            f"{spec.objective.metric} ({spec.objective.resolved_direction})")
+        self._console.print(f"  storage: {storage}\n  output:  {output}")
+        if resumed:
+            self._console.print(f"  {resumed} trial(s) left running by an earlier run were "
+                                "queued again")
+
+    def __enter__(self) -> ProgressView:
+        if self._live:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                console=self._console, transient=False)
+            self._task = self._progress.add_task(
+                "trials", total=self._job.spec.budget.max_trials, detail="")
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    # ------------------------------------------------------------------ updates
+    def update(self, status: dict[str, Any]) -> None:
+        done, _, total = status["progress"].partition("/")
+        detail = self._detail(status)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=int(done), total=int(total),
+                                  detail=detail)
+        elif not self._quiet:
+            line = f"trials {status['progress']}  {detail}"
+            last, when = self._last_line
+            if line != last and time.monotonic() - when >= 2.0:
+                self._console.print(line)
+                self._last_line = (line, time.monotonic())
+
+    def _detail(self, status: dict[str, Any]) -> str:
+        trials = status["trials"]
+        best = status.get("best")
+        best_text = f"best {best['value']:.4g} (#{best['trial']})" if best else "best -"
+        return (f"{best_text}  running {trials['running']}  pruned {trials['pruned']}  "
+                f"failed {trials['failed']}")
+
+    def interrupted(self, output: Path) -> None:
+        self._console.print(f"interrupted: run the same command again to continue "
+                            f"(results so far in {output})")
+
+    def summary(self, status: dict[str, Any], result_path: Path) -> None:
+        if self._quiet:
+            return
+        self._console.print(leaderboard_table(status))
+        for cond in status.get("conditions", []):
+            if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+                self._console.print(f"[bold]{status['phase']}[/] ({cond['reason']}): "
+                                    f"{cond['message']}")
+        reasons = status.get("pruneReasons") or {}
+        if reasons:
+            self._console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+        self._console.print(f"result: {result_path}")
+
+
+def leaderboard_table(status: dict[str, Any]) -> Table:
+    objective = status["objective"]
+    table = Table(title=f"{status['name']}: top trials by {objective['metric']} "
+                        f"({objective['direction']})")
+    table.add_column("#", justify="right")
+    table.add_column("trial", justify="right")
+    table.add_column(objective["metric"], justify="right")
+    table.add_column("params")
+    for rank, entry in enumerate(status.get("leaderboard", []), start=1):
+        params = ", ".join(f"{k}={_short(v)}" for k, v in entry["params"].items())
+        table.add_row(str(rank), str(entry["trial"]), f"{entry['value']:.5g}", params)
+    return table
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,157 @@
+"""``kubetune run``: the whole job on one machine, driven by the same core as the operator."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from kubetune.controller import JobCore, fail_abandoned_trial
+from kubetune.job_study import create_or_load_study
+from kubetune.process_launcher import LOCAL_PREFIX, ProcessLauncher
+from kubetune.progress import ProgressView
+from kubetune.spec import TuningJob
+from kubetune.storage import is_rdb, open_storage, redact, silence_optuna
+from kubetune.trial_run import WORKER_ATTR
+from kubetune.worker import default_threads
+
+log = logging.getLogger("kubetune.run")
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+RESULT_FILE = "result.json"
+
+
+class RunError(Exception):
+    """The run cannot start (bad data, busy folder, incompatible study): exit code 2."""
+
+
+@dataclass
+class RunOptions:
+    workers: int | None = None
+    storage: str | None = None
+    output: str | None = None
+    artifacts: str | None = None
+    poll_interval: float = 0.5
+    quiet: bool = False
+
+
+def output_dir(job: TuningJob, options: RunOptions) -> Path:
+    return Path(options.output) if options.output else Path("kubetune-runs") / job.name
+
+
+def run_job(job: TuningJob, options: RunOptions) -> int:
+    """Run ``job`` to the end with local worker processes; returns the exit code."""
+    silence_optuna()
+    out = output_dir(job, options).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    busy = _lock_folder(out)
+    storage_url = options.storage or str(out / "study.journal")
+    artifacts = str(Path(options.artifacts or job.spec.artifacts.path or out / "artifacts")
+                    .resolve())
+    workers = options.workers or job.spec.budget.parallelism
+    _check_data(job)
+    spec = job.spec
+    storage = open_storage(storage_url,
+                           heartbeat_interval=spec.storage.heartbeat_interval
+                           if is_rdb(storage_url) else None,
+                           grace_period=spec.storage.grace_period,
+                           max_retries=spec.budget.max_retries)
+    try:
+        study = create_or_load_study(storage, job)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    resumed = _recover_abandoned(study)
+    if workers != spec.budget.parallelism:
+        job = job.model_copy(update={"spec": spec.model_copy(update={
+            "budget": spec.budget.model_copy(update={"parallelism": workers})})})
+    launcher = ProcessLauncher(storage_url, job.study_name, artifacts, out / "logs",
+                               threads=default_threads(workers))
+    core = JobCore(job, study, launcher)
+    previous = _previous_result(out)
+    view = ProgressView(job, quiet=options.quiet)
+    view.intro(storage=redact(storage_url), output=out, workers=workers, resumed=resumed,
+               done=len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                 TrialState.PRUNED))))
+    status: dict[str, Any] = previous
+    try:
+        with view:
+            while True:
+                outcome = core.reconcile(status)
+                status = outcome.status
+                view.update(status)
+                if outcome.done:
+                    break
+                time.sleep(options.poll_interval)
+    except KeyboardInterrupt:
+        launcher.stop_all()
+        write_result(out, {**status, "phase": "Running"})
+        view.interrupted(out)
+        return EXIT_INTERRUPTED
+    finally:
+        busy.close()
+    write_result(out, status)
+    view.summary(status, out / RESULT_FILE)
+    return EXIT_OK if status["phase"] == "Succeeded" else EXIT_FAILED
+
+
+def write_result(out: Path, status: dict[str, Any]) -> None:
+    """Write result.json atomically: a reader never sees half a file."""
+    tmp = out / f".{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(status, indent=2, default=str) + "\n")
+    os.replace(tmp, out / RESULT_FILE)
+
+
+def _previous_result(out: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    data.pop("workers", None)  # crash counts belong to the run that saw them
+    return data
+
+
+def _lock_folder(out: Path) -> Any:
+    handle = open(out / ".runner.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunError(f"another kubetune run is using {out}; wait for it or pick another "
+                       "--output") from None
+    return handle
+
+
+def _check_data(job: TuningJob) -> None:
+    """Load the data once up front so a bad file is one clear error, not crashing workers."""
+    from kubetune.data import DataError
+    from kubetune.worker import _load_data
+
+    try:
+        _load_data(job)
+    except DataError as err:
+        raise RunError(f"spec.trainer.builtin.dataset: {err}") from None
+
+
+def _recover_abandoned(study: optuna.Study) -> int:
+    """Trials left running by an earlier local run that was killed: fail and requeue them."""
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(WORKER_ATTR)
+        if owner is None or str(owner).startswith(LOCAL_PREFIX):
+            fail_abandoned_trial(study, trial, f"worker {owner} of an earlier run is gone")
+            count += 1
+    return count
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

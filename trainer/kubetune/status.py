@@ -1,0 +1,83 @@
+"""The TuningJob status (and local result.json): small, bounded, recomputable from the study.
+
+Trial history stays in Optuna storage; the status only counts trials and keeps the top ten,
+so its size does not grow with the number of trials.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from kubetune.budget import TrialCounts
+from kubetune.spec import TuningJob
+from kubetune.trial_run import PRUNE_REASON_ATTR
+
+LEADERBOARD_SIZE = 10
+
+PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def condition(type_: str, status: bool, reason: str, message: str = "") -> dict[str, Any]:
+    return {"type": type_, "status": "True" if status else "False", "reason": reason,
+            "message": message, "lastTransitionTime": now_iso()}
+
+
+def merge_conditions(previous: list[dict[str, Any]] | None,
+                     current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime of conditions whose status did not change (API conventions)."""
+    before = {c["type"]: c for c in previous or []}
+    merged = []
+    for cond in current:
+        old = before.get(cond["type"])
+        if old is not None and old.get("status") == cond["status"]:
+            cond = {**cond, "lastTransitionTime": old.get("lastTransitionTime",
+                                                          cond["lastTransitionTime"])}
+        merged.append(cond)
+    return merged
+
+
+def ranked(trials: list[FrozenTrial], direction: str) -> list[FrozenTrial]:
+    """Complete trials with a finite value, best first (ties: earlier trial first)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and math.isfinite(t.value)]
+    sign = -1.0 if direction == "maximize" else 1.0
+    return sorted(done, key=lambda t: (sign * t.value, t.number))
+
+
+def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts, *,
+                 phase: str, conditions: list[dict[str, Any]],
+                 previous: dict[str, Any] | None = None,
+                 max_trials: int | None = None) -> dict[str, Any]:
+    """The status document, in the camelCase shape of ``TuningJob.status``."""
+    direction = job.spec.objective.resolved_direction
+    top = ranked(trials, direction)
+    reasons = Counter(t.user_attrs.get(PRUNE_REASON_ATTR) or "pruner"
+                      for t in trials if t.state == TrialState.PRUNED)
+    max_trials = max_trials or job.spec.budget.max_trials
+    previous = previous or {}
+    return {
+        "name": job.name,
+        "phase": phase,
+        "objective": {"metric": job.spec.objective.metric, "direction": direction},
+        "progress": f"{counts.finished}/{max_trials}",
+        "trials": {"total": counts.used, "complete": counts.complete, "pruned": counts.pruned,
+                   "failed": counts.failed, "running": counts.running},
+        "pruneReasons": dict(sorted(reasons.items())),
+        "best": _entry(top[0]) if top else None,
+        "leaderboard": [_entry(t) for t in top[:LEADERBOARD_SIZE]],
+        "conditions": merge_conditions(previous.get("conditions"), conditions),
+        "ensemble": previous.get("ensemble"),
+    }
+
+
+def _entry(trial: FrozenTrial) -> dict[str, Any]:
+    return {"trial": trial.number, "value": trial.value, "params": dict(trial.params)}

@@ -1,0 +1,142 @@
+"""Run one trial of the built-in trainer: train, guard, report, prune, save, tell.
+
+Every epoch the metrics are kept in the trial's ``history`` (learning curves), the NaN and
+divergence guards look at them, and only then is the objective reported to Optuna and the
+pruner asked. Why a trial stopped is kept in the ``prune_reason`` / ``fail_reason`` user
+attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
+
+from kubetune import guards
+from kubetune.spec import TuningJob
+
+log = logging.getLogger("kubetune.worker")
+
+HISTORY_ATTR = "history"
+PRUNE_REASON_ATTR = "prune_reason"
+FAIL_REASON_ATTR = "fail_reason"
+WORKER_ATTR = "worker"
+ARTIFACTS_ATTR = "artifacts"
+METRICS_ATTR = "metrics"
+EPOCHS_ATTR = "epochs"
+_REASON_LIMIT = 2000
+
+
+class PruneTrial(Exception):
+    """Stops training; ``reason`` is one of ``guards.PRUNE_REASONS``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class WorkerStopped(BaseException):
+    """The worker was asked to stop (SIGTERM) in the middle of a trial."""
+
+
+def trial_params(job: TuningJob, trial: optuna.Trial) -> dict[str, Any]:
+    """Fixed params, epochs, then sampled params: what the trainer gets."""
+    builtin = job.spec.trainer.builtin
+    return {"epochs": builtin.epochs, **builtin.params, **trial.params}
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: Any,
+              artifact_store: Any, *, deadline: float | None = None,
+              train: Callable[..., Any] | None = None) -> TrialState:
+    """Train one trial to its end and tell the study how it ended."""
+    if train is None:
+        from kubetune.mlp import train
+    spec = job.spec
+    metric = spec.objective.metric
+    guard = guards.EpochGuard(spec.pruning, metric)
+    history: list[dict[str, float]] = []
+    params = trial_params(job, trial)
+    for attr in (PRUNE_REASON_ATTR, FAIL_REASON_ATTR, ARTIFACTS_ATTR, METRICS_ATTR):
+        if attr in trial.user_attrs:  # a retry inherits its failed attempt's attributes
+            trial.set_user_attr(attr, None)
+    trial.set_user_attr(HISTORY_ATTR, history)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        history.append({"epoch": epoch, **{k: _jsonable(v) for k, v in metrics.items()}})
+        trial.set_user_attr(HISTORY_ATTR, history)
+        trial.set_user_attr(EPOCHS_ATTR, epoch)
+        reason = guard.check(metrics)
+        if reason is not None:
+            raise PruneTrial(reason)
+        trial.report(float(metrics[metric]), epoch)
+        if deadline is not None and time.time() >= deadline:
+            raise PruneTrial(guards.TIMEOUT)
+        if trial.should_prune():
+            raise PruneTrial(guards.PRUNER)
+
+    started = time.time()
+    try:
+        result = train(params, data, seed=spec.trainer.builtin.seed + trial.number,
+                       device=spec.trainer.builtin.device, on_epoch=on_epoch)
+    except PruneTrial as stop:
+        trial.set_user_attr(PRUNE_REASON_ATTR, stop.reason)
+        study.tell(trial, state=TrialState.PRUNED)
+        log.info("trial %d pruned (%s) after %d epochs", trial.number, stop.reason, len(history))
+        return TrialState.PRUNED
+    except (WorkerStopped, KeyboardInterrupt):
+        raise
+    except Exception as err:  # a bug or bad data in this trial must not kill the worker
+        return _fail(study, trial, f"{type(err).__name__}: {err}", traceback.format_exc())
+    value = float(history[-1][metric])
+    try:
+        ids = save_artifacts(trial, result, data, artifact_store)
+    except Exception as err:
+        return _fail(study, trial, f"cannot save artifacts: {type(err).__name__}: {err}",
+                     traceback.format_exc())
+    trial.set_user_attr(ARTIFACTS_ATTR, ids)
+    trial.set_user_attr(METRICS_ATTR, {k: v for k, v in history[-1].items() if k != "epoch"})
+    study.tell(trial, value)
+    log.info("trial %d complete: %s=%.5g in %.1fs", trial.number, metric, value,
+             time.time() - started)
+    return TrialState.COMPLETE
+
+
+def save_artifacts(trial: optuna.Trial, result: Any, data: Any, store: Any) -> dict[str, str]:
+    """Weights and validation/test predictions, what the ensemble step needs."""
+    import torch
+
+    ids: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="kubetune-") as tmp:
+        model_path = Path(tmp) / "model.pt"
+        torch.save({"state_dict": result.model.state_dict(),
+                    "params": trial.params, "classes": list(data.classes),
+                    "mean": data.mean, "std": data.std}, model_path)
+        preds_path = Path(tmp) / "predictions.npz"
+        np.savez_compressed(preds_path, val_proba=result.val_proba, test_proba=result.test_proba,
+                            y_val=data.y_val, y_test=data.y_test)
+        for key, path in (("model", model_path), ("predictions", preds_path)):
+            ids[key] = upload_artifact(artifact_store=store, file_path=str(path),
+                                       study_or_trial=trial)
+    return ids
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, details: str) -> TrialState:
+    log.warning("trial %d failed: %s\n%s", trial.number, reason, details)
+    trial.set_user_attr(FAIL_REASON_ATTR, reason[:_REASON_LIMIT])
+    study.tell(trial, state=TrialState.FAIL)
+    return TrialState.FAIL
+
+
+def _jsonable(value: float) -> float | str:
+    """JSON has no NaN: keep non-finite values readable as strings in the history."""
+    value = float(value)
+    return value if np.isfinite(value) else str(value)

@@ -1,0 +1,189 @@
+"""The worker: a long-lived process that runs trials of one study until the job's budget is met.
+
+It needs only the storage URL and the study name (``kubetune worker --storage URL --study
+NAME``): the job is read from the study. Locally the runner starts workers as processes; on
+Kubernetes they are pods.
+
+Choosing the next trial happens under ``StudyLock`` so that however many workers race, the
+budget is never exceeded. On PostgreSQL a heartbeat thread proves the running trial alive; a
+trial whose worker died is failed by whichever worker next notices it is stale, and retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+from optuna.trial import TrialState
+
+from kubetune import budget
+from kubetune.job_study import load_job, started_at
+from kubetune.search_space import make_pruner, make_sampler, to_distributions, worker_seed
+from kubetune.storage import StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna
+from kubetune.trial_run import WORKER_ATTR, WorkerStopped, run_trial
+from kubetune.spec import TuningJob
+
+log = logging.getLogger("kubetune.worker")
+
+
+@dataclass
+class WorkerOptions:
+    storage: str
+    study: str
+    worker_id: str
+    artifacts: str
+    poll_interval: float = 1.0
+    threads: int | None = None
+
+
+def run_worker(options: WorkerOptions) -> int:
+    """Run trials until the job needs no more; the exit code is 0 unless setup failed."""
+    silence_optuna()
+    warnings.filterwarnings("ignore", message=".*Heartbeat of storage is supposed.*")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    job = load_job(optuna.load_study(study_name=options.study,
+                                     storage=open_storage(options.storage)))
+    spec = job.spec
+    storage = open_storage(options.storage,
+                           heartbeat_interval=spec.storage.heartbeat_interval if is_rdb(
+                               options.storage) else None,
+                           grace_period=spec.storage.grace_period,
+                           max_retries=spec.budget.max_retries)
+    study = optuna.load_study(
+        study_name=options.study, storage=storage,
+        sampler=make_sampler(job.spec, seed=worker_seed(spec.sampler.seed, options.worker_id),
+                             parallel=spec.budget.parallelism > 1),
+        pruner=make_pruner(spec))
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
+    data = _load_data(job)
+    store = make_artifact_store(options.artifacts)
+    distributions = to_distributions(spec.search_space)
+    lock = StudyLock(options.storage, options.study)
+    start = started_at(study)
+    deadline = start + spec.budget.timeout_seconds if spec.budget.timeout_seconds else None
+    _stop_on_sigterm()
+    log.info("worker %s started on study %s", options.worker_id, options.study)
+    ran = 0
+    try:
+        while True:
+            trial, counts, reason = _next_trial(study, job, lock, distributions, start, options)
+            if trial is not None:
+                with _heartbeat(storage, trial._trial_id):
+                    try:
+                        run_trial(study, trial, job, data, store, deadline=deadline)
+                    except (WorkerStopped, KeyboardInterrupt):
+                        _give_back(study, trial, storage)
+                        raise
+                ran += 1
+                continue
+            if counts.running == 0 or reason == budget.TOO_MANY_FAILED:
+                log.info("worker %s done after %d trials (%s)", options.worker_id, ran,
+                         reason or "no work")
+                return 0
+            # Others still run trials that may yet fail and come back as retries: wait.
+            time.sleep(options.poll_interval)
+    except (WorkerStopped, KeyboardInterrupt):
+        log.info("worker %s stopped", options.worker_id)
+        return 0
+    finally:
+        lock.close()
+
+
+def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock,
+                distributions: dict[str, Any], start: float,
+                options: WorkerOptions) -> tuple[optuna.Trial | None, budget.TrialCounts,
+                                                  str | None]:
+    """Under the study lock: fail stale trials, count, and ask for a trial if one may start."""
+    with lock:
+        fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        counts = budget.count_trials(trials)
+        best = budget.best_value(trials, job.spec.objective.resolved_direction)
+        reason = budget.stop_reason(job.spec, counts, best, start, time.time())
+        if not budget.may_start_trial(job.spec, counts, reason):
+            return None, counts, reason
+        trial = study.ask(fixed_distributions=distributions)
+        trial.set_user_attr(WORKER_ATTR, options.worker_id)
+    log.info("trial %d started: %s", trial.number, trial.params)
+    return trial, counts, reason
+
+
+def _give_back(study: optuna.Study, trial: optuna.Trial, storage: Any) -> None:
+    """Fail the interrupted trial and queue it again, so a resumed job re-runs it."""
+    from kubetune.trial_run import FAIL_REASON_ATTR
+
+    try:
+        trial.set_user_attr(FAIL_REASON_ATTR, "worker stopped during the trial; retried")
+        study.tell(trial, state=TrialState.FAIL)
+        requeue(study, trial._trial_id)
+    except Exception:  # best effort: the heartbeat or the runner will catch it otherwise
+        log.exception("could not give back trial %d", trial.number)
+
+
+def requeue(study: optuna.Study, trial_id: int) -> None:
+    """Queue a failed trial again with the same parameters (Optuna's retry callback)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    job = load_job(study)
+    frozen = study._storage.get_trial(trial_id)
+    RetryHeartbeatStaleTrialCallback(max_retry=job.spec.budget.max_retries)(study, frozen)
+
+
+class _heartbeat:
+    """Record the trial's heartbeat in a thread while it runs (RDB storages only)."""
+
+    def __init__(self, storage: Any, trial_id: int) -> None:
+        self._storage, self._trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> None:
+        if isinstance(self._storage, BaseHeartbeat) and is_heartbeat_enabled(self._storage):
+            self._storage.record_heartbeat(self._trial_id)
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        interval = self._storage.get_heartbeat_interval() or 10
+        while not self._stop.wait(interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception:  # storage briefly away: the next beat retries
+                log.warning("heartbeat for trial %d failed", self._trial_id, exc_info=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise WorkerStopped()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _load_data(job: TuningJob) -> Any:
+    from kubetune.data import load_dataset
+
+    builtin = job.spec.trainer.builtin
+    return load_dataset(builtin.dataset.model_dump(by_alias=True, exclude_none=True),
+                        builtin.split.model_dump(by_alias=True, exclude_none=True))
+
+
+def default_threads(workers: int) -> int:
+    """Torch threads per worker so that local workers share the cores instead of fighting."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
