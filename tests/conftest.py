@@ -340,3 +340,63 @@ def _drop_database(server: PostgresServer, dbname: str) -> None:
                     time.sleep(0.2)
     finally:
         conn.close()
+
+
+# --------------------------------------------------------------------------
+# TuningJobs and running kubetune
+# --------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def fast_job(name: str = "fast", **spec_overrides) -> dict:
+    """A TuningJob whose trials train for well under a second on small synthetic data."""
+    spec = {
+        "objective": {"metric": "val_accuracy", "direction": "maximize"},
+        "searchSpace": {
+            "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+            "hidden": {"type": "categorical", "choices": [16, 32]},
+        },
+        "budget": {"maxTrials": 6, "parallelism": 2},
+        "sampler": {"type": "random", "seed": 0},
+        "pruning": {"pruner": {"type": "none"}},
+        "trainer": {"builtin": {
+            "dataset": {"name": "synthetic", "samples": 400, "features": 10,
+                        "informative": 6, "classes": 3},
+            "epochs": 3,
+        }},
+    }
+    for key, value in spec_overrides.items():
+        if key != "searchSpace" and isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "TuningJob",
+            "metadata": {"name": name}, "spec": spec}
+
+
+def write_job(path: Path, job: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def kubetune(*args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real ``kubetune`` command line in a subprocess."""
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "kubetune", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                          **kwargs)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

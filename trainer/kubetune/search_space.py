@@ -53,7 +53,10 @@ def grid_values(search_space: dict[str, Any]) -> dict[str, list[Any]]:
             grid[name] = [float(v) for v in space(param.low, param.high, num=param.points)]
         else:
             count = int(round((param.high - param.low) / param.step)) + 1
-            grid[name] = [float(param.low + i * param.step) for i in range(count)]
+            # min(): low + i * step can overshoot high by a rounding error (0.1 + 0.2 > 0.3),
+            # which puts the last grid point outside the parameter's distribution
+            grid[name] = [min(float(param.high), float(param.low + i * param.step))
+                          for i in range(count)]
     return grid
 
 
@@ -83,7 +86,7 @@ def make_sampler(spec: JobSpec, *, seed: int | None = None,
     if cfg.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.type == "grid":
-        return optuna.samplers.GridSampler(grid_values(spec.search_space), seed=seed)
+        return _AskTellGridSampler(grid_values(spec.search_space), seed=seed)
     if cfg.type == "tpe":
         kwargs: dict[str, Any] = {"seed": seed,
                                   "multivariate": bool(cfg.multivariate),
@@ -106,6 +109,18 @@ def make_sampler(spec: JobSpec, *, seed: int | None = None,
         return optuna.samplers.QMCSampler(qmc_type=cfg.qmc_type or "sobol", seed=seed,
                                           warn_independent_sampling=False)
     raise ValueError(f"unknown sampler {cfg.type!r}")  # pragma: no cover
+
+
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for ask/tell workers: the budget ends a grid search (``effective_max_trials``).
+
+    Optuna's ``after_trial`` calls ``study.stop()`` once the grid is used up, which raises
+    RuntimeError outside ``study.optimize``: the ``tell`` of the last grid point would crash
+    the worker.
+    """
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
 
 
 def make_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:

@@ -177,9 +177,11 @@ class CategoricalParam(_Model):
     def _check_choices(cls, choices: list[Any]) -> list[Any]:
         if not choices:
             raise ValueError("must list at least one choice")
-        seen: set[tuple[type, Any]] = set()
+        # true and 1 are different choices; 1 and 1.0 are the same number (Optuna stores
+        # both as the same index, and JSON on the cluster does not tell them apart)
+        seen: set[tuple[bool, Any]] = set()
         for choice in choices:
-            key = (type(choice), choice)
+            key = (isinstance(choice, bool), choice)
             if key in seen:
                 raise ValueError(f"duplicate choice {choice!r}")
             seen.add(key)
@@ -533,6 +535,8 @@ def parse_job_file(path: str | Path) -> TuningJob:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError([Problem(str(path), f"cannot read file: {err.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise SpecError([Problem(str(path), "cannot read file: not UTF-8 text")]) from None
     try:
         document = load_yaml(text)
     except YamlError as err:
@@ -642,9 +646,36 @@ def _union_site(loc: tuple) -> tuple[int, tuple[str, tuple[str, ...], str]] | No
     return None
 
 
+_SCALAR_TAGS = {"bool": "a boolean", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _merge_scalar_unions(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One error per field for a value that fits no member of e.g. ``Union[StrictInt,
+    StrictFloat]``: pydantic reports one per member, at ``low.int`` and ``low.float``."""
+    merged: list[dict[str, Any]] = []
+    groups: dict[tuple, list[str]] = {}
+    for error in errors:
+        loc = tuple(error["loc"])
+        if (error["type"] in ("bool_type", "int_type", "float_type", "string_type")
+                and len(loc) > 1 and loc[-1] in _SCALAR_TAGS):
+            if loc[:-1] in groups:
+                groups[loc[:-1]].append(loc[-1])
+                continue
+            groups[loc[:-1]] = [loc[-1]]
+            error = {**error, "loc": loc[:-1], "tags": groups[loc[:-1]]}
+        merged.append(error)
+    for error in merged:
+        if "tags" in error:
+            tags = [t for t in error["tags"] if not (t == "int" and "float" in error["tags"])]
+            words = [_SCALAR_TAGS[t] for t in tags]
+            error["msg"] = "Input should be " + (
+                words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1])
+    return merged
+
+
 def _problems_from(err: ValidationError, document: YamlDocument | None) -> list[Problem]:
     problems: list[Problem] = []
-    for error in err.errors(include_url=False):
+    for error in _merge_scalar_unions(err.errors(include_url=False)):
         loc = tuple(error["loc"])
         message = error["msg"]
         kind = error["type"]
@@ -727,6 +758,7 @@ def _first_model(annotation: Any) -> Any:
 
 
 def _type_message(message: str) -> str:
+    message = re.sub(r" or instance of \w+", "", message)
     message = message.replace("Input should be", "must be").replace(
         "a valid integer", "an integer")
     return message.replace("a valid dictionary", "a mapping").replace(

@@ -89,7 +89,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: An
                        device=spec.trainer.builtin.device, on_epoch=on_epoch)
     except PruneTrial as stop:
         trial.set_user_attr(PRUNE_REASON_ATTR, stop.reason)
-        study.tell(trial, state=TrialState.PRUNED)
+        tell(study, trial, state=TrialState.PRUNED)
         log.info("trial %d pruned (%s) after %d epochs", trial.number, stop.reason, len(history))
         return TrialState.PRUNED
     except (WorkerStopped, KeyboardInterrupt):
@@ -104,7 +104,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: An
                      traceback.format_exc())
     trial.set_user_attr(ARTIFACTS_ATTR, ids)
     trial.set_user_attr(METRICS_ATTR, {k: v for k, v in history[-1].items() if k != "epoch"})
-    study.tell(trial, value)
+    tell(study, trial, value)
     log.info("trial %d complete: %s=%.5g in %.1fs", trial.number, metric, value,
              time.time() - started)
     return TrialState.COMPLETE
@@ -129,10 +129,25 @@ def save_artifacts(trial: optuna.Trial, result: Any, data: Any, store: Any) -> d
     return ids
 
 
+def tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None,
+         state: TrialState | None = None) -> None:
+    """``study.tell`` outside ``study.optimize``.
+
+    GridSampler calls ``study.stop()`` once the grid is done, which Optuna only allows inside
+    ``optimize`` and otherwise raises *after* the trial is stored. The budget already ends a
+    grid search (see ``effective_max_trials``), so that signal is not needed here.
+    """
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, details: str) -> TrialState:
     log.warning("trial %d failed: %s\n%s", trial.number, reason, details)
     trial.set_user_attr(FAIL_REASON_ATTR, reason[:_REASON_LIMIT])
-    study.tell(trial, state=TrialState.FAIL)
+    tell(study, trial, state=TrialState.FAIL)
     return TrialState.FAIL
 
 

@@ -29,7 +29,7 @@ from kubetune import budget
 from kubetune.job_study import load_job, started_at
 from kubetune.search_space import make_pruner, make_sampler, to_distributions, worker_seed
 from kubetune.storage import StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna
-from kubetune.trial_run import WORKER_ATTR, WorkerStopped, run_trial
+from kubetune.trial_run import WORKER_ATTR, WorkerStopped, run_trial, tell
 from kubetune.spec import TuningJob
 
 log = logging.getLogger("kubetune.worker")
@@ -126,7 +126,7 @@ def _give_back(study: optuna.Study, trial: optuna.Trial, storage: Any) -> None:
 
     try:
         trial.set_user_attr(FAIL_REASON_ATTR, "worker stopped during the trial; retried")
-        study.tell(trial, state=TrialState.FAIL)
+        tell(study, trial, state=TrialState.FAIL)
         requeue(study, trial._trial_id)
     except Exception:  # best effort: the heartbeat or the runner will catch it otherwise
         log.exception("could not give back trial %d", trial.number)

@@ -48,11 +48,16 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor`, merged (and overridable) by construct_mapping
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
-        if key in seen:
-            raise YamlError(f"duplicate key {key!r} (first at line {seen[key]})", line)
-        seen[key] = line
+        try:
+            if key in seen:
+                raise YamlError(f"duplicate key {key!r} (first at line {seen[key]})", line)
+            seen[key] = line
+        except TypeError:
+            continue  # unhashable key: construct_mapping reports it with its line
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -72,8 +77,9 @@ class YamlDocument:
         line = node.start_mark.line + 1 if node is not None else None
         for part in path:
             if isinstance(node, yaml.MappingNode):
-                nxt = next((v for k, v in node.value if k.value == str(part)), None)
-                key = next((k for k, v in node.value if k.value == str(part)), None)
+                # the last match is the value that counts (a key overrides one merged by `<<`)
+                key, nxt = next(((k, v) for k, v in reversed(node.value)
+                                 if k.value == str(part)), (None, None))
                 if nxt is None:
                     return line
                 line = key.start_mark.line + 1

@@ -1,0 +1,206 @@
+"""`kubetune run` end to end on this machine: result file, artifacts, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
+
+STATUS_KEYS = {"name", "phase", "objective", "progress", "trials", "pruneReasons", "best",
+               "leaderboard", "conditions", "ensemble", "workers"}
+
+
+def _study(out, name="default/fast") -> optuna.Study:
+    from kubetune.storage import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(str(out / "study.journal")))
+
+
+def test_run_writes_result_json_with_the_status_shape(tmp_path):
+    job = write_job(tmp_path / "job.yaml", fast_job(budget={"maxTrials": 6, "parallelism": 2}))
+    out = tmp_path / "out"
+
+    proc = kubetune("run", job, "--output", out)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert set(result) == STATUS_KEYS
+    assert result["name"] == "fast"
+    assert result["phase"] == "Succeeded"
+    assert result["objective"] == {"metric": "val_accuracy", "direction": "maximize"}
+    trials = result["trials"]
+    assert trials["complete"] + trials["pruned"] + trials["failed"] == 6
+    assert trials["running"] == 0 and trials["total"] == 6
+    assert result["progress"] == "6/6"
+    assert sum(result["pruneReasons"].values()) == trials["pruned"]
+    assert result["ensemble"] is None
+
+    study = _study(out)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value)
+    assert result["best"] == {"trial": best.number, "value": best.value, "params": best.params}
+    values = [entry["value"] for entry in result["leaderboard"]]
+    assert values == sorted(values, reverse=True)
+    assert len(values) == min(10, len(complete))
+    complete_cond = next(c for c in result["conditions"] if c["type"] == "Complete")
+    assert complete_cond["status"] == "True" and complete_cond["reason"] == "MaxTrialsReached"
+    assert "val_accuracy" in proc.stdout and "result:" in proc.stdout  # leaderboard printed
+
+
+def test_complete_trials_keep_history_weights_and_predictions(tmp_path):
+    job = write_job(tmp_path / "job.yaml", fast_job(budget={"maxTrials": 3, "parallelism": 1}))
+    out = tmp_path / "out"
+    assert kubetune("run", job, "--output", out).returncode == 0
+
+    from optuna.artifacts import FileSystemArtifactStore, download_artifact
+
+    store = FileSystemArtifactStore(str(out / "artifacts"))
+    for trial in _study(out).trials:
+        assert trial.state == TrialState.COMPLETE
+        history = trial.user_attrs["history"]
+        assert [h["epoch"] for h in history] == [1, 2, 3]
+        assert set(history[0]) >= {"train_loss", "val_loss", "train_accuracy", "val_accuracy"}
+        assert trial.intermediate_values == {h["epoch"]: h["val_accuracy"] for h in history}
+        ids = trial.user_attrs["artifacts"]
+        preds_path = tmp_path / f"p{trial.number}.npz"
+        download_artifact(artifact_store=store, artifact_id=ids["predictions"],
+                          file_path=str(preds_path))
+        preds = np.load(preds_path)
+        assert preds["val_proba"].shape == (len(preds["y_val"]), 3)
+        assert np.allclose(preds["test_proba"].sum(axis=1), 1.0, atol=1e-4)
+        accuracy = float((preds["val_proba"].argmax(1) == preds["y_val"]).mean())
+        assert accuracy == pytest.approx(trial.value, abs=1e-6)
+        model_path = tmp_path / f"m{trial.number}.pt"
+        download_artifact(artifact_store=store, artifact_id=ids["model"],
+                          file_path=str(model_path))
+        saved = torch.load(model_path, weights_only=False)
+        assert saved["params"] == trial.params and "state_dict" in saved
+
+
+def test_rerun_continues_the_same_study(tmp_path):
+    out = tmp_path / "out"
+    first = write_job(tmp_path / "a.yaml", fast_job(budget={"maxTrials": 3, "parallelism": 1}))
+    assert kubetune("run", first, "--output", out).returncode == 0
+    before = {t.number: t.params for t in _study(out).trials}
+
+    more = write_job(tmp_path / "b.yaml", fast_job(budget={"maxTrials": 6, "parallelism": 2}))
+    proc = kubetune("run", more, "--output", out)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "continuing study (3 trials done)" in proc.stdout
+    trials = _study(out).trials
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert {t.number: t.params for t in trials if t.number < 3} == before
+    assert json.loads((out / "result.json").read_text())["progress"] == "6/6"
+
+
+def test_run_killed_mid_job_resumes_without_losing_or_repeating_trials(tmp_path):
+    job = write_job(tmp_path / "job.yaml", fast_job(
+        budget={"maxTrials": 10, "parallelism": 2},
+        trainer={"builtin": {"dataset": {"name": "synthetic", "samples": 3000, "features": 20,
+                                         "classes": 3},
+                             "epochs": 8, "params": {"batch_size": 16}}}))
+    out = tmp_path / "out"
+    runner = subprocess.Popen([sys.executable, "-m", "kubetune", "run", str(job), "--output",
+                               str(out), "--quiet"], cwd=REPO_ROOT)
+    try:
+        wait_for(lambda: (out / "study.journal").exists() and any(
+            t.state == TrialState.COMPLETE for t in _study(out).trials), timeout=120,
+            message="a first complete trial")
+        wait_for(lambda: any(t.state == TrialState.RUNNING for t in _study(out).trials),
+                 timeout=60, message="a running trial")
+        runner.send_signal(signal.SIGKILL)  # no clean-up by the runner at all
+        runner.wait(timeout=30)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    done_before = {t.number: t.value for t in _study(out).trials
+                   if t.state == TrialState.COMPLETE}
+    # The workers die with their runner (SIGTERM from the kernel) and give back their trials.
+    wait_for(lambda: not any(t.state == TrialState.RUNNING for t in _study(out).trials),
+             timeout=60, message="workers to give back their running trials")
+
+    proc = kubetune("run", job, "--output", out)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials = _study(out).trials
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    failed = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
+    assert len(finished) + len(failed) == 10
+    assert len({t.number for t in trials}) == len(trials)
+    assert {n: v for n, v in ((t.number, t.value) for t in trials) if n in done_before} == \
+        done_before
+    assert json.loads((out / "result.json").read_text())["phase"] == "Succeeded"
+
+
+def test_diverging_trials_are_pruned_as_nan_or_diverged_and_never_store_nan(tmp_path):
+    # Grid over SGD learning rates: two sane ones and three that blow the network up.
+    job = write_job(tmp_path / "job.yaml", fast_job(
+        searchSpace={"lr": {"type": "categorical", "choices": [0.01, 0.05, 10.0, 100.0,
+                                                                1000.0]}},
+        sampler={"type": "grid"},
+        budget={"maxTrials": 20, "parallelism": 2},
+        pruning={"pruner": {"type": "median", "nStartupTrials": 1}},
+        trainer={"builtin": {"dataset": {"name": "digits"}, "epochs": 6,
+                             "params": {"optimizer": "sgd", "momentum": 0.9}}}))
+    out = tmp_path / "out"
+
+    proc = kubetune("run", job, "--output", out)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["phase"] == "Succeeded"
+    assert result["progress"] == "5/5"  # a grid search ends when the grid is done: 5 points
+    study = _study(out)
+    by_lr = {t.params["lr"]: t for t in study.trials}
+    for lr in (10.0, 100.0, 1000.0):
+        assert by_lr[lr].state == TrialState.PRUNED
+        assert by_lr[lr].user_attrs["prune_reason"] in ("nan", "diverged")
+    assert result["best"]["params"]["lr"] in (0.01, 0.05)
+    assert set(result["pruneReasons"]) <= {"nan", "diverged", "pruner"}
+    assert result["pruneReasons"].get("nan", 0) + result["pruneReasons"].get("diverged", 0) >= 3
+    for trial in study.trials:
+        assert trial.value is None or math.isfinite(trial.value)
+        assert all(math.isfinite(v) for v in trial.intermediate_values.values())
+
+
+def test_bad_data_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "data.csv"
+    bad.write_text("a,b,label\n1,2,x\n3,oops,y\n")
+    job = fast_job(trainer={"builtin": {"dataset": {"name": "file", "path": "data.csv"},
+                                        "epochs": 2}})
+    proc = kubetune("run", write_job(tmp_path / "job.yaml", job), "--output", tmp_path / "o")
+
+    assert proc.returncode == 2
+    assert "spec.trainer.builtin.dataset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_second_runner_on_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".runner.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = kubetune("run", write_job(tmp_path / "job.yaml", fast_job()), "--output", out)
+    assert proc.returncode == 2
+    assert "another kubetune run is using" in proc.stderr
+
+
+def test_torch_threads_are_shared_between_workers():
+    from kubetune.worker import default_threads
+
+    assert default_threads(1) == (os.cpu_count() or 1)
+    assert default_threads(10 * (os.cpu_count() or 1)) == 1
