@@ -1,0 +1,833 @@
+"""The TuningJob spec: what is accepted, what is rejected, and how each rejection is reported.
+
+Most tests start from examples/digits-mlp.yaml (loaded with the project's YAML loader), change
+one field and check that ``parse_job`` raises ``SpecError`` with a problem at exactly the field
+path a user has to fix, with a message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.spec import (
+    CategoricalParam,
+    Problem,
+    SpecError,
+    TuningJob,
+    parse_duration,
+    parse_job,
+    parse_job_file,
+    validate_spec,
+)
+from kubetune.yaml_source import load_yaml
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BASE_FILE = EXAMPLES / "digits-mlp.yaml"
+BASE_TEXT = BASE_FILE.read_text(encoding="utf-8")
+_BASE = load_yaml(BASE_TEXT).data
+DELETE = object()
+
+
+def base_job() -> dict[str, Any]:
+    return copy.deepcopy(_BASE)
+
+
+def mutated(changes: dict[str, Any]) -> dict[str, Any]:
+    """The base job with ``{"spec.budget.maxTrials": 0, "spec.objective": DELETE, ...}`` applied."""
+    job = base_job()
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = job
+        for part in parents:
+            node = node[part]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = copy.deepcopy(value)
+    return job
+
+
+def problems_of(data: Any) -> list[Problem]:
+    with pytest.raises(SpecError) as info:
+        parse_job(data)
+    assert info.value.problems, "SpecError without problems"
+    return info.value.problems
+
+
+def assert_problem(problems: list[Problem], path: str, fragment: str) -> Problem:
+    listing = "\n".join(map(str, problems))
+    matches = [p for p in problems if p.path == path]
+    assert matches, f"no problem at {path!r}; got:\n{listing}"
+    hit = [p for p in matches if fragment in p.message]
+    assert hit, f"no problem at {path!r} mentions {fragment!r}; got:\n{listing}"
+    return hit[0]
+
+
+def test_base_job_is_valid():
+    job = parse_job(base_job())
+    assert job.name == "digits-mlp"
+    assert set(job.spec.search_space) == {"lr", "weight_decay", "layers", "hidden", "dropout",
+                                          "optimizer", "activation"}
+
+
+# ------------------------------------------------------------------------------ rejections
+REJECTIONS = [
+    # unknown fields
+    ("unknown-top-level-spec-field", {"spec.foo": 1}, "spec.foo", "unknown field"),
+    ("unknown-budget-field-with-hint", {"spec.budget.maxTrial": 3}, "spec.budget.maxTrial",
+     "unknown field; did you mean 'maxTrials'?"),
+    ("unknown-search-param-field-with-hint", {"spec.searchSpace.lr.lg": True},
+     "spec.searchSpace.lr.lg", "did you mean 'log'?"),
+    ("unknown-int-param-field", {"spec.searchSpace.layers.stepp": 1},
+     "spec.searchSpace.layers.stepp", "did you mean 'step'?"),
+    ("unknown-dataset-field", {"spec.trainer.builtin.dataset.pth": "x.csv"},
+     "spec.trainer.builtin.dataset.pth", "unknown field"),
+    ("unknown-file-dataset-field-with-hint",
+     {"spec.trainer.builtin.dataset": {"name": "file", "path": "a.csv", "pth": "b.csv"}},
+     "spec.trainer.builtin.dataset.pth", "did you mean 'path'?"),
+    ("unknown-pruner-field", {"spec.pruning.pruner.warmup": 3}, "spec.pruning.pruner.warmup",
+     "unknown field"),
+    ("unknown-top-level-field", {"specs": {}}, "specs", "unknown field"),
+    # wrong types
+    ("maxTrials-string", {"spec.budget.maxTrials": "ten"}, "spec.budget.maxTrials",
+     "must be an integer, got str 'ten'"),
+    ("maxTrials-float", {"spec.budget.maxTrials": 10.5}, "spec.budget.maxTrials",
+     "must be an integer"),
+    ("maxTrials-bool", {"spec.budget.maxTrials": True}, "spec.budget.maxTrials",
+     "must be an integer"),
+    ("log-string", {"spec.searchSpace.lr.log": "yes"}, "spec.searchSpace.lr.log",
+     "must be a boolean"),
+    ("low-string", {"spec.searchSpace.dropout.low": "0.1"}, "spec.searchSpace.dropout.low",
+     "must be a number, got str '0.1'"),
+    ("int-low-float", {"spec.searchSpace.layers.low": 1.5}, "spec.searchSpace.layers.low",
+     "must be an integer"),
+    ("choices-not-a-list", {"spec.searchSpace.hidden.choices": "32"},
+     "spec.searchSpace.hidden.choices", "must be a list"),
+    ("choice-null", {"spec.searchSpace.hidden.choices": [32, None]},
+     "spec.searchSpace.hidden.choices[1]", "must be a boolean, a number or a string"),
+    ("search-entry-not-a-mapping", {"spec.searchSpace.lr": 0.1}, "spec.searchSpace.lr",
+     "must be a mapping with a type field"),
+    ("search-space-not-a-mapping", {"spec.searchSpace": ["lr"]}, "spec.searchSpace",
+     "must be a mapping"),
+    ("spec-not-a-mapping", {"spec": [1, 2]}, "spec", "must be a mapping"),
+    ("budget-not-a-mapping", {"spec.budget": "fast"}, "spec.budget", "must be a mapping"),
+    ("params-not-a-mapping", {"spec.trainer.builtin.params": [1]},
+     "spec.trainer.builtin.params", "must be a mapping"),
+    ("timeout-bool", {"spec.budget.timeout": True}, "spec.budget.timeout",
+     "must be a string or a number"),
+    ("class-weight-string",
+     {"spec.trainer.builtin.dataset": {"name": "synthetic", "classWeights": ["a", 1]}},
+     "spec.trainer.builtin.dataset.classWeights[0]", "must be a number"),
+    # missing / empty
+    ("missing-objective", {"spec.objective": DELETE}, "spec.objective",
+     "required field is missing"),
+    ("missing-metric", {"spec.objective.metric": DELETE}, "spec.objective.metric",
+     "required field is missing"),
+    ("missing-trainer", {"spec.trainer": DELETE}, "spec.trainer", "required field is missing"),
+    ("missing-search-space", {"spec.searchSpace": DELETE}, "spec.searchSpace",
+     "required field is missing"),
+    ("empty-search-space", {"spec.searchSpace": {}}, "spec.searchSpace",
+     "must define at least one parameter"),
+    ("missing-param-type", {"spec.searchSpace.lr.type": DELETE}, "spec.searchSpace.lr.type",
+     "required (float | int | categorical)"),
+    ("unknown-param-type", {"spec.searchSpace.lr.type": "floaty"}, "spec.searchSpace.lr.type",
+     "unknown parameter type 'floaty'"),
+    ("missing-dataset-name", {"spec.trainer.builtin.dataset": {"path": "a.csv"}},
+     "spec.trainer.builtin.dataset.name", "required (digits | synthetic | file)"),
+    ("missing-metadata-name", {"metadata.name": DELETE}, "metadata.name",
+     "required field is missing"),
+    # float and int ranges
+    ("float-low-equals-high", {"spec.searchSpace.dropout.low": 0.5},
+     "spec.searchSpace.dropout.low", "must be < high (0.5), got 0.5"),
+    ("float-low-above-high", {"spec.searchSpace.dropout.low": 0.4,
+                              "spec.searchSpace.dropout.high": 0.2},
+     "spec.searchSpace.dropout.low", "must be < high"),
+    ("int-low-above-high", {"spec.searchSpace.layers.low": 3, "spec.searchSpace.layers.high": 1},
+     "spec.searchSpace.layers.low", "must be < high (1), got 3"),
+    ("int-low-equals-high", {"spec.searchSpace.layers.low": 3},
+     "spec.searchSpace.layers.low", "must be < high"),
+    ("float-log-low-zero", {"spec.searchSpace.lr.low": 0.0}, "spec.searchSpace.lr.low",
+     "must be > 0 when log is true"),
+    ("float-log-low-negative", {"spec.searchSpace.lr.low": -1e-3}, "spec.searchSpace.lr.low",
+     "must be > 0 when log is true"),
+    ("int-log-low-zero", {"spec.searchSpace.layers.log": True, "spec.searchSpace.layers.low": 0},
+     "spec.searchSpace.layers.low", "must be > 0 when log is true"),
+    ("float-high-infinite", {"spec.searchSpace.dropout.high": math.inf},
+     "spec.searchSpace.dropout.high", "must be a finite number"),
+    # steps and points
+    ("int-step-does-not-fit", {"spec.searchSpace.layers.high": 4,
+                               "spec.searchSpace.layers.step": 2},
+     "spec.searchSpace.layers.step", "high - low (3) is not a multiple of step (2)"),
+    ("int-step-zero", {"spec.searchSpace.layers.step": 0}, "spec.searchSpace.layers.step",
+     "must be >= 1"),
+    ("float-step-does-not-fit", {"spec.searchSpace.dropout.step": 0.3},
+     "spec.searchSpace.dropout.step", "is not a multiple of step (0.3)"),
+    ("float-step-negative", {"spec.searchSpace.dropout.step": -0.1},
+     "spec.searchSpace.dropout.step", "must be > 0"),
+    ("float-step-with-log", {"spec.searchSpace.lr.step": 0.01}, "spec.searchSpace.lr.step",
+     "cannot be combined with log"),
+    ("int-step-with-log",
+     {"spec.searchSpace.hidden": {"type": "int", "low": 16, "high": 256, "log": True,
+                                  "step": 16}},
+     "spec.searchSpace.hidden.step", "must be 1 when log is true"),
+    ("float-one-point", {"spec.searchSpace.dropout.points": 1},
+     "spec.searchSpace.dropout.points", "must be >= 2"),
+    # categorical choices
+    ("empty-choices", {"spec.searchSpace.hidden.choices": []}, "spec.searchSpace.hidden.choices",
+     "must list at least one choice"),
+    ("duplicate-number-choice", {"spec.searchSpace.hidden.choices": [32, 64, 32]},
+     "spec.searchSpace.hidden.choices", "duplicate choice 32"),
+    ("duplicate-string-choice", {"spec.searchSpace.optimizer.choices": ["adam", "sgd", "adam"]},
+     "spec.searchSpace.optimizer.choices", "duplicate choice 'adam'"),
+    # 1 and 1.0 are the same number: Optuna stores both as one index and JSON on the cluster
+    # does not tell them apart, so the second could never be tried as a distinct value.
+    ("int-and-equal-float-choice", {"spec.searchSpace.hidden.choices": [64, 64.0]},
+     "spec.searchSpace.hidden.choices", "duplicate choice 64.0"),
+    ("non-finite-choice",
+     {"spec.searchSpace.momentum": {"type": "categorical", "choices": [0.9, math.nan]}},
+     "spec.searchSpace.momentum.choices", "not a finite number"),
+    # budget
+    ("maxTrials-zero", {"spec.budget.maxTrials": 0}, "spec.budget.maxTrials", "must be >= 1"),
+    ("maxTrials-negative", {"spec.budget.maxTrials": -5}, "spec.budget.maxTrials",
+     "must be >= 1"),
+    ("parallelism-zero", {"spec.budget.parallelism": 0}, "spec.budget.parallelism",
+     "must be >= 1"),
+    ("maxFailedTrials-negative", {"spec.budget.maxFailedTrials": -1},
+     "spec.budget.maxFailedTrials", "must be >= 0"),
+    ("maxRetries-negative", {"spec.budget.maxRetries": -1}, "spec.budget.maxRetries",
+     "must be >= 0"),
+    ("timeout-unparsable", {"spec.budget.timeout": "2 hours"}, "spec.budget.timeout",
+     "cannot parse '2 hours' as a duration"),
+    ("timeout-zero", {"spec.budget.timeout": 0}, "spec.budget.timeout",
+     "must be a positive duration"),
+    # unknown names
+    ("unknown-sampler", {"spec.sampler.type": "tpee"}, "spec.sampler.type",
+     "unknown sampler 'tpee' (known: random, grid, tpe, cmaes, gp, qmc); did you mean 'tpe'?"),
+    ("unknown-pruner", {"spec.pruning.pruner.type": "medain"}, "spec.pruning.pruner.type",
+     "unknown pruner 'medain'"),
+    ("unknown-dataset", {"spec.trainer.builtin.dataset.name": "mnist"},
+     "spec.trainer.builtin.dataset.name", "unknown dataset 'mnist' (known: digits, synthetic, "
+                                          "file)"),
+    ("unknown-model", {"spec.trainer.builtin.model": "cnn"}, "spec.trainer.builtin.model",
+     "unknown model 'cnn'"),
+    ("unknown-device", {"spec.trainer.builtin.device": "tpu"}, "spec.trainer.builtin.device",
+     "must be 'auto', 'cpu' or 'cuda', got 'tpu'"),
+    ("unknown-qmc-type", {"spec.sampler": {"type": "qmc", "qmcType": "lattice"}},
+     "spec.sampler.qmcType", "must be 'sobol' or 'halton'"),
+    ("unknown-ensemble-method", {"spec.ensemble.method": "best"}, "spec.ensemble.method",
+     "must be 'greedy' or 'average'"),
+    # knob values, fixed in params
+    ("unknown-optimizer-param", {"spec.searchSpace.optimizer": DELETE,
+                                 "spec.trainer.builtin.params.optimizer": "adamm"},
+     "spec.trainer.builtin.params.optimizer", "unknown value 'adamm'"),
+    ("unknown-activation-param", {"spec.searchSpace.activation": DELETE,
+                                  "spec.trainer.builtin.params.activation": "swish"},
+     "spec.trainer.builtin.params.activation", "unknown value 'swish'"),
+    ("unknown-init-param", {"spec.trainer.builtin.params.init": "zeros"},
+     "spec.trainer.builtin.params.init", "unknown value 'zeros'"),
+    ("dropout-param-out-of-range", {"spec.searchSpace.dropout": DELETE,
+                                    "spec.trainer.builtin.params.dropout": 1.5},
+     "spec.trainer.builtin.params.dropout", "must be < 1"),
+    ("layers-param-not-integer", {"spec.searchSpace.layers": DELETE,
+                                  "spec.trainer.builtin.params.layers": 2.5},
+     "spec.trainer.builtin.params.layers", "must be an integer"),
+    ("batch-norm-param-not-bool", {"spec.trainer.builtin.params.batch_norm": "yes"},
+     "spec.trainer.builtin.params.batch_norm", "must be true or false"),
+    ("lr-param-string", {"spec.searchSpace.lr": DELETE, "spec.trainer.builtin.params.lr": "1e-3"},
+     "spec.trainer.builtin.params.lr", "must be a number"),
+    ("param-not-a-knob", {"spec.trainer.builtin.params.learning_rate": 0.1},
+     "spec.trainer.builtin.params.learning_rate", "unknown parameter 'learning_rate'"),
+    ("knob-fixed-and-searched", {"spec.trainer.builtin.params.lr": 0.01},
+     "spec.trainer.builtin.params.lr", "is also in spec.searchSpace"),
+    # knob values, searched
+    ("unknown-optimizer-choice", {"spec.searchSpace.optimizer.choices": ["sgd", "lion"]},
+     "spec.searchSpace.optimizer.choices[1]", "unknown value 'lion'"),
+    ("unknown-activation-choice", {"spec.searchSpace.activation.choices": ["relu", "swish"]},
+     "spec.searchSpace.activation.choices[1]", "unknown value 'swish'"),
+    ("unknown-init-choice", {"spec.trainer.builtin.params.init": DELETE,
+                             "spec.searchSpace.init": {"type": "categorical",
+                                                       "choices": ["zeros", "orthogonal"]}},
+     "spec.searchSpace.init.choices[0]", "unknown value 'zeros'"),
+    ("bool-knob-number-choice",
+     {"spec.searchSpace.batch_norm": {"type": "categorical", "choices": [True, 1]}},
+     "spec.searchSpace.batch_norm.choices[1]", "must be true or false"),
+    ("dropout-high-one", {"spec.searchSpace.dropout.high": 1.0}, "spec.searchSpace.dropout.high",
+     "must be < 1"),
+    ("hidden-low-zero", {"spec.searchSpace.hidden": {"type": "int", "low": 0, "high": 8}},
+     "spec.searchSpace.hidden.low", "must be >= 1"),
+    ("layers-as-float", {"spec.searchSpace.layers.type": "float"}, "spec.searchSpace.layers.type",
+     "layers is an integer: use type int"),
+    ("optimizer-as-float", {"spec.searchSpace.optimizer": {"type": "float", "low": 0, "high": 1}},
+     "spec.searchSpace.optimizer.type", "use type categorical"),
+    ("batch-norm-as-int", {"spec.searchSpace.batch_norm": {"type": "int", "low": 0, "high": 1}},
+     "spec.searchSpace.batch_norm.type", "use type categorical"),
+    ("search-param-not-a-knob",
+     {"spec.searchSpace.momentumm": {"type": "float", "low": 0.1, "high": 0.9}},
+     "spec.searchSpace.momentumm", "unknown parameter 'momentumm'"),
+    # objective
+    ("metric-never-reported", {"spec.objective.metric": "val_auc"}, "spec.objective.metric",
+     "unknown metric 'val_auc'"),
+    ("val-loss-maximized", {"spec.objective.metric": "val_loss"}, "spec.objective.direction",
+     "val_loss is a loss: use minimize"),
+    ("train-loss-maximized", {"spec.objective.metric": "train_loss"}, "spec.objective.direction",
+     "use minimize"),
+    ("unknown-direction", {"spec.objective.direction": "up"}, "spec.objective.direction",
+     "must be 'maximize' or 'minimize'"),
+    # sampler
+    ("grid-over-continuous-float", {"spec.sampler": {"type": "grid"}}, "spec.searchSpace.dropout",
+     "the grid sampler needs a finite set of values: give step or points"),
+    ("grid-over-continuous-log-float", {"spec.sampler": {"type": "grid"}}, "spec.searchSpace.lr",
+     "give step or points"),
+    ("random-with-nStartupTrials", {"spec.sampler": {"type": "random", "nStartupTrials": 3}},
+     "spec.sampler.nStartupTrials", "not used by the random sampler"),
+    ("tpe-with-qmcType", {"spec.sampler.qmcType": "sobol"}, "spec.sampler.qmcType",
+     "not used by the tpe sampler"),
+    ("qmc-with-multivariate", {"spec.sampler": {"type": "qmc", "multivariate": True}},
+     "spec.sampler.multivariate", "not used by the qmc sampler"),
+    ("cmaes-without-numbers",
+     {"spec.sampler": {"type": "cmaes"},
+      "spec.searchSpace": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]}}},
+     "spec.sampler.type", "cmaes needs at least one float or int parameter"),
+    # pruner
+    ("percentile-without-percentile", {"spec.pruning.pruner": {"type": "percentile"}},
+     "spec.pruning.pruner.percentile", "required by the percentile pruner"),
+    ("percentile-100", {"spec.pruning.pruner": {"type": "percentile", "percentile": 100}},
+     "spec.pruning.pruner.percentile", "must be < 100"),
+    ("median-with-percentile", {"spec.pruning.pruner.percentile": 25},
+     "spec.pruning.pruner.percentile", "not used by the median pruner"),
+    ("asha-with-maxResource", {"spec.pruning.pruner": {"type": "asha", "maxResource": 10}},
+     "spec.pruning.pruner.maxResource", "not used by the asha pruner"),
+    ("hyperband-min-above-max",
+     {"spec.pruning.pruner": {"type": "hyperband", "minResource": 10, "maxResource": 5}},
+     "spec.pruning.pruner.minResource", "must be < maxResource"),
+    ("hyperband-max-above-epochs", {"spec.pruning.pruner": {"type": "hyperband",
+                                                            "maxResource": 50}},
+     "spec.pruning.pruner.maxResource", "exceeds the epochs a trial trains (20)"),
+    ("divergence-factor-one", {"spec.pruning.divergence.factor": 1.0},
+     "spec.pruning.divergence.factor", "must be > 1"),
+    # metadata, apiVersion, kind
+    ("name-uppercase-underscore", {"metadata.name": "Digits_MLP"}, "metadata.name",
+     "'Digits_MLP' is not a valid name"),
+    ("name-leading-dash", {"metadata.name": "-digits"}, "metadata.name", "is not a valid name"),
+    ("name-too-long", {"metadata.name": "a" * 64}, "metadata.name", "at most 63"),
+    ("name-empty", {"metadata.name": ""}, "metadata.name", "is not a valid name"),
+    ("wrong-apiVersion", {"apiVersion": "v1"}, "apiVersion",
+     "must be 'kubetune.io/v1alpha1', got 'v1'"),
+    ("wrong-kind", {"kind": "Job"}, "kind", "must be 'TuningJob', got 'Job'"),
+    # storage
+    ("grace-below-two-heartbeats", {"spec.storage": {"heartbeatInterval": 40,
+                                                     "gracePeriod": 60}},
+     "spec.storage.gracePeriod", "must be at least twice heartbeatInterval"),
+    ("heartbeat-zero", {"spec.storage": {"heartbeatInterval": 0}},
+     "spec.storage.heartbeatInterval", "must be >= 1"),
+    # datasets and split
+    ("class-weights-length",
+     {"spec.trainer.builtin.dataset": {"name": "synthetic", "classes": 3,
+                                       "classWeights": [1, 2]}},
+     "spec.trainer.builtin.dataset.classWeights", "needs one weight per class (3), got 2"),
+    ("class-weights-negative",
+     {"spec.trainer.builtin.dataset": {"name": "synthetic", "classWeights": [1, -1]}},
+     "spec.trainer.builtin.dataset.classWeights", "weights must be > 0"),
+    ("synthetic-too-few-samples",
+     {"spec.trainer.builtin.dataset": {"name": "synthetic", "samples": 5}},
+     "spec.trainer.builtin.dataset.samples", "must be >= 20"),
+    ("file-without-path", {"spec.trainer.builtin.dataset": {"name": "file"}},
+     "spec.trainer.builtin.dataset.path", "required field is missing"),
+    ("file-wrong-extension", {"spec.trainer.builtin.dataset": {"name": "file", "path": "a.txt"}},
+     "spec.trainer.builtin.dataset.path", "must end in .csv or .npz"),
+    ("split-leaves-no-training-data",
+     {"spec.trainer.builtin.split": {"validation": 0.5, "test": 0.45}},
+     "spec.trainer.builtin.split.test", "at least 10% for training"),
+    ("epochs-zero", {"spec.trainer.builtin.epochs": 0}, "spec.trainer.builtin.epochs",
+     "must be >= 1"),
+    ("ensemble-topK-one", {"spec.ensemble.topK": 1}, "spec.ensemble.topK", "must be >= 2"),
+]
+
+
+@pytest.mark.parametrize("changes, path, fragment",
+                         [pytest.param(*case[1:], id=case[0]) for case in REJECTIONS])
+def test_rejection_names_the_field_and_the_problem(changes, path, fragment):
+    assert_problem(problems_of(mutated(changes)), path, fragment)
+
+
+@pytest.mark.parametrize("changes", [
+    {"spec": "x"}, {"spec": [1]}, {"spec.budget": "fast"}, {"spec.objective": 3},
+    {"spec.searchSpace.lr.low": "0.1"},
+], ids=["spec-str", "spec-list", "budget", "objective", "union-member"])
+def test_type_errors_name_no_internal_types(changes):
+    """Messages speak YAML (mapping, number), not pydantic (JobSpec, int/float union arms)."""
+    for problem in problems_of(mutated(changes)):
+        assert "instance of" not in problem.message
+        assert not problem.path.endswith((".int", ".float", ".str", ".bool")), problem
+
+
+def test_a_value_that_fits_no_type_is_one_problem():
+    problems = problems_of(mutated({"spec.budget.timeout": [1]}))
+    assert [p.path for p in problems] == ["spec.budget.timeout"]
+
+
+def test_root_that_is_not_a_mapping_is_rejected():
+    assert_problem(problems_of(["not", "a", "job"]), "(root)", "must be a mapping")
+
+
+def test_int_and_bool_choices_are_different():
+    """``[1, true]`` holds two choices (1 == True in Python, not in YAML); ``[1, 1.0]`` one."""
+    param = CategoricalParam.model_validate({"type": "categorical", "choices": [1, True]})
+    assert param.choices == [1, True]
+    assert type(param.choices[1]) is bool
+    with pytest.raises(ValueError, match="duplicate choice 1.0"):
+        CategoricalParam.model_validate({"type": "categorical", "choices": [1, 1.0]})
+
+
+@pytest.mark.parametrize("choices", [[True, False], [32, 64, 128], [0.5, 0.9], ["sgd", "adam"]])
+def test_categorical_choices_keep_their_type(choices):
+    param = CategoricalParam.model_validate({"type": "categorical", "choices": choices})
+    assert param.choices == choices
+    assert [type(c) for c in param.choices] == [type(c) for c in choices]
+
+
+def test_every_problem_is_reported_at_once():
+    problems = problems_of(mutated({
+        "spec.budget.maxTrials": "ten",
+        "spec.searchSpace.lr.log": "yes",
+        "spec.sampler.type": "foo",
+        "metadata.name": "Bad_Name",
+    }))
+    assert {p.path for p in problems} == {"spec.budget.maxTrials", "spec.searchSpace.lr.log",
+                                         "spec.sampler.type", "metadata.name"}
+
+
+def test_every_cross_field_problem_is_reported_at_once():
+    problems = problems_of(mutated({
+        "spec.objective.metric": "val_auc",
+        "spec.searchSpace.optimizer.choices": ["sgd", "lion"],
+        "spec.trainer.builtin.params.learning_rate": 1,
+        "spec.trainer.builtin.params.lr": 0.1,
+    }))
+    assert {p.path for p in problems} == {
+        "spec.objective.metric", "spec.searchSpace.optimizer.choices[1]",
+        "spec.trainer.builtin.params.learning_rate", "spec.trainer.builtin.params.lr"}
+
+
+def test_problem_renders_as_path_colon_message():
+    problem = assert_problem(problems_of(mutated({"spec.searchSpace.lr.low": 0})),
+                             "spec.searchSpace.lr.low", "must be > 0")
+    assert str(problem) == "spec.searchSpace.lr.low: must be > 0 when log is true"
+    assert str(Problem("spec.x", "bad", 7)) == "spec.x: bad (line 7)"
+
+
+# ------------------------------------------------------------------------------ acceptances
+@pytest.mark.parametrize("changes", [
+    {"spec.searchSpace.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True,
+                             "points": 4}},
+    {"spec.searchSpace.dropout.step": 0.1},
+    {"spec.searchSpace.dropout": {"type": "float", "low": 0.1, "high": 0.7, "step": 0.2}},
+    {"spec.searchSpace.dropout": {"type": "float", "low": 0, "high": 1 - 2 ** -10}},
+    {"spec.searchSpace.hidden": {"type": "int", "low": 16, "high": 256, "step": 16}},
+    {"spec.searchSpace.hidden": {"type": "int", "low": 8, "high": 128, "log": True}},
+    {"spec.searchSpace.batch_norm": {"type": "categorical", "choices": [True, False]}},
+    {"spec.searchSpace.init": {"type": "categorical", "choices": ["orthogonal"]},
+     "spec.trainer.builtin.params.init": DELETE},
+    {"spec.sampler": {"type": "qmc", "qmcType": "halton", "seed": 3}},
+    {"spec.sampler": {"type": "gp", "nStartupTrials": 4}},
+    {"spec.sampler": {"type": "tpe", "multivariate": True, "constantLiar": True}},
+    {"spec.pruning.pruner": {"type": "percentile", "percentile": 25, "nWarmupSteps": 2}},
+    {"spec.pruning.pruner": {"type": "hyperband", "minResource": 2, "maxResource": 20,
+                             "reductionFactor": 3}},
+    {"spec.pruning.pruner": {"type": "none"}},
+    {"spec.objective": {"metric": "val_loss"}},
+    {"spec.objective.goal": 0.99},
+    {"spec.budget.timeout": 3600},
+    {"spec.storage": {"secretRef": {"name": "db"}, "heartbeatInterval": 5, "gracePeriod": 10}},
+    {"spec.trainer.builtin.dataset": {"name": "synthetic", "classes": 3,
+                                      "classWeights": [1, 2, 3]}},
+    {"metadata.namespace": "team-a"},
+    # what `kubectl get -o yaml` adds must re-apply
+    {"metadata.uid": "1234", "metadata.resourceVersion": "7", "status": {"phase": "Running"}},
+], ids=lambda changes: ",".join(changes))
+def test_valid_variations_are_accepted(changes):
+    parse_job(mutated(changes))
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_is_valid(path):
+    job = parse_job_file(path)
+    assert job.kind == "TuningJob"
+
+
+def test_examples_are_found():
+    assert BASE_FILE in set(EXAMPLES.glob("*.yaml"))
+
+
+# ------------------------------------------------------------------------------ durations
+@pytest.mark.parametrize("text, seconds", [
+    (90, 90.0), (2.5, 2.5), ("45s", 45.0), ("30m", 1800.0), ("2h", 7200.0), ("1h30m", 5400.0),
+    ("1h 30m", 5400.0), ("1d", 86400.0), ("500ms", 0.5), ("1.5h", 5400.0), (" 15m ", 900.0),
+])
+def test_valid_durations_parse(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", [
+    "2 hours", "", "   ", "-5m", "0s", "0", "90", "5x", "m", "1h30", "h1", 0, -5, True,
+    math.inf, math.nan,
+])
+def test_invalid_durations_do_not_parse(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["2 hours", "", "-5m", "0s", "forever"])
+def test_invalid_timeout_is_reported_at_budget_timeout(text):
+    assert_problem(problems_of(mutated({"spec.budget.timeout": text})), "spec.budget.timeout",
+                   "duration")
+
+
+def test_timeout_seconds_comes_from_the_duration():
+    job = parse_job(mutated({"spec.budget.timeout": "1h30m"}))
+    assert job.spec.budget.timeout_seconds == 5400.0
+
+
+# ------------------------------------------------------------------------------ defaults
+@pytest.mark.parametrize("metric, direction", [
+    ("val_accuracy", "maximize"), ("train_accuracy", "maximize"), ("val_f1", "maximize"),
+    ("val_loss", "minimize"), ("train_loss", "minimize"),
+])
+def test_direction_is_inferred_from_the_metric(metric, direction):
+    job = parse_job(mutated({"spec.objective": {"metric": metric}}))
+    assert job.spec.objective.direction is None
+    assert job.spec.objective.resolved_direction == direction
+
+
+def test_explicit_direction_wins():
+    job = parse_job(mutated({"spec.objective": {"metric": "val_accuracy",
+                                                "direction": "minimize"}}))
+    assert job.spec.objective.resolved_direction == "minimize"
+
+
+def test_budget_defaults():
+    budget = parse_job(mutated({"spec.budget": DELETE})).spec.budget
+    assert (budget.max_trials, budget.parallelism, budget.max_failed_trials,
+            budget.max_retries) == (100, 1, 10, 3)
+    assert budget.timeout is None and budget.timeout_seconds is None
+
+
+def test_optional_sections_have_defaults():
+    spec = parse_job(mutated({"spec.sampler": DELETE, "spec.pruning": DELETE,
+                              "spec.ensemble": DELETE})).spec
+    assert spec.sampler.type == "tpe" and spec.sampler.seed is None
+    assert spec.pruning.nan is True and spec.pruning.divergence.enabled is True
+    assert spec.pruning.pruner.type == "median"
+    assert spec.ensemble.enabled is True and spec.ensemble.top_k == 5
+    assert spec.storage.heartbeat_interval == 10 and spec.storage.grace_period == 60
+
+
+def test_param_defaults():
+    space = parse_job(base_job()).spec.search_space
+    assert space["layers"].step == 1 and space["layers"].log is False
+    assert space["dropout"].log is False and space["dropout"].step is None
+
+
+@pytest.mark.parametrize("namespace, study", [(DELETE, "default/digits-mlp"),
+                                              ("team-a", "team-a/digits-mlp")])
+def test_study_name_is_namespace_slash_name(namespace, study):
+    job = parse_job(mutated({"metadata.namespace": namespace} if namespace is not DELETE
+                            else {}))
+    assert job.study_name == study
+
+
+@pytest.mark.parametrize("changes, epochs", [
+    ({}, 20),
+    ({"spec.trainer.builtin.epochs": 7}, 7),
+    ({"spec.trainer.builtin.params.epochs": 12}, 12),
+    ({"spec.searchSpace.epochs": {"type": "int", "low": 5, "high": 30}}, 30),
+    ({"spec.searchSpace.epochs": {"type": "categorical", "choices": [15, 5]}}, 15),
+])
+def test_epochs_is_the_most_a_trial_can_train(changes, epochs):
+    assert parse_job(mutated(changes)).spec.epochs == epochs
+
+
+# ------------------------------------------------------------------------------ round trip
+@pytest.mark.parametrize("changes", [
+    {},
+    {"spec.objective": {"metric": "val_loss"}, "spec.budget": DELETE},
+    {"spec.sampler": {"type": "grid", "seed": 1},
+     "spec.searchSpace": {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True,
+                                 "points": 3},
+                          "dropout": {"type": "float", "low": 0, "high": 0.5, "step": 0.25},
+                          "batch_norm": {"type": "categorical", "choices": [True, False]}}},
+    {"spec.trainer.builtin.dataset": {"name": "synthetic", "classes": 3,
+                                      "classWeights": [1, 2, 3.5]},
+     "spec.storage": {"secretRef": {"name": "db", "key": "dsn"}},
+     "metadata.namespace": "ns", "status": {"phase": "Done"}},
+    {"spec.trainer.builtin.dataset": {"name": "file", "path": "/data/x.csv",
+                                      "labelColumn": "y"}},
+], ids=["example", "defaults", "grid", "synthetic", "file"])
+def test_to_dict_round_trips(changes):
+    job = parse_job(mutated(changes))
+    data = job.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert "status" not in data
+    without_status = job.model_copy(update={"status": None})  # status is the cluster's
+    assert TuningJob.model_validate(data) == without_status
+    assert parse_job(data) == without_status
+
+
+def test_to_dict_uses_the_yaml_field_names():
+    data = parse_job(base_job()).to_dict()
+    assert data["apiVersion"] == "kubetune.io/v1alpha1"
+    assert data["spec"]["budget"]["maxTrials"] == 40
+    assert "searchSpace" in data["spec"] and "search_space" not in data["spec"]
+
+
+# ------------------------------------------------------------------------------ validate_spec
+def test_validate_spec_of_a_valid_spec_is_empty():
+    assert validate_spec(base_job()["spec"]) == []
+
+
+def test_validate_spec_paths_start_with_spec():
+    spec = mutated({"spec.budget.maxTrials": 0, "spec.searchSpace.lr.low": 0})["spec"]
+    problems = validate_spec(spec)
+    assert {p.path for p in problems} == {"spec.budget.maxTrials", "spec.searchSpace.lr.low"}
+
+
+def test_validate_spec_of_a_cross_field_problem():
+    problems = validate_spec(mutated({"spec.objective.metric": "accuracy"})["spec"])
+    assert [p.path for p in problems] == ["spec.objective.metric"]
+
+
+@pytest.mark.parametrize("spec", [None, "x", [1]])
+def test_validate_spec_of_a_non_mapping(spec):
+    problems = validate_spec(spec)
+    assert [p.path for p in problems] == ["spec"]
+    assert "must be a mapping" in problems[0].message
+
+
+# ------------------------------------------------------------------------------ files and YAML
+def write(tmp_path: Path, text: str | bytes, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def line_of(text: str, fragment: str) -> int:
+    lines = [i for i, line in enumerate(text.splitlines(), 1) if fragment in line]
+    assert len(lines) == 1, f"{fragment!r} is on lines {lines}"
+    return lines[0]
+
+
+def file_problems(path: Path) -> list[Problem]:
+    with pytest.raises(SpecError) as info:
+        parse_job_file(path)
+    return info.value.problems
+
+
+def edited(old: str, new: str) -> str:
+    assert BASE_TEXT.count(old) == 1, old
+    return BASE_TEXT.replace(old, new)
+
+
+def test_a_file_parses_like_its_dict():
+    assert parse_job_file(BASE_FILE) == parse_job(base_job())
+
+
+@pytest.mark.parametrize("old, new, marker", [
+    ("metric: val_accuracy", "metric: val: accuracy", "metric: val: accuracy"),
+    ("maxTrials: 40", "maxTrials: [40", "parallelism: 2"),
+    ("  sampler: {type: tpe, seed: 0}", "\tsampler: {type: tpe, seed: 0}", "sampler:"),
+])
+def test_yaml_syntax_error_reports_its_line(tmp_path, old, new, marker):
+    text = edited(old, new)
+    path = write(tmp_path, text)
+    [problem] = file_problems(path)
+    assert problem.path == str(path)
+    assert problem.message.startswith("YAML syntax error")
+    assert "Traceback" not in problem.message
+    assert problem.line == line_of(text, marker)
+
+
+def test_duplicate_key_is_reported_with_both_lines(tmp_path):
+    text = edited("    parallelism: 2\n", "    parallelism: 2\n    parallelism: 3\n")
+    first = line_of(text, "parallelism: 2")
+    [problem] = file_problems(write(tmp_path, text))
+    assert problem.message == f"duplicate key 'parallelism' (first at line {first})"
+    assert problem.line == line_of(text, "parallelism: 3")
+
+
+def test_duplicate_key_in_a_flow_mapping_is_reported(tmp_path):
+    text = edited("{type: int, low: 1, high: 3}", "{type: int, low: 1, high: 3, low: 2}")
+    [problem] = file_problems(write(tmp_path, text))
+    assert problem.message.startswith("duplicate key 'low'")
+    assert problem.line == line_of(text, "layers:")
+
+
+@pytest.mark.parametrize("low", ["1e-4", "1E-4", "1.0e-4", "1e-04", "0.0001", ".0001", "+1e-4"])
+def test_yaml_12_floats_parse_as_numbers(tmp_path, low):
+    """kubectl reads ``1e-4`` as a number (YAML 1.2); plain PyYAML would read a string."""
+    text = edited("low: 1.0e-4, high: 1.0e-1", f"low: {low}, high: 1e-1")
+    lr = parse_job_file(write(tmp_path, text)).spec.search_space["lr"]
+    assert type(lr.low) is float and lr.low == pytest.approx(1e-4)
+    assert type(lr.high) is float and lr.high == pytest.approx(0.1)
+
+
+def test_integers_stay_integers(tmp_path):
+    job = parse_job_file(write(tmp_path, BASE_TEXT))
+    assert type(job.spec.budget.max_trials) is int
+    assert job.spec.search_space["hidden"].choices == [32, 64, 128, 256]
+
+
+def test_two_documents_are_rejected(tmp_path):
+    text = BASE_TEXT + "---\n" + BASE_TEXT
+    [problem] = file_problems(write(tmp_path, text))
+    assert "2 YAML documents" in problem.message
+    # the second document's first line (after the separator and its leading comments)
+    assert problem.line == len(BASE_TEXT.splitlines()) + 1 + line_of(BASE_TEXT, "apiVersion")
+
+
+@pytest.mark.parametrize("text", ["---\n" + BASE_TEXT, BASE_TEXT + "---\n",
+                                  BASE_TEXT + "---\n# nothing more\n"],
+                         ids=["leading", "trailing", "trailing-comment"])
+def test_empty_documents_around_the_job_are_ignored(tmp_path, text):
+    """kubectl skips empty documents; a separator before or after the job is fine."""
+    assert parse_job_file(write(tmp_path, text)).name == "digits-mlp"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# just a comment\n", "---\n", "---\n---\n"],
+                         ids=["empty", "blank", "comment", "marker", "markers"])
+def test_an_empty_file_is_rejected(tmp_path, text):
+    path = write(tmp_path, text)
+    [problem] = file_problems(path)
+    assert problem.path == str(path)
+    assert "empty" in problem.message
+
+
+def test_a_missing_file_is_rejected(tmp_path):
+    path = tmp_path / "nope.yaml"
+    [problem] = file_problems(path)
+    assert problem.path == str(path)
+    assert "cannot read file" in problem.message and "No such file" in problem.message
+
+
+def test_a_directory_is_rejected(tmp_path):
+    [problem] = file_problems(tmp_path)
+    assert "cannot read file" in problem.message
+
+
+def test_a_binary_file_is_rejected(tmp_path):
+    [problem] = file_problems(write(tmp_path, b"\xff\xfe\x00binary"))
+    assert "cannot read file" in problem.message and "UTF-8" in problem.message
+
+
+def test_a_list_file_is_rejected(tmp_path):
+    [problem] = file_problems(write(tmp_path, "- a\n- b\n"))
+    assert problem.path == "(root)" and "must be a mapping" in problem.message
+    assert problem.line == 1
+
+
+def test_python_tags_are_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    text = f"a: !!python/object/apply:os.system ['touch {marker}']\n"
+    [problem] = file_problems(write(tmp_path, text))
+    assert problem.line == 1
+    assert not marker.exists()
+
+
+def test_an_unhashable_key_is_a_yaml_error(tmp_path):
+    [problem] = file_problems(write(tmp_path, "? [1, 2]\n: x\n"))
+    assert "unhashable key" in problem.message and problem.line == 1
+
+
+def test_anchors_and_merge_keys_work(tmp_path):
+    """Kubernetes manifests use ``&anchor`` / ``<<: *anchor``; a key after ``<<`` overrides."""
+    text = edited(
+        "    weight_decay: {type: float, low: 1.0e-6, high: 1.0e-2, log: true}\n",
+        "    weight_decay:\n      <<: *logfloat\n      low: 1.0e-6\n      high: 1.0e-2\n",
+    ).replace("    lr:           {type", "    lr: &logfloat {type")
+    space = parse_job_file(write(tmp_path, text)).spec.search_space
+    assert space["weight_decay"].log is True
+    assert (space["weight_decay"].low, space["weight_decay"].high) == (1e-6, 1e-2)
+    assert (space["lr"].low, space["lr"].high) == (1e-4, 1e-1)
+
+
+def test_a_problem_under_a_merge_key_points_at_the_override(tmp_path):
+    text = edited(
+        "    weight_decay: {type: float, low: 1.0e-6, high: 1.0e-2, log: true}\n",
+        "    weight_decay:\n      <<: *logfloat\n      low: 0\n",
+    ).replace("    lr:           {type", "    lr: &logfloat {type")
+    problem = assert_problem(file_problems(write(tmp_path, text)),
+                             "spec.searchSpace.weight_decay.low", "must be > 0 when log is true")
+    assert problem.line == line_of(text, "      low: 0")
+
+
+@pytest.mark.parametrize("old, new, path, marker", [
+    ("maxTrials: 40", "maxTrials: ten", "spec.budget.maxTrials", "maxTrials: ten"),
+    ("maxTrials: 40", "maxTrials: 0", "spec.budget.maxTrials", "maxTrials: 0"),
+    ("    maxFailedTrials: 5\n", "    maxFailedTrials: 5\n    maxTrial: 3\n",
+     "spec.budget.maxTrial", "maxTrial: 3"),
+    ("metric: val_accuracy", "metric: val_auc", "spec.objective.metric", "metric: val_auc"),
+    ("direction: maximize", "direction: up", "spec.objective.direction", "direction: up"),
+    ("name: digits-mlp", "name: Digits", "metadata.name", "name: Digits"),
+    ("sampler: {type: tpe, seed: 0}", "sampler: {type: tpee, seed: 0}", "spec.sampler.type",
+     "type: tpee"),
+    ("{type: float, low: 1.0e-4", "{type: float, low: 0", "spec.searchSpace.lr.low", "lr:"),
+    ("{type: categorical, choices: [sgd, adam, adamw, rmsprop]}",
+     "\n      type: categorical\n      choices:\n        - sgd\n        - lion",
+     "spec.searchSpace.optimizer.choices[1]", "- lion"),
+    ("init: he_uniform}", "init: zeros}", "spec.trainer.builtin.params.init", "init: zeros"),
+    ("dataset: {name: digits}", "dataset:\n        name: mnist",
+     "spec.trainer.builtin.dataset.name", "name: mnist"),
+    ("timeout: 15m", "timeout: 2 hours", "spec.budget.timeout", "timeout: 2 hours"),
+])
+def test_problem_line_points_at_the_offending_key(tmp_path, old, new, path, marker):
+    text = edited(old, new)
+    problem = assert_problem(file_problems(write(tmp_path, text)), path, "")
+    assert problem.line == line_of(text, marker)
+
+
+def test_problems_from_a_dict_have_no_line():
+    problem = assert_problem(problems_of(mutated({"spec.budget.maxTrials": 0})),
+                             "spec.budget.maxTrials", "must be >= 1")
+    assert problem.line is None
+
+
+# ------------------------------------------------------------------------------ paths
+def job_with_file_dataset(path: str) -> str:
+    return edited("dataset: {name: digits}", f"dataset: {{name: file, path: {path}}}")
+
+
+def test_relative_dataset_path_is_resolved_against_the_job_file(tmp_path):
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    path = write(folder, job_with_file_dataset("data/wine.csv"))
+    dataset = parse_job_file(path).spec.trainer.builtin.dataset
+    assert Path(dataset.path) == folder.resolve() / "data" / "wine.csv"
+
+
+def test_relative_job_file_path_still_resolves_from_the_job_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    write(folder, job_with_file_dataset("wine.csv"))
+    monkeypatch.chdir(tmp_path)
+    dataset = parse_job_file("jobs/job.yaml").spec.trainer.builtin.dataset
+    assert Path(dataset.path) == folder.resolve() / "wine.csv"
+
+
+def test_absolute_dataset_path_is_kept(tmp_path):
+    path = write(tmp_path, job_with_file_dataset("/srv/data/wine.csv"))
+    assert parse_job_file(path).spec.trainer.builtin.dataset.path == "/srv/data/wine.csv"
+
+
+def test_parse_job_without_a_folder_keeps_the_path(tmp_path):
+    data = mutated({"spec.trainer.builtin.dataset": {"name": "file", "path": "data/wine.csv"}})
+    assert parse_job(data).spec.trainer.builtin.dataset.path == "data/wine.csv"
+    resolved = parse_job(data, base_dir=tmp_path).spec.trainer.builtin.dataset.path
+    assert Path(resolved) == tmp_path / "data" / "wine.csv"
