@@ -86,7 +86,10 @@ def make_sampler(spec: JobSpec, *, seed: int | None = None,
     if cfg.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.type == "grid":
-        return _AskTellGridSampler(grid_values(spec.search_space), seed=seed)
+        # GridSampler shuffles its grid by seed and names points by index: every worker must
+        # use the same order, so the grid ignores per-worker seeds (and None, a random order)
+        return _AskTellGridSampler(grid_values(spec.search_space),
+                                   seed=0 if cfg.seed is None else cfg.seed)
     if cfg.type == "tpe":
         kwargs: dict[str, Any] = {"seed": seed,
                                   "multivariate": bool(cfg.multivariate),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import warnings
 import zlib
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +26,11 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+
+# Heartbeats and the stale-trial retry callback are "experimental" in Optuna since 2.8 and
+# stable in practice; the warning would print on every reconcile.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message=".*Heartbeat of storage is supposed.*")
 
 RDB_PREFIXES = ("postgresql", "postgres://", "sqlite://")
 

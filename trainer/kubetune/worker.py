@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +47,6 @@ class WorkerOptions:
 def run_worker(options: WorkerOptions) -> int:
     """Run trials until the job needs no more; the exit code is 0 unless setup failed."""
     silence_optuna()
-    warnings.filterwarnings("ignore", message=".*Heartbeat of storage is supposed.*")
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     job = load_job(optuna.load_study(study_name=options.study,
                                      storage=open_storage(options.storage)))
     spec = job.spec

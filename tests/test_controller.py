@@ -1,0 +1,226 @@
+"""The job core's decisions, driven through a scripted launcher and a real Optuna study.
+
+The launcher is the seam between the core and processes or pods; here a small scripted one
+stands in for it so each decision can be checked without waiting for real workers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.storages import InMemoryStorage
+from optuna.trial import TrialState
+
+from conftest import fast_job
+from kubetune.controller import JobCore, WorkerState
+from kubetune.job_study import STARTED_ATTR, create_or_load_study
+from kubetune.search_space import to_distributions
+from kubetune.spec import parse_job
+
+
+class ScriptedLauncher:
+    def __init__(self):
+        self.workers: dict[str, WorkerState] = {}
+        self.started = 0
+        self.stopped = False
+
+    def list_workers(self):
+        return list(self.workers.values())
+
+    def start_worker(self):
+        self.started += 1
+        worker_id = f"w{self.started}"
+        self.workers[worker_id] = WorkerState(worker_id)
+        return worker_id
+
+    def forget_worker(self, worker_id):
+        self.workers.pop(worker_id, None)
+
+    def stop_all(self):
+        self.stopped = True
+
+    def exit(self, worker_id, code, tail=""):
+        self.workers[worker_id] = WorkerState(worker_id, code, tail)
+
+
+class Clock:
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def _core(**spec):
+    job = parse_job(fast_job(**spec))
+    study = create_or_load_study(InMemoryStorage(), job)
+    clock = Clock()
+    study.set_user_attr(STARTED_ATTR, clock.now)
+    launcher = ScriptedLauncher()
+    return JobCore(job, study, launcher, clock=clock), study, launcher, clock
+
+
+def _trial(study, job, state=TrialState.COMPLETE, value=0.5, worker=None):
+    trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+    if worker:
+        trial.set_user_attr("worker", worker)
+    if state == TrialState.RUNNING:
+        return trial
+    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    return trial
+
+
+def _condition(status, kind):
+    return next((c for c in status["conditions"] if c["type"] == kind), None)
+
+
+def test_starts_parallelism_workers_and_reports_running():
+    core, study, launcher, _ = _core(budget={"maxTrials": 10, "parallelism": 3})
+    outcome = core.reconcile()
+    assert launcher.started == 3
+    assert outcome.status["phase"] == "Running" and not outcome.done
+    assert outcome.status["progress"] == "0/10"
+    core.reconcile(outcome.status)
+    assert launcher.started == 3  # no more while they live
+
+
+def test_never_starts_more_workers_than_trials_left():
+    core, study, launcher, _ = _core(budget={"maxTrials": 3, "parallelism": 8})
+    core.reconcile()
+    assert launcher.started == 3
+
+
+def test_budget_spent_means_succeeded_with_the_best_trial():
+    core, study, launcher, _ = _core(budget={"maxTrials": 3, "parallelism": 1})
+    status = core.reconcile().status
+    for value in (0.2, 0.9, 0.4):
+        _trial(study, core.job, value=value)
+    outcome = core.reconcile(status)
+    assert outcome.done and launcher.stopped
+    assert outcome.status["phase"] == "Succeeded"
+    assert outcome.status["best"]["value"] == 0.9
+    assert _condition(outcome.status, "Complete")["reason"] == "MaxTrialsReached"
+
+
+def test_trial_of_an_exited_worker_is_failed_and_queued_again():
+    core, study, launcher, clock = _core(budget={"maxTrials": 4, "parallelism": 1})
+    status = core.reconcile().status
+    orphan = _trial(study, core.job, TrialState.RUNNING, worker="w1")
+    launcher.exit("w1", -9)
+
+    status = core.reconcile(status).status
+    assert launcher.started == 1  # a short backoff first, in case it crashes in a loop
+    clock.now += 5
+    status = core.reconcile(status).status
+
+    trials = study.get_trials(deepcopy=False)
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert "exited with code -9" in trials[orphan.number].user_attrs["fail_reason"]
+    retry = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(retry) == 1 and retry[0].params == orphan.params
+    assert status["trials"]["failed"] == 0  # a retried attempt is not a failed trial
+    assert launcher.started == 2            # the dead worker is replaced
+    assert status["workers"]["restarts"] == 1
+
+
+def test_workers_that_keep_crashing_fail_the_job_with_their_output():
+    core, study, launcher, clock = _core(budget={"maxTrials": 4, "parallelism": 1})
+    status = core.reconcile().status
+    for _ in range(20):
+        for worker_id in list(launcher.workers):
+            launcher.exit(worker_id, 1, "ImportError: no module named mypkg")
+        clock.now += 120  # past any restart backoff
+        outcome = core.reconcile(status)
+        status = outcome.status
+        if outcome.done:
+            break
+    assert outcome.done and status["phase"] == "Failed"
+    failed = _condition(status, "Failed")
+    assert failed["reason"] == "WorkerCrashLoop"
+    assert "ImportError: no module named mypkg" in failed["message"]
+
+
+def test_crashed_worker_is_restarted_only_after_a_backoff():
+    core, study, launcher, clock = _core(budget={"maxTrials": 4, "parallelism": 1})
+    status = core.reconcile().status
+    launcher.exit("w1", 1)
+    status = core.reconcile(status).status
+    launcher.exit("w2", 1) if "w2" in launcher.workers else None
+    started = launcher.started
+    clock.now += 0.5
+    status = core.reconcile(status).status
+    assert launcher.started == started  # within the backoff: wait
+    clock.now += 60
+    core.reconcile(status)
+    assert launcher.started == started + 1
+
+
+def test_too_many_failed_trials_fail_the_job():
+    core, study, launcher, _ = _core(budget={"maxTrials": 10, "maxFailedTrials": 1})
+    status = core.reconcile().status
+    _trial(study, core.job)
+    _trial(study, core.job, TrialState.FAIL)
+    _trial(study, core.job, TrialState.FAIL)
+    for worker_id in list(launcher.workers):
+        launcher.exit(worker_id, 0)
+    outcome = core.reconcile(status)
+    assert outcome.done and outcome.status["phase"] == "Failed"
+    assert _condition(outcome.status, "Failed")["reason"] == "TooManyFailedTrials"
+
+
+def test_no_complete_trial_is_a_failure_even_when_the_budget_is_spent():
+    core, study, launcher, _ = _core(budget={"maxTrials": 2})
+    status = core.reconcile().status
+    _trial(study, core.job, TrialState.PRUNED)
+    _trial(study, core.job, TrialState.PRUNED)
+    outcome = core.reconcile(status)
+    assert outcome.status["phase"] == "Failed"
+    assert _condition(outcome.status, "Failed")["reason"] == "NoCompleteTrial"
+
+
+def test_timeout_ends_the_job_once_running_trials_stop():
+    core, study, launcher, clock = _core(budget={"maxTrials": 50, "timeout": "10m"})
+    status = core.reconcile().status
+    _trial(study, core.job, value=0.7)
+    running = _trial(study, core.job, TrialState.RUNNING, worker="w1")
+    clock.now += 601
+    outcome = core.reconcile(status)
+    assert not outcome.done  # a trial still runs (it stops itself at the next epoch)
+    study.tell(running, state=TrialState.PRUNED)
+    outcome = core.reconcile(outcome.status)
+    assert outcome.done and outcome.status["phase"] == "Succeeded"
+    assert _condition(outcome.status, "Complete")["reason"] == "TimeoutReached"
+
+
+def test_goal_reached_stops_the_search_early():
+    core, study, launcher, _ = _core(budget={"maxTrials": 50},
+                                     objective={"metric": "val_accuracy", "goal": 0.95})
+    status = core.reconcile().status
+    _trial(study, core.job, value=0.96)
+    outcome = core.reconcile(status)
+    assert outcome.done
+    assert _condition(outcome.status, "Complete")["reason"] == "GoalReached"
+
+
+def test_unchanged_conditions_keep_their_transition_time():
+    core, study, launcher, _ = _core()
+    first = core.reconcile().status
+    first["conditions"][0]["lastTransitionTime"] = "2020-01-01T00:00:00Z"
+    second = core.reconcile(first).status
+    assert second["conditions"][0]["lastTransitionTime"] == "2020-01-01T00:00:00Z"
+
+
+def test_status_size_does_not_grow_with_the_number_of_trials():
+    def status_size(n_trials):
+        core, study, launcher, _ = _core(budget={"maxTrials": 100_000})
+        dist = {"lr": FloatDistribution(1e-3, 1e-1, log=True)}
+        study.add_trials([optuna.trial.create_trial(
+            params={"lr": 1e-3 + i * 1e-8}, distributions=dist, value=i / n_trials,
+            user_attrs={"history": [{"epoch": 1, "val_accuracy": 0.5}]})
+            for i in range(n_trials)])
+        return len(json.dumps(core.reconcile().status))
+
+    small, large = status_size(50), status_size(5000)
+    assert large <= small + 64  # only the digits of the counters grow

@@ -1,0 +1,132 @@
+"""NaN and divergence guards, alone and together with Optuna's pruners."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import fast_job
+from kubetune.guards import EpochGuard
+from kubetune.search_space import make_pruner, to_distributions
+from kubetune.spec import Pruning, parse_job
+from kubetune.trial_run import run_trial
+
+HEALTHY = {"train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5,
+           "val_f1": 0.5}
+
+
+def _metrics(**changes):
+    return {**HEALTHY, **changes}
+
+
+def test_nan_or_inf_is_pruned_as_nan():
+    guard = EpochGuard(Pruning(), "val_accuracy")
+    assert guard.check(_metrics()) is None
+    assert guard.check(_metrics(val_loss=math.inf)) == "nan"
+    assert EpochGuard(Pruning(), "val_accuracy").check(_metrics(train_loss=math.nan)) == "nan"
+
+
+def test_loss_beyond_factor_times_first_epoch_is_diverged():
+    guard = EpochGuard(Pruning.model_validate({"divergence": {"factor": 4.0}}), "val_accuracy")
+    assert guard.check(_metrics(train_loss=2.0)) is None   # first epoch sets the reference
+    assert guard.check(_metrics(train_loss=7.9)) is None
+    assert guard.check(_metrics(train_loss=8.1)) == "diverged"
+
+
+def test_guards_can_be_turned_off_but_nan_objective_is_never_reported():
+    pruning = Pruning.model_validate({"nan": False, "divergence": {"enabled": False}})
+    guard = EpochGuard(pruning, "val_accuracy")
+    assert guard.check(_metrics(train_loss=1.0)) is None
+    assert guard.check(_metrics(train_loss=1e9, val_loss=math.nan)) is None
+    assert guard.check(_metrics(val_accuracy=math.nan)) == "nan"
+
+
+class _ScriptedTraining:
+    """Stands in for the MLP: reports a fixed series of epochs, as a diverging net would."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def __call__(self, params, data, *, seed, device, on_epoch):
+        for epoch, metrics in enumerate(self.epochs, start=1):
+            on_epoch(epoch, metrics)
+        raise AssertionError("a trial that goes NaN must be stopped before it ends")
+
+
+def _late_nan_epochs():
+    return [_metrics(val_accuracy=0.6), _metrics(val_accuracy=0.7),
+            _metrics(train_loss=math.nan, val_loss=math.nan, val_accuracy=0.1),
+            _metrics(val_accuracy=0.1)]
+
+
+def _study_with_history(pruner) -> optuna.Study:
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for _ in range(5):
+        trial = study.ask()
+        for step, value in enumerate([0.5, 0.6, 0.7, 0.8], start=1):
+            trial.report(value, step)
+        study.tell(trial, 0.8)
+    return study
+
+
+def test_median_pruner_alone_misses_a_trial_that_turns_nan_late():
+    """The gap we close: after finite epochs, a NaN is not below the median, so it trains on."""
+    study = _study_with_history(optuna.pruners.MedianPruner(n_startup_trials=1))
+    trial = study.ask()
+    trial.report(0.6, 1)
+    trial.report(0.7, 2)
+    assert not trial.should_prune()
+    trial.report(math.nan, 3)
+    assert not trial.should_prune()  # Optuna's median pruner lets the NaN trial continue
+
+
+@pytest.mark.parametrize("pruner_type", ["median", "percentile", "hyperband", "asha", "none"])
+def test_kubetune_prunes_the_late_nan_trial_at_that_epoch_with_every_pruner(pruner_type):
+    pruner = {"type": pruner_type}
+    if pruner_type == "percentile":
+        pruner["percentile"] = 25.0
+    job = parse_job(fast_job(pruning={"pruner": pruner}))
+    study = _study_with_history(make_pruner(job.spec))
+    trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+
+    state = run_trial(study, trial, job, data=None, artifact_store=None,
+                      train=_ScriptedTraining(_late_nan_epochs()))
+
+    frozen = study.trials[-1]
+    assert state == TrialState.PRUNED == frozen.state
+    assert frozen.user_attrs["prune_reason"] == "nan"
+    assert frozen.intermediate_values == {1: 0.6, 2: 0.7}  # the NaN was never reported
+    assert len(frozen.user_attrs["history"]) == 3          # stopped at the NaN epoch
+    assert frozen.value == 0.7
+
+
+def test_trial_diverging_without_nan_is_pruned_as_diverged():
+    job = parse_job(fast_job())
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+    epochs = [_metrics(train_loss=1.0), _metrics(train_loss=4.0), _metrics(train_loss=25.0),
+              _metrics(train_loss=50.0)]
+
+    run_trial(study, trial, job, data=None, artifact_store=None,
+              train=_ScriptedTraining(epochs))
+
+    assert study.trials[-1].state == TrialState.PRUNED
+    assert study.trials[-1].user_attrs["prune_reason"] == "diverged"
+    assert len(study.trials[-1].user_attrs["history"]) == 3
+
+
+def test_an_error_in_training_fails_only_that_trial_with_the_reason():
+    job = parse_job(fast_job())
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+
+    def broken(params, data, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    state = run_trial(study, trial, job, data=None, artifact_store=None, train=broken)
+
+    assert state == TrialState.FAIL
+    assert study.trials[-1].user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory"
