@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -53,10 +54,11 @@ def grid_values(search_space: dict[str, Any]) -> dict[str, list[Any]]:
             grid[name] = [float(v) for v in space(param.low, param.high, num=param.points)]
         else:
             count = int(round((param.high - param.low) / param.step)) + 1
-            # min(): low + i * step can overshoot high by a rounding error (0.1 + 0.2 > 0.3),
-            # which puts the last grid point outside the parameter's distribution
-            grid[name] = [min(float(param.high), float(param.low + i * param.step))
-                          for i in range(count)]
+            # In decimal, so the points are the numbers the user wrote: in binary floats
+            # 0.1 + 0.2 > 0.3, which pushed the last point past high, out of the parameter's
+            # distribution. The spec checked that high - low is a multiple of step.
+            low, step = Decimal(repr(param.low)), Decimal(repr(param.step))
+            grid[name] = [float(low + i * step) for i in range(count - 1)] + [float(param.high)]
     return grid
 
 
@@ -87,7 +89,7 @@ def make_sampler(spec: JobSpec, *, seed: int | None = None,
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.type == "grid":
         # GridSampler shuffles its grid by seed and names points by index: every worker must
-        # use the same order, so the grid ignores per-worker seeds (and None, a random order)
+        # use the same order, so the grid ignores per-worker seeds (None means 0 to Optuna)
         return _AskTellGridSampler(grid_values(spec.search_space),
                                    seed=0 if cfg.seed is None else cfg.seed)
     if cfg.type == "tpe":
