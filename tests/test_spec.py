@@ -29,9 +29,41 @@ from kubetune.yaml_source import load_yaml
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BASE_FILE = EXAMPLES / "digits-mlp.yaml"
-BASE_TEXT = BASE_FILE.read_text(encoding="utf-8")
-_BASE = load_yaml(BASE_TEXT).data
+_BASE = load_yaml(BASE_FILE.read_text(encoding="utf-8")).data
 DELETE = object()
+
+# The YAML tests edit this text by line, so it is kept here rather than read from examples/.
+JOB_YAML = """\
+# A job for the YAML tests.
+apiVersion: kubetune.io/v1alpha1
+kind: TuningJob
+metadata:
+  name: yaml-job
+spec:
+  objective:
+    metric: val_accuracy
+    direction: maximize
+  searchSpace:
+    lr:           {type: float, low: 1.0e-4, high: 1.0e-1, log: true}
+    weight_decay: {type: float, low: 1.0e-6, high: 1.0e-2, log: true}
+    layers:       {type: int, low: 1, high: 3}
+    dropout:      {type: float, low: 0.0, high: 0.5}
+    optimizer:    {type: categorical, choices: [sgd, adam, adamw, rmsprop]}
+  budget:
+    maxTrials: 40
+    parallelism: 2
+    maxFailedTrials: 5
+    timeout: 15m
+  sampler: {type: tpe, seed: 0}
+  pruning:
+    pruner: {type: median, nStartupTrials: 5, nWarmupSteps: 3}
+  trainer:
+    builtin:
+      model: mlp
+      dataset: {name: digits}
+      epochs: 20
+      params: {batch_size: 64, init: he_uniform}
+"""
 
 
 def base_job() -> dict[str, Any]:
@@ -47,7 +79,7 @@ def mutated(changes: dict[str, Any]) -> dict[str, Any]:
         for part in parents:
             node = node[part]
         if value is DELETE:
-            del node[last]
+            node.pop(last, None)
         else:
             node[last] = copy.deepcopy(value)
     return job
@@ -71,12 +103,15 @@ def assert_problem(problems: list[Problem], path: str, fragment: str) -> Problem
 
 def test_base_job_is_valid():
     job = parse_job(base_job())
-    assert job.name == "digits-mlp"
-    assert set(job.spec.search_space) == {"lr", "weight_decay", "layers", "hidden", "dropout",
-                                          "optimizer", "activation"}
+    assert job.name == _BASE["metadata"]["name"]
+    assert set(job.spec.search_space) == set(_BASE["spec"]["searchSpace"])
 
 
 # ------------------------------------------------------------------------------ rejections
+LOG_LR = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
+DROPOUT = {"type": "float", "low": 0.0, "high": 0.5}
+LAYERS = {"type": "int", "low": 1, "high": 3}
+
 REJECTIONS = [
     # unknown fields
     ("unknown-top-level-spec-field", {"spec.foo": 1}, "spec.foo", "unknown field"),
@@ -143,35 +178,38 @@ REJECTIONS = [
     ("missing-metadata-name", {"metadata.name": DELETE}, "metadata.name",
      "required field is missing"),
     # float and int ranges
-    ("float-low-equals-high", {"spec.searchSpace.dropout.low": 0.5},
+    ("float-low-equals-high", {"spec.searchSpace.dropout.low": 0.5,
+                               "spec.searchSpace.dropout.high": 0.5},
      "spec.searchSpace.dropout.low", "must be < high (0.5), got 0.5"),
     ("float-low-above-high", {"spec.searchSpace.dropout.low": 0.4,
                               "spec.searchSpace.dropout.high": 0.2},
      "spec.searchSpace.dropout.low", "must be < high"),
     ("int-low-above-high", {"spec.searchSpace.layers.low": 3, "spec.searchSpace.layers.high": 1},
      "spec.searchSpace.layers.low", "must be < high (1), got 3"),
-    ("int-low-equals-high", {"spec.searchSpace.layers.low": 3},
+    ("int-low-equals-high", {"spec.searchSpace.layers.low": 3, "spec.searchSpace.layers.high": 3},
      "spec.searchSpace.layers.low", "must be < high"),
-    ("float-log-low-zero", {"spec.searchSpace.lr.low": 0.0}, "spec.searchSpace.lr.low",
-     "must be > 0 when log is true"),
-    ("float-log-low-negative", {"spec.searchSpace.lr.low": -1e-3}, "spec.searchSpace.lr.low",
-     "must be > 0 when log is true"),
+    ("float-log-low-zero", {"spec.searchSpace.lr": LOG_LR, "spec.searchSpace.lr.low": 0.0},
+     "spec.searchSpace.lr.low", "must be > 0 when log is true"),
+    ("float-log-low-negative", {"spec.searchSpace.lr": LOG_LR, "spec.searchSpace.lr.low": -1e-3},
+     "spec.searchSpace.lr.low", "must be > 0 when log is true"),
     ("int-log-low-zero", {"spec.searchSpace.layers.log": True, "spec.searchSpace.layers.low": 0},
      "spec.searchSpace.layers.low", "must be > 0 when log is true"),
     ("float-high-infinite", {"spec.searchSpace.dropout.high": math.inf},
      "spec.searchSpace.dropout.high", "must be a finite number"),
     # steps and points
-    ("int-step-does-not-fit", {"spec.searchSpace.layers.high": 4,
+    ("int-step-does-not-fit", {"spec.searchSpace.layers": LAYERS,
+                               "spec.searchSpace.layers.high": 4,
                                "spec.searchSpace.layers.step": 2},
      "spec.searchSpace.layers.step", "high - low (3) is not a multiple of step (2)"),
     ("int-step-zero", {"spec.searchSpace.layers.step": 0}, "spec.searchSpace.layers.step",
      "must be >= 1"),
-    ("float-step-does-not-fit", {"spec.searchSpace.dropout.step": 0.3},
+    ("float-step-does-not-fit", {"spec.searchSpace.dropout": DROPOUT,
+                                 "spec.searchSpace.dropout.step": 0.3},
      "spec.searchSpace.dropout.step", "is not a multiple of step (0.3)"),
     ("float-step-negative", {"spec.searchSpace.dropout.step": -0.1},
      "spec.searchSpace.dropout.step", "must be > 0"),
-    ("float-step-with-log", {"spec.searchSpace.lr.step": 0.01}, "spec.searchSpace.lr.step",
-     "cannot be combined with log"),
+    ("float-step-with-log", {"spec.searchSpace.lr": LOG_LR, "spec.searchSpace.lr.step": 0.01},
+     "spec.searchSpace.lr.step", "cannot be combined with log"),
     ("int-step-with-log",
      {"spec.searchSpace.hidden": {"type": "int", "low": 16, "high": 256, "log": True,
                                   "step": 16}},
@@ -243,7 +281,8 @@ REJECTIONS = [
      "spec.trainer.builtin.params.lr", "must be a number"),
     ("param-not-a-knob", {"spec.trainer.builtin.params.learning_rate": 0.1},
      "spec.trainer.builtin.params.learning_rate", "unknown parameter 'learning_rate'"),
-    ("knob-fixed-and-searched", {"spec.trainer.builtin.params.lr": 0.01},
+    ("knob-fixed-and-searched", {"spec.searchSpace.lr": LOG_LR,
+                                 "spec.trainer.builtin.params.lr": 0.01},
      "spec.trainer.builtin.params.lr", "is also in spec.searchSpace"),
     # knob values, searched
     ("unknown-optimizer-choice", {"spec.searchSpace.optimizer.choices": ["sgd", "lion"]},
@@ -273,17 +312,21 @@ REJECTIONS = [
     # objective
     ("metric-never-reported", {"spec.objective.metric": "val_auc"}, "spec.objective.metric",
      "unknown metric 'val_auc'"),
-    ("val-loss-maximized", {"spec.objective.metric": "val_loss"}, "spec.objective.direction",
-     "val_loss is a loss: use minimize"),
-    ("train-loss-maximized", {"spec.objective.metric": "train_loss"}, "spec.objective.direction",
-     "use minimize"),
+    ("val-loss-maximized", {"spec.objective": {"metric": "val_loss", "direction": "maximize"}},
+     "spec.objective.direction", "val_loss is a loss: use minimize"),
+    ("train-loss-maximized",
+     {"spec.objective": {"metric": "train_loss", "direction": "maximize"}},
+     "spec.objective.direction", "use minimize"),
     ("unknown-direction", {"spec.objective.direction": "up"}, "spec.objective.direction",
      "must be 'maximize' or 'minimize'"),
     # sampler
-    ("grid-over-continuous-float", {"spec.sampler": {"type": "grid"}}, "spec.searchSpace.dropout",
+    ("grid-over-continuous-float", {"spec.sampler": {"type": "grid"},
+                                    "spec.searchSpace.dropout": DROPOUT},
+     "spec.searchSpace.dropout",
      "the grid sampler needs a finite set of values: give step or points"),
-    ("grid-over-continuous-log-float", {"spec.sampler": {"type": "grid"}}, "spec.searchSpace.lr",
-     "give step or points"),
+    ("grid-over-continuous-log-float", {"spec.sampler": {"type": "grid"},
+                                        "spec.searchSpace.lr": LOG_LR},
+     "spec.searchSpace.lr", "give step or points"),
     ("random-with-nStartupTrials", {"spec.sampler": {"type": "random", "nStartupTrials": 3}},
      "spec.sampler.nStartupTrials", "not used by the random sampler"),
     ("tpe-with-qmcType", {"spec.sampler.qmcType": "sobol"}, "spec.sampler.qmcType",
@@ -307,7 +350,10 @@ REJECTIONS = [
      {"spec.pruning.pruner": {"type": "hyperband", "minResource": 10, "maxResource": 5}},
      "spec.pruning.pruner.minResource", "must be < maxResource"),
     ("hyperband-max-above-epochs", {"spec.pruning.pruner": {"type": "hyperband",
-                                                            "maxResource": 50}},
+                                                            "maxResource": 50},
+                                    "spec.searchSpace.epochs": DELETE,
+                                    "spec.trainer.builtin.params.epochs": DELETE,
+                                    "spec.trainer.builtin.epochs": 20},
      "spec.pruning.pruner.maxResource", "exceeds the epochs a trial trains (20)"),
     ("divergence-factor-one", {"spec.pruning.divergence.factor": 1.0},
      "spec.pruning.divergence.factor", "must be > 1"),
@@ -408,6 +454,7 @@ def test_every_cross_field_problem_is_reported_at_once():
         "spec.objective.metric": "val_auc",
         "spec.searchSpace.optimizer.choices": ["sgd", "lion"],
         "spec.trainer.builtin.params.learning_rate": 1,
+        "spec.searchSpace.lr": LOG_LR,
         "spec.trainer.builtin.params.lr": 0.1,
     }))
     assert {p.path for p in problems} == {
@@ -416,7 +463,7 @@ def test_every_cross_field_problem_is_reported_at_once():
 
 
 def test_problem_renders_as_path_colon_message():
-    problem = assert_problem(problems_of(mutated({"spec.searchSpace.lr.low": 0})),
+    problem = assert_problem(problems_of(mutated({"spec.searchSpace.lr": {**LOG_LR, "low": 0}})),
                              "spec.searchSpace.lr.low", "must be > 0")
     assert str(problem) == "spec.searchSpace.lr.low: must be > 0 when log is true"
     assert str(Problem("spec.x", "bad", 7)) == "spec.x: bad (line 7)"
@@ -529,16 +576,16 @@ def test_optional_sections_have_defaults():
 
 
 def test_param_defaults():
-    space = parse_job(base_job()).spec.search_space
+    space = parse_job(mutated({"spec.searchSpace.layers": LAYERS,
+                               "spec.searchSpace.dropout": DROPOUT})).spec.search_space
     assert space["layers"].step == 1 and space["layers"].log is False
     assert space["dropout"].log is False and space["dropout"].step is None
 
 
-@pytest.mark.parametrize("namespace, study", [(DELETE, "default/digits-mlp"),
-                                              ("team-a", "team-a/digits-mlp")])
+@pytest.mark.parametrize("namespace, study", [(DELETE, "default/tune-me"),
+                                              ("team-a", "team-a/tune-me")])
 def test_study_name_is_namespace_slash_name(namespace, study):
-    job = parse_job(mutated({"metadata.namespace": namespace} if namespace is not DELETE
-                            else {}))
+    job = parse_job(mutated({"metadata.name": "tune-me", "metadata.namespace": namespace}))
     assert job.study_name == study
 
 
@@ -550,6 +597,8 @@ def test_study_name_is_namespace_slash_name(namespace, study):
     ({"spec.searchSpace.epochs": {"type": "categorical", "choices": [15, 5]}}, 15),
 ])
 def test_epochs_is_the_most_a_trial_can_train(changes, epochs):
+    changes = {"spec.searchSpace.epochs": DELETE, "spec.trainer.builtin.params.epochs": DELETE,
+               "spec.trainer.builtin.epochs": 20, **changes}
     assert parse_job(mutated(changes)).spec.epochs == epochs
 
 
@@ -582,7 +631,7 @@ def test_to_dict_round_trips(changes):
 def test_to_dict_uses_the_yaml_field_names():
     data = parse_job(base_job()).to_dict()
     assert data["apiVersion"] == "kubetune.io/v1alpha1"
-    assert data["spec"]["budget"]["maxTrials"] == 40
+    assert data["spec"]["budget"]["maxTrials"] == _BASE["spec"]["budget"]["maxTrials"]
     assert "searchSpace" in data["spec"] and "search_space" not in data["spec"]
 
 
@@ -592,7 +641,8 @@ def test_validate_spec_of_a_valid_spec_is_empty():
 
 
 def test_validate_spec_paths_start_with_spec():
-    spec = mutated({"spec.budget.maxTrials": 0, "spec.searchSpace.lr.low": 0})["spec"]
+    spec = mutated({"spec.budget.maxTrials": 0,
+                    "spec.searchSpace.lr": {**LOG_LR, "low": 0}})["spec"]
     problems = validate_spec(spec)
     assert {p.path for p in problems} == {"spec.budget.maxTrials", "spec.searchSpace.lr.low"}
 
@@ -632,8 +682,12 @@ def file_problems(path: Path) -> list[Problem]:
 
 
 def edited(old: str, new: str) -> str:
-    assert BASE_TEXT.count(old) == 1, old
-    return BASE_TEXT.replace(old, new)
+    assert JOB_YAML.count(old) == 1, old
+    return JOB_YAML.replace(old, new)
+
+
+def test_the_yaml_test_job_is_valid(tmp_path):
+    assert parse_job_file(write(tmp_path, JOB_YAML)).name == "yaml-job"
 
 
 def test_a_file_parses_like_its_dict():
@@ -680,25 +734,25 @@ def test_yaml_12_floats_parse_as_numbers(tmp_path, low):
 
 
 def test_integers_stay_integers(tmp_path):
-    job = parse_job_file(write(tmp_path, BASE_TEXT))
-    assert type(job.spec.budget.max_trials) is int
-    assert job.spec.search_space["hidden"].choices == [32, 64, 128, 256]
+    job = parse_job_file(write(tmp_path, JOB_YAML))
+    assert type(job.spec.budget.max_trials) is int and job.spec.budget.max_trials == 40
+    assert job.spec.search_space["optimizer"].choices == ["sgd", "adam", "adamw", "rmsprop"]
 
 
 def test_two_documents_are_rejected(tmp_path):
-    text = BASE_TEXT + "---\n" + BASE_TEXT
+    text = JOB_YAML + "---\n" + JOB_YAML
     [problem] = file_problems(write(tmp_path, text))
     assert "2 YAML documents" in problem.message
     # the second document's first line (after the separator and its leading comments)
-    assert problem.line == len(BASE_TEXT.splitlines()) + 1 + line_of(BASE_TEXT, "apiVersion")
+    assert problem.line == len(JOB_YAML.splitlines()) + 1 + line_of(JOB_YAML, "apiVersion")
 
 
-@pytest.mark.parametrize("text", ["---\n" + BASE_TEXT, BASE_TEXT + "---\n",
-                                  BASE_TEXT + "---\n# nothing more\n"],
+@pytest.mark.parametrize("text", ["---\n" + JOB_YAML, JOB_YAML + "---\n",
+                                  JOB_YAML + "---\n# nothing more\n"],
                          ids=["leading", "trailing", "trailing-comment"])
 def test_empty_documents_around_the_job_are_ignored(tmp_path, text):
     """kubectl skips empty documents; a separator before or after the job is fine."""
-    assert parse_job_file(write(tmp_path, text)).name == "digits-mlp"
+    assert parse_job_file(write(tmp_path, text)).name == "yaml-job"
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# just a comment\n", "---\n", "---\n---\n"],
@@ -775,7 +829,7 @@ def test_a_problem_under_a_merge_key_points_at_the_override(tmp_path):
      "spec.budget.maxTrial", "maxTrial: 3"),
     ("metric: val_accuracy", "metric: val_auc", "spec.objective.metric", "metric: val_auc"),
     ("direction: maximize", "direction: up", "spec.objective.direction", "direction: up"),
-    ("name: digits-mlp", "name: Digits", "metadata.name", "name: Digits"),
+    ("name: yaml-job", "name: Digits", "metadata.name", "name: Digits"),
     ("sampler: {type: tpe, seed: 0}", "sampler: {type: tpee, seed: 0}", "spec.sampler.type",
      "type: tpee"),
     ("{type: float, low: 1.0e-4", "{type: float, low: 0", "spec.searchSpace.lr.low", "lr:"),

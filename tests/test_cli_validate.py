@@ -1,0 +1,167 @@
+"""``kubetune validate`` (and ``kubetune run`` on a bad file), through the installed command."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = shutil.which("kubetune", path=str(Path(sys.executable).parent))
+COMMANDS = {"module": [sys.executable, "-m", "kubetune"]}
+if _SCRIPT:
+    COMMANDS["script"] = [_SCRIPT]
+KUBETUNE = COMMANDS.get("script", COMMANDS["module"])
+# "spec.searchSpace.lr.low: ...", "metadata.name: ...", "apiVersion: ...", "(root): ..."
+FIELD_LINE = re.compile(r"^(\(root\)|[A-Za-z]\w*)(\.\w+|\[\d+\])*: \S")
+
+GOOD = """\
+apiVersion: kubetune.io/v1alpha1
+kind: TuningJob
+metadata:
+  name: cli-job
+spec:
+  objective:
+    metric: val_accuracy
+  searchSpace:
+    lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}
+    layers: {type: int, low: 1, high: 3}
+  budget:
+    maxTrials: 4
+  trainer:
+    builtin:
+      dataset: {name: digits}
+      epochs: 2
+"""
+
+
+def kubetune(*args: object, cwd: Path | None = None,
+             command: list[str] = KUBETUNE) -> subprocess.CompletedProcess:
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def bad(old: str, new: str) -> str:
+    assert GOOD.count(old) == 1, old
+    return GOOD.replace(old, new)
+
+
+def assert_field_lines(stderr: str) -> list[str]:
+    lines = stderr.splitlines()
+    assert lines, "nothing on stderr"
+    for line in lines:
+        assert FIELD_LINE.match(line), f"not a field-path line: {line!r}\n{stderr}"
+    assert "Traceback" not in stderr
+    return lines
+
+
+def test_the_installed_script_exists():
+    assert _SCRIPT, f"no kubetune script next to {sys.executable}"
+
+
+def test_valid_file_prints_valid(tmp_path):
+    proc = kubetune("validate", write(tmp_path, GOOD))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "valid\n", "")
+
+
+def test_python_m_kubetune_with_a_relative_path(tmp_path):
+    write(tmp_path, GOOD)
+    proc = kubetune("validate", "job.yaml", cwd=tmp_path, command=COMMANDS["module"])
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "valid\n", "")
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("low: 1.0e-4", "low: 0", "spec.searchSpace.lr.low: must be > 0 when log is true (line 9)"),
+    ("  budget:\n", "  budgett:\n",
+     "spec.budgett: unknown field; did you mean 'budget'? (line 11)"),
+], ids=["log-low", "unknown-field"])
+def test_invalid_file_exits_2_with_the_field_path(tmp_path, old, new, expected):
+    proc = kubetune("validate", write(tmp_path, bad(old, new)))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    [line] = assert_field_lines(proc.stderr)
+    assert line.startswith(expected), line
+
+
+def test_every_problem_is_one_stderr_line(tmp_path):
+    text = bad("maxTrials: 4", "maxTrials: 0\n    parallelism: many").replace(
+        "low: 1.0e-4", "low: -1").replace("kind: TuningJob", "kind: Job")
+    proc = kubetune("validate", write(tmp_path, text))
+    assert proc.returncode == 2
+    lines = assert_field_lines(proc.stderr)
+    assert sorted(line.split(":")[0] for line in lines) == [
+        "kind", "spec.budget.maxTrials", "spec.budget.parallelism", "spec.searchSpace.lr.low"]
+
+
+def test_cross_field_problems_are_listed_too(tmp_path):
+    text = bad("    layers: {type: int, low: 1, high: 3}\n",
+               "    layers: {type: float, low: 1, high: 3}\n"
+               "    optimizer: {type: categorical, choices: [adam, lion]}\n")
+    proc = kubetune("validate", write(tmp_path, text))
+    assert proc.returncode == 2
+    lines = assert_field_lines(proc.stderr)
+    assert [line.split(":")[0] for line in lines] == [
+        "spec.searchSpace.layers.type", "spec.searchSpace.optimizer.choices[1]"]
+
+
+@pytest.mark.parametrize("text, line", [
+    (bad("metric: val_accuracy", "metric: val: accuracy"), 7),
+    (GOOD + "metadata: {name: again}\n", len(GOOD.splitlines()) + 1),
+], ids=["syntax", "duplicate-key"])
+def test_yaml_error_exits_2_with_a_line_and_no_traceback(tmp_path, text, line):
+    path = write(tmp_path, text)
+    proc = kubetune("validate", path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"{path}: ")
+    assert f"(line {line})" in proc.stderr
+
+
+def test_missing_file_exits_2_with_a_clear_message(tmp_path):
+    path = tmp_path / "nope.yaml"
+    proc = kubetune("validate", path)
+    assert proc.returncode == 2
+    assert proc.stderr == f"{path}: cannot read file: No such file or directory\n"
+
+
+@pytest.mark.parametrize("content", [b"# nothing\n", b"\xff\xfe\x00\x01"],
+                         ids=["empty", "binary"])
+def test_unusable_file_exits_2_without_traceback(tmp_path, content):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(content)
+    proc = kubetune("validate", path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() and "Traceback" not in proc.stderr
+
+
+def test_validate_does_not_load_pytorch_or_optuna(tmp_path):
+    """The operator and CI validate specs: that must stay quick and light."""
+    path = write(tmp_path, GOOD)
+    code = ("import sys\nfrom kubetune.cli import main\n"
+            f"assert main(['validate', {str(path)!r}]) == 0\n"
+            "heavy = sorted({'torch', 'optuna'} & set(sys.modules))\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_run_on_an_invalid_file_exits_2_without_creating_the_output(tmp_path):
+    out = tmp_path / "out"
+    proc = kubetune("run", write(tmp_path, bad("low: 1.0e-4", "low: 0")), "--output", out,
+                    "--workers", "1")
+    assert proc.returncode == 2
+    [line] = assert_field_lines(proc.stderr)
+    assert line.startswith("spec.searchSpace.lr.low: must be > 0 when log is true")
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
