@@ -57,6 +57,11 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
     assert complete_cond["status"] == "True" and complete_cond["reason"] == "MaxTrialsReached"
     assert "val_accuracy" in proc.stdout and "result:" in proc.stdout  # leaderboard printed
 
+    shown = kubetune("results", out)
+    assert shown.returncode == 0
+    assert "MaxTrialsReached" in shown.stdout and f"{best.value:.5g}" in shown.stdout
+    assert json.loads(kubetune("results", out, "--json").stdout) == result
+
 
 def test_complete_trials_keep_history_weights_and_predictions(tmp_path):
     job = write_job(tmp_path / "job.yaml", fast_job(budget={"maxTrials": 3, "parallelism": 1}))
@@ -204,3 +209,30 @@ def test_torch_threads_are_shared_between_workers():
 
     assert default_threads(1) == (os.cpu_count() or 1)
     assert default_threads(10 * (os.cpu_count() or 1)) == 1
+
+
+def test_trial_whose_artifacts_cannot_be_written_fails_with_the_reason_and_job_goes_on(tmp_path):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from kubetune.job_study import create_or_load_study
+    from kubetune.search_space import to_distributions
+    from kubetune.spec import parse_job
+    from kubetune.storage import open_storage
+    from kubetune.trial_run import run_trial
+    from kubetune.worker import _load_data
+
+    job = parse_job(fast_job())
+    study = create_or_load_study(open_storage(str(tmp_path / "s.journal")), job)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the artifact folder should be")
+    broken_store = FileSystemArtifactStore(str(blocker))
+    data = _load_data(job)
+
+    trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+    assert run_trial(study, trial, job, data, broken_store) == TrialState.FAIL
+    failed = study.trials[-1]
+    assert failed.user_attrs["fail_reason"].startswith("cannot save artifacts")
+
+    good_store = FileSystemArtifactStore(str(tmp_path))
+    trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+    assert run_trial(study, trial, job, data, good_store) == TrialState.COMPLETE

@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.set_defaults(handler=_validate)
 
+    results = sub.add_parser("results", help="show the leaderboard of a local run")
+    results.add_argument("path", help="a run's output folder or its result.json")
+    results.add_argument("--json", action="store_true", help="print result.json as is")
+    results.set_defaults(handler=_results)
+
     worker = sub.add_parser("worker", help="run trials of a study (started by the runner or "
                                            "the operator)")
     worker.add_argument("--storage", required=True, metavar="URL")
@@ -86,12 +91,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kubetune.runner import RunError, RunOptions, configure_logging, run_job
-    from kubetune.job_study import StudyMismatch
-
-    job = _load(args.file)
+    job = _load(args.file)  # before importing torch and Optuna: a bad file fails fast
     if job is None:
         return EXIT_INVALID
+    from kubetune.job_study import StudyMismatch
+    from kubetune.runner import RunError, RunOptions, configure_logging, run_job
+
     configure_logging(args.verbose)
     options = RunOptions(workers=args.workers, storage=args.storage, output=args.output,
                          artifacts=args.artifacts, quiet=args.quiet)
@@ -100,6 +105,27 @@ def _run(args: argparse.Namespace) -> int:
     except (RunError, StudyMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
+
+
+def _results(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from kubetune.progress import print_summary
+
+    path = Path(args.path)
+    if path.is_dir():
+        path = path / "result.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read {path}: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print_summary(status)
+    return 0
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -84,15 +84,20 @@ class ProgressView:
     def summary(self, status: dict[str, Any], result_path: Path) -> None:
         if self._quiet:
             return
-        self._console.print(leaderboard_table(status))
-        for cond in status.get("conditions", []):
-            if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
-                self._console.print(f"[bold]{status['phase']}[/] ({cond['reason']}): "
-                                    f"{cond['message']}")
-        reasons = status.get("pruneReasons") or {}
-        if reasons:
-            self._console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+        print_summary(status, self._console)
         self._console.print(f"result: {result_path}")
+
+
+def print_summary(status: dict[str, Any], console: Console | None = None) -> None:
+    """Leaderboard, how the job ended and why trials were pruned."""
+    console = console or Console(highlight=False)
+    console.print(leaderboard_table(status))
+    for cond in status.get("conditions", []):
+        if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+            console.print(f"[bold]{status['phase']}[/] ({cond['reason']}): {cond['message']}")
+    reasons = status.get("pruneReasons") or {}
+    if reasons:
+        console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
 
 
 def leaderboard_table(status: dict[str, Any]) -> Table:

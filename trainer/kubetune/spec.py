@@ -195,18 +195,19 @@ def _fits(span: float, step: float) -> bool:
     return abs(ratio - round(ratio)) < 1e-9 * max(1.0, abs(ratio))
 
 
-def _tag_by_type(value: Any) -> str | None:
-    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+def _tagged_union(tag_field: str, models: dict[str, type[BaseModel]]) -> Any:
+    """A union whose member is chosen by the value of ``tag_field`` (``type``, ``name``)."""
+
+    def tag(value: Any) -> Any:
+        return value.get(tag_field) if isinstance(value, dict) else getattr(value, tag_field, None)
+
+    members = tuple(Annotated[model, Tag(name)] for name, model in models.items())
+    return Annotated[Union[members], Discriminator(tag)]
 
 
-SearchParam = Annotated[
-    Union[
-        Annotated[FloatParam, Tag("float")],
-        Annotated[IntParam, Tag("int")],
-        Annotated[CategoricalParam, Tag("categorical")],
-    ],
-    Discriminator(_tag_by_type),
-]
+PARAM_MODELS: dict[str, type[BaseModel]] = {
+    "float": FloatParam, "int": IntParam, "categorical": CategoricalParam}
+SearchParam = _tagged_union("type", PARAM_MODELS)
 
 # ---------------------------------------------------------------- objective, budget, sampler
 class Objective(_Model):
@@ -351,18 +352,9 @@ class FileData(_Model):
         return value
 
 
-def _tag_by_name(value: Any) -> str | None:
-    return value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
-
-
-DatasetSpec = Annotated[
-    Union[
-        Annotated[DigitsData, Tag("digits")],
-        Annotated[SyntheticData, Tag("synthetic")],
-        Annotated[FileData, Tag("file")],
-    ],
-    Discriminator(_tag_by_name),
-]
+DATASET_MODELS: dict[str, type[BaseModel]] = {
+    "digits": DigitsData, "synthetic": SyntheticData, "file": FileData}
+DatasetSpec = _tagged_union("name", DATASET_MODELS)
 
 
 class Split(_Model):
@@ -724,8 +716,7 @@ def _unknown_field(loc: tuple) -> str:
 
 def _known_fields(parent: tuple) -> list[str]:
     """camelCase field names accepted at ``parent`` (for did-you-mean hints)."""
-    tag_models = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam,
-                  "digits": DigitsData, "synthetic": SyntheticData, "file": FileData}
+    tag_models = {**PARAM_MODELS, **DATASET_MODELS}
     model: Any = TuningJob
     skip_key = False
     for part in parent:
