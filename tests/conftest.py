@@ -343,6 +343,20 @@ def _drop_database(server: PostgresServer, dbname: str) -> None:
 
 
 # --------------------------------------------------------------------------
+# Opt-in suites
+# --------------------------------------------------------------------------
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``slow`` tests unless KUBETUNE_SLOW=1, and say why in the summary."""
+    if os.environ.get("KUBETUNE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow suite: set KUBETUNE_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------
 # TuningJobs and running kubetune
 # --------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -10,6 +11,7 @@ from kubetune import __version__
 from kubetune.spec import SpecError, parse_job_file
 
 EXIT_INVALID = 2
+STORAGE_ENV = "KUBETUNE_STORAGE_URL"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run trials of a study (started by the runner or "
                                            "the operator)")
-    worker.add_argument("--storage", required=True, metavar="URL")
+    worker.add_argument("--storage", metavar="URL", default=os.environ.get(STORAGE_ENV),
+                        help=f"Optuna storage (default: ${STORAGE_ENV}; prefer the variable "
+                             "for URLs with a password: a command line is visible to all)")
     worker.add_argument("--study", required=True, metavar="NAME")
     worker.add_argument("--worker-id", required=True, metavar="ID")
     worker.add_argument("--artifacts", required=True, metavar="DIR")
@@ -135,6 +139,9 @@ def _worker(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.storage:
+        print(f"error: give --storage or set {STORAGE_ENV}", file=sys.stderr)
+        return EXIT_INVALID
     return run_worker(WorkerOptions(storage=args.storage, study=args.study,
                                     worker_id=args.worker_id, artifacts=args.artifacts,
                                     threads=args.threads))

@@ -132,7 +132,8 @@ class JobCore:
             conditions=[condition("Ready", True, "StudyReady",
                                   f"study {self.job.study_name} is open"),
                         condition(kind, True, reason, message)])
-        status["workers"] = {**previous.get("workers", {}), "active": 0}
+        status["workers"] = {**previous.get("workers", {}), "active": 0,
+                             "finishedTrials": counts.finished}
         return Outcome(status=status, done=True)
 
     def _verdict(self, reason: str, counts: budget.TrialCounts,

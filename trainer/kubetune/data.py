@@ -26,7 +26,7 @@ _SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "samples": 2000,
     "features": 20,
     "informative": 10,
-    "classes": 3,
+    "classes": 2,
     "classWeights": None,
     "classSep": 1.0,
     "seed": 0,

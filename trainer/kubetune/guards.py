@@ -35,7 +35,7 @@ class EpochGuard:
         if self._nan and any(_not_finite(v) for v in metrics.values()):
             return NAN
         if _not_finite(metrics.get(self._metric)):
-            # With the NaN guard off we still never report a NaN: treat it as divergence.
+            # With the NaN guard off we still never report a NaN objective to Optuna.
             return NAN
         loss = metrics.get(LOSS_KEY)
         if loss is None or _not_finite(loss):

@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from kubetune.cli import STORAGE_ENV
 from kubetune.controller import WorkerState
 
 _PR_SET_PDEATHSIG = 1
@@ -41,12 +42,12 @@ class ProcessLauncher:
         worker_id = f"{LOCAL_PREFIX}{self._session}-{self._count}"
         self._log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_dir / f"worker-{self._count}.log"
-        command = [sys.executable, "-m", "kubetune", "worker", "--storage", self._storage,
-                   "--study", self._study, "--worker-id", worker_id,
+        command = [sys.executable, "-m", "kubetune", "worker", "--study", self._study, "--worker-id", worker_id,
                    "--artifacts", self._artifacts]
         if self._threads:
             command += ["--threads", str(self._threads)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The URL may hold a password: pass it in the environment, never on the command line.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", STORAGE_ENV: self._storage}
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env,

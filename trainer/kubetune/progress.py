@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kubetune.search_space import effective_max_trials
 from kubetune.spec import TuningJob
 
 
@@ -34,7 +35,7 @@ class ProgressView:
         what = f"continuing study ({done} trials done)" if done else "new study"
         self._console.print(
             f"[bold]kubetune run {self._job.name}[/]: {what}, up to "
-            f"{spec.budget.max_trials} trials, {workers} worker(s), objective "
+            f"{effective_max_trials(spec)} trials, {workers} worker(s), objective "
             f"{spec.objective.metric} ({spec.objective.resolved_direction})")
         self._console.print(f"  storage: {storage}\n  output:  {output}")
         if resumed:

@@ -65,14 +65,14 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
                            if is_rdb(storage_url) else None,
                            grace_period=spec.storage.grace_period,
                            max_retries=spec.budget.max_retries)
+    if workers != spec.budget.parallelism:  # before storing: workers read it from the study
+        job = job.model_copy(update={"spec": spec.model_copy(update={
+            "budget": spec.budget.model_copy(update={"parallelism": workers})})})
     try:
         study = create_or_load_study(storage, job)
     except ValueError as err:
         raise RunError(str(err)) from None
     resumed = _recover_abandoned(study)
-    if workers != spec.budget.parallelism:
-        job = job.model_copy(update={"spec": spec.model_copy(update={
-            "budget": spec.budget.model_copy(update={"parallelism": workers})})})
     launcher = ProcessLauncher(storage_url, job.study_name, artifacts, out / "logs",
                                threads=default_threads(workers))
     core = JobCore(job, study, launcher)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from decimal import Decimal
 from typing import Any
@@ -74,10 +75,16 @@ def effective_max_trials(spec: JobSpec) -> int:
 
 
 def worker_seed(seed: int | None, worker_id: str) -> int | None:
-    """Distinct, reproducible seeds per worker, so parallel workers never draw the same points."""
+    """Distinct, reproducible seeds per worker, so parallel workers never draw the same points.
+
+    Worker ids end in their slot number (``local-3fa2c1-1``, ``digits-mlp-worker-0``); the
+    seed follows the slot, so the same job with the same parallelism samples the same way.
+    """
     if seed is None:
         return None
-    return (seed + zlib.crc32(worker_id.encode())) % (2**31)
+    slot = re.search(r"(\d+)$", worker_id)
+    offset = int(slot.group(1)) * 7919 if slot else zlib.crc32(worker_id.encode())
+    return (seed + offset) % (2**31)
 
 
 def make_sampler(spec: JobSpec, *, seed: int | None = None,

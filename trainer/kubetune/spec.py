@@ -334,8 +334,10 @@ class SyntheticData(_Model):
                                            f"{len(self.class_weights)}")
             if any(w <= 0 for w in self.class_weights):
                 raise _at("class_weights", "weights must be > 0")
-        if self.classes > 2 ** min(self.informative, self.features):
-            raise _at("classes", "too many classes for the number of informative features")
+        # make_classification puts 2 clusters per class on the corners of a hypercube.
+        if self.classes * 2 > 2 ** min(self.informative, self.features):
+            raise _at("classes", "too many classes for the informative features: needs "
+                                 "classes * 2 <= 2 ** informative")
         return self
 
 
@@ -547,12 +549,15 @@ def validate_spec(spec: Any) -> list[Problem]:
 
 
 def _resolve_paths(job: TuningJob, base_dir: Path) -> TuningJob:
+    """Relative paths in a job file are relative to that file, as for a local run."""
+    data = job.to_dict()
     dataset = job.spec.trainer.builtin.dataset
     if isinstance(dataset, FileData) and not Path(dataset.path).is_absolute():
-        data = job.to_dict()
         data["spec"]["trainer"]["builtin"]["dataset"]["path"] = str(base_dir / dataset.path)
-        return TuningJob.model_validate(data)
-    return job
+    artifacts = job.spec.artifacts.path
+    if artifacts and not Path(artifacts).is_absolute():
+        data["spec"]["artifacts"]["path"] = str(base_dir / artifacts)
+    return TuningJob.model_validate(data)
 
 
 # ---------------------------------------------------------------- semantic checks

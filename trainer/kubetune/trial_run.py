@@ -78,7 +78,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: An
         if reason is not None:
             raise PruneTrial(reason)
         trial.report(float(metrics[metric]), epoch)
-        if deadline is not None and time.time() >= deadline:
+        last_epoch = epoch >= int(params.get("epochs", 0))
+        if deadline is not None and time.time() >= deadline and not last_epoch:
             raise PruneTrial(guards.TIMEOUT)
         if trial.should_prune():
             raise PruneTrial(guards.PRUNER)
@@ -119,7 +120,8 @@ def save_artifacts(trial: optuna.Trial, result: Any, data: Any, store: Any) -> d
         model_path = Path(tmp) / "model.pt"
         torch.save({"state_dict": result.model.state_dict(),
                     "params": trial.params, "classes": list(data.classes),
-                    "mean": data.mean, "std": data.std}, model_path)
+                    "mean": torch.tensor(data.mean), "std": torch.tensor(data.std)},
+                   model_path)  # tensors, not numpy: loads with torch.load(weights_only=True)
         preds_path = Path(tmp) / "predictions.npz"
         np.savez_compressed(preds_path, val_proba=result.val_proba, test_proba=result.test_proba,
                             y_val=data.y_val, y_test=data.y_test)
