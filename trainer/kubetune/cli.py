@@ -14,7 +14,21 @@ EXIT_INVALID = 2
 STORAGE_ENV = "KUBETUNE_STORAGE_URL"
 
 
+# Commands that own their arguments, in the module that implements them. The operator's lives
+# on the operator side, so the trainer side never imports kopf or the Kubernetes client.
+DELEGATED = {
+    "operator": ("kubetune_operator.main:main", "run the Kubernetes operator"),
+    "ensemble": ("kubetune.ensemble_cli:ensemble_main",
+                 "build the ensemble of a finished study (started by the runner or operator)"),
+    "export": ("kubetune.ensemble_cli:export_main",
+               "write a job's ensemble as a self-contained model folder"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv[0], argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -49,10 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.set_defaults(handler=_validate)
 
-    results = sub.add_parser("results", help="show the leaderboard of a local run")
-    results.add_argument("path", help="a run's output folder or its result.json")
-    results.add_argument("--json", action="store_true", help="print result.json as is")
+    results = sub.add_parser("results", help="show the leaderboard of a local run or of a "
+                                             "TuningJob on the cluster")
+    results.add_argument("path", metavar="PATH|NAME",
+                         help="a run's output folder or result.json, or a TuningJob's name")
+    results.add_argument("-n", "--namespace", help="namespace of the TuningJob (cluster)")
+    results.add_argument("--storage", metavar="URL",
+                         help="read the study from this storage instead of the status")
+    results.add_argument("--json", action="store_true", help="print the status as JSON")
     results.set_defaults(handler=_results)
+
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
 
     worker = sub.add_parser("worker", help="run trials of a study (started by the runner or "
                                            "the operator)")
@@ -118,6 +140,10 @@ def _results(args: argparse.Namespace) -> int:
     from kubetune.progress import print_summary
 
     path = Path(args.path)
+    if not path.exists() and "/" not in args.path and not args.path.endswith(".json"):
+        from kubetune_operator.results import main as cluster_results  # a TuningJob's name
+
+        return cluster_results(args)
     if path.is_dir():
         path = path / "result.json"
     try:
@@ -130,6 +156,14 @@ def _results(args: argparse.Namespace) -> int:
     else:
         print_summary(status)
     return 0
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    import importlib
+
+    target, _ = DELEGATED[name]
+    module, _, function = target.partition(":")
+    return int(getattr(importlib.import_module(module), function)(argv) or 0)
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -46,9 +46,19 @@ class WorkerState:
 
 
 class Launcher(Protocol):
+    """Starts and lists the job's workers: processes (``ProcessLauncher``) or pods.
+
+    Every worker runs ``kubetune worker --study NAME --worker-id ID --artifacts DIR`` with the
+    storage URL in the ``KUBETUNE_STORAGE_URL`` environment variable; the ensemble worker runs
+    ``kubetune ensemble --study NAME --artifacts DIR`` the same way. A worker stays in
+    ``list_workers`` (with its exit code once it ended) until ``forget_worker``.
+    """
+
     def list_workers(self) -> list[WorkerState]: ...
 
     def start_worker(self) -> str: ...
+
+    def start_ensemble(self) -> str: ...
 
     def forget_worker(self, worker_id: str) -> None: ...
 
