@@ -426,6 +426,12 @@ class Ensemble(_Model):
     members: Literal["trials", "seeds", "snapshots"] = "trials"
 
 
+class Cleanup(_Model):
+    delete_study: StrictBool = Field(
+        default=False, description="delete the Optuna study when the TuningJob is deleted "
+                                   "(Kubernetes only; kept by default)")
+
+
 class JobSpec(_Model):
     objective: Objective
     search_space: dict[str, SearchParam]
@@ -436,6 +442,7 @@ class JobSpec(_Model):
     storage: Storage = Storage()
     artifacts: Artifacts = Artifacts()
     ensemble: Ensemble = Ensemble()
+    cleanup: Cleanup = Cleanup()
 
     @field_validator("search_space")
     @classmethod
