@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import contextmanager
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, start_http_server
+from prometheus_client import Counter as Counter_
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -129,6 +131,9 @@ class JobMetrics(Collector):
                                        "Workers that exited with an error and were replaced.",
                                        labels=labels)
         phases = GaugeMetricFamily("kubetune_jobs", "Jobs by phase.", labels=["phase"])
+        job_phase = GaugeMetricFamily("kubetune_job_phase",
+                                      "1 for the phase a job is in, 0 for the others.",
+                                      labels=labels + ["phase"])
         by_phase = Counter(job.phase for job in jobs)
         for phase in PHASES:
             phases.add_metric([phase], by_phase.get(phase, 0))
@@ -149,7 +154,10 @@ class JobMetrics(Collector):
                     value.add_metric(key + [str(number)], latest)
                 epoch.add_metric(key + [str(number)], at_epoch)
             restarts.add_metric(key, job.worker_restarts)
-        yield from (trials, finished, best, epochs, duration, value, epoch, restarts, phases)
+            for phase in PHASES:
+                job_phase.add_metric(key + [phase], 1 if job.phase == phase else 0)
+        yield from (trials, finished, best, epochs, duration, value, epoch, restarts, phases,
+                    job_phase)
 
 
 def _outcomes(finished: dict[tuple[str, str], int]) -> Iterable[tuple[str, str]]:
@@ -168,7 +176,44 @@ def _buckets(durations: list[float]) -> tuple[list[tuple[str, float]], float]:
 
 
 def make_registry(collector: JobMetrics) -> CollectorRegistry:
-    """A registry of our own: no process or platform collectors mixed in by accident."""
+    """A registry of our own: no platform collectors mixed in by accident."""
     registry = CollectorRegistry()
     registry.register(collector)
     return registry
+
+
+class Metrics:
+    """The one registry of a runner or operator: jobs, reconcile health and the process."""
+
+    def __init__(self) -> None:
+        self.jobs = JobMetrics()
+        self.registry = make_registry(self.jobs)
+        ProcessCollector(registry=self.registry)
+        self.reconciles = Counter_(
+            "kubetune_reconcile", "Reconciles of TuningJobs by result (success, error).",
+            ["result"], registry=self.registry)
+        self.reconcile_seconds = Histogram(
+            "kubetune_reconcile_duration_seconds", "Time one reconcile of a job takes.",
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        for result in ("success", "error"):
+            self.reconciles.labels(result)
+
+    @contextmanager
+    def reconcile(self) -> Iterator[None]:
+        """Time a reconcile and count it as success or error (the error propagates)."""
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.reconciles.labels("error").inc()
+            raise
+        else:
+            self.reconciles.labels("success").inc()
+        finally:
+            self.reconcile_seconds.observe(time.perf_counter() - started)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        """Serve /metrics on ``port`` in a background thread; returns the server."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server

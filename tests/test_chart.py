@@ -1,0 +1,204 @@
+"""The Helm chart, checked with Helm's own SDK (lint, render, values schema) and the official
+Kubernetes schemas (kubernetes-validate)."""
+
+from __future__ import annotations
+
+import itertools
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+
+CHART = REPO_ROOT / "charts" / "kubetune"
+KUBE_VERSION = kubernetes_validate.latest_version()
+# Kinds whose schema is not part of Kubernetes itself (prometheus-operator, kopf).
+THIRD_PARTY = {"ServiceMonitor", "PrometheusRule", "KopfPeering"}
+
+TOGGLES = {
+    "serviceMonitor": [{"metrics": {"serviceMonitor": {"enabled": True}}}],
+    "prometheusRule": [{"metrics": {"prometheusRule": {"enabled": True}}}],
+    "dashboard": [{"metrics": {"dashboard": {"enabled": True}}}],
+    "storage": [{"postgresql": {"external": {"secretName": "my-db", "secretKey": "dsn"}}},
+                {"postgresql": {"bundled": {"enabled": False},
+                                "external": {"secretName": "my-db"}}}],
+    "namespaces": [{"operator": {"watchNamespaces": ["ml-team", "research"]}}],
+    "replicas": [{"operator": {"replicas": 2}}],
+}
+
+
+def _merge(*parts: dict) -> dict:
+    out: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = _merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def _combinations():
+    """Defaults, each toggle alone, and all of them at once."""
+    yield "defaults", {}
+    for name, options in TOGGLES.items():
+        for i, values in enumerate(options):
+            yield f"{name}-{i}", values
+    yield "everything", _merge(*(options[0] for options in TOGGLES.values()))
+
+
+COMBINATIONS = dict(_combinations())
+
+
+def _render(values: dict) -> list[dict]:
+    chart = helm.Chart.load(str(CHART))
+    rendered = chart.render(values, name="kubetune", namespace="kubetune", is_install=True)
+    docs = []
+    for path, text in rendered.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+@pytest.mark.parametrize("name", list(COMBINATIONS))
+def test_lint_is_clean(name):
+    report = helm.lint(str(CHART), COMBINATIONS[name], strict=True, namespace="kubetune")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+@pytest.mark.parametrize("name", list(COMBINATIONS))
+def test_every_manifest_validates_against_kubernetes(name):
+    docs = _render(COMBINATIONS[name])
+    assert docs
+    for doc in docs:
+        if doc["kind"] in THIRD_PARTY:
+            assert doc["apiVersion"] in ("monitoring.coreos.com/v1", "kopf.dev/v1")
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def _pod_specs(docs):
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            yield doc["metadata"]["name"], doc["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("name", list(COMBINATIONS))
+def test_pods_are_hardened(name):
+    for pod_name, pod in _pod_specs(_render(COMBINATIONS[name])):
+        assert pod["securityContext"]["runAsNonRoot"] is True, pod_name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in pod["containers"]:
+            ctx = container["securityContext"]
+            assert ctx["readOnlyRootFilesystem"] is True, pod_name
+            assert ctx["allowPrivilegeEscalation"] is False
+            assert ctx["capabilities"]["drop"] == ["ALL"]
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts  # writable scratch space on a read-only root
+
+
+def test_worker_defaults_carry_gpu_resources_and_hardened_service_account():
+    docs = _render({})
+    config = next(d for d in docs if d["kind"] == "ConfigMap"
+                  and d["metadata"]["name"].endswith("worker-defaults"))
+    defaults = yaml.safe_load(config["data"]["worker-defaults.yaml"])
+    assert defaults["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert defaults["storageSecret"] == {"name": "kubetune-storage", "key": "url"}
+    worker_sa = next(d for d in docs if d["kind"] == "ServiceAccount"
+                     and d["metadata"]["name"] == defaults["serviceAccountName"])
+    assert worker_sa["automountServiceAccountToken"] is False
+    bound = [s["name"] for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
+             for s in d["subjects"]]
+    assert defaults["serviceAccountName"] not in bound  # workers get no permissions
+
+
+def test_cluster_role_without_namespaces_roles_per_namespace_with_them():
+    cluster = {d["kind"] for d in _render({})}
+    assert {"ClusterRole", "ClusterRoleBinding"} <= cluster
+    scoped = _render(TOGGLES["namespaces"][0])
+    assert not {"ClusterRole", "ClusterRoleBinding"} & {d["kind"] for d in scoped}
+    roles = {d["metadata"]["namespace"] for d in scoped if d["kind"] == "Role"}
+    assert roles == {"ml-team", "research"}
+
+
+def test_rbac_rules_have_no_wildcards():
+    for values in COMBINATIONS.values():
+        for doc in _render(values):
+            for rule in doc.get("rules", []) if doc["kind"] in ("Role", "ClusterRole") else []:
+                for key in ("apiGroups", "resources", "verbs"):
+                    assert "*" not in rule[key], rule
+
+
+def test_bundled_storage_secret_exists_in_every_job_namespace():
+    docs = _render(TOGGLES["namespaces"][0])
+    secrets = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs
+               if d["kind"] == "Secret"}
+    for namespace in ("ml-team", "research", "kubetune"):
+        assert (namespace, "kubetune-storage") in secrets
+    url = next(d for d in docs if d["kind"] == "Secret"
+               and d["metadata"]["name"] == "kubetune-storage")["stringData"]["url"]
+    assert url.startswith("postgresql://kubetune:") and "kubetune-postgresql.kubetune.svc" in url
+
+
+def test_more_replicas_turn_on_peering():
+    deployment = next(d for d in _render(TOGGLES["replicas"][0]) if d["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--peering=kubetune" in args
+    single = next(d for d in _render({}) if d["kind"] == "Deployment")
+    assert not any(a.startswith("--peering") for a in
+                   single["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+BAD_VALUES = {
+    "unknown top-level key": {"replicaCount": 2},
+    "replicas as text": {"operator": {"replicas": "two"}},
+    "zero replicas": {"operator": {"replicas": 0}},
+    "port out of range": {"metrics": {"port": 70000}},
+    "unknown log level": {"operator": {"logLevel": "verbose"}},
+    "share above one": {"metrics": {"prometheusRule": {"nanShareThreshold": 2}}},
+    "bad stalled duration": {"metrics": {"prometheusRule": {"stalledFor": "thirty minutes"}}},
+    "empty image repository": {"image": {"repository": ""}},
+    "bad namespace name": {"operator": {"watchNamespaces": ["ML_Team"]}},
+    "relative artifacts path": {"workers": {"artifactsPath": "artifacts"}},
+    "toggle as text": {"metrics": {"dashboard": {"enabled": "yes"}}},
+    "unknown nested key": {"postgresql": {"bundled": {"size": "10Gi"}}},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_values_schema_rejects(case):
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(chart.merge_values(BAD_VALUES[case]))
+
+
+def test_values_schema_accepts_every_combination():
+    chart = helm.Chart.load(str(CHART))
+    for values in COMBINATIONS.values():
+        chart.validate_schema(chart.merge_values(values))
+
+
+def test_every_value_is_documented():
+    """values.yaml is the documentation: every setting has a comment line right above it
+    (section headers and the requests/limits of a documented resources block excepted)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")) or stripped.endswith(":"):
+            continue
+        key = stripped.split(":")[0]
+        if key in ("requests", "limits"):
+            continue
+        assert lines[index - 1].strip().startswith("#"), f"values.yaml: {key!r} has no comment"
+
+
+def test_combinations_cover_each_toggle_pairwise():
+    names = list(TOGGLES)
+    for a, b in itertools.combinations(names, 2):
+        values = _merge(TOGGLES[a][0], TOGGLES[b][0])
+        report = helm.lint(str(CHART), values, strict=True, namespace="kubetune")
+        assert not [m for m in report["messages"] if m["severity"] >= 2], (a, b, report)
