@@ -1,0 +1,456 @@
+"""kopf handlers for TuningJobs: thin wrappers over ``Reconciler``, which drives the job core.
+
+One per-job timer is the only reconciler. kopf starts it as soon as it sees a TuningJob, so it
+covers both *create* (a new job) and *resume* (jobs that existed when the operator started);
+spec edits are noticed by their ``metadata.generation``. With a single reconciler per job,
+two reconciles of one job never race over its status (crash counts, conditions). The deletion
+handler, behind kopf's finalizer, deletes the worker pods and, with
+``spec.cleanup.deleteStudy: true``, the study.
+
+Nothing that matters lives in memory: each reconcile reads the TuningJob (spec and status),
+its pods and the storage, and writes the status back. The spec a job runs with is the one
+stored in its study when it started (``create_or_load_study``): workers read it from there.
+Of later edits only ``spec.budget.maxTrials`` and ``spec.budget.parallelism`` (and
+``spec.cleanup``) are applied; the others are ignored with a ``SpecChangeIgnored`` Warning
+event, because they would change what the trials already run mean.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import optuna
+from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client.exceptions import ApiException
+from optuna.storages import BaseStorage
+from sqlalchemy.exc import SQLAlchemyError
+
+from kubetune.controller import JobCore
+from kubetune.job_study import JOB_ATTR, StudyMismatch, create_or_load_study, load_job
+from kubetune.spec import Problem, SpecError, TuningJob, parse_job
+from kubetune.status import FAILED, PENDING, SUCCEEDED, condition, merge_conditions, now_iso
+from kubetune.storage import is_rdb, normalize_url, open_storage, redact
+
+from kubetune_operator.pod_launcher import (
+    Owner,
+    PodLauncher,
+    SecretRef,
+    TemplateRejected,
+    delete_job_pods,
+    template_problems,
+)
+from kubetune_operator.settings import GROUP, PLURAL, VERSION, Settings
+
+log = logging.getLogger("kubetune.operator")
+
+FINALIZER = "kubetune.io/finalizer"
+UID_ATTR = "kubetune:jobUid"  # the TuningJob (uid) that the study's stored spec belongs to
+INVALID_SPEC = "InvalidSpec"
+STORAGE_UNAVAILABLE = "StorageUnavailable"
+EDITABLE_BUDGET = ("maxTrials", "parallelism")
+EVENT_MESSAGE_LIMIT = 1000
+CONNECT_TIMEOUT_S = 10
+
+
+class StorageUnavailable(Exception):
+    """The job's storage cannot be reached now (Secret missing, database down): retry later."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class SyncResult:
+    """What one reconcile found: the status fields that changed, events, and whether to retry."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    retry: str | None = None
+
+
+class Reconciler:
+    """Reconciles TuningJobs given as plain dicts; holds only the API client, the settings and
+    a cache of open storages (connection pools, not state)."""
+
+    def __init__(self, api_client: ApiClient, settings: Settings) -> None:
+        self.core = CoreV1Api(api_client)
+        self.settings = settings
+        self._storages: dict[tuple[Any, ...], BaseStorage] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the database connections of the cached storages."""
+        with self._lock:
+            storages, self._storages = list(self._storages.values()), {}
+        for storage in storages:
+            engine = getattr(storage, "engine", None)
+            if engine is not None:
+                engine.dispose()
+
+    # ------------------------------------------------------------------ sync
+    def sync(self, body: Mapping[str, Any]) -> SyncResult:
+        if not needs_sync(body):
+            return SyncResult()
+        previous = _plain(body.get("status") or {})
+        if previous.get("phase") == FAILED:  # an InvalidSpec job edited since: start afresh
+            previous = {}
+        generation = body["metadata"].get("generation")
+        edited = bool(previous) and generation != previous.get("observedGeneration")
+        current, problems = parse_body(body)
+        if problems and not previous.get("study"):
+            return self._invalid(previous, generation, problems)
+        owner = Owner.of(body)
+        secret = secret_ref(body, self.settings)
+        try:
+            url = self._storage_url(owner.namespace, secret)
+            job, events, lowered = self._accept(url, owner, current, problems, edited)
+            study = _call_storage(optuna.Study, study_name=job.study_name,
+                                  storage=self._storage(url, job),
+                                  sampler=optuna.samplers.RandomSampler())
+        except StorageUnavailable as err:
+            return self._unavailable(previous, generation, str(err))
+        except StudyMismatch as err:
+            return self._failed(previous, generation, "StudyMismatch", str(err))
+        except SpecError as err:
+            return self._invalid(previous, generation, err.problems)
+        launcher = PodLauncher(self.core, owner, job, self.settings, secret)
+        try:
+            if lowered:  # running workers read the budget at start: restart them on the new one
+                launcher.stop_all()
+            launcher.scale_down(job.spec.budget.parallelism)
+            outcome = JobCore(job, study, launcher).reconcile(previous)
+        except SQLAlchemyError as err:
+            return self._unavailable(previous, generation, _db_error(err))
+        except TemplateRejected as err:
+            return self._failed(previous, generation, "InvalidPodTemplate",
+                                f"the API server refused a worker pod: {err}")
+        status = dict(outcome.status)
+        status.update(
+            observedGeneration=generation,
+            conditions=_with_generation(status["conditions"], generation),
+            study={"name": job.study_name, "secretRef": secret.as_dict()},
+            startTime=previous.get("startTime") or now_iso(),
+            completionTime=(previous.get("completionTime") or now_iso()) if outcome.done
+            else None,
+        )
+        events += worker_events(launcher) + phase_events(previous, status)
+        return SyncResult(status=status_patch(previous, status), events=events)
+
+    def _accept(self, url: str, owner: Owner, current: TuningJob | None,
+                problems: list[Problem], edited: bool) -> tuple[TuningJob, list[Event], bool]:
+        """The spec to run: the one stored in the study when the job started, plus the
+        editable fields of the current spec. Returns it, events, and whether maxTrials fell."""
+        storage = self._storage(url, None)
+        try:
+            study = _call_storage(optuna.load_study, study_name=f"{owner.namespace}/{owner.name}",
+                                  storage=storage, sampler=optuna.samplers.RandomSampler())
+        except KeyError:
+            study = None
+        if study is None or study.user_attrs.get(UID_ATTR) != owner.uid:
+            # A new job, or a new TuningJob continuing the study of an earlier one of that name
+            if current is None:
+                raise SpecError(problems)
+            study = _call_storage(create_or_load_study, storage, current)
+            _call_storage(study.set_user_attr, UID_ATTR, owner.uid)
+            return current, [], False
+        accepted = load_job(study)
+        if current is None:
+            return accepted, [Event(
+                "Warning", "SpecChangeIgnored", "the edited spec is invalid; the job goes on "
+                "with the spec it started with:\n" + "\n".join(map(str, problems)))] \
+                if edited else [], False
+        effective, events = apply_editable(accepted, current)
+        if edited:
+            events += ignored_edit_events(effective, current)
+        if effective.to_dict() != study.user_attrs.get(JOB_ATTR):
+            _call_storage(study.set_user_attr, JOB_ATTR, effective.to_dict())
+        lowered = effective.spec.budget.max_trials < accepted.spec.budget.max_trials
+        return effective, events, lowered
+
+    # ------------------------------------------------------------------ delete
+    def delete(self, body: Mapping[str, Any]) -> list[Event]:
+        """Delete the job's pods; and its study when ``spec.cleanup.deleteStudy`` is true."""
+        owner = Owner.of(body)
+        count = delete_job_pods(self.core, owner.namespace, owner.name)
+        events = [Event("Normal", "PodsDeleted", f"deleted {count} pod(s)")] if count else []
+        if ((body.get("spec") or {}).get("cleanup") or {}).get("deleteStudy") is True:
+            secret = secret_ref(body, self.settings)
+            study_name = f"{owner.namespace}/{owner.name}"
+            try:
+                url = self._storage_url(owner.namespace, secret)
+                _call_storage(optuna.delete_study, study_name=study_name,
+                              storage=self._storage(url, None))
+                events.append(Event("Normal", "StudyDeleted", f"deleted study {study_name}"))
+            except KeyError:
+                pass  # never created, or deleted already
+        return events
+
+    # ------------------------------------------------------------------ storage
+    def _storage_url(self, namespace: str, secret: SecretRef) -> str:
+        try:
+            response = self.core.read_namespaced_secret(secret.name, namespace,
+                                                        _preload_content=False)
+        except ApiException as err:
+            what = "not found" if err.status == 404 else f"unreadable ({err.status} {err.reason})"
+            raise StorageUnavailable(f"storage Secret {namespace}/{secret.name} {what}") from None
+        data = json.loads(response.data).get("data") or {}
+        if secret.key not in data:
+            raise StorageUnavailable(f"storage Secret {namespace}/{secret.name} has no key "
+                                     f"{secret.key!r}")
+        return base64.b64decode(data[secret.key]).decode().strip()
+
+    def _storage(self, url: str, job: TuningJob | None) -> BaseStorage:
+        """An open storage per URL and heartbeat settings, kept for the next reconciles."""
+        if not is_rdb(url):
+            raise StorageUnavailable(f"the storage URL ({redact(url)}) is no database URL: "
+                                     "the operator needs postgresql://... shared with the pods")
+        spec = job.spec if job is not None else None
+        key = (url, spec and spec.storage.heartbeat_interval, spec and spec.storage.grace_period,
+               spec and spec.budget.max_retries)
+        with self._lock:
+            storage = self._storages.get(key)
+        if storage is None:
+            kwargs = {} if spec is None else dict(
+                heartbeat_interval=spec.storage.heartbeat_interval,
+                grace_period=spec.storage.grace_period, max_retries=spec.budget.max_retries)
+            storage = _call_storage(open_storage, _with_connect_timeout(url), **kwargs)
+            with self._lock:
+                storage = self._storages.setdefault(key, storage)
+        return storage
+
+    # ------------------------------------------------------------------ status shapes
+    def _invalid(self, previous: dict[str, Any], generation: Any,
+                 problems: list[Problem]) -> SyncResult:
+        message = "\n".join(str(p) for p in problems)
+        return self._failed(previous, generation, INVALID_SPEC, message, ready=False)
+
+    def _failed(self, previous: dict[str, Any], generation: Any, reason: str, message: str,
+                ready: bool | None = None) -> SyncResult:
+        conditions = [condition("Ready", False, reason, message)] if ready is False else []
+        conditions.append(condition("Failed", True, reason, message))
+        status = {
+            "phase": FAILED, "observedGeneration": generation,
+            "conditions": _with_generation(
+                merge_conditions(previous.get("conditions"), conditions), generation),
+            "completionTime": previous.get("completionTime") or now_iso(),
+        }
+        events = [Event("Warning", reason, message)]
+        return SyncResult(status=status_patch(previous, status), events=events)
+
+    def _unavailable(self, previous: dict[str, Any], generation: Any,
+                     message: str) -> SyncResult:
+        before = {c.get("type"): c for c in previous.get("conditions") or []}
+        ready = condition("Ready", False, STORAGE_UNAVAILABLE, message)
+        merged = merge_conditions(previous.get("conditions"), [ready])
+        conditions = [c for t, c in before.items() if t != "Ready"] + merged
+        status = {"phase": previous.get("phase") or PENDING,
+                  "conditions": _with_generation(conditions, previous.get("observedGeneration"))}
+        events = [] if before.get("Ready", {}).get("reason") == STORAGE_UNAVAILABLE else [
+            Event("Warning", STORAGE_UNAVAILABLE, f"{message}; retrying")]
+        return SyncResult(status=status_patch(previous, status), events=events, retry=message)
+
+
+# ---------------------------------------------------------------------- plain functions
+def needs_sync(body: Mapping[str, Any]) -> bool:
+    """Unfinished jobs, and failed jobs with an invalid spec that was edited since."""
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if phase == SUCCEEDED:
+        return False
+    if phase == FAILED:
+        edited = body["metadata"].get("generation") != status.get("observedGeneration")
+        return edited and _reason(status, "Failed") == INVALID_SPEC
+    return True
+
+
+def parse_body(body: Mapping[str, Any]) -> tuple[TuningJob | None, list[Problem]]:
+    """The TuningJob of a cluster object, or the problems of its spec."""
+    meta = body.get("metadata") or {}
+    data = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
+            "spec": _plain(body.get("spec"))}
+    try:
+        job = parse_job(data)
+    except SpecError as err:
+        return None, err.problems
+    problems = template_problems(job.spec.trainer.template)
+    return (None, problems) if problems else (job, [])
+
+
+def secret_ref(body: Mapping[str, Any], settings: Settings) -> SecretRef:
+    """Where the job's storage URL is: pinned in the status once the job started (so neither a
+    spec edit nor new operator settings move a running job), else the spec or the default."""
+    pinned = ((body.get("status") or {}).get("study") or {}).get("secretRef") or {}
+    if pinned.get("name"):
+        return SecretRef(pinned["name"], pinned.get("key") or "url")
+    ref = (((body.get("spec") or {}).get("storage") or {}).get("secretRef") or {})
+    if isinstance(ref, Mapping) and ref.get("name"):
+        return SecretRef(str(ref["name"]), str(ref.get("key") or "url"))
+    return SecretRef(settings.storage_secret, settings.storage_secret_key)
+
+
+def apply_editable(accepted: TuningJob, current: TuningJob) -> tuple[TuningJob, list[Event]]:
+    """The accepted job with the editable fields of the current spec, and what changed."""
+    data = accepted.to_dict()
+    now = current.to_dict()["spec"]
+    changes = []
+    for key in EDITABLE_BUDGET:
+        if data["spec"]["budget"].get(key) != now["budget"].get(key):
+            changes.append(f"{key} {data['spec']['budget'].get(key)} -> {now['budget'][key]}")
+            data["spec"]["budget"][key] = now["budget"][key]
+    data["spec"]["cleanup"] = now.get("cleanup", {})
+    events = [Event("Normal", "BudgetChanged", "budget " + ", ".join(changes))] if changes else []
+    return TuningJob.model_validate(data), events
+
+
+def ignored_edit_events(accepted: TuningJob, current: TuningJob) -> list[Event]:
+    """A Warning for spec edits that a running job does not apply."""
+    before, after = accepted.to_dict()["spec"], current.to_dict()["spec"]
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        if key == "cleanup":
+            continue
+        old, new = before.get(key), after.get(key)
+        if key == "budget":
+            old = {k: v for k, v in (old or {}).items() if k not in EDITABLE_BUDGET}
+            new = {k: v for k, v in (new or {}).items() if k not in EDITABLE_BUDGET}
+            changed += [f"spec.budget.{k}" for k in sorted(set(old) | set(new))
+                        if old.get(k) != new.get(k)]
+        elif old != new:
+            changed.append(f"spec.{key}")
+    if not changed:
+        return []
+    return [Event("Warning", "SpecChangeIgnored",
+                  f"a running job applies edits of spec.budget.maxTrials and "
+                  f"spec.budget.parallelism only; ignored: {', '.join(changed)}. Create a new "
+                  "TuningJob to change the others.")]
+
+
+def worker_events(launcher: PodLauncher) -> list[Event]:
+    events = []
+    for worker in launcher.failed:
+        tail = worker.log_tail.strip().splitlines()
+        detail = f": {tail[-1]}" if tail else ""
+        events.append(Event("Warning", "WorkerFailed",
+                            f"worker pod {worker.id} failed with exit code {worker.exit_code}"
+                            f"{detail}; it is replaced while the budget lasts"))
+    events += [Event("Normal", "WorkerStarted", f"started worker pod {name}")
+               for name in launcher.started]
+    events += [Event("Normal", "WorkerStopped", f"stopped worker pod {name}")
+               for name in launcher.stopped]
+    return events
+
+
+def phase_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
+    before, after = previous.get("phase"), status["phase"]
+    if before == after:
+        return []
+    for kind, type_ in (("Complete", "Normal"), ("Failed", "Warning")):
+        if _reason(status, kind):
+            cond = next(c for c in status["conditions"] if c["type"] == kind)
+            return [Event(type_, cond["reason"], f"{after}: {cond.get('message', '')}")]
+    return [Event("Normal", after, f"{after}: {status.get('progress', '')} trials finished")]
+
+
+def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the top-level fields that changed (None deletes a field)."""
+    return {k: v for k, v in status.items() if previous.get(k) != v}
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    """kopf's own bookkeeping in annotations, so the status holds only what users read."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubetune.io", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # our own events are posted explicitly
+
+
+def _reason(status: Mapping[str, Any], kind: str) -> str | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond.get("reason")
+    return None
+
+
+def _with_generation(conditions: list[dict[str, Any]], generation: Any) -> list[dict[str, Any]]:
+    return [{**c, "observedGeneration": generation} if generation is not None else c
+            for c in conditions]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _call_storage(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except SQLAlchemyError as err:
+        raise StorageUnavailable(_db_error(err)) from None
+
+
+def _db_error(err: SQLAlchemyError) -> str:
+    text = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return "storage unreachable: " + (text[0] if text else type(err).__name__)
+
+
+def _with_connect_timeout(url: str) -> str:
+    """PostgreSQL URLs get a connect timeout: an unreachable host must not block a thread."""
+    if not url.startswith(("postgres://", "postgresql")):
+        return url
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(normalize_url(url))
+    if "connect_timeout" not in parsed.query:
+        parsed = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_S)})
+    return parsed.render_as_string(hide_password=False)
+
+
+# ---------------------------------------------------------------------- kopf wiring
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
+    """Register the handlers on ``registry`` (kopf's default one in ``kubetune operator``)."""
+    interval = reconciler.settings.sync_interval
+    retry_delay = reconciler.settings.retry_delay
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings)
+
+    @kopf.timer(GROUP, VERSION, PLURAL, id="sync", interval=interval, registry=registry,
+                when=lambda body, **_: needs_sync(body))
+    def sync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        result = reconciler.sync(body)
+        patch.status.update(result.status)
+        post(body, result.events)
+        if result.retry:
+            raise kopf.TemporaryError(result.retry, delay=retry_delay)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup", registry=registry, retries=5,
+                    backoff=retry_delay)
+    def cleanup(body: kopf.Body, **_: Any) -> None:
+        try:
+            post(body, reconciler.delete(body))
+        except StorageUnavailable as err:
+            raise kopf.TemporaryError(f"cannot delete the study: {err}",
+                                      delay=retry_delay) from None
+
+
+def post(body: kopf.Body, events: list[Event]) -> None:
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason,
+                   message=event.message[:EVENT_MESSAGE_LIMIT])

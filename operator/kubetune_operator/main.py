@@ -1,0 +1,60 @@
+"""``kubetune operator``: run the TuningJob operator (kopf) against the current cluster.
+
+Credentials come from the pod's service account inside a cluster, else from the kubeconfig
+(``$KUBECONFIG`` or ``~/.kube/config``), for both kopf and the Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from kubetune_operator.settings import Settings, add_arguments, from_args
+
+log = logging.getLogger("kubetune.operator")
+
+
+def parse_args(argv: Sequence[str]) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="kubetune operator",
+        description="Run the kubetune operator: TuningJobs become worker pods sharing one "
+                    "Optuna study.")
+    try:
+        add_arguments(parser)
+    except argparse.ArgumentTypeError as err:  # a bad KUBETUNE_* variable
+        parser.error(str(err))
+    return from_args(parser.parse_args(list(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(sys.argv[1:] if argv is None else argv)
+    import kopf
+    import kubernetes
+
+    from kubetune.storage import silence_optuna
+    from kubetune_operator.handlers import Reconciler, register
+
+    kopf.configure(verbose=settings.verbose)
+    silence_optuna()
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        try:
+            kubernetes.config.load_kube_config()
+        except (kubernetes.config.ConfigException, OSError) as err:
+            print(f"error: no Kubernetes credentials (in-cluster or kubeconfig): {err}",
+                  file=sys.stderr)
+            return 2
+    if settings.metrics_port:
+        import prometheus_client
+
+        prometheus_client.start_http_server(settings.metrics_port)
+    registry = kopf.get_default_registry()  # brings kopf's kubeconfig/in-cluster login
+    register(registry, Reconciler(kubernetes.client.ApiClient(), settings))
+    log.info("watching %s", ", ".join(settings.namespaces) or "all namespaces")
+    kopf.run(registry=registry, clusterwide=settings.clusterwide,
+             namespaces=list(settings.namespaces), standalone=settings.standalone,
+             peering_name=settings.peering, liveness_endpoint=settings.liveness_endpoint)
+    return 0

@@ -1,0 +1,518 @@
+"""Workers as pods: the launcher the operator gives the job core.
+
+The pod manifests are built by plain functions of the job and the settings (``worker_pod``,
+``ensemble_pod``), so tests can check them without a cluster; ``PodLauncher`` only creates,
+lists and deletes them with the Kubernetes client.
+
+Pods are named per slot (``<job>-worker-0``, ``-1``...): creating a pod whose name exists
+answers 409 Conflict, so a retried or restarted operator never runs two workers in one slot.
+The slot is also the end of the worker id, which the worker's sampler seed follows.
+
+``spec.trainer.template`` is a flat mix of container and pod fields (``TEMPLATE_FIELDS``).
+What kubetune sets itself cannot be overridden: the storage URL comes only from a Secret
+(``secretKeyRef``), pods run as non-root with a read-only root filesystem (``/tmp`` is a
+writable emptyDir), drop all capabilities, use the RuntimeDefault seccomp profile and mount no
+service account token: workers need no Kubernetes access.
+
+The artifact folder (``spec.artifacts.path``, or the operator's default) is an emptyDir when
+the template mounts no volume there. Each worker then keeps its own artifacts, which is enough
+for the search; the ensemble step reads the artifacts of all trials, so give the template a
+shared volume there (a ReadWriteMany PersistentVolumeClaim) when the ensemble is enabled.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes.client import CoreV1Api
+from kubernetes.client.exceptions import ApiException
+
+from kubetune import __version__
+from kubetune.cli import STORAGE_ENV
+from kubetune.controller import WorkerState
+from kubetune.spec import Problem, TuningJob
+
+from kubetune_operator.settings import Settings
+
+log = logging.getLogger("kubetune.operator.pods")
+
+LABEL_JOB = "kubetune.io/job"
+LABEL_ROLE = "kubetune.io/role"
+LABEL_SLOT = "kubetune.io/slot"
+WORKER, ENSEMBLE = "worker", "ensemble"
+TMP_VOLUME, ARTIFACTS_VOLUME = "kubetune-tmp", "kubetune-artifacts"
+
+CONTAINER_FIELDS = ("image", "imagePullPolicy", "command", "args", "resources", "env",
+                    "envFrom", "volumeMounts", "workingDir")
+POD_FIELDS = ("nodeSelector", "tolerations", "affinity", "volumes", "serviceAccountName",
+              "imagePullSecrets", "priorityClassName", "runtimeClassName", "schedulerName",
+              "topologySpreadConstraints", "terminationGracePeriodSeconds", "securityContext",
+              "labels", "annotations")
+TEMPLATE_FIELDS = CONTAINER_FIELDS + POD_FIELDS
+_POD_SECURITY_FIELDS = ("runAsUser", "runAsGroup", "fsGroup", "supplementalGroups",
+                        "fsGroupChangePolicy")
+_OWN_ENV = (STORAGE_ENV, "KUBETUNE_STUDY", "KUBETUNE_WORKER_ID", "KUBETUNE_ARTIFACTS")
+# A pod that waits with one of these reasons will not start without a change: count it as a
+# failed worker (with the reason as its output) so a broken image or Secret fails the job.
+STUCK_REASONS = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                 "CreateContainerConfigError", "CreateContainerError")
+_TYPES: dict[str, tuple[type, str]] = {
+    "image": (str, "a string"), "imagePullPolicy": (str, "a string"),
+    "command": (list, "a list of strings"), "args": (list, "a list of strings"),
+    "resources": (dict, "a mapping"), "env": (list, "a list"), "envFrom": (list, "a list"),
+    "volumeMounts": (list, "a list"), "workingDir": (str, "a string"),
+    "nodeSelector": (dict, "a mapping"), "tolerations": (list, "a list"),
+    "affinity": (dict, "a mapping"), "volumes": (list, "a list"),
+    "serviceAccountName": (str, "a string"), "imagePullSecrets": (list, "a list"),
+    "priorityClassName": (str, "a string"), "runtimeClassName": (str, "a string"),
+    "schedulerName": (str, "a string"), "topologySpreadConstraints": (list, "a list"),
+    "terminationGracePeriodSeconds": (int, "an integer"), "securityContext": (dict, "a mapping"),
+    "labels": (dict, "a mapping"), "annotations": (dict, "a mapping"),
+}
+
+
+class TemplateRejected(Exception):
+    """The API server refused a pod built from the template (422): the job cannot run."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The TuningJob the pods belong to (their ownerReference)."""
+
+    api_version: str
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> Owner:
+        meta = body["metadata"]
+        return cls(body["apiVersion"], body["kind"], meta["name"],
+                   meta.get("namespace") or "default", meta["uid"])
+
+    def reference(self) -> dict[str, Any]:
+        return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name,
+                "uid": self.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    name: str
+    key: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "key": self.key}
+
+
+def storage_secret(job: TuningJob, settings: Settings) -> SecretRef:
+    """``spec.storage.secretRef``, or the operator's default Secret in the job's namespace."""
+    ref = job.spec.storage.secret_ref
+    if ref is not None:
+        return SecretRef(ref.name, ref.key)
+    return SecretRef(settings.storage_secret, settings.storage_secret_key)
+
+
+def artifacts_dir(job: TuningJob, settings: Settings) -> str:
+    return job.spec.artifacts.path or settings.artifacts_path
+
+
+def worker_name(job_name: str, slot: int) -> str:
+    return f"{job_name}-{WORKER}-{slot}"
+
+
+def ensemble_name(job_name: str) -> str:
+    return f"{job_name}-{ENSEMBLE}"
+
+
+# ---------------------------------------------------------------- template checks
+def template_problems(template: Mapping[str, Any] | None) -> list[Problem]:
+    """What is wrong with ``spec.trainer.template``, as spec problems with field paths."""
+    if not template:
+        return []
+    base = "spec.trainer.template"
+    problems = []
+    for key, value in template.items():
+        path = f"{base}.{key}"
+        if key not in TEMPLATE_FIELDS:
+            close = difflib.get_close_matches(key, TEMPLATE_FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(Problem(path, f"unknown field (known: {', '.join(TEMPLATE_FIELDS)})"
+                                          f"{hint}"))
+            continue
+        kind, words = _TYPES[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            problems.append(Problem(path, f"must be {words}"))
+        elif key in ("command", "args") and not all(isinstance(v, str) for v in value):
+            problems.append(Problem(path, "must be a list of strings"))
+    for i, var in enumerate(template.get("env") or []):
+        if isinstance(var, dict) and var.get("name") in _OWN_ENV:
+            why = ("is set by kubetune from spec.storage.secretRef: the storage URL never goes "
+                   "into a pod spec" if var["name"] == STORAGE_ENV else "is set by kubetune")
+            problems.append(Problem(f"{base}.env[{i}].name", f"{var['name']} {why}"))
+    security = template.get("securityContext")
+    if isinstance(security, dict):
+        for key in security:
+            if key not in _POD_SECURITY_FIELDS:
+                problems.append(Problem(f"{base}.securityContext.{key}",
+                                        "cannot be set: kubetune sets it (allowed: "
+                                        f"{', '.join(_POD_SECURITY_FIELDS)})"))
+        if security.get("runAsUser") == 0:
+            problems.append(Problem(f"{base}.securityContext.runAsUser",
+                                    "workers run as non-root: use a user id other than 0"))
+    return problems
+
+
+# ---------------------------------------------------------------- manifests
+def worker_pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef,
+               slot: int) -> dict[str, Any]:
+    """The pod of worker ``slot``: ``kubetune worker`` unless the template sets command/args."""
+    name = worker_name(owner.name, slot)
+    template = job.spec.trainer.template or {}
+    artifacts = artifacts_dir(job, settings)
+    command = template.get("command") or ["kubetune"]
+    args = template.get("args") or (
+        [WORKER, "--study", job.study_name, "--worker-id", name, "--artifacts", artifacts]
+        if "command" not in template else [])
+    return _pod(owner, job, settings, secret, name=name, role=WORKER, command=command,
+                args=args, slot=slot)
+
+
+def ensemble_pod(owner: Owner, job: TuningJob, settings: Settings,
+                 secret: SecretRef) -> dict[str, Any]:
+    """The pod of the ensemble step: ``kubetune ensemble`` with the workers' image."""
+    template = job.spec.trainer.template or {}
+    return _pod(owner, job, settings, secret, name=ensemble_name(owner.name), role=ENSEMBLE,
+                command=template.get("command") or ["kubetune"],
+                args=[ENSEMBLE, "--study", job.study_name, "--artifacts",
+                      artifacts_dir(job, settings)])
+
+
+def labels(job_name: str, role: str) -> dict[str, str]:
+    return {
+        LABEL_JOB: job_name,
+        LABEL_ROLE: role,
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/instance": job_name,
+        "app.kubernetes.io/component": role,
+        "app.kubernetes.io/part-of": "kubetune",
+        "app.kubernetes.io/managed-by": "kubetune-operator",
+        "app.kubernetes.io/version": __version__,
+    }
+
+
+def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef, *, name: str,
+         role: str, command: list[str], args: list[str], slot: int | None = None
+         ) -> dict[str, Any]:
+    template = job.spec.trainer.template or {}
+    artifacts = artifacts_dir(job, settings)
+    pod_labels = {**template.get("labels", {}), **labels(owner.name, role)}
+    if slot is not None:
+        pod_labels[LABEL_SLOT] = str(slot)
+    mounts = list(template.get("volumeMounts") or [])
+    volumes = list(template.get("volumes") or [])
+    if not _mounted(mounts, "/tmp"):
+        mounts.append({"name": TMP_VOLUME, "mountPath": "/tmp"})
+        volumes.append({"name": TMP_VOLUME, "emptyDir": {}})
+    if not _mounted(mounts, artifacts):
+        mounts.append({"name": ARTIFACTS_VOLUME, "mountPath": artifacts})
+        volumes.append({"name": ARTIFACTS_VOLUME, "emptyDir": {}})
+    env = [v for v in template.get("env") or [] if v.get("name") not in _OWN_ENV]
+    if not any(v.get("name") == "HOME" for v in env):
+        env.append({"name": "HOME", "value": "/tmp"})  # the root filesystem is read-only
+    env += [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "KUBETUNE_STUDY", "value": job.study_name},
+        {"name": "KUBETUNE_WORKER_ID", "value": name},
+        {"name": "KUBETUNE_ARTIFACTS", "value": artifacts},
+        {"name": STORAGE_ENV, "valueFrom": {"secretKeyRef": secret.as_dict()}},
+    ]
+    container: dict[str, Any] = {
+        "name": role,
+        "image": template.get("image") or settings.worker_image,
+        "command": list(command),
+        "args": list(args),
+        "env": env,
+        "resources": _quantities(template.get("resources") or settings.worker_resources),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # The last lines of output become the termination message of a failed worker: the
+        # operator puts them into the job's events and its crash-loop message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    for key in ("envFrom", "workingDir"):
+        if key in template:
+            container[key] = template[key]
+    pull_policy = template.get("imagePullPolicy") or settings.image_pull_policy
+    if pull_policy:
+        container["imagePullPolicy"] = pull_policy
+
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+            **(template.get("securityContext") or {}),
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    spec["securityContext"]["runAsNonRoot"] = True
+    node_selector = template.get("nodeSelector") or dict(settings.node_selector)
+    if node_selector:
+        spec["nodeSelector"] = node_selector
+    tolerations = template.get("tolerations") or list(settings.tolerations)
+    if tolerations:
+        spec["tolerations"] = tolerations
+    priority = template.get("priorityClassName") or settings.priority_class
+    if priority:
+        spec["priorityClassName"] = priority
+    for key in ("affinity", "serviceAccountName", "imagePullSecrets", "runtimeClassName",
+                "schedulerName", "topologySpreadConstraints", "terminationGracePeriodSeconds"):
+        if key in template:
+            spec[key] = template[key]
+    metadata: dict[str, Any] = {
+        "name": name, "namespace": owner.namespace, "labels": pod_labels,
+        "ownerReferences": [owner.reference()],
+    }
+    if template.get("annotations"):
+        metadata["annotations"] = dict(template["annotations"])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def _quantities(resources: Mapping[str, Any]) -> dict[str, Any]:
+    """Quantities as strings (``nvidia.com/gpu: 1`` in YAML is an int; the API takes both, the
+    Kubernetes client only strings)."""
+    return {kind: {name: str(value) if isinstance(value, (int, float)) else value
+                   for name, value in amounts.items()} if isinstance(amounts, Mapping)
+            else amounts for kind, amounts in resources.items()}
+
+
+def _mounted(mounts: list[dict[str, Any]], path: str) -> bool:
+    """Whether ``path`` lies on one of the container's volume mounts."""
+    path = path.rstrip("/") or "/"
+    for mount in mounts:
+        base = str(mount.get("mountPath", "")).rstrip("/") or "/"
+        if path == base or path.startswith(base + "/") or base == "/":
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- pod state
+def role_of(pod: Mapping[str, Any]) -> str | None:
+    return (pod.get("metadata", {}).get("labels") or {}).get(LABEL_ROLE)
+
+
+def slot_of(pod: Mapping[str, Any]) -> int | None:
+    meta = pod.get("metadata", {})
+    value = (meta.get("labels") or {}).get(LABEL_SLOT)
+    match = re.search(r"-(\d+)$", meta.get("name", "")) if value is None else None
+    try:
+        return int(value) if value is not None else (int(match.group(1)) if match else None)
+    except ValueError:
+        return None
+
+
+def worker_state(pod: Mapping[str, Any]) -> WorkerState | None:
+    """What the job core needs to know of a pod; None for an ended pod being deleted (it was
+    forgotten already and must not count twice)."""
+    meta = pod.get("metadata", {})
+    status = pod.get("status") or {}
+    name = meta["name"]
+    phase = status.get("phase") or "Pending"
+    deleting = bool(meta.get("deletionTimestamp"))
+    if phase == "Succeeded":
+        return None if deleting else WorkerState(name, 0)
+    if phase == "Failed":
+        return None if deleting else WorkerState(name, *_failure(status))
+    stuck = _stuck(status)
+    if stuck and not deleting:
+        return WorkerState(name, 1, stuck)
+    return WorkerState(name)  # Pending, Running, Unknown; or stopping after a delete
+
+
+def _failure(status: Mapping[str, Any]) -> tuple[int, str]:
+    lines = []
+    if status.get("reason") or status.get("message"):  # e.g. Evicted: the node was low on memory
+        lines.append(": ".join(str(v) for v in (status.get("reason"), status.get("message"))
+                               if v))
+    code = None
+    for cs in status.get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated") or {}
+        if terminated:
+            code = terminated.get("exitCode")
+            lines.insert(0, ": ".join(str(v) for v in (terminated.get("reason"),
+                                                        terminated.get("message")) if v))
+            break
+    return (code if isinstance(code, int) and code != 0 else 1), \
+        "\n".join(line for line in lines if line).strip()
+
+
+def _stuck(status: Mapping[str, Any]) -> str:
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_REASONS:
+            return ": ".join(str(v) for v in (waiting["reason"], waiting.get("message")) if v)
+    return ""
+
+
+# ---------------------------------------------------------------- the launcher
+class PodLauncher:
+    """The ``Launcher`` of the job core, one per reconcile: pods through the Kubernetes API.
+
+    It remembers nothing between reconciles; what it records during one (``started``,
+    ``failed``, ``stopped``) is only for the events of that reconcile.
+    """
+
+    def __init__(self, api: CoreV1Api, owner: Owner, job: TuningJob, settings: Settings,
+                 secret: SecretRef) -> None:
+        self.api, self.owner, self.job, self.settings, self.secret = (
+            api, owner, job, settings, secret)
+        self.started: list[str] = []
+        self.failed: list[WorkerState] = []
+        self.stopped: list[str] = []
+        self._pods: dict[str, dict[str, Any]] | None = None
+        self._states: dict[str, WorkerState] = {}
+
+    # -- Launcher protocol
+    def list_workers(self) -> list[WorkerState]:
+        states = [s for pod in self._list() if (s := worker_state(pod)) is not None]
+        self._states = {s.id: s for s in states}
+        return states
+
+    def start_worker(self) -> str:
+        pods = self._pods if self._pods is not None else self._index(self._list())
+        taken = {slot_of(p) for p in pods.values() if role_of(p) == WORKER}
+        for slot in range(len(taken) + self.job.spec.budget.parallelism + 16):
+            if slot in taken:
+                continue
+            pod = worker_pod(self.owner, self.job, self.settings, self.secret, slot)
+            if self._create(pod):
+                return pod["metadata"]["name"]
+            taken.add(slot)
+        raise RuntimeError(f"no free worker slot for {self.owner.name}")
+
+    def start_ensemble(self) -> str:
+        pod = ensemble_pod(self.owner, self.job, self.settings, self.secret)
+        self._create(pod)
+        return pod["metadata"]["name"]
+
+    def forget_worker(self, worker_id: str) -> None:
+        state = self._states.pop(worker_id, None)
+        if state is not None and state.exit_code:
+            self.failed.append(state)
+        self._delete(worker_id)
+
+    def stop_all(self) -> None:
+        """Delete the worker pods: each gets SIGTERM and gives its running trial back."""
+        for pod in self._list():
+            if role_of(pod) == WORKER and not pod["metadata"].get("deletionTimestamp"):
+                self._delete(pod["metadata"]["name"])
+                self.stopped.append(pod["metadata"]["name"])
+
+    # -- beyond the protocol
+    def scale_down(self, parallelism: int) -> list[str]:
+        """Stop the running workers in the highest slots beyond ``parallelism``."""
+        live = [p for p in self._list() if role_of(p) == WORKER
+                and not p["metadata"].get("deletionTimestamp")
+                and (worker_state(p) or WorkerState("")).running]
+        live.sort(key=lambda p: slot_of(p) or 0)
+        extra = [p["metadata"]["name"] for p in live[parallelism:]]
+        for name in extra:
+            self._delete(name)
+            self.stopped.append(name)
+        if extra:
+            self._pods = None
+        return extra
+
+    # -- API calls
+    def _list(self) -> list[dict[str, Any]]:
+        pods = list_job_pods(self.api, self.owner.namespace, self.owner.name)
+        self._pods = self._index(pods)
+        return pods
+
+    @staticmethod
+    def _index(pods: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {p["metadata"]["name"]: p for p in pods}
+
+    def _create(self, pod: dict[str, Any]) -> bool:
+        """Create ``pod``; True if it runs now, False if its name is taken by an ended pod."""
+        name = pod["metadata"]["name"]
+        try:
+            self.api.create_namespaced_pod(self.owner.namespace, pod, _preload_content=False)
+        except ApiException as err:
+            if err.status == 422:
+                raise TemplateRejected(_api_message(err)) from None
+            if err.status != 409:
+                raise
+            existing = self._read(name)
+            state = worker_state(existing) if existing else None
+            if existing is None or state is None or not state.running:
+                return False  # an ended pod still being deleted: use another slot
+            log.info("pod %s exists already: not creating a second one", name)
+            pod = existing
+        else:
+            self.started.append(name)
+            log.info("created pod %s", name)
+        if self._pods is not None:
+            self._pods[name] = pod
+        return True
+
+    def _read(self, name: str) -> dict[str, Any] | None:
+        try:
+            response = self.api.read_namespaced_pod(name, self.owner.namespace,
+                                                    _preload_content=False)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return json.loads(response.data)
+
+    def _delete(self, name: str) -> None:
+        delete_pod(self.api, self.owner.namespace, name)
+        if self._pods is not None:
+            self._pods.pop(name, None)
+
+
+def list_job_pods(api: CoreV1Api, namespace: str, job_name: str) -> list[dict[str, Any]]:
+    """The pods of a job (workers and ensemble), found by their ``kubetune.io/job`` label."""
+    response = api.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job_name}",
+                                       _preload_content=False)
+    return json.loads(response.data).get("items") or []
+
+
+def delete_pod(api: CoreV1Api, namespace: str, name: str) -> None:
+    try:
+        api.delete_namespaced_pod(name, namespace, _preload_content=False)
+    except ApiException as err:
+        if err.status != 404:
+            raise
+
+
+def delete_job_pods(api: CoreV1Api, namespace: str, job_name: str) -> int:
+    """Delete every pod of a job: what the deletion finalizer does."""
+    pods = list_job_pods(api, namespace, job_name)
+    for pod in pods:
+        delete_pod(api, namespace, pod["metadata"]["name"])
+    return len(pods)
+
+
+def _api_message(err: ApiException) -> str:
+    try:
+        return json.loads(err.body).get("message") or str(err.reason)
+    except (TypeError, ValueError):
+        return str(err.reason)
