@@ -23,10 +23,11 @@ from kube_emulator import EVENTS, PODS, TUNINGJOBS, KubeEmulator, declare_resour
     running_operator
 from kubetune.search_space import to_distributions
 from kubetune.spec import parse_job
-from kubetune.trial_run import WORKER_ATTR
+from kubetune.trial_run import PRUNE_REASON_ATTR, WORKER_ATTR
 from kubetune_operator.settings import Settings
 
-pytestmark = pytest.mark.kmock(cls=KubeEmulator)
+pytestmark = [pytest.mark.kmock(cls=KubeEmulator),
+              pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning")]
 
 NS = "tuning"
 SECRET = "optuna-db"
@@ -93,7 +94,7 @@ def pods(kmock: KubeEmulator, job: str = "fast") -> dict[str, dict[str, Any]]:
 
 
 def pod_creations(kmock: KubeEmulator) -> list[str]:
-    return [r.data["metadata"]["name"] for r in kmock.requests
+    return [r.data["metadata"]["name"] for r in list(kmock)
             if r.resource == PODS and r.method == "POST"]
 
 
@@ -219,3 +220,171 @@ async def test_gpu_job_gets_worker_pods_built_from_its_template(cluster, operato
     ready = condition(st, "Ready")
     assert ready["status"] == "True" and ready["observedGeneration"] == 1
     await eventually(lambda: len(events(cluster, "WorkerStarted")) == 2, message="2 events")
+
+
+async def test_status_follows_the_study_until_the_budget_is_met(cluster, operator, postgres_url):
+    body = tuning_job(budget={"maxTrials": 4, "parallelism": 2}, ensemble={"enabled": False})
+    await create(cluster, body)
+    await eventually(lambda: len(pods(cluster)) == 2, message="two worker pods")
+    study = study_of(postgres_url)
+    for value in (0.7, 0.9):
+        run_trial(study, body, value)
+    pruned = run_trial(study, body, state=TrialState.RUNNING)
+    pruned.set_user_attr(PRUNE_REASON_ATTR, "nan")
+    study.tell(pruned, state=TrialState.PRUNED)
+
+    st = await eventually(lambda: status(cluster).get("trials", {}).get("pruned") == 1
+                          and status(cluster), message="three trials in the status")
+    assert st["trials"] == {"total": 3, "complete": 2, "pruned": 1, "failed": 0, "running": 0}
+    assert st["pruneReasons"] == {"nan": 1}
+    assert st["progress"] == "3/4"
+    assert st["best"]["value"] == 0.9 and st["best"]["trial"] == 1
+    assert [e["value"] for e in st["leaderboard"]] == [0.9, 0.7]
+    assert st["phase"] == "Running" and st.get("completionTime") is None
+
+    run_trial(study, body, 0.8)
+    st = await eventually(lambda: status(cluster).get("phase") == "Succeeded" and status(cluster),
+                          message="phase Succeeded")
+    complete = condition(st, "Complete")
+    assert complete["status"] == "True" and complete["reason"] == "MaxTrialsReached"
+    assert st["completionTime"] >= st["startTime"]
+    await eventually(lambda: not pods(cluster), message="workers stopped")
+    await eventually(lambda: events(cluster, "MaxTrialsReached"), message="a Succeeded event")
+
+
+async def test_invalid_spec_fails_without_pods_until_it_is_fixed(cluster, operator):
+    body = tuning_job()
+    body["spec"]["searchSpace"]["lr"] = {"type": "float", "low": 0.1, "high": 0.01}
+    await create(cluster, body)
+
+    st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster),
+                          message="phase Failed")
+    ready = condition(st, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "spec.searchSpace.lr.low" in ready["message"]
+    warning = await eventually(lambda: events(cluster, "InvalidSpec"), message="an event")
+    assert warning[0]["type"] == "Warning" and "spec.searchSpace.lr.low" in warning[0]["message"]
+    assert pod_creations(cluster) == []
+
+    await patch_spec(cluster, "fast", {"searchSpace": {"lr": {"low": 0.001}}})  # fixed
+    await eventually(lambda: len(pods(cluster)) == 2, message="the fixed job's workers")
+    st = await eventually(lambda: status(cluster).get("phase") == "Running" and status(cluster),
+                          message="phase Running")
+    assert st["observedGeneration"] == 2 and condition(st, "Ready")["status"] == "True"
+    assert condition(st, "Failed") is None and st.get("completionTime") is None
+
+
+async def test_failed_worker_pod_is_replaced_and_its_trial_retried(cluster, operator,
+                                                                    postgres_url):
+    body = tuning_job(budget={"maxTrials": 6, "parallelism": 2})
+    await create(cluster, body)
+    await eventually(lambda: len(pods(cluster)) == 2, message="two worker pods")
+    study = study_of(postgres_url)
+    orphan = run_trial(study, body, state=TrialState.RUNNING, worker="fast-worker-0")
+
+    await set_pod_phase(cluster, "fast-worker-0", "Failed", exit_code=3,
+                        message="RuntimeError: CUDA error: out of memory")
+
+    warning = await eventually(lambda: events(cluster, "WorkerFailed"), message="an event")
+    assert "fast-worker-0" in warning[0]["message"] and "exit code 3" in warning[0]["message"]
+    assert "out of memory" in warning[0]["message"]
+    await eventually(lambda: pod_creations(cluster).count("fast-worker-0") == 2,
+                     message="a replacement in the same slot")
+    assert len(pods(cluster)) == 2
+    trials = study.get_trials()
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert [t.state for t in trials[1:]] == [TrialState.WAITING]  # queued again
+    st = await eventually(lambda: status(cluster).get("workers", {}).get("restarts") == 1
+                          and status(cluster), message="restarts counted")
+    assert st["workers"]["consecutiveCrashes"] == 1 and st["phase"] == "Running"
+
+
+async def test_restarted_operator_creates_no_duplicate_pods(cluster, postgres_url):
+    body = tuning_job(budget={"maxTrials": 6, "parallelism": 3})
+    async with running_operator(cluster, SETTINGS):
+        await create(cluster, body)
+        await eventually(lambda: len(pods(cluster)) == 3, message="three worker pods")
+        await eventually(lambda: status(cluster).get("phase") == "Running", message="Running")
+    assert sorted(pod_creations(cluster)) == ["fast-worker-0", "fast-worker-1", "fast-worker-2"]
+
+    run_trial(study_of(postgres_url), body, 0.6)
+    async with running_operator(cluster, SETTINGS):
+        await eventually(lambda: status(cluster).get("trials", {}).get("complete") == 1,
+                         message="the new operator at work")
+    assert len(pod_creations(cluster)) == 3
+    assert len(pods(cluster)) == 3
+
+
+async def test_deletion_removes_the_pods_and_keeps_the_study_unless_asked(
+        cluster, operator, postgres_url):
+    await create(cluster, tuning_job("keep"))
+    await create(cluster, tuning_job("drop", cleanup={"deleteStudy": True}))
+    await eventually(lambda: pods(cluster, "keep") and pods(cluster, "drop"), message="pods")
+    await eventually(lambda: all(job_object(cluster, n)["metadata"].get("finalizers")
+                                 for n in ("keep", "drop")), message="finalizers")
+
+    for name in ("keep", "drop"):
+        response = await cluster.delete(
+            f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/tuningjobs/{name}")
+        assert response.status == 200
+
+    await eventually(lambda: job_object(cluster, "keep") is None
+                     and job_object(cluster, "drop") is None, message="jobs gone")
+    assert not pods(cluster, "keep") and not pods(cluster, "drop")
+    names = {s.study_name for s in optuna.get_all_study_summaries(postgres_url)}
+    assert names == {f"{NS}/keep"}
+
+
+async def test_budget_edits_scale_workers_and_other_edits_are_ignored(cluster, operator,
+                                                                      postgres_url):
+    await create(cluster, tuning_job(budget={"maxTrials": 10, "parallelism": 2}))
+    await eventually(lambda: len(pods(cluster)) == 2, message="two worker pods")
+
+    await patch_spec(cluster, "fast", {"budget": {"parallelism": 4, "maxTrials": 20}})
+    await eventually(lambda: len(pods(cluster)) == 4, message="four worker pods")
+    changed = await eventually(lambda: events(cluster, "BudgetChanged"), message="an event")
+    assert "parallelism 2 -> 4" in changed[0]["message"]
+    stored = study_of(postgres_url).user_attrs["kubetune:job"]["spec"]["budget"]
+    assert (stored["maxTrials"], stored["parallelism"]) == (20, 4)  # what workers read
+
+    await patch_spec(cluster, "fast", {"budget": {"parallelism": 1}, "sampler": {"seed": 7}})
+    await eventually(lambda: list(pods(cluster)) == ["fast-worker-0"], message="one worker")
+    ignored = await eventually(lambda: events(cluster, "SpecChangeIgnored"), message="a warning")
+    assert ignored[0]["type"] == "Warning" and "spec.sampler" in ignored[0]["message"]
+    assert study_of(postgres_url).user_attrs["kubetune:job"]["spec"]["sampler"]["seed"] == 0
+    st = await eventually(lambda: status(cluster).get("observedGeneration") == 3
+                          and status(cluster), message="generation 3 observed")
+    assert st["phase"] == "Running"
+
+
+async def test_unreachable_storage_marks_that_job_only(cluster, operator):
+    cluster.objects["v1/secrets", NS, "dead-db"] = {
+        "metadata": {"name": "dead-db", "namespace": NS, "uid": "uid-dead",
+                     "resourceVersion": "1"},
+        "data": {"url": base64.b64encode(b"postgresql://postgres@127.0.0.1:1/x").decode()}}
+    await create(cluster, tuning_job("down", storage={"secretRef": {"name": "dead-db"}}))
+    await create(cluster, tuning_job("nosecret", storage={"secretRef": {"name": "missing"}}))
+    await create(cluster, tuning_job("fine"))
+
+    await eventually(lambda: len(pods(cluster, "fine")) == 1, message="the healthy job's pod")
+    for name, words in (("down", "storage unreachable"), ("nosecret", "not found")):
+        st = await eventually(lambda: condition(status(cluster, name), "Ready"),
+                              message=f"{name}: Ready condition")
+        assert st["status"] == "False" and st["reason"] == "StorageUnavailable"
+        assert words in st["message"]
+        assert status(cluster, name)["phase"] == "Pending"
+        assert not pods(cluster, name)
+    await eventually(lambda: len(events(cluster, "StorageUnavailable")) == 2, message="events")
+
+
+async def test_timeout_stops_the_workers(cluster, operator, postgres_url):
+    body = tuning_job(budget={"maxTrials": 50, "parallelism": 2, "timeout": "2s"},
+                      ensemble={"enabled": False})
+    await create(cluster, body)
+    await eventually(lambda: len(pods(cluster)) == 2, message="two worker pods")
+    run_trial(study_of(postgres_url), body, 0.5)
+
+    st = await eventually(lambda: status(cluster).get("phase") == "Succeeded" and status(cluster),
+                          message="the end")
+    assert condition(st, "Complete")["reason"] == "TimeoutReached"
+    await eventually(lambda: not pods(cluster), message="workers stopped")

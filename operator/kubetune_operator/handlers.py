@@ -102,9 +102,9 @@ class Reconciler:
     def sync(self, body: Mapping[str, Any]) -> SyncResult:
         if not needs_sync(body):
             return SyncResult()
-        previous = _plain(body.get("status") or {})
-        if previous.get("phase") == FAILED:  # an InvalidSpec job edited since: start afresh
-            previous = {}
+        observed = _plain(body.get("status") or {})
+        # A failed job synced again had an invalid spec, edited since: it starts afresh.
+        previous = {} if observed.get("phase") == FAILED else observed
         generation = body["metadata"].get("generation")
         edited = bool(previous) and generation != previous.get("observedGeneration")
         current, problems = parse_body(body)
@@ -145,7 +145,7 @@ class Reconciler:
             else None,
         )
         events += worker_events(launcher) + phase_events(previous, status)
-        return SyncResult(status=status_patch(previous, status), events=events)
+        return SyncResult(status=status_patch(observed, status), events=events)
 
     def _accept(self, url: str, owner: Owner, current: TuningJob | None,
                 problems: list[Problem], edited: bool) -> tuple[TuningJob, list[Event], bool]:

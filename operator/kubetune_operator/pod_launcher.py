@@ -127,8 +127,9 @@ def worker_name(job_name: str, slot: int) -> str:
     return f"{job_name}-{WORKER}-{slot}"
 
 
-def ensemble_name(job_name: str) -> str:
-    return f"{job_name}-{ENSEMBLE}"
+def ensemble_name(job_name: str, attempt: int = 0) -> str:
+    """``<job>-ensemble``; ``<job>-ensemble-N`` while an ended earlier one is being deleted."""
+    return f"{job_name}-{ENSEMBLE}" + (f"-{attempt}" if attempt else "")
 
 
 # ---------------------------------------------------------------- template checks
@@ -184,11 +185,12 @@ def worker_pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretR
                 args=args, slot=slot)
 
 
-def ensemble_pod(owner: Owner, job: TuningJob, settings: Settings,
-                 secret: SecretRef) -> dict[str, Any]:
+def ensemble_pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef,
+                 attempt: int = 0) -> dict[str, Any]:
     """The pod of the ensemble step: ``kubetune ensemble`` with the workers' image."""
     template = job.spec.trainer.template or {}
-    return _pod(owner, job, settings, secret, name=ensemble_name(owner.name), role=ENSEMBLE,
+    return _pod(owner, job, settings, secret, name=ensemble_name(owner.name, attempt),
+                role=ENSEMBLE,
                 command=template.get("command") or ["kubetune"],
                 args=[ENSEMBLE, "--study", job.study_name, "--artifacts",
                       artifacts_dir(job, settings)])
@@ -407,9 +409,11 @@ class PodLauncher:
         raise RuntimeError(f"no free worker slot for {self.owner.name}")
 
     def start_ensemble(self) -> str:
-        pod = ensemble_pod(self.owner, self.job, self.settings, self.secret)
-        self._create(pod)
-        return pod["metadata"]["name"]
+        for attempt in range(16):
+            pod = ensemble_pod(self.owner, self.job, self.settings, self.secret, attempt)
+            if self._create(pod):
+                return pod["metadata"]["name"]
+        raise RuntimeError(f"no free ensemble pod name for {self.owner.name}")
 
     def forget_worker(self, worker_id: str) -> None:
         state = self._states.pop(worker_id, None)
