@@ -14,16 +14,31 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import json
+
+import kubernetes_validate
 import optuna
 import pytest
+from kubernetes_validate.utils import latest_version
 from optuna.trial import TrialState
 
 from conftest import fast_job
 from kube_emulator import EVENTS, PODS, TUNINGJOBS, KubeEmulator, declare_resources, \
     running_operator
+from kubetune.controller import WorkerState
 from kubetune.search_space import to_distributions
 from kubetune.spec import parse_job
 from kubetune.trial_run import PRUNE_REASON_ATTR, WORKER_ATTR
+from kubetune_operator.handlers import status_patch
+from kubetune_operator.main import parse_args
+from kubetune_operator.pod_launcher import (
+    Owner,
+    SecretRef,
+    ensemble_pod,
+    template_problems,
+    worker_pod,
+    worker_state,
+)
 from kubetune_operator.settings import Settings
 
 pytestmark = [pytest.mark.kmock(cls=KubeEmulator),
@@ -31,7 +46,7 @@ pytestmark = [pytest.mark.kmock(cls=KubeEmulator),
 
 NS = "tuning"
 SECRET = "optuna-db"
-SETTINGS = Settings(namespaces=(NS,), metrics_port=0, sync_interval=0.2, retry_delay=0.5,
+SETTINGS = Settings(namespaces=(NS,), metrics_port=0, sync_interval=0.1, retry_delay=0.5,
                     worker_image="registry.example/kubetune:test",
                     storage_secret="kubetune-storage")
 GPU_TEMPLATE = {
@@ -211,6 +226,8 @@ async def test_gpu_job_gets_worker_pods_built_from_its_template(cluster, operato
     assert "postgresql" not in str(pod)  # the URL never goes into a pod spec
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/tmp", SETTINGS.artifacts_path} <= mounts
+    for created in found.values():  # as sent: the official schema of a current Kubernetes
+        kubernetes_validate.validate(copy.deepcopy(created), latest_version(), strict=True)
 
     st = await eventually(lambda: status(cluster).get("phase") == "Running" and status(cluster),
                           message="phase Running")
@@ -366,7 +383,7 @@ async def test_unreachable_storage_marks_that_job_only(cluster, operator):
     await create(cluster, tuning_job("nosecret", storage={"secretRef": {"name": "missing"}}))
     await create(cluster, tuning_job("fine"))
 
-    await eventually(lambda: len(pods(cluster, "fine")) == 1, message="the healthy job's pod")
+    await eventually(lambda: len(pods(cluster, "fine")) == 2, message="the healthy job's pods")
     for name, words in (("down", "storage unreachable"), ("nosecret", "not found")):
         st = await eventually(lambda: condition(status(cluster, name), "Ready"),
                               message=f"{name}: Ready condition")
@@ -388,3 +405,173 @@ async def test_timeout_stops_the_workers(cluster, operator, postgres_url):
                           message="the end")
     assert condition(st, "Complete")["reason"] == "TimeoutReached"
     await eventually(lambda: not pods(cluster), message="workers stopped")
+
+
+async def test_results_command_prints_the_leaderboard(cluster, operator, postgres_url,
+                                                      tmp_path, monkeypatch, capsys):
+    body = tuning_job("ranked", budget={"maxTrials": 10, "parallelism": 1})
+    await create(cluster, body)
+    study = await eventually(lambda: _try_study(postgres_url, "ranked"), message="the study")
+    for value in (0.61, 0.93):
+        run_trial(study, body, value)
+    await eventually(lambda: status(cluster, "ranked").get("best"), message="a best trial")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        f"apiVersion: v1\nkind: Config\ncurrent-context: test\n"
+        f"clusters: [{{name: test, cluster: {{server: '{str(cluster.url).rstrip('/')}'}}}}]\n"
+        f"contexts: [{{name: test, context: {{cluster: test, namespace: {NS}}}}}]\n"
+        f"users: [{{name: test, user: {{}}}}]\n")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    from kubetune.cli import main as kubetune_main
+
+    # The CLI is blocking: run it in a thread while this loop serves the emulator.
+    assert await asyncio.to_thread(kubetune_main, ["results", "ranked"]) == 0
+    out = capsys.readouterr().out
+    assert "ranked: top trials by val_accuracy" in out and "0.93" in out
+    assert "best: trial 1" in out
+
+    assert await asyncio.to_thread(kubetune_main, ["results", "ranked", "-n", NS, "--storage",
+                                                   postgres_url, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["best"]["value"] == 0.93 and data["trials"]["complete"] == 2
+
+    assert await asyncio.to_thread(kubetune_main, ["results", "nothere", "-n", NS]) == 1
+    assert "no TuningJob 'nothere'" in capsys.readouterr().err
+
+
+def _try_study(url: str, name: str) -> optuna.Study | None:
+    try:
+        return study_of(url, name)
+    except KeyError:
+        return None
+
+
+# ---------------------------------------------------------------- plain functions
+OWNER = Owner("kubetune.io/v1alpha1", "TuningJob", "fast", NS, "uid-1")
+
+
+def _job(template: dict[str, Any] | None = None, **spec: Any):
+    body = tuning_job(**spec)
+    if template is not None:
+        body["spec"]["trainer"]["template"] = template
+    return parse_job(body)
+
+
+@pytest.mark.parametrize("template", [
+    None,
+    GPU_TEMPLATE,
+    {**GPU_TEMPLATE, "volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "r"}}],
+     "volumeMounts": [{"name": "runs", "mountPath": "/var/lib/kubetune"}],
+     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+         "nodeSelectorTerms": [{"matchExpressions": [
+             {"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}},
+     "securityContext": {"runAsUser": 2000, "fsGroup": 2000}, "labels": {"team": "ml"},
+     "annotations": {"note": "x"}, "priorityClassName": "batch-high"},
+    {"image": "mine:1", "command": ["python", "-m", "mypkg.worker"], "args": ["--fast"],
+     "envFrom": [{"configMapRef": {"name": "extra"}}], "workingDir": "/app"},
+], ids=["defaults", "gpu", "shared-volume", "custom-command"])
+def test_every_pod_manifest_validates_against_the_kubernetes_schema(template):
+    job = _job(template)
+    secret = SecretRef(SECRET, "url")
+    for pod in (worker_pod(OWNER, job, SETTINGS, secret, 3),
+                ensemble_pod(OWNER, job, SETTINGS, secret)):
+        kubernetes_validate.validate(copy.deepcopy(pod), latest_version(), strict=True)
+
+
+def test_settings_defaults_fill_what_the_template_leaves_out():
+    settings = Settings(worker_image="reg/kt:1", node_selector={"pool": "gpu"},
+                        tolerations=({"key": "gpu", "operator": "Exists"},),
+                        priority_class="tuning", image_pull_policy="Always")
+    pod = worker_pod(OWNER, _job(), settings, SecretRef(SECRET, "url"), 0)
+    spec, (container,) = pod["spec"], pod["spec"]["containers"]
+    assert container["image"] == "reg/kt:1" and container["imagePullPolicy"] == "Always"
+    assert container["resources"] == settings.worker_resources
+    assert spec["nodeSelector"] == {"pool": "gpu"} and spec["priorityClassName"] == "tuning"
+    assert spec["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    artifacts = next(v for v in spec["volumes"] if v["name"] == "kubetune-artifacts")
+    assert artifacts == {"name": "kubetune-artifacts", "emptyDir": {}}
+
+
+def test_a_shared_volume_at_the_artifacts_path_replaces_the_emptydir():
+    template = {"volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "runs"}}],
+                "volumeMounts": [{"name": "runs", "mountPath": "/shared"}]}
+    pod = ensemble_pod(OWNER, _job(template, artifacts={"path": "/shared/fast"}), SETTINGS,
+                       SecretRef(SECRET, "url"))
+    (container,) = pod["spec"]["containers"]
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["runs", "kubetune-tmp"]
+    assert container["args"] == ["ensemble", "--study", f"{NS}/fast", "--artifacts",
+                                 "/shared/fast"]
+    assert pod["metadata"]["name"] == "fast-ensemble"
+    assert pod["metadata"]["labels"]["kubetune.io/role"] == "ensemble"
+
+
+def test_a_custom_command_finds_what_it_needs_in_the_environment():
+    pod = worker_pod(OWNER, _job({"command": ["python", "train.py"]}), SETTINGS,
+                     SecretRef(SECRET, "db-url"), 2)
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["python", "train.py"] and container["args"] == []
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["KUBETUNE_WORKER_ID"] == "fast-worker-2"
+    assert env["KUBETUNE_STUDY"] == f"{NS}/fast"
+    assert env["KUBETUNE_STORAGE_URL"] == {"secretKeyRef": {"name": SECRET, "key": "db-url"}}
+
+
+@pytest.mark.parametrize("template, path, words", [
+    ({"imagee": "x"}, "spec.trainer.template.imagee", "did you mean 'image'"),
+    ({"env": [{"name": "KUBETUNE_STORAGE_URL", "value": "postgresql://u:p@db/x"}]},
+     "spec.trainer.template.env[0].name", "never goes into a pod spec"),
+    ({"securityContext": {"runAsUser": 0}}, "spec.trainer.template.securityContext.runAsUser",
+     "non-root"),
+    ({"securityContext": {"privileged": True}},
+     "spec.trainer.template.securityContext.privileged", "cannot be set"),
+    ({"command": "python"}, "spec.trainer.template.command", "a list of strings"),
+])
+def test_template_problems_name_the_field(template, path, words):
+    problems = template_problems(template)
+    assert [p.path for p in problems] == [path]
+    assert words in problems[0].message
+
+
+@pytest.mark.parametrize("pod_status, deleting, expected", [
+    ({}, False, WorkerState("p")),
+    ({"phase": "Running"}, True, WorkerState("p")),  # stopping: still busy
+    ({"phase": "Succeeded"}, False, WorkerState("p", 0)),
+    ({"phase": "Succeeded"}, True, None),  # forgotten already
+    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+        "exitCode": 137, "reason": "OOMKilled"}}}]}, False, WorkerState("p", 137, "OOMKilled")),
+    ({"phase": "Failed", "reason": "Evicted", "message": "The node was low on memory."}, False,
+     WorkerState("p", 1, "Evicted: The node was low on memory.")),
+    ({"phase": "Pending", "containerStatuses": [{"state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\""}}}]}, False,
+     WorkerState("p", 1, "ImagePullBackOff: Back-off pulling image \"x\"")),
+    ({"phase": "Pending", "containerStatuses": [{"state": {"waiting": {
+        "reason": "ContainerCreating"}}}]}, False, WorkerState("p")),
+])
+def test_pod_phases_map_to_worker_states(pod_status, deleting, expected):
+    meta = {"name": "p", **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})}
+    assert worker_state({"metadata": meta, "status": pod_status}) == expected
+
+
+def test_operator_settings_come_from_flags_then_environment(monkeypatch):
+    monkeypatch.setenv("KUBETUNE_NAMESPACES", "a, b")
+    monkeypatch.setenv("KUBETUNE_WORKER_IMAGE", "reg/kt:env")
+    settings = parse_args(["--metrics-port", "9100", "--storage-secret", "db",
+                           "--tolerations", '[{"key": "gpu", "operator": "Exists"}]'])
+    assert settings.namespaces == ("a", "b") and settings.clusterwide is False
+    assert settings.worker_image == "reg/kt:env" and settings.metrics_port == 9100
+    assert settings.storage_secret == "db" and settings.tolerations[0]["key"] == "gpu"
+    settings = parse_args(["--namespace", "x", "-n", "y", "--worker-image", "reg/kt:flag"])
+    assert settings.namespaces == ("x", "y") and settings.worker_image == "reg/kt:flag"
+    monkeypatch.delenv("KUBETUNE_NAMESPACES")
+    assert parse_args([]).clusterwide is True
+    with pytest.raises(SystemExit):
+        parse_args(["--sync-interval", "0"])
+
+
+def test_status_patches_carry_only_what_changed():
+    before = {"phase": "Running", "trials": {"complete": 1}, "completionTime": None,
+              "best": {"value": 1.0}}
+    after = {"phase": "Running", "trials": {"complete": 2}, "completionTime": None,
+             "best": None}
+    assert status_patch(before, after) == {"trials": {"complete": 2}, "best": None}

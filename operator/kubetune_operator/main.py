@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         try:
-            kubernetes.config.load_kube_config()
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         except (kubernetes.config.ConfigException, OSError) as err:
             print(f"error: no Kubernetes credentials (in-cluster or kubeconfig): {err}",
                   file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -112,7 +113,7 @@ def _load_config() -> None:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         try:
-            kubernetes.config.load_kube_config()
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         except (kubernetes.config.ConfigException, OSError) as err:
             raise LookupError(f"no Kubernetes credentials (in-cluster or kubeconfig): "
                               f"{err}") from None
@@ -128,7 +129,8 @@ def _current_namespace() -> str:
     try:
         import kubernetes
 
-        _, context = kubernetes.config.list_kube_config_contexts()
+        _, context = kubernetes.config.list_kube_config_contexts(
+            config_file=os.environ.get("KUBECONFIG"))
         return (context or {}).get("context", {}).get("namespace") or "default"
     except Exception:  # no kubeconfig: the error comes when loading it
         return "default"
