@@ -363,6 +363,8 @@ REJECTIONS = [
     ("name-leading-dash", {"metadata.name": "-digits"}, "metadata.name", "is not a valid name"),
     ("name-too-long", {"metadata.name": "a" * 64}, "metadata.name", "at most 63"),
     ("name-empty", {"metadata.name": ""}, "metadata.name", "is not a valid name"),
+    ("name-trailing-newline", {"metadata.name": "digits\n"}, "metadata.name",
+     "is not a valid name"),
     ("wrong-apiVersion", {"apiVersion": "v1"}, "apiVersion",
      "must be 'kubetune.io/v1alpha1', got 'v1'"),
     ("wrong-kind", {"kind": "Job"}, "kind", "must be 'TuningJob', got 'Job'"),
@@ -402,10 +404,13 @@ def test_rejection_names_the_field_and_the_problem(changes, path, fragment):
     assert_problem(problems_of(mutated(changes)), path, fragment)
 
 
-@pytest.mark.parametrize("changes", [
-    {"spec": "x"}, {"spec": [1]}, {"spec.budget": "fast"}, {"spec.objective": 3},
-    {"spec.searchSpace.lr.low": "0.1"},
-], ids=["spec-str", "spec-list", "budget", "objective", "union-member"])
+TYPE_ERRORS = {
+    "spec-str": {"spec": "x"}, "spec-list": {"spec": [1]}, "budget": {"spec.budget": "fast"},
+    "objective": {"spec.objective": 3}, "union-member": {"spec.searchSpace.lr.low": "0.1"},
+}
+
+
+@pytest.mark.parametrize("changes", list(TYPE_ERRORS.values()), ids=list(TYPE_ERRORS))
 def test_type_errors_name_no_internal_types(changes):
     """Messages speak YAML (mapping, number), not pydantic (JobSpec, int/float union arms)."""
     for problem in problems_of(mutated(changes)):
@@ -413,8 +418,11 @@ def test_type_errors_name_no_internal_types(changes):
         assert not problem.path.endswith((".int", ".float", ".str", ".bool")), problem
 
 
+TIMEOUT_OF_NO_TYPE = {"spec.budget.timeout": [1]}
+
+
 def test_a_value_that_fits_no_type_is_one_problem():
-    problems = problems_of(mutated({"spec.budget.timeout": [1]}))
+    problems = problems_of(mutated(TIMEOUT_OF_NO_TYPE))
     assert [p.path for p in problems] == ["spec.budget.timeout"]
 
 
@@ -438,25 +446,29 @@ def test_categorical_choices_keep_their_type(choices):
     assert [type(c) for c in param.choices] == [type(c) for c in choices]
 
 
+MANY_PROBLEMS = {
+    "spec.budget.maxTrials": "ten",
+    "spec.searchSpace.lr.log": "yes",
+    "spec.sampler.type": "foo",
+    "metadata.name": "Bad_Name",
+}
+MANY_CROSS_FIELD_PROBLEMS = {
+    "spec.objective.metric": "val_auc",
+    "spec.searchSpace.optimizer.choices": ["sgd", "lion"],
+    "spec.trainer.builtin.params.learning_rate": 1,
+    "spec.searchSpace.lr": LOG_LR,
+    "spec.trainer.builtin.params.lr": 0.1,
+}
+
+
 def test_every_problem_is_reported_at_once():
-    problems = problems_of(mutated({
-        "spec.budget.maxTrials": "ten",
-        "spec.searchSpace.lr.log": "yes",
-        "spec.sampler.type": "foo",
-        "metadata.name": "Bad_Name",
-    }))
+    problems = problems_of(mutated(MANY_PROBLEMS))
     assert {p.path for p in problems} == {"spec.budget.maxTrials", "spec.searchSpace.lr.log",
                                          "spec.sampler.type", "metadata.name"}
 
 
 def test_every_cross_field_problem_is_reported_at_once():
-    problems = problems_of(mutated({
-        "spec.objective.metric": "val_auc",
-        "spec.searchSpace.optimizer.choices": ["sgd", "lion"],
-        "spec.trainer.builtin.params.learning_rate": 1,
-        "spec.searchSpace.lr": LOG_LR,
-        "spec.trainer.builtin.params.lr": 0.1,
-    }))
+    problems = problems_of(mutated(MANY_CROSS_FIELD_PROBLEMS))
     assert {p.path for p in problems} == {
         "spec.objective.metric", "spec.searchSpace.optimizer.choices[1]",
         "spec.trainer.builtin.params.learning_rate", "spec.trainer.builtin.params.lr"}
@@ -470,7 +482,7 @@ def test_problem_renders_as_path_colon_message():
 
 
 # ------------------------------------------------------------------------------ acceptances
-@pytest.mark.parametrize("changes", [
+VALID_VARIATIONS = [
     {"spec.searchSpace.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True,
                              "points": 4}},
     {"spec.searchSpace.dropout.step": 0.1},
@@ -497,7 +509,10 @@ def test_problem_renders_as_path_colon_message():
     {"metadata.namespace": "team-a"},
     # what `kubectl get -o yaml` adds must re-apply
     {"metadata.uid": "1234", "metadata.resourceVersion": "7", "status": {"phase": "Running"}},
-], ids=lambda changes: ",".join(changes))
+]
+
+
+@pytest.mark.parametrize("changes", VALID_VARIATIONS, ids=lambda changes: ",".join(changes))
 def test_valid_variations_are_accepted(changes):
     parse_job(mutated(changes))
 
@@ -530,7 +545,10 @@ def test_invalid_durations_do_not_parse(text):
         parse_duration(text)
 
 
-@pytest.mark.parametrize("text", ["2 hours", "", "-5m", "0s", "forever"])
+INVALID_TIMEOUTS = ["2 hours", "", "-5m", "0s", "forever"]
+
+
+@pytest.mark.parametrize("text", INVALID_TIMEOUTS)
 def test_invalid_timeout_is_reported_at_budget_timeout(text):
     assert_problem(problems_of(mutated({"spec.budget.timeout": text})), "spec.budget.timeout",
                    "duration")
@@ -589,35 +607,41 @@ def test_study_name_is_namespace_slash_name(namespace, study):
     assert job.study_name == study
 
 
-@pytest.mark.parametrize("changes, epochs", [
+EPOCHS_CASES = [
     ({}, 20),
     ({"spec.trainer.builtin.epochs": 7}, 7),
     ({"spec.trainer.builtin.params.epochs": 12}, 12),
     ({"spec.searchSpace.epochs": {"type": "int", "low": 5, "high": 30}}, 30),
     ({"spec.searchSpace.epochs": {"type": "categorical", "choices": [15, 5]}}, 15),
-])
+]
+NO_EPOCHS = {"spec.searchSpace.epochs": DELETE, "spec.trainer.builtin.params.epochs": DELETE,
+             "spec.trainer.builtin.epochs": 20}
+
+
+@pytest.mark.parametrize("changes, epochs", EPOCHS_CASES)
 def test_epochs_is_the_most_a_trial_can_train(changes, epochs):
-    changes = {"spec.searchSpace.epochs": DELETE, "spec.trainer.builtin.params.epochs": DELETE,
-               "spec.trainer.builtin.epochs": 20, **changes}
-    assert parse_job(mutated(changes)).spec.epochs == epochs
+    assert parse_job(mutated({**NO_EPOCHS, **changes})).spec.epochs == epochs
 
 
 # ------------------------------------------------------------------------------ round trip
-@pytest.mark.parametrize("changes", [
-    {},
-    {"spec.objective": {"metric": "val_loss"}, "spec.budget": DELETE},
-    {"spec.sampler": {"type": "grid", "seed": 1},
+ROUND_TRIPS = {
+    "example": {},
+    "defaults": {"spec.objective": {"metric": "val_loss"}, "spec.budget": DELETE},
+    "grid": {"spec.sampler": {"type": "grid", "seed": 1},
      "spec.searchSpace": {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True,
                                  "points": 3},
                           "dropout": {"type": "float", "low": 0, "high": 0.5, "step": 0.25},
                           "batch_norm": {"type": "categorical", "choices": [True, False]}}},
-    {"spec.trainer.builtin.dataset": {"name": "synthetic", "classes": 3,
-                                      "classWeights": [1, 2, 3.5]},
-     "spec.storage": {"secretRef": {"name": "db", "key": "dsn"}},
-     "metadata.namespace": "ns", "status": {"phase": "Done"}},
-    {"spec.trainer.builtin.dataset": {"name": "file", "path": "/data/x.csv",
-                                      "labelColumn": "y"}},
-], ids=["example", "defaults", "grid", "synthetic", "file"])
+    "synthetic": {"spec.trainer.builtin.dataset": {"name": "synthetic", "classes": 3,
+                                                   "classWeights": [1, 2, 3.5]},
+                  "spec.storage": {"secretRef": {"name": "db", "key": "dsn"}},
+                  "metadata.namespace": "ns", "status": {"phase": "Done"}},
+    "file": {"spec.trainer.builtin.dataset": {"name": "file", "path": "/data/x.csv",
+                                              "labelColumn": "y"}},
+}
+
+
+@pytest.mark.parametrize("changes", list(ROUND_TRIPS.values()), ids=list(ROUND_TRIPS))
 def test_to_dict_round_trips(changes):
     job = parse_job(mutated(changes))
     data = job.to_dict()
@@ -724,7 +748,10 @@ def test_duplicate_key_in_a_flow_mapping_is_reported(tmp_path):
     assert problem.line == line_of(text, "layers:")
 
 
-@pytest.mark.parametrize("low", ["1e-4", "1E-4", "1.0e-4", "1e-04", "0.0001", ".0001", "+1e-4"])
+YAML_12_FLOATS = ["1e-4", "1E-4", "1.0e-4", "1e-04", "0.0001", ".0001", "+1e-4"]
+
+
+@pytest.mark.parametrize("low", YAML_12_FLOATS)
 def test_yaml_12_floats_parse_as_numbers(tmp_path, low):
     """kubectl reads ``1e-4`` as a number (YAML 1.2); plain PyYAML would read a string."""
     text = edited("low: 1.0e-4, high: 1.0e-1", f"low: {low}, high: 1e-1")
@@ -822,7 +849,7 @@ def test_a_problem_under_a_merge_key_points_at_the_override(tmp_path):
     assert problem.line == line_of(text, "      low: 0")
 
 
-@pytest.mark.parametrize("old, new, path, marker", [
+BAD_YAML_EDITS = [
     ("maxTrials: 40", "maxTrials: ten", "spec.budget.maxTrials", "maxTrials: ten"),
     ("maxTrials: 40", "maxTrials: 0", "spec.budget.maxTrials", "maxTrials: 0"),
     ("    maxFailedTrials: 5\n", "    maxFailedTrials: 5\n    maxTrial: 3\n",
@@ -840,7 +867,10 @@ def test_a_problem_under_a_merge_key_points_at_the_override(tmp_path):
     ("dataset: {name: digits}", "dataset:\n        name: mnist",
      "spec.trainer.builtin.dataset.name", "name: mnist"),
     ("timeout: 15m", "timeout: 2 hours", "spec.budget.timeout", "timeout: 2 hours"),
-])
+]
+
+
+@pytest.mark.parametrize("old, new, path, marker", BAD_YAML_EDITS)
 def test_problem_line_points_at_the_offending_key(tmp_path, old, new, path, marker):
     text = edited(old, new)
     problem = assert_problem(file_problems(write(tmp_path, text)), path, "")

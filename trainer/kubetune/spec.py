@@ -472,7 +472,7 @@ class Metadata(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if len(value) > 63 or not _NAME_RE.match(value):
+        if len(value) > 63 or not _NAME_RE.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a valid name: at most 63 lowercase letters, digits and '-', "
                 "starting and ending with a letter or digit")

@@ -1,0 +1,796 @@
+"""The TuningJob CustomResourceDefinition, generated from the spec model.
+
+The spec model (``kubetune.spec`` and the knob table ``kubetune.knobs``) is the source of truth
+for what a TuningJob may contain. This module turns it into a *structural* OpenAPI schema (every
+node typed, no ``$ref``, no typed ``anyOf``) plus CEL ``x-kubernetes-validations`` rules for the
+checks that span fields, so that ``kubectl apply`` rejects what ``kubetune validate`` rejects:
+
+- plain fields (types, bounds, enums, defaults) come from the pydantic JSON schema, so a field
+  added to spec.py appears here without a hand edit;
+- tagged unions (a search-space entry by ``type``, a dataset by ``name``) are merged into one
+  object with rules saying which fields belong to which tag;
+- ``searchSpace`` and ``trainer.builtin.params`` get one property per built-in knob, typed and
+  bounded by the knob's domain (so unknown knobs are unknown fields, and the values of a
+  categorical list are checked against the knob);
+- the model validators' cross-field checks are CEL rules written below, one per check.
+
+Print it with ``python -m kubetune_operator.crd > crds/tuningjob.yaml``; tests/test_crd.py checks
+that the committed file is current and that the CRD gives every spec the spec model's verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from typing import Any
+
+import yaml
+
+from kubetune import spec as model
+from kubetune.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS, Knob
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+KIND = "TuningJob"
+PLURAL = "tuningjobs"
+SINGULAR = "tuningjob"
+SHORT_NAMES = ["tj"]
+CATEGORIES = ["kubetune"]
+NAME = f"{PLURAL}.{GROUP}"
+
+# Bounds on every string, list and map, so that the API server's CEL cost estimator accepts the
+# rules (it assumes the worst case of anything unbounded). Generous: no real job comes close.
+MAX_STRING = 1024
+MAX_LONG_STRING = 4096  # file paths, container arguments
+MAX_ITEMS = 256
+MAX_CLASSES = 1024
+MAX_MAP = 64
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# One duration token is a number and a unit; spaces may stand anywhere (spec.parse_duration drops
+# them); the whole is at least one token. "Positive" is a second rule: some digit is not 0.
+# No backslashes: CEL string literals know no \s or \. escape.
+DURATION = "^[[:space:]]*( *[0-9][0-9 ]*([.][0-9 ]*[0-9])? *(m *s|[smhd]))+[[:space:]]*$"
+QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+            r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+
+HEADER = """\
+# Generated from the spec model by operator/kubetune_operator/crd.py: do not edit by hand.
+# Regenerate after changing trainer/kubetune/spec.py or knobs.py:
+#   python -m kubetune_operator.crd > crds/tuningjob.yaml
+"""
+
+
+class CrdError(RuntimeError):
+    """The spec model has a shape this generator does not know how to express."""
+
+
+# ------------------------------------------------------------------------------ CEL helpers
+def lit(value: Any) -> str:
+    """A CEL literal for a Python value (strings double-quoted, doubles with a dot)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text if any(c in text for c in ".e") else text + ".0"
+    if isinstance(value, str):
+        if '"' in value or "\\" in value or "\n" in value:
+            raise CrdError(f"no CEL literal for {value!r}")
+        return f'"{value}"'
+    raise CrdError(f"no CEL literal for {value!r}")
+
+
+def one_of(expr: str, values: list[Any] | tuple[Any, ...]) -> str:
+    """``expr == v`` or ``expr in [v1, v2]``."""
+    values = list(values)
+    if len(values) == 1:
+        return f"{expr} == {lit(values[0])}"
+    return f"{expr} in [{', '.join(lit(v) for v in values)}]"
+
+
+def none_of(expr: str, values: list[Any] | tuple[Any, ...]) -> str:
+    """``expr != v`` or ``!(expr in [v1, v2])``."""
+    values = list(values)
+    if len(values) == 1:
+        return f"{expr} != {lit(values[0])}"
+    return f"!({one_of(expr, values)})"
+
+
+def all_have(fields: list[str] | tuple[str, ...], base: str = "self") -> str:
+    text = " && ".join(f"has({base}.{f})" for f in fields)
+    return f"({text})" if len(fields) > 1 else text
+
+
+def has_any(fields: list[str], base: str = "self") -> str:
+    return " || ".join(f"has({base}.{f})" for f in fields)
+
+
+def or_default(field: str, default: Any, base: str = "self") -> str:
+    """The field's value, or the spec model's default when it is absent."""
+    return f"(has({base}.{field}) ? {base}.{field} : {lit(default)})"
+
+
+def words(names: list[str] | tuple[str, ...], joiner: str = "and") -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {joiner} {names[-1]}"
+
+
+def _double_quoted(expr: str) -> str:
+    """CEL strings written '...' in this file, as "..." (tidier in YAML; CEL takes both)."""
+    out = re.sub(r"'([^'\"\\\n]*)'", r'"\1"', expr)
+    if "'" in out:
+        raise CrdError(f"a quote in {expr!r} is not a plain string literal")
+    return out
+
+
+def rule(expr: str, message: str, field_path: str | None = None,
+         message_expression: str | None = None) -> dict[str, Any]:
+    """One x-kubernetes-validations entry."""
+    if "\n" in message:
+        raise CrdError(f"a rule's message must be one line: {message!r}")
+    out: dict[str, Any] = {"rule": _double_quoted(expr), "message": message}
+    if message_expression:
+        out["messageExpression"] = _double_quoted(message_expression)
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def _cel_name(name: str) -> str:
+    """A property name usable as-is in CEL (the API server would escape anything else)."""
+    reserved = {"true", "false", "null", "in", "as", "break", "const", "continue", "else",
+                "for", "function", "if", "import", "let", "loop", "package", "namespace",
+                "return", "var", "void", "while"}
+    if not name.isidentifier() or name in reserved or "__" in name:
+        raise CrdError(f"{name!r} is not a plain CEL identifier; rules referring to it need "
+                       "the API server's escaping")
+    return name
+
+
+# ------------------------------------------------------------------------------ pydantic -> OpenAPI
+def _json_schema(model_cls: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    schema = model_cls.model_json_schema(by_alias=True)
+    return schema, schema.pop("$defs", {})
+
+
+class _Converter:
+    """Turns pydantic's JSON schema of JobSpec into a structural OpenAPI v3 schema."""
+
+    def __init__(self, defs: dict[str, Any],
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        self.defs = defs
+        self.overrides = overrides or {}  # dotted path (``a.b[]`` for items) -> schema
+
+    def resolve(self, node: dict[str, Any]) -> dict[str, Any]:
+        """``$ref`` replaced by its target; ``X | None`` by X; int | float by number."""
+        if "$ref" in node:
+            target = self.defs[node["$ref"].rsplit("/", 1)[-1]]
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return {**self.resolve(target), **rest}
+        if "anyOf" not in node:
+            return node
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        members = [self.resolve(m) for m in node["anyOf"] if m.get("type") != "null"]
+        if len(members) == 1:
+            return {**members[0], **rest}
+        if {m.get("type") for m in members} == {"integer", "number"}:
+            merged: dict[str, Any] = {}
+            for member in members:
+                merged.update({k: v for k, v in member.items() if k != "type"})
+            return {**merged, "type": "number", **rest}
+        raise CrdError(f"a union of {[m.get('type') for m in members]} has no structural form")
+
+    def convert(self, node: dict[str, Any], where: str, *, keep_default: bool = True
+                ) -> dict[str, Any]:
+        if where in self.overrides:
+            return copy.deepcopy(self.overrides[where])
+        node = self.resolve(node)
+        kind = node.get("type")
+        if kind is None or "oneOf" in node:
+            raise CrdError(f"{where}: no single type in {node}; give it an override in crd.py")
+        out: dict[str, Any] = {"type": kind}
+        if node.get("description"):
+            out["description"] = node["description"]
+        if "const" in node:
+            out["enum"] = [node["const"]]
+        if "enum" in node:
+            out["enum"] = list(node["enum"])
+        for key in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems"):
+            if key in node:
+                out[key] = node[key]
+        for key, bound, exclusive in (("gt", "minimum", "exclusiveMinimum"),
+                                      ("exclusiveMinimum", "minimum", "exclusiveMinimum"),
+                                      ("lt", "maximum", "exclusiveMaximum"),
+                                      ("exclusiveMaximum", "maximum", "exclusiveMaximum")):
+            if key in node:
+                out[bound], out[exclusive] = node[key], True
+        for key, bound in (("ge", "minimum"), ("le", "maximum")):
+            if key in node:
+                out[bound] = node[key]
+        if kind == "object":
+            if node.get("additionalProperties") not in (None, False) or "properties" not in node:
+                raise CrdError(f"{where}: a free-form mapping needs an override in crd.py")
+            out["properties"] = {
+                name: self.convert(sub, f"{where}.{name}", keep_default=keep_default)
+                for name, sub in node["properties"].items()}
+            if node.get("required"):
+                out["required"] = list(node["required"])
+        elif kind == "array":
+            out["items"] = self.convert(node["items"], f"{where}[]", keep_default=keep_default)
+            out.setdefault("maxItems", MAX_ITEMS)
+        elif kind == "string" and "enum" not in out:
+            out.setdefault("maxLength", MAX_STRING)
+        default = node.get("default")
+        if keep_default and default is not None:
+            if kind == "object":
+                if out.get("required"):
+                    raise CrdError(f"{where}: a default for an object with required fields")
+                default = {}  # the nested defaults fill it in, as the spec model's do
+            out["default"] = default
+        return out
+
+
+def _merge_property(name: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    if a == b:
+        return a
+    if {a["type"], b["type"]} == {"integer", "number"}:
+        strip = lambda s: {k: v for k, v in s.items() if k != "type"}  # noqa: E731
+        if strip(a) == strip(b):
+            return {**a, "type": "number"}
+    raise CrdError(f"union members disagree on {name!r}: {a} vs {b}")
+
+
+def merged_union(tag: str, members: dict[str, Any], label: str, where: str,
+                 overrides: dict[str, dict[str, Any]] | None = None
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One object schema for a tagged union, and the rules that tell its members apart.
+
+    ``members`` maps each tag value to its pydantic model. The merged object holds every
+    member's fields (with no defaults: a default applies to one member only); rules require each
+    member's required fields, forbid the fields of other members, and require integers where one
+    member has an integer and another a number under the same name.
+    """
+    properties: dict[str, dict[str, Any]] = {}
+    owners: dict[str, list[str]] = {}
+    integer_for: dict[str, list[str]] = {}
+    required: dict[str, tuple[str, ...]] = {}
+    for value, model_cls in members.items():
+        schema, defs = _json_schema(model_cls)
+        conv = _Converter(defs, overrides)
+        required[value] = tuple(r for r in schema.get("required", ()) if r != tag)
+        for name, sub in schema["properties"].items():
+            if name == tag:
+                continue
+            prop = conv.convert(sub, f"{where}.{name}", keep_default=False)
+            owners.setdefault(name, []).append(value)
+            if prop["type"] == "integer":
+                integer_for.setdefault(name, []).append(value)
+            properties[name] = (_merge_property(name, properties[name], prop)
+                                if name in properties else prop)
+    tags = list(members)
+    tag_schema: dict[str, Any] = {"type": "string", "enum": tags,
+                                  "description": f"the {label}: {' | '.join(tags)}"}
+    everywhere = [f for f in properties if all(f in fields for fields in required.values())]
+    schema = {"type": "object", "required": [tag] + everywhere,
+              "properties": {tag: tag_schema, **properties}}
+    rules: list[dict[str, Any]] = []
+    by_required: dict[tuple[str, ...], list[str]] = {}
+    for value, fields in required.items():
+        fields = tuple(f for f in fields if f not in everywhere)
+        if fields:
+            by_required.setdefault(fields, []).append(value)
+    for fields, values in by_required.items():
+        rules.append(rule(
+            f"{none_of(f'self.{tag}', values)} || {all_have(fields)}",
+            f"{words(fields)} {'is' if len(fields) == 1 else 'are'} required when {tag} is "
+            f"{words(values, 'or')}",
+            f".{fields[0]}" if len(fields) == 1 else None))
+    by_owners: dict[tuple[str, ...], list[str]] = {}
+    for name, values in owners.items():
+        if len(values) < len(tags):
+            by_owners.setdefault(tuple(values), []).append(_cel_name(name))
+    for values, fields in by_owners.items():
+        rules.append(rule(
+            f"{one_of(f'self.{tag}', values)} || !({has_any(fields)})" if len(fields) > 1
+            else f"{one_of(f'self.{tag}', values)} || !{has_any(fields)}",
+            f"{words(fields)} {'is' if len(fields) == 1 else 'are'} only for {tag} "
+            f"{words(values, 'or')}",
+            f".{fields[0]}" if len(fields) == 1 else None))
+    by_integer: dict[tuple[str, ...], list[str]] = {}
+    for name, values in integer_for.items():
+        if properties[name]["type"] == "number":
+            by_integer.setdefault(tuple(values), []).append(name)
+    for values, fields in by_integer.items():
+        checks = " && ".join(f"(!has(self.{f}) || self.{f} == double(int(self.{f})))"
+                             for f in fields)
+        rules.append(rule(
+            f"{none_of(f'self.{tag}', values)} || ({checks})",
+            f"{words(fields)} must be {'an integer' if len(fields) == 1 else 'integers'} when "
+            f"{tag} is {words(values, 'or')}",
+            f".{fields[0]}" if len(fields) == 1 else None))
+    return schema, rules
+
+
+# ------------------------------------------------------------------------------ knobs
+def knob_value_schema(knob: Knob) -> dict[str, Any]:
+    """The schema of one value of a knob (a fixed param, a categorical choice, a bound)."""
+    if knob.kind == "bool":
+        return {"type": "boolean"}
+    if knob.kind == "choice":
+        return {"type": "string", "enum": list(knob.choices)}
+    out: dict[str, Any] = {"type": "integer" if knob.kind == "int" else "number"}
+    out.update(_knob_bounds(knob))
+    return out
+
+
+def _knob_bounds(knob: Knob) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cast = int if knob.kind == "int" else float
+    if knob.minimum is not None:
+        out["minimum"] = cast(knob.minimum)
+        if knob.exclusive_minimum:
+            out["exclusiveMinimum"] = True
+    if knob.maximum is not None:
+        out["maximum"] = cast(knob.maximum)
+        if knob.exclusive_maximum:
+            out["exclusiveMaximum"] = True
+    return out
+
+
+def _param_types(knob: Knob) -> list[str]:
+    """The search-space types a knob may be searched with (spec._space_problems)."""
+    return {"float": ["float", "int", "categorical"], "int": ["int", "categorical"]}.get(
+        knob.kind, ["categorical"])
+
+
+def knob_param_schema(name: str, knob: Knob) -> dict[str, Any]:
+    """The search-space entry of one knob: its distribution, typed by the knob's domain."""
+    types = _param_types(knob)
+    value = knob_value_schema(knob)
+    schema, rules = merged_union(
+        "type", {t: model.PARAM_MODELS[t] for t in types}, "parameter type",
+        f"searchSpace.{name}", {f"searchSpace.{name}.choices[]": value})
+    props = schema["properties"]
+    props["type"]["description"] = f"the distribution: {' | '.join(types)}"
+    numeric = knob.kind in ("float", "int")
+    zero = lit(0.0) if knob.kind == "float" else "0"
+    if numeric:
+        for bound in ("low", "high"):
+            props[bound].update(_knob_bounds(knob))
+            props[bound]["description"] = f"{'lowest' if bound == 'low' else 'highest'} value"
+        props["log"]["description"] = "sample on a log scale (low must be > 0)"
+        if props["step"]["type"] == "integer":
+            props["step"]["minimum"] = 1
+        else:
+            props["step"].update({"minimum": 0.0, "exclusiveMinimum": True})
+        props["step"]["description"] = "distance between values (high - low must be a multiple)"
+        if "points" in props:
+            props["points"]["minimum"] = 2
+        rules += [
+            rule("!has(self.low) || !has(self.high) || self.low < self.high",
+                 "low must be < high", ".low"),
+            rule(f"!has(self.log) || !self.log || !has(self.low) || self.low > {zero}",
+                 "low must be > 0 when log is true", ".low"),
+        ]
+        one = lit(1.0) if knob.kind == "float" else "1"
+        step_log = (f"!has(self.step) || !has(self.log) || !self.log || "
+                    f"(self.type == 'int' && self.step == {one})")
+        rules.append(rule(step_log, "step cannot be combined with log: true (an int parameter "
+                                    "may only have step 1)", ".step"))
+        int_span = ("int(self.high - self.low) % int(self.step) == 0" if knob.kind == "float"
+                    else "(self.high - self.low) % self.step == 0")
+        rules.append(rule(
+            f"self.type != 'int' || !has(self.step) || !has(self.low) || !has(self.high) || "
+            f"self.step == {one} || {int_span}",
+            "high - low must be a multiple of step", ".step"))
+        if "float" in types:
+            ratio = "((self.high - self.low) / self.step)"
+            nearest = f"double(int({ratio} + 0.5))"
+            tolerance = f"1e-09 * ({ratio} > 1.0 ? {ratio} : 1.0)"
+            # spec._fits: |ratio - round(ratio)| < 1e-9 * max(1, ratio); above 5e8 any ratio fits
+            rules.append(rule(
+                f"self.type != 'float' || !has(self.step) || !has(self.low) || !has(self.high) "
+                f"|| self.low >= self.high || self.step <= 0.0 || {ratio} > 5.0e8 || "
+                f"({ratio} - {nearest} < {tolerance} && {nearest} - {ratio} < {tolerance})",
+                "high - low must be a multiple of step", ".step"))
+    choices = props["choices"]
+    choices.update({"minItems": 1, "maxItems": MAX_ITEMS,
+                    "x-kubernetes-list-type": "set",
+                    "description": "the values to choose from (each one a legal value of "
+                                   f"{name}: {knob.describe()})"})
+    schema["description"] = f"{knob.help} ({knob.describe()})"
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+    return schema
+
+
+def search_space_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "the parameters to search, by knob name; each is a distribution "
+                       "(float | int with low/high, or categorical with choices)",
+        "minProperties": 1,
+        "properties": {_cel_name(name): knob_param_schema(name, knob)
+                       for name, knob in KNOBS.items()},
+    }
+
+
+def params_schema() -> dict[str, Any]:
+    props = {}
+    for name, knob in KNOBS.items():
+        props[_cel_name(name)] = {**knob_value_schema(knob),
+                                  "description": f"{knob.help} (default {knob.default!r})"}
+    return {"type": "object", "description": "fixed values of knobs that are not searched",
+            "default": {}, "properties": props}
+
+
+# ------------------------------------------------------------------------------ other overrides
+def dataset_schema() -> dict[str, Any]:
+    schema, rules = merged_union("name", model.DATASET_MODELS, "dataset",
+                                 "trainer.builtin.dataset")
+    props = schema["properties"]
+    props["classWeights"]["items"].update({"minimum": 0.0, "exclusiveMinimum": True})
+    props["classWeights"]["maxItems"] = MAX_CLASSES
+    props["classes"]["maximum"] = MAX_CLASSES
+    props["path"]["maxLength"] = MAX_LONG_STRING
+    synthetic = {name: info.default for name, info in model.SyntheticData.model_fields.items()}
+    classes = or_default("classes", synthetic["classes"])
+    informative = or_default("informative", synthetic["informative"])
+    features = or_default("features", synthetic["features"])
+    least = f"({informative} < {features} ? {informative} : {features})"
+    # classes * 2 <= 2 ** least, i.e. classes <= 2 ** (least - 1): always true from 2 ** 10 on
+    top = MAX_CLASSES.bit_length() - 1
+    powers = ", ".join(str(2 ** k) for k in range(top))
+    rules += [
+        rule(f"self.name != 'synthetic' || !has(self.classWeights) || "
+             f"self.classWeights.size() == {classes}",
+             "classWeights needs one weight per class", ".classWeights"),
+        # make_classification: classes * 2 <= 2 ** min(informative, features)
+        rule(f"self.name != 'synthetic' || {least} > {top} || "
+             f"{classes} <= [{powers}][{least} - 1]",
+             "too many classes for the informative features: needs classes * 2 <= "
+             "2 ** informative", ".classes"),
+        rule("self.name != 'file' || !has(self.path) || self.path.endsWith('.csv') || "
+             "self.path.endsWith('.npz')", "path must end in .csv or .npz", ".path"),
+    ]
+    schema["description"] = ("the data: digits (bundled), synthetic (generated) or file "
+                             "(.csv/.npz)")
+    schema["x-kubernetes-validations"] = rules
+    return schema
+
+
+def duration_schema() -> dict[str, Any]:
+    return {
+        "x-kubernetes-int-or-string": True,
+        "description": "stop starting trials after this long: seconds, or e.g. 90s, 30m, 2h, "
+                       "1h30m, 1d",
+        "x-kubernetes-validations": [
+            rule(f"type(self) == int ? self > 0 : self.matches({lit(DURATION)})",
+                 "must be a positive duration such as 90s, 30m, 2h, 1h30m or 1d"),
+            rule("type(self) == int || self.matches('[1-9]')",
+                 "must be a positive duration, not 0"),
+        ],
+    }
+
+
+def _string_list(max_length: int = MAX_LONG_STRING) -> dict[str, Any]:
+    return {"type": "array", "maxItems": MAX_ITEMS,
+            "items": {"type": "string", "maxLength": max_length}}
+
+
+def _open_object(description: str, **properties: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "description": description,
+                           "x-kubernetes-preserve-unknown-fields": True}
+    if properties:
+        out["properties"] = properties
+    return out
+
+
+def _open_list(description: str, required: list[str], **properties: Any) -> dict[str, Any]:
+    item = _open_object(description, **properties)
+    item["required"] = required
+    return {"type": "array", "maxItems": MAX_ITEMS, "items": item}
+
+
+def _string(max_length: int = MAX_STRING, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "maxLength": max_length, **extra}
+
+
+def _string_map() -> dict[str, Any]:
+    return {"type": "object", "maxProperties": MAX_MAP,
+            "additionalProperties": _string()}
+
+
+def _quantities() -> dict[str, Any]:
+    return {"type": "object", "maxProperties": MAX_MAP,
+            "additionalProperties": {"x-kubernetes-int-or-string": True,
+                                     "pattern": QUANTITY}}
+
+
+def pod_template_schema() -> dict[str, Any]:
+    """Worker pod settings: container and PodSpec fields, in the core Pod schema's shapes.
+
+    The common fields are typed (so `kubectl apply` catches a misspelt type); deeper objects
+    and other PodSpec/Container fields are kept as written for the operator to pass on.
+    """
+    return _open_object(
+        "worker pod settings (container and PodSpec fields such as image, resources, "
+        "nodeSelector, tolerations); Kubernetes only",
+        image=_string(),
+        imagePullPolicy={"type": "string", "enum": ["Always", "IfNotPresent", "Never"]},
+        command=_string_list(),
+        args=_string_list(),
+        env=_open_list("an environment variable", ["name"], name=_string(),
+                       value=_string(MAX_LONG_STRING),
+                       valueFrom=_open_object("a source for the value")),
+        resources={"type": "object", "description": "compute resources of the trainer container",
+                   "properties": {"limits": _quantities(), "requests": _quantities()},
+                   "x-kubernetes-preserve-unknown-fields": True},
+        nodeSelector=_string_map(),
+        tolerations=_open_list(
+            "a toleration", [], key=_string(), value=_string(),
+            operator={"type": "string", "enum": ["Exists", "Equal"]},
+            effect={"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
+            tolerationSeconds={"type": "integer"}),
+        affinity=_open_object("node, pod and pod-anti affinity (core/v1 Affinity)"),
+        volumes=_open_list("a pod volume (core/v1 Volume)", ["name"], name=_string()),
+        volumeMounts=_open_list("a volume mount of the trainer container", ["name", "mountPath"],
+                                name=_string(), mountPath=_string(MAX_LONG_STRING),
+                                subPath=_string(MAX_LONG_STRING), readOnly={"type": "boolean"}),
+        serviceAccountName=_string(),
+        imagePullSecrets=_open_list("a secret to pull the image with", ["name"], name=_string()),
+        priorityClassName=_string(),
+        labels=_string_map(),
+        annotations=_string_map(),
+    )
+
+
+# ------------------------------------------------------------------------------ cross-field rules
+SAMPLER_OPTIONS = {  # spec.Sampler._check: which sampler uses which option
+    "nStartupTrials": ("tpe", "gp", "cmaes"),
+    "multivariate": ("tpe",),
+    "constantLiar": ("tpe",),
+    "qmcType": ("qmc",),
+}
+PRUNER_OPTIONS = {  # spec.Pruner._check
+    "nStartupTrials": ("median", "percentile"),
+    "nWarmupSteps": ("median", "percentile"),
+    "percentile": ("percentile",),
+    "minResource": ("hyperband", "asha"),
+    "maxResource": ("hyperband",),
+    "reductionFactor": ("hyperband", "asha"),
+}
+
+
+def _option_rules(options: dict[str, tuple[str, ...]], what: str) -> list[dict[str, Any]]:
+    return [rule(f"!has(self.{name}) || {one_of('self.type', users)}",
+                 f"{name} is only used by the {words(users, 'and')} {what}"
+                 f"{'s' if len(users) > 1 else ''}", f".{name}")
+            for name, users in options.items()]
+
+
+def _space(name: str) -> str:
+    return f"self.searchSpace.{name}"
+
+
+def spec_rules() -> list[dict[str, Any]]:
+    """Rules on the whole spec: the spec model's semantic checks (spec._semantic_problems)."""
+    knobs = list(KNOBS)
+    both = {k: f"has({_space(k)}) && has(self.trainer.builtin.params.{k})" for k in knobs}
+    floats = [k for k in knobs if KNOBS[k].kind == "float"]
+    open_float = {k: f"has({_space(k)}) && {_space(k)}.type == 'float' && "
+                     f"!has({_space(k)}.step) && !has({_space(k)}.points)" for k in floats}
+    numeric = [k for k in knobs if KNOBS[k].kind in ("float", "int")]
+    space_epochs = _space("epochs")
+    max_resource = "self.pruning.pruner.maxResource"
+    fixed_epochs = ("(has(self.trainer.builtin.params.epochs) ? "
+                    "self.trainer.builtin.params.epochs : self.trainer.builtin.epochs)")
+
+    def listing(conditions: dict[str, str]) -> str:
+        return " + ".join(f"(({c}) ? ' {k}' : '')" for k, c in conditions.items())
+
+    return [
+        rule(" && ".join(f"!({c})" for c in both.values()),
+             "a knob is both fixed in trainer.builtin.params and searched in searchSpace: fix "
+             "it or search it, not both", ".trainer.builtin.params",
+             "'fixed in trainer.builtin.params and also searched in searchSpace (fix it or "
+             "search it, not both):' + " + listing(both)),
+        rule("self.sampler.type != 'grid' || !(" + " || ".join(
+                f"({c})" for c in open_float.values()) + ")",
+             "the grid sampler needs a finite set of values: give every float parameter a "
+             "step or points", ".searchSpace",
+             "'the grid sampler needs a finite set of values: give step or points to' + "
+             + listing(open_float)),
+        rule("self.sampler.type != 'cmaes' || " + " || ".join(
+                f"(has({_space(k)}) && {_space(k)}.type != 'categorical')" for k in numeric),
+             "cmaes needs at least one float or int parameter", ".sampler.type"),
+        # spec.JobSpec.epochs: the most epochs a trial can train
+        rule(f"!has({max_resource}) || (has({space_epochs}) ? "
+             f"({space_epochs}.type == 'int' ? "
+             f"(!has({space_epochs}.high) || {max_resource} <= {space_epochs}.high) : "
+             f"(!has({space_epochs}.choices) || "
+             f"{space_epochs}.choices.exists(c, c >= {max_resource}))) : "
+             f"{max_resource} <= {fixed_epochs})",
+             "maxResource exceeds the epochs a trial trains", ".pruning.pruner.maxResource"),
+    ]
+
+
+RULES: dict[tuple[str, ...], list[dict[str, Any]]] = {
+    (): spec_rules(),
+    ("objective",): [rule(
+        f"!has(self.direction) || self.direction != 'maximize' || "
+        f"!({one_of('self.metric', LOSS_METRICS)})",
+        "a loss is minimized: use direction minimize", ".direction")],
+    ("sampler",): _option_rules(SAMPLER_OPTIONS, "sampler"),
+    ("pruning", "pruner"): _option_rules(PRUNER_OPTIONS, "pruner") + [
+        rule("self.type != 'percentile' || has(self.percentile)",
+             "percentile is required by the percentile pruner (e.g. 25)", ".percentile"),
+        rule("!has(self.minResource) || !has(self.maxResource) || "
+             "self.minResource < self.maxResource",
+             "minResource must be < maxResource", ".minResource"),
+    ],
+    ("storage",): [rule("self.gracePeriod >= 2 * self.heartbeatInterval",
+                        "gracePeriod must be at least twice heartbeatInterval", ".gracePeriod")],
+    ("trainer", "builtin", "split"): [rule(
+        "self.validation + self.test < 0.9",
+        "validation + test must leave at least 10% for training", ".test")],
+}
+
+OVERRIDES = {
+    ("searchSpace",): search_space_schema,
+    ("trainer", "builtin", "dataset"): dataset_schema,
+    ("trainer", "builtin", "params"): params_schema,
+    ("trainer", "template"): pod_template_schema,
+    ("budget", "timeout"): duration_schema,
+}
+
+ENUMS = {  # plain strings in the model, checked against these names by its validators
+    ("objective", "metric"): list(REPORTED_METRICS),
+    ("sampler", "type"): list(model.SAMPLERS),
+    ("pruning", "pruner", "type"): list(model.PRUNERS),
+    ("trainer", "builtin", "model"): list(MODELS),
+}
+
+DESCRIPTIONS = {
+    (): "what to tune, how, and with which budget (see the kubetune README)",
+    ("objective",): "the metric to optimize",
+    ("objective", "metric"): "a metric the trainer reports",
+    ("objective", "direction"): "maximize or minimize (default: minimize for losses, "
+                                "else maximize)",
+    ("budget",): "how many trials, how many at once, and for how long",
+    ("sampler",): "how Optuna picks the next parameters",
+    ("pruning",): "stopping bad trials early: NaN/Inf and divergence guards, and a pruner",
+    ("trainer",): "what trains one trial",
+    ("trainer", "builtin"): "the built-in PyTorch MLP trainer",
+    ("storage",): "the Optuna storage and worker heartbeats",
+    ("artifacts",): "where workers keep model weights and predictions",
+    ("ensemble",): "combining the best trials after the search",
+}
+
+
+def _walk(converter: _Converter, node: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """Convert the model schema at ``path``, applying overrides, enums and rules below it."""
+    where = ".".join(("spec",) + path)
+    if path in OVERRIDES:
+        out = OVERRIDES[path]()
+        if node.get("description") and "description" not in out:
+            out["description"] = node["description"]
+    else:
+        resolved = converter.resolve(node)
+        if resolved.get("type") == "object" and "properties" in resolved:
+            shallow = {k: v for k, v in resolved.items() if k != "properties"}
+            out = converter.convert({**shallow, "properties": {}}, where)
+            out["properties"] = {name: _walk(converter, sub, path + (name,))
+                                 for name, sub in resolved["properties"].items()}
+        else:
+            out = converter.convert(resolved, where)
+    if path in ENUMS:
+        out["enum"] = ENUMS[path]
+        out.pop("maxLength", None)
+    if path in DESCRIPTIONS:
+        out["description"] = DESCRIPTIONS[path]
+    if path in RULES:
+        out["x-kubernetes-validations"] = out.get("x-kubernetes-validations", []) + RULES[path]
+    return out
+
+
+def spec_schema() -> dict[str, Any]:
+    """The structural schema of ``spec``, generated from ``kubetune.spec.JobSpec``."""
+    schema, defs = _json_schema(model.JobSpec)
+    return _walk(_Converter(defs), schema, ())
+
+
+def status_schema() -> dict[str, Any]:
+    """Written by the operator (kubetune.status.build_status); only what columns read is typed."""
+    counts = {name: {"type": "integer"}
+              for name in ("total", "complete", "pruned", "failed", "running")}
+    return _open_object(
+        "observed state, written by the operator: phase, trial counts, best trial, "
+        "leaderboard, conditions",
+        phase={"type": "string", "description": "Pending | Running | Ensembling | Succeeded | "
+                                                "Failed"},
+        progress={"type": "string", "description": "finished trials / maxTrials, e.g. 25/100"},
+        observedGeneration={"type": "integer"},
+        trials=_open_object("trial counts", **counts),
+        best=_open_object("the best trial so far", trial={"type": "integer"},
+                          value={"type": "number"}),
+    )
+
+
+def openapi_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "A TuningJob runs a distributed Optuna study: trainer pods share one "
+                       "study, bad trials are pruned early, and the best trials are ensembled.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            # The API server honours restrictions on metadata.name (and only on it): the spec
+            # model wants a DNS-1123 label, as the study and pod names derive from it.
+            "metadata": {"type": "object", "properties": {"name": {
+                "type": "string", "maxLength": 63, "pattern": DNS_LABEL}}},
+            "spec": spec_schema(),
+            "status": status_schema(),
+        },
+    }
+
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
+     "description": "Pending, Running, Ensembling, Succeeded or Failed"},
+    {"name": "Trials", "type": "string", "jsonPath": ".status.progress",
+     "description": "finished trials / maxTrials"},
+    {"name": "Best", "type": "number", "jsonPath": ".status.best.value",
+     "description": "the best objective value so far"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Metric", "type": "string", "jsonPath": ".spec.objective.metric", "priority": 1,
+     "description": "the objective metric"},
+    {"name": "Running", "type": "integer", "jsonPath": ".status.trials.running", "priority": 1,
+     "description": "trials running now"},
+    {"name": "Pruned", "type": "integer", "jsonPath": ".status.trials.pruned", "priority": 1,
+     "description": "trials stopped early"},
+]
+
+
+def build_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition as a dict (apiextensions.k8s.io/v1)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": NAME, "labels": {"app.kubernetes.io/name": "kubetune",
+                                              "app.kubernetes.io/part-of": "kubetune"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL,
+                      "singular": SINGULAR, "shortNames": list(SHORT_NAMES),
+                      "categories": list(CATEGORIES)},
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": openapi_schema()},
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+            }],
+        },
+    }
+
+
+def render(crd: dict[str, Any] | None = None) -> str:
+    """The CRD as the YAML committed in crds/tuningjob.yaml."""
+    body = yaml.safe_dump(crd if crd is not None else build_crd(), sort_keys=False, width=100,
+                          allow_unicode=True)
+    return HEADER + body
+
+
+def main() -> None:
+    sys.stdout.write(render())
+
+
+if __name__ == "__main__":
+    main()
