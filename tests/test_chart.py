@@ -202,3 +202,15 @@ def test_combinations_cover_each_toggle_pairwise():
         values = _merge(TOGGLES[a][0], TOGGLES[b][0])
         report = helm.lint(str(CHART), values, strict=True, namespace="kubetune")
         assert not [m for m in report["messages"] if m["severity"] >= 2], (a, b, report)
+
+
+def test_chart_ships_the_same_crd():
+    top = (REPO_ROOT / "crds" / "tuningjob.yaml").read_text()
+    shipped = (CHART / "crds" / "tuningjob.yaml").read_text()
+    assert shipped == top, "run: cp crds/tuningjob.yaml charts/kubetune/crds/tuningjob.yaml"
+
+
+def test_chart_crds_validate_against_kubernetes():
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
