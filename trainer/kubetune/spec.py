@@ -420,10 +420,22 @@ class Artifacts(_Model):
 
 
 class Ensemble(_Model):
-    enabled: StrictBool = True
-    top_k: StrictInt = Field(default=5, ge=2)
-    method: Literal["greedy", "average"] = "greedy"
-    members: Literal["trials", "seeds", "snapshots"] = "trials"
+    enabled: StrictBool = Field(
+        default=True, description="combine the best models into an ensemble after the search")
+    top_k: StrictInt = Field(
+        default=5, ge=2, le=50,
+        description="best complete trials whose models are candidates (members: trials or "
+                    "snapshots)")
+    method: Literal["greedy", "average"] = Field(
+        default="greedy", description="greedy: ensemble selection with replacement on the "
+                                      "validation split; average: equal weights")
+    members: Literal["trials", "seeds", "snapshots"] = Field(
+        default="trials", description="trials: the top trials' final models; seeds: the best "
+                                      "configuration trained again with other seeds; "
+                                      "snapshots: the top trials' models at several epochs")
+    seeds: StrictInt = Field(
+        default=5, ge=2, le=50,
+        description="models of the best configuration, the best trial included (members: seeds)")
 
 
 class Cleanup(_Model):
