@@ -91,6 +91,7 @@ def test_complete_trials_keep_history_weights_and_predictions(tmp_path):
                           file_path=str(model_path))
         saved = torch.load(model_path, weights_only=False)
         assert saved["params"] == trial.params and "state_dict" in saved
+        assert saved["train_params"] == {"epochs": 3, **trial.params}  # rebuilds the model
 
 
 def test_rerun_continues_the_same_study(tmp_path):

@@ -152,17 +152,21 @@ def train(
     seed: int,
     device: str = "auto",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_snapshot: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train the MLP on `data`, calling `on_epoch(epoch, metrics)` after each 1-based epoch.
 
-    Exceptions from `on_epoch` (e.g. optuna.TrialPruned) propagate unchanged.
+    Exceptions from `on_epoch` (e.g. optuna.TrialPruned) propagate unchanged. `on_snapshot(epoch,
+    model)`, when given, is called after `on_epoch` with the model as it is at that epoch, for
+    callers that keep checkpoints (snapshot ensembles); it may evaluate the model but must not
+    change its weights. Training then goes on exactly as without it.
     """
     p = resolve_params(params)
     dev = resolve_device(device)
     cuda_devices = [torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)  # dropout draws from the global RNG; fork_rng keeps the caller's intact
-        return _train(p, data, seed=seed, dev=dev, on_epoch=on_epoch)
+        return _train(p, data, seed=seed, dev=dev, on_epoch=on_epoch, on_snapshot=on_snapshot)
 
 
 def _train(
@@ -172,6 +176,7 @@ def _train(
     seed: int,
     dev: torch.device,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
+    on_snapshot: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """The epoch loop of `train`, run with seeded RNG state."""
     generator = torch.Generator().manual_seed(seed)
@@ -193,6 +198,8 @@ def _train(
         history.append({"epoch": epoch, **metrics})
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        if on_snapshot is not None:
+            on_snapshot(epoch, model)
     val_proba = predict_proba(model, data.X_val, device=dev)
     test_proba = predict_proba(model, data.X_test, device=dev)
     return TrainResult(model.cpu().eval(), history, val_proba, test_proba, epochs_run=len(history))
