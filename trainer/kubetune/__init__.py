@@ -1,2 +1,26 @@
 """kubetune: hyperparameter tuning that runs the same TuningJob locally and on Kubernetes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kubetune.export import EnsembleModel
+
 __version__ = "0.1.0"
+__all__ = ["__version__", "load_ensemble"]
+
+
+def load_ensemble(path: Any) -> EnsembleModel:
+    """Load a model folder written by ``kubetune export``: ``predict_proba(X)``, ``predict(X)``.
+
+    Importing ``kubetune`` stays light: PyTorch is imported by this call, not before.
+
+    Example:
+        >>> import kubetune
+        >>> model = kubetune.load_ensemble("digits-model")  # doctest: +SKIP
+        >>> model.predict(X)                                 # doctest: +SKIP
+    """
+    from kubetune.export import load_ensemble as _load
+
+    return _load(path)

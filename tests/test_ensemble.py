@@ -1,0 +1,249 @@
+"""The ensemble step: greedy selection, honest scoring on the test split, the three kinds of
+members, the saved model, and a local job whose result carries its ensemble."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import optuna
+import pytest
+from optuna.storages import InMemoryStorage
+from optuna.trial import TrialState
+from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+from conftest import REPO_ROOT, fast_job
+from kubetune.ensemble import (
+    ENSEMBLE_ATTR,
+    Member,
+    NotEnoughMembers,
+    combine,
+    greedy_selection,
+    run_ensemble_step,
+    score,
+    selection_metric,
+    weighted,
+)
+from kubetune.job_study import create_or_load_study
+from kubetune.search_space import to_distributions
+from kubetune.spec import parse_job
+from kubetune.storage import make_artifact_store
+from kubetune.trial_run import run_trial
+from kubetune.worker import _load_data
+
+RECORD_KEYS = {"method", "memberSource", "metric", "direction", "members", "candidates",
+               "validationValue", "testValue", "bestSingleTrial", "bestSingleValidationValue",
+               "bestSingleTestValue", "artifact"}
+
+
+def _binary(*class1: float) -> np.ndarray:
+    """Probabilities of a two-class problem from the probabilities of class 1."""
+    p = np.array(class1)
+    return np.stack([1 - p, p], axis=1)
+
+
+def _random_members(rng, n_members=5, n=60, classes=3):
+    y = rng.integers(0, classes, size=n)
+    probas = []
+    for _ in range(n_members):
+        logits = rng.normal(size=(n, classes)) + 1.5 * np.eye(classes)[y] * rng.uniform(0, 1)
+        e = np.exp(logits)
+        probas.append(e / e.sum(axis=1, keepdims=True))
+    return probas, y
+
+
+# ---------------------------------------------------------------- selection and scoring
+def test_greedy_selection_matches_a_hand_computed_case():
+    # Labels 0 0 1 1 1; each member gives P(class 1) per sample; accuracy, maximize.
+    y = np.array([0, 0, 1, 1, 1])
+    a = _binary(0.8, 0.9, 0.8, 0.2, 0.9)  # predicts 1 1 1 0 1 -> 2/5 right
+    b = _binary(0.8, 0.2, 0.8, 0.8, 0.4)  # predicts 1 0 1 1 0 -> 3/5
+    c = _binary(0.3, 0.2, 0.9, 0.7, 0.4)  # predicts 0 0 1 1 0 -> 4/5: the start
+    # Round 2: c+a -> .55 .55 .85 .45 .65: 2/5; c+b -> .55 .2 .85 .75 .4: 3/5; c+c = c: 4/5.
+    # Round 3: (2c+a)/3 -> .47 .43 .87 .53 .57: 5/5; (2c+b)/3 -> ... .40: 4/5; 3c/3: 4/5.
+    # Round 4: (2c+2a)/4: 2/5; (2c+a+b)/4 -> .55 ...: 4/5; (3c+a)/4 -> .43 .38 .88 .58 .53:
+    # 5/5, no better than round 3: the kept prefix is c, c, a.
+    selection = greedy_selection([a, b, c], y, "val_accuracy", "maximize", rounds=4)
+
+    assert selection.picks == (2, 2, 0)
+    assert selection.weights == pytest.approx((1 / 3, 0.0, 2 / 3))
+    assert score("val_accuracy", weighted([a, b, c], selection.weights), y) == 1.0
+
+
+def test_greedy_loss_selection_prefers_the_blend_that_lowers_the_log_loss():
+    y = np.array([0, 1])
+    a = np.array([[0.9, 0.1], [0.6, 0.4]])  # log loss (-ln .9 - ln .4)/2 = 0.511: the start
+    b = np.array([[0.4, 0.6], [0.2, 0.8]])  # (-ln .4 - ln .8)/2 = 0.570
+    # (a+b)/2 = [[.65 .35] [.4 .6]]: (-ln .65 - ln .6)/2 = 0.471 < 0.511 = (a+a)/2.
+    selection = greedy_selection([a, b], y, "val_loss", "minimize", rounds=2)
+    assert selection.picks == (0, 1) and selection.weights == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("metric,direction", [("val_accuracy", "maximize"),
+                                              ("val_f1", "maximize"),
+                                              ("val_loss", "minimize")])
+def test_greedy_ensemble_is_never_worse_than_the_best_single_member_on_validation(
+        metric, direction):
+    rng = np.random.default_rng(0)
+    sign = 1 if direction == "maximize" else -1
+    for _ in range(20):
+        probas, y = _random_members(rng)
+        members = [Member(i, p, p) for i, p in enumerate(probas)]
+        result = combine(members, y, y, metric=metric, direction=direction, method="greedy")
+        best_single = max(sign * score(metric, p, y) for p in probas)
+        assert sign * result.validation_value >= best_single
+        assert sum(result.weights) == pytest.approx(1.0)
+        assert all(w > 0 for w in result.weights)
+
+
+def test_average_is_the_plain_mean_of_the_members_probabilities():
+    probas, y = _random_members(np.random.default_rng(1), n_members=4)
+    members = [Member(i, p, p) for i, p in enumerate(probas)]
+    result = combine(members, y, y, metric="val_loss", direction="minimize", method="average")
+    assert result.weights == [0.25] * 4
+    assert result.validation_value == pytest.approx(
+        log_loss(y, np.mean(probas, axis=0), labels=[0, 1, 2]))
+
+
+def test_metrics_agree_with_scikit_learn():
+    rng = np.random.default_rng(2)
+    probas, y = _random_members(rng, n_members=1, n=200, classes=4)
+    proba = probas[0]
+    assert score("val_accuracy", proba, y) == pytest.approx(accuracy_score(y, proba.argmax(1)))
+    assert score("val_f1", proba, y) == pytest.approx(
+        f1_score(y, proba.argmax(1), average="macro", zero_division=0))
+    assert score("val_loss", proba, y) == pytest.approx(log_loss(y, proba, labels=range(4)))
+    never_3 = proba[:, [0, 1, 2, 2]] * [1, 1, 1, 0]  # class 3 never predicted
+    assert score("val_f1", never_3, y) == pytest.approx(
+        f1_score(y, never_3.argmax(1), average="macro", zero_division=0))
+
+
+def test_a_train_metric_objective_is_selected_by_its_validation_counterpart():
+    assert selection_metric("val_f1") == "val_f1"
+    assert selection_metric("train_loss") == "val_loss"
+    assert selection_metric("train_accuracy") == "val_accuracy"
+
+
+def test_selection_reads_validation_only_and_test_values_come_from_the_test_split():
+    rng = np.random.default_rng(3)
+    probas, y_val = _random_members(rng)
+    tests_a, y_test = _random_members(rng, n=40)
+    tests_b = [np.roll(p, 1, axis=1) for p in tests_a]  # other test predictions entirely
+
+    def run(tests):
+        members = [Member(i, v, t) for i, (v, t) in enumerate(zip(probas, tests))]
+        return combine(members, y_val, y_test, metric="val_accuracy", direction="maximize",
+                       method="greedy")
+
+    a, b = run(tests_a), run(tests_b)
+    assert [m.trial for m in a.members] == [m.trial for m in b.members]
+    assert a.weights == b.weights and a.validation_value == b.validation_value
+    kept = [m.trial for m in a.members]
+    for result, tests in ((a, tests_a), (b, tests_b)):
+        assert result.test_value == score("val_accuracy",
+                                          weighted([tests[i] for i in kept], result.weights),
+                                          y_test)
+        assert result.best_single_test_value == score("val_accuracy", tests[0], y_test)
+    assert a.test_value != b.test_value
+
+
+def test_fewer_than_two_members_is_not_an_ensemble():
+    probas, y = _random_members(np.random.default_rng(4), n_members=1)
+    with pytest.raises(NotEnoughMembers, match="at least 2 usable members, found 1"):
+        combine([Member(0, probas[0], probas[0])], y, y, metric="val_accuracy",
+                direction="maximize", method="greedy")
+
+
+# ---------------------------------------------------------------- the step on real trials
+def _trained_study(tmp_path, n_trials, name="ens", **spec):
+    job = parse_job(fast_job(name, **spec))
+    study = create_or_load_study(InMemoryStorage(), job)
+    store = make_artifact_store(tmp_path / "artifacts")
+    data = _load_data(job)
+    for _ in range(n_trials):
+        trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+        run_trial(study, trial, job, data, store)
+    return study, job, store, data
+
+
+def test_step_skips_pruned_failed_and_unsaved_trials_and_stores_a_small_record(tmp_path):
+    study, job, store, data = _trained_study(tmp_path, 3)
+    distributions = to_distributions(job.spec.search_space)
+    params = study.trials[0].params
+    for state, value in ((TrialState.PRUNED, None), (TrialState.FAIL, None),
+                         (TrialState.COMPLETE, 0.99)):  # the best value, but no predictions
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
+                                                  value=value, state=state))
+
+    record = run_ensemble_step(study, store)
+
+    assert set(record) == RECORD_KEYS | {"builtFrom"}
+    assert study.user_attrs[ENSEMBLE_ATTR] == record
+    assert record["candidates"] == 3
+    assert {m["trial"] for m in record["members"]} <= {0, 1, 2}
+    assert sum(m["weight"] for m in record["members"]) == pytest.approx(1.0)
+    ranked = sorted((t for t in study.trials[:3]), key=lambda t: (-t.value, t.number))
+    assert record["bestSingleTrial"] == ranked[0].number
+    assert record["validationValue"] >= record["bestSingleValidationValue"]
+    assert record["bestSingleValidationValue"] == pytest.approx(ranked[0].value, abs=1e-6)
+    assert record["metric"] == "val_accuracy" and "note" not in record
+    assert len(json.dumps(record)) < 2000
+
+
+def test_one_usable_trial_is_no_ensemble_and_says_why(tmp_path):
+    study, job, store, _ = _trained_study(tmp_path, 1)
+    record = run_ensemble_step(study, store)
+    assert record["reason"] == "NotEnoughMembers"
+    assert "found 1" in record["message"]
+
+
+def test_snapshot_members_are_earlier_epochs_of_the_top_trials(tmp_path):
+    study, job, store, data = _trained_study(
+        tmp_path, 2, ensemble={"members": "snapshots", "method": "average"},
+        trainer={"builtin": {"dataset": {"name": "synthetic", "samples": 400, "features": 10,
+                                         "informative": 6, "classes": 3}, "epochs": 6}})
+
+    record = run_ensemble_step(study, store)
+
+    # 6 epochs: the models of epochs 4 and 5 besides the final one, for each trial.
+    assert sorted((m["trial"], m["epoch"]) for m in record["members"]) == [
+        (0, 4), (0, 5), (0, 6), (1, 4), (1, 5), (1, 6)]
+    assert record["memberSource"] == "snapshots"
+
+
+def test_snapshots_do_not_change_what_a_trial_learns():
+    from kubetune.mlp import train
+    from kubetune.trial_run import Snapshots
+
+    job = parse_job(fast_job())
+    data = _load_data(job)
+    params = {"epochs": 3, "lr": 0.01, "hidden": 16}
+    snapshots = Snapshots([1, 2], data)
+    plain = train(params, data, seed=7, device="cpu")
+    recorded = train(params, data, seed=7, device="cpu", on_snapshot=snapshots)
+    assert np.array_equal(plain.val_proba, recorded.val_proba)
+    assert [epoch for epoch, *_ in snapshots.kept] == [1, 2]
+
+
+def test_seed_members_retrain_the_best_configuration(tmp_path):
+    study, job, store, data = _trained_study(
+        tmp_path, 2, ensemble={"members": "seeds", "seeds": 3, "method": "average"},
+        objective={"metric": "train_loss", "direction": "minimize"})
+    best = min(study.trials, key=lambda t: t.value)
+
+    record = run_ensemble_step(study, store)
+
+    assert [m["trial"] for m in record["members"]] == [best.number] * 3
+    seeds = [m["seed"] for m in record["members"]]
+    assert seeds[0] == best.number and len(set(seeds)) == 3  # the trial's own seed first
+    assert record["metric"] == "val_loss" and "train_loss" in record["note"]
+    assert record["bestSingleTrial"] == best.number
+
+
+def test_importing_kubetune_stays_light():
+    code = "import sys, kubetune; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
