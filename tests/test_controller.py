@@ -14,7 +14,8 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
 from conftest import fast_job
-from kubetune.controller import JobCore, WorkerState
+from kubetune.controller import MAX_ENSEMBLE_ATTEMPTS, JobCore, WorkerState
+from kubetune.ensemble import ENSEMBLE_ATTR, fingerprint
 from kubetune.job_study import STARTED_ATTR, create_or_load_study
 from kubetune.search_space import to_distributions
 from kubetune.spec import parse_job
@@ -24,6 +25,7 @@ class ScriptedLauncher:
     def __init__(self):
         self.workers: dict[str, WorkerState] = {}
         self.started = 0
+        self.ensembles = 0
         self.stopped = False
 
     def list_workers(self):
@@ -32,6 +34,12 @@ class ScriptedLauncher:
     def start_worker(self):
         self.started += 1
         worker_id = f"w{self.started}"
+        self.workers[worker_id] = WorkerState(worker_id)
+        return worker_id
+
+    def start_ensemble(self):
+        self.ensembles += 1
+        worker_id = f"e{self.ensembles}"
         self.workers[worker_id] = WorkerState(worker_id)
         return worker_id
 
@@ -93,7 +101,8 @@ def test_never_starts_more_workers_than_trials_left():
 
 
 def test_budget_spent_means_succeeded_with_the_best_trial():
-    core, study, launcher, _ = _core(budget={"maxTrials": 3, "parallelism": 1})
+    core, study, launcher, _ = _core(budget={"maxTrials": 3, "parallelism": 1},
+                                     ensemble={"enabled": False})
     status = core.reconcile().status
     for value in (0.2, 0.9, 0.4):
         _trial(study, core.job, value=value)
@@ -181,7 +190,8 @@ def test_no_complete_trial_is_a_failure_even_when_the_budget_is_spent():
 
 
 def test_timeout_ends_the_job_once_running_trials_stop():
-    core, study, launcher, clock = _core(budget={"maxTrials": 50, "timeout": "10m"})
+    core, study, launcher, clock = _core(budget={"maxTrials": 50, "timeout": "10m"},
+                                         ensemble={"enabled": False})
     status = core.reconcile().status
     _trial(study, core.job, value=0.7)
     running = _trial(study, core.job, TrialState.RUNNING, worker="w1")
@@ -196,7 +206,8 @@ def test_timeout_ends_the_job_once_running_trials_stop():
 
 def test_goal_reached_stops_the_search_early():
     core, study, launcher, _ = _core(budget={"maxTrials": 50},
-                                     objective={"metric": "val_accuracy", "goal": 0.95})
+                                     objective={"metric": "val_accuracy", "goal": 0.95},
+                                     ensemble={"enabled": False})
     status = core.reconcile().status
     _trial(study, core.job, value=0.96)
     outcome = core.reconcile(status)
@@ -224,3 +235,151 @@ def test_status_size_does_not_grow_with_the_number_of_trials():
 
     small, large = status_size(50), status_size(5000)
     assert large <= small + 64  # only the digits of the counters grow
+
+
+# ---------------------------------------------------------------- the ensemble step
+RECORD = {"method": "greedy", "memberSource": "trials", "metric": "val_accuracy",
+          "direction": "maximize", "members": [{"trial": 1, "weight": 0.6},
+                                               {"trial": 2, "weight": 0.4}],
+          "candidates": 3, "validationValue": 0.93, "testValue": 0.91, "bestSingleTrial": 1,
+          "bestSingleValidationValue": 0.9, "bestSingleTestValue": 0.89, "artifact": "abc"}
+
+
+def _searched(**spec):
+    """A core whose search has just spent its budget of 3 complete trials."""
+    core, study, launcher, clock = _core(budget={"maxTrials": 3, "parallelism": 1}, **spec)
+    status = core.reconcile().status
+    for value in (0.2, 0.9, 0.4):
+        _trial(study, core.job, value=value)
+    return core, study, launcher, clock, status
+
+
+def _again(core, status):
+    """Reconcile with a new core object: the core keeps nothing between calls but the status."""
+    return JobCore(core.job, core.study, core.launcher, clock=core.clock).reconcile(status)
+
+
+def test_successful_search_moves_to_ensembling_and_starts_one_ensemble_worker():
+    core, study, launcher, _, status = _searched()
+
+    outcome = _again(core, status)
+
+    assert not outcome.done and outcome.status["phase"] == "Ensembling"
+    assert launcher.ensembles == 1 and launcher.stopped  # search workers stopped first
+    assert outcome.status["workers"]["ensemble"]["id"] == "e1"
+    ready = _condition(outcome.status, "EnsembleReady")
+    assert ready["status"] == "Unknown" and ready["reason"] == "Ensembling"
+    assert _condition(outcome.status, "Complete") is None
+    for _ in range(3):  # it runs: wait, never start a second one
+        outcome = _again(core, outcome.status)
+    assert launcher.ensembles == 1 and outcome.status["phase"] == "Ensembling"
+
+
+def test_stored_ensemble_result_goes_into_the_status_and_the_job_succeeds():
+    core, study, launcher, _, status = _searched()
+    status = _again(core, status).status
+    study.set_user_attr(ENSEMBLE_ATTR, {**RECORD, "builtFrom": {"finishedTrials": 3}})
+    launcher.exit("e1", 0)
+
+    outcome = _again(core, status)
+
+    assert outcome.done and outcome.status["phase"] == "Succeeded"
+    assert outcome.status["ensemble"] == RECORD  # builtFrom is bookkeeping, not status
+    ready = _condition(outcome.status, "EnsembleReady")
+    assert ready["status"] == "True" and ready["reason"] == "EnsembleBuilt"
+    assert "0.91" in ready["message"] and "0.89" in ready["message"]
+    assert _condition(outcome.status, "Complete")["reason"] == "MaxTrialsReached"
+    assert "ensemble" not in outcome.status["workers"] and "e1" not in launcher.workers
+
+
+def test_too_few_members_is_no_ensemble_with_the_reason_and_the_job_still_succeeds():
+    core, study, launcher, _, status = _searched()
+    status = _again(core, status).status
+    study.set_user_attr(ENSEMBLE_ATTR, {"reason": "NotEnoughMembers",
+                                        "message": "an ensemble needs at least 2 usable "
+                                                   "members, found 1"})
+    launcher.exit("e1", 0)
+
+    outcome = _again(core, status)
+
+    assert outcome.done and outcome.status["phase"] == "Succeeded"
+    assert outcome.status["ensemble"] is None
+    ready = _condition(outcome.status, "EnsembleReady")
+    assert (ready["status"], ready["reason"]) == ("False", "NotEnoughMembers")
+    assert "found 1" in ready["message"]
+
+
+def test_failed_ensemble_step_is_retried_a_bounded_number_of_times_then_the_job_succeeds():
+    core, study, launcher, _, status = _searched()
+    outcome = _again(core, status)
+    for attempt in range(1, MAX_ENSEMBLE_ATTEMPTS + 1):
+        assert not outcome.done and launcher.ensembles == attempt
+        launcher.exit(f"e{attempt}", 1, "RuntimeError: disk full")
+        outcome = _again(core, outcome.status)
+
+    assert outcome.done and outcome.status["phase"] == "Succeeded"
+    assert launcher.ensembles == MAX_ENSEMBLE_ATTEMPTS
+    ready = _condition(outcome.status, "EnsembleReady")
+    assert (ready["status"], ready["reason"]) == ("False", "EnsembleFailed")
+    assert "RuntimeError: disk full" in ready["message"]
+    assert outcome.status["ensemble"] is None
+    assert _condition(outcome.status, "Complete")["reason"] == "MaxTrialsReached"
+
+
+def test_ensemble_step_that_exits_without_a_result_counts_as_a_failed_attempt():
+    core, study, launcher, _, status = _searched()
+    status = _again(core, status).status
+    launcher.exit("e1", 0)
+    outcome = _again(core, status)
+    assert not outcome.done and launcher.ensembles == 2
+    assert "without storing a result" in outcome.status["workers"]["ensemble"]["lastError"]
+
+
+def test_vanished_ensemble_worker_is_waited_for_briefly_then_started_again():
+    core, study, launcher, clock, status = _searched()
+    status = _again(core, status).status
+    del launcher.workers["e1"]  # e.g. a pod not listed yet, or deleted
+    status = _again(core, status).status
+    assert launcher.ensembles == 1  # it may just not be listed yet
+    clock.now += 600
+    status = _again(core, status).status
+    assert launcher.ensembles == 2 and "gone" in status["workers"]["ensemble"]["lastError"]
+
+
+def test_a_stale_result_is_cleared_before_the_step_runs_and_a_current_one_is_reused():
+    core, study, launcher, _, status = _searched()
+    study.set_user_attr(ENSEMBLE_ATTR, {**RECORD, "builtFrom": fingerprint(
+        core.job.spec.ensemble, finished_trials=2)})  # built when 2 trials had finished
+    _again(core, status)
+    assert launcher.ensembles == 1 and study.user_attrs[ENSEMBLE_ATTR] is None
+
+    core, study, launcher, _, status = _searched()
+    study.set_user_attr(ENSEMBLE_ATTR, {**RECORD, "builtFrom": fingerprint(
+        core.job.spec.ensemble, finished_trials=3)})
+    outcome = _again(core, status)
+    assert launcher.ensembles == 0  # the same trials and settings: nothing to build again
+    assert outcome.done and outcome.status["ensemble"] == RECORD
+    assert "built earlier" in _condition(outcome.status, "EnsembleReady")["message"]
+
+
+def test_a_failed_search_has_no_ensemble_step():
+    core, study, launcher, _ = _core(budget={"maxTrials": 2})
+    status = core.reconcile().status
+    _trial(study, core.job, TrialState.PRUNED)
+    _trial(study, core.job, TrialState.PRUNED)
+    outcome = core.reconcile(status)
+    assert outcome.done and outcome.status["phase"] == "Failed"
+    assert launcher.ensembles == 0 and _condition(outcome.status, "EnsembleReady") is None
+
+
+def test_search_workers_stopped_for_the_ensemble_are_no_crash_loop():
+    core, study, launcher, _ = _core(budget={"maxTrials": 8, "parallelism": 8})
+    status = core.reconcile().status
+    for value in range(8):
+        _trial(study, core.job, value=value / 10)
+    outcome = core.reconcile(status)
+    assert launcher.started == 8
+    for worker_id in [w for w in launcher.workers if w.startswith("w")]:
+        launcher.exit(worker_id, -15)  # SIGTERM from stop_all
+    outcome = core.reconcile(outcome.status)
+    assert not outcome.done and outcome.status["phase"] == "Ensembling"

@@ -14,7 +14,7 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
-from conftest import REPO_ROOT, fast_job
+from conftest import REPO_ROOT, fast_job, kubetune, write_job
 from kubetune.ensemble import (
     ENSEMBLE_ATTR,
     Member,
@@ -240,6 +240,49 @@ def test_seed_members_retrain_the_best_configuration(tmp_path):
     assert seeds[0] == best.number and len(set(seeds)) == 3  # the trial's own seed first
     assert record["metric"] == "val_loss" and "train_loss" in record["note"]
     assert record["bestSingleTrial"] == best.number
+
+
+# ---------------------------------------------------------------- end to end
+def test_local_job_carries_its_ensemble_and_the_export_reproduces_its_test_value(tmp_path):
+    job_file = write_job(tmp_path / "job.yaml", fast_job(budget={"maxTrials": 4,
+                                                                "parallelism": 1}))
+    out = tmp_path / "out"
+
+    proc = kubetune("run", job_file, "--output", out)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["phase"] == "Succeeded"
+    ensemble = result["ensemble"]
+    assert set(ensemble) == RECORD_KEYS
+    assert ensemble["method"] == "greedy" and ensemble["metric"] == "val_accuracy"
+    assert ensemble["validationValue"] >= ensemble["bestSingleValidationValue"]
+    assert ensemble["bestSingleTrial"] == result["best"]["trial"]
+    ready = next(c for c in result["conditions"] if c["type"] == "EnsembleReady")
+    assert ready["status"] == "True"
+    assert "ensemble (greedy, trials): test val_accuracy" in " ".join(proc.stdout.split())
+
+    model_dir = tmp_path / "model"
+    exported = kubetune("export", out, "--output", model_dir)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+
+    import kubetune as kt
+
+    model = kt.load_ensemble(model_dir)
+    data = _load_data(parse_job(fast_job()))
+    raw_test = data.X_test.astype(np.float64) * data.std + data.mean  # as the user has it
+    predicted = model.predict(raw_test)
+    assert predicted.dtype.kind == "i" and set(predicted) <= {0, 1, 2}
+    assert float(np.mean(predicted == data.y_test)) == pytest.approx(ensemble["testValue"])
+    assert [m["trial"] for m in model.manifest["members"]] == \
+        [m["trial"] for m in ensemble["members"]]
+
+    # A cluster's study, exported through its storage alone (no artifact folder at hand).
+    by_name = kubetune("export", "fast", "--storage", out / "study.journal", "--output",
+                       tmp_path / "model2", "--artifacts", tmp_path / "nowhere")
+    assert by_name.returncode == 0, by_name.stderr
+    again = kt.load_ensemble(tmp_path / "model2").predict_proba(raw_test)
+    assert np.allclose(again, model.predict_proba(raw_test))
 
 
 def test_importing_kubetune_stays_light():

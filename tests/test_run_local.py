@@ -44,7 +44,7 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
     assert trials["running"] == 0 and trials["total"] == 6
     assert result["progress"] == "6/6"
     assert sum(result["pruneReasons"].values()) == trials["pruned"]
-    assert result["ensemble"] is None
+    assert result["ensemble"]["bestSingleTrial"] == result["best"]["trial"]  # on by default
 
     study = _study(out)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -64,7 +64,8 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
 
 
 def test_complete_trials_keep_history_weights_and_predictions(tmp_path):
-    job = write_job(tmp_path / "job.yaml", fast_job(budget={"maxTrials": 3, "parallelism": 1}))
+    job = write_job(tmp_path / "job.yaml", fast_job(budget={"maxTrials": 3, "parallelism": 1},
+                                                    ensemble={"enabled": False}))
     out = tmp_path / "out"
     assert kubetune("run", job, "--output", out).returncode == 0
 
@@ -99,6 +100,7 @@ def test_rerun_continues_the_same_study(tmp_path):
     first = write_job(tmp_path / "a.yaml", fast_job(budget={"maxTrials": 3, "parallelism": 1}))
     assert kubetune("run", first, "--output", out).returncode == 0
     before = {t.number: t.params for t in _study(out).trials}
+    assert json.loads((out / "result.json").read_text())["ensemble"]["candidates"] == 3
 
     more = write_job(tmp_path / "b.yaml", fast_job(budget={"maxTrials": 6, "parallelism": 2}))
     proc = kubetune("run", more, "--output", out)
@@ -108,7 +110,9 @@ def test_rerun_continues_the_same_study(tmp_path):
     trials = _study(out).trials
     assert sorted(t.number for t in trials) == list(range(6))
     assert {t.number: t.params for t in trials if t.number < 3} == before
-    assert json.loads((out / "result.json").read_text())["progress"] == "6/6"
+    result = json.loads((out / "result.json").read_text())
+    assert result["progress"] == "6/6"
+    assert result["ensemble"]["candidates"] == 5  # built again, from the top 5 of 6 trials
 
 
 def test_run_killed_mid_job_resumes_without_losing_or_repeating_trials(tmp_path):
@@ -160,7 +164,8 @@ def test_diverging_trials_are_pruned_as_nan_or_diverged_and_never_store_nan(tmp_
         budget={"maxTrials": 20, "parallelism": 2},
         pruning={"pruner": {"type": "median", "nStartupTrials": 1}},
         trainer={"builtin": {"dataset": {"name": "digits"}, "epochs": 6,
-                             "params": {"optimizer": "sgd", "momentum": 0.9}}}))
+                             "params": {"optimizer": "sgd", "momentum": 0.9}}},
+        ensemble={"enabled": False}))
     out = tmp_path / "out"
 
     proc = kubetune("run", job, "--output", out)

@@ -4,6 +4,13 @@ Plain Python with no Kubernetes or process handling of its own: a *launcher* sta
 workers (local processes for ``kubetune run``, pods for the operator). ``reconcile`` is called
 over and over; it keeps no state between calls beyond what it writes into the status, so a
 restarted runner or operator carries on where the last one stopped.
+
+When the search succeeds and ``spec.ensemble.enabled``, the job goes through phase
+``Ensembling``: the core starts the ensemble worker once (``launcher.start_ensemble``), tracks
+it in ``status.workers.ensemble``, waits for it, copies the result the step stored in the study
+into ``status.ensemble`` and sets the ``EnsembleReady`` condition. A failed step is started
+again, ``MAX_ENSEMBLE_ATTEMPTS`` times in all; after that, or when there are too few members,
+the job still succeeds, with ``EnsembleReady=False`` and the reason.
 """
 
 from __future__ import annotations
@@ -19,10 +26,19 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from kubetune import budget
+from kubetune.ensemble import ENSEMBLE_ATTR, describe, is_reusable, status_view
 from kubetune.job_study import started_at
 from kubetune.search_space import effective_max_trials
 from kubetune.spec import TuningJob
-from kubetune.status import FAILED, PENDING, RUNNING, SUCCEEDED, build_status, condition
+from kubetune.status import (
+    ENSEMBLING,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    build_status,
+    condition,
+)
 from kubetune.trial_run import FAIL_REASON_ATTR, WORKER_ATTR
 
 log = logging.getLogger("kubetune.controller")
@@ -30,6 +46,15 @@ log = logging.getLogger("kubetune.controller")
 MAX_CONSECUTIVE_CRASHES = 5
 NO_COMPLETE_TRIAL = "NoCompleteTrial"
 CRASH_LOOP = "WorkerCrashLoop"
+
+ENSEMBLE_READY = "EnsembleReady"
+ENSEMBLE_BUILT = "EnsembleBuilt"
+ENSEMBLE_RUNNING = "Ensembling"
+ENSEMBLE_FAILED = "EnsembleFailed"
+MAX_ENSEMBLE_ATTEMPTS = 3
+# A just-started ensemble worker may not be listed at once (a pod cache): missing from the list
+# for this long after its start, it is still waited for; after that it counts as a failure.
+ENSEMBLE_LIST_GRACE = 120.0
 
 
 @dataclass(frozen=True)
@@ -50,8 +75,9 @@ class Launcher(Protocol):
 
     Every worker runs ``kubetune worker --study NAME --worker-id ID --artifacts DIR`` with the
     storage URL in the ``KUBETUNE_STORAGE_URL`` environment variable; the ensemble worker runs
-    ``kubetune ensemble --study NAME --artifacts DIR`` the same way. A worker stays in
-    ``list_workers`` (with its exit code once it ended) until ``forget_worker``.
+    ``kubetune ensemble --study NAME --artifacts DIR`` the same way. A worker, the ensemble
+    worker included, stays in ``list_workers`` (with its exit code once it ended) until
+    ``forget_worker``. The ensemble step's result is read from the study, not from the worker.
     """
 
     def list_workers(self) -> list[WorkerState]: ...
@@ -86,7 +112,10 @@ class JobCore:
         spec = self.job.spec
         now = self.clock()
         fail_stale_trials(self.study)
+        tracking = _ensemble_tracking(previous)
         workers = self.launcher.list_workers()
+        ensemble_worker = next((w for w in workers if tracking and w.id == tracking["id"]), None)
+        workers = [w for w in workers if w is not ensemble_worker]
         exited = [w for w in workers if not w.running]
         trials = self.study.get_trials(deepcopy=False)
         if self._fail_orphans(trials, exited):
@@ -100,16 +129,19 @@ class JobCore:
         reason = budget.stop_reason(spec, counts, best, started_at(self.study), now)
         max_trials = effective_max_trials(spec)
 
-        if crashes > MAX_CONSECUTIVE_CRASHES:
+        if crashes > MAX_CONSECUTIVE_CRASHES and tracking is None:
             self.launcher.stop_all()
             tail = next((w.log_tail for w in reversed(exited) if w.exit_code), "")
             return self._finish(trials, counts, previous, max_trials, FAILED, CRASH_LOOP,
                                 f"{crashes} workers in a row exited with an error without "
                                 f"finishing a trial. Last output:\n{tail}".strip())
         if reason is not None and counts.running == 0:
+            verdict = self._verdict(reason, counts, max_trials)
+            if verdict[0] == SUCCEEDED and spec.ensemble.enabled:
+                return self._ensemble(trials, counts, previous, max_trials, verdict, tracking,
+                                      ensemble_worker)
             self.launcher.stop_all()
-            return self._finish(trials, counts, previous, max_trials, *self._verdict(
-                reason, counts, max_trials))
+            return self._finish(trials, counts, previous, max_trials, *verdict)
 
         started = 0
         if reason is None:
@@ -124,26 +156,117 @@ class JobCore:
         phase = RUNNING if alive or started or counts.finished else PENDING
         status = build_status(
             self.job, trials, counts, phase=phase, previous=previous, max_trials=max_trials,
-            conditions=[condition("Ready", True, "StudyReady",
-                                  f"study {self.job.study_name} is open")])
+            conditions=[self._ready()])
         status["workers"] = {"active": len(alive) + started, "consecutiveCrashes": crashes,
                              "lastCrashTime": last_crash, "finishedTrials": counts.finished,
                              "restarts": previous.get("workers", {}).get("restarts", 0)
                              + sum(1 for w in exited if w.exit_code)}
         return Outcome(status=status, done=False)
 
+    # ------------------------------------------------------------------ the ensemble step
+    def _ensemble(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
+                  previous: dict[str, Any], max_trials: int, verdict: tuple[str, str, str],
+                  tracking: dict[str, Any] | None, worker: WorkerState | None) -> Outcome:
+        """The search succeeded: start, wait for, retry and finally report the ensemble step."""
+        spec = self.job.spec.ensemble
+        args = (trials, counts, previous, max_trials)
+        if tracking is None:  # the search has just ended (or a restarted runner lost track)
+            self.launcher.stop_all()
+            search = {"reason": verdict[1], "message": verdict[2]}
+            record = self.study.user_attrs.get(ENSEMBLE_ATTR)
+            if is_reusable(record, spec, counts.finished):
+                return self._ensemble_done(*args, search, record, reused=True)
+            self.study.set_user_attr(ENSEMBLE_ATTR, None)  # a result now can only be new
+            return self._start_ensemble(*args, {"search": search, "attempts": 0})
+        search = tracking["search"]
+        if worker is not None and worker.running:
+            return self._ensembling(*args, tracking)
+        if worker is None and self.clock() - tracking["startedAt"] < ENSEMBLE_LIST_GRACE:
+            return self._ensembling(*args, tracking)
+        if worker is not None:
+            self.launcher.forget_worker(worker.id)
+        if worker is not None and worker.exit_code == 0:
+            record = self.study.user_attrs.get(ENSEMBLE_ATTR)
+            if record:
+                return self._ensemble_done(*args, search, record)
+            error = "the ensemble step exited without storing a result"
+        elif worker is None:
+            error = f"ensemble worker {tracking['id']} is gone"
+        else:
+            error = f"the ensemble step exited with code {worker.exit_code}"
+            if worker.log_tail:
+                error += f"; last output:\n{worker.log_tail}"
+        log.warning("ensemble attempt %d failed: %s", tracking["attempts"], error)
+        if tracking["attempts"] < MAX_ENSEMBLE_ATTEMPTS:
+            return self._start_ensemble(*args, {**tracking, "lastError": error[:2000]})
+        self.launcher.stop_all()
+        return self._finish(*args, SUCCEEDED, search["reason"], search["message"],
+                            ensemble=condition(ENSEMBLE_READY, False, ENSEMBLE_FAILED,
+                                               f"{tracking['attempts']} attempts failed; "
+                                               f"last: {error}"[:4000]))
+
+    def _start_ensemble(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
+                        previous: dict[str, Any], max_trials: int,
+                        tracking: dict[str, Any]) -> Outcome:
+        worker_id = self.launcher.start_ensemble()
+        tracking = {**tracking, "id": worker_id, "attempts": tracking["attempts"] + 1,
+                    "startedAt": self.clock()}
+        log.info("started ensemble worker %s (attempt %d)", worker_id, tracking["attempts"])
+        return self._ensembling(trials, counts, previous, max_trials, tracking)
+
+    def _ensembling(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
+                    previous: dict[str, Any], max_trials: int,
+                    tracking: dict[str, Any]) -> Outcome:
+        spec = self.job.spec.ensemble
+        source = (f"the {spec.top_k} best trials" if spec.members != "seeds"
+                  else f"the best trial and {spec.seeds - 1} retrained seeds")
+        status = build_status(
+            self.job, trials, counts, phase=ENSEMBLING, previous=previous,
+            max_trials=max_trials,
+            conditions=[self._ready(),
+                        condition(ENSEMBLE_READY, None, ENSEMBLE_RUNNING,
+                                  f"building a {spec.method} ensemble of {source} "
+                                  f"({spec.members}), attempt {tracking['attempts']} of "
+                                  f"{MAX_ENSEMBLE_ATTEMPTS}")])
+        status["ensemble"] = None
+        status["workers"] = {**previous.get("workers", {}), "active": 1,
+                             "finishedTrials": counts.finished, "ensemble": tracking}
+        return Outcome(status=status, done=False)
+
+    def _ensemble_done(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
+                       previous: dict[str, Any], max_trials: int, search: dict[str, str],
+                       record: dict[str, Any], reused: bool = False) -> Outcome:
+        self.launcher.stop_all()
+        view = status_view(record)
+        if view is None:
+            ready = condition(ENSEMBLE_READY, False, record.get("reason", ENSEMBLE_FAILED),
+                              record.get("message", ""))
+        else:
+            message = describe(record) + (" (built earlier for these trials)" if reused else "")
+            ready = condition(ENSEMBLE_READY, True, ENSEMBLE_BUILT, message)
+        outcome = self._finish(trials, counts, previous, max_trials, SUCCEEDED,
+                               search["reason"], search["message"], ensemble=ready)
+        outcome.status["ensemble"] = view
+        return outcome
+
     # ------------------------------------------------------------------ helpers
+    def _ready(self) -> dict[str, Any]:
+        return condition("Ready", True, "StudyReady", f"study {self.job.study_name} is open")
+
     def _finish(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
                 previous: dict[str, Any], max_trials: int, phase: str, reason: str,
-                message: str) -> Outcome:
+                message: str, ensemble: dict[str, Any] | None = None) -> Outcome:
+        """The job's end; ``ensemble`` is the EnsembleReady condition when the step ran."""
         kind = "Complete" if phase == SUCCEEDED else "Failed"
+        conditions = [self._ready()]
+        if ensemble is not None:
+            conditions.append(ensemble)
+        conditions.append(condition(kind, True, reason, message))
         status = build_status(
             self.job, trials, counts, phase=phase, previous=previous, max_trials=max_trials,
-            conditions=[condition("Ready", True, "StudyReady",
-                                  f"study {self.job.study_name} is open"),
-                        condition(kind, True, reason, message)])
-        status["workers"] = {**previous.get("workers", {}), "active": 0,
-                             "finishedTrials": counts.finished}
+            conditions=conditions)
+        workers = {k: v for k, v in previous.get("workers", {}).items() if k != "ensemble"}
+        status["workers"] = {**workers, "active": 0, "finishedTrials": counts.finished}
         return Outcome(status=status, done=True)
 
     def _verdict(self, reason: str, counts: budget.TrialCounts,
@@ -188,6 +311,14 @@ class JobCore:
             crashes += len(failed)
             last = self.clock()
         return crashes, last
+
+
+def _ensemble_tracking(previous: dict[str, Any]) -> dict[str, Any] | None:
+    """The ensemble worker the previous status tracks, while the job is Ensembling."""
+    if previous.get("phase") != ENSEMBLING:
+        return None
+    tracking = previous.get("workers", {}).get("ensemble")
+    return tracking if isinstance(tracking, dict) and tracking.get("id") else None
 
 
 def fail_abandoned_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:

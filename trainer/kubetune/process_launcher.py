@@ -1,4 +1,7 @@
-"""Workers as local processes: the launcher ``kubetune run`` gives the job core."""
+"""Workers as local processes: the launcher ``kubetune run`` gives the job core.
+
+The ensemble step runs the same way, as one more process after the search workers are done.
+"""
 
 from __future__ import annotations
 
@@ -40,12 +43,25 @@ class ProcessLauncher:
     def start_worker(self) -> str:
         self._count += 1
         worker_id = f"{LOCAL_PREFIX}{self._session}-{self._count}"
-        self._log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self._log_dir / f"worker-{self._count}.log"
-        command = [sys.executable, "-m", "kubetune", "worker", "--study", self._study, "--worker-id", worker_id,
+        command = ["worker", "--study", self._study, "--worker-id", worker_id,
                    "--artifacts", self._artifacts]
         if self._threads:
             command += ["--threads", str(self._threads)]
+        self._spawn(worker_id, command, f"worker-{self._count}.log")
+        return worker_id
+
+    def start_ensemble(self) -> str:
+        """``kubetune ensemble`` for the study; it uses all cores (the workers are done)."""
+        self._count += 1
+        worker_id = f"{LOCAL_PREFIX}{self._session}-ensemble-{self._count}"
+        self._spawn(worker_id, ["ensemble", "--study", self._study, "--artifacts",
+                                self._artifacts], f"ensemble-{self._count}.log")
+        return worker_id
+
+    def _spawn(self, worker_id: str, args: list[str], log_name: str) -> None:
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self._log_dir / log_name
+        command = [sys.executable, "-m", "kubetune", *args]
         # The URL may hold a password: pass it in the environment, never on the command line.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", STORAGE_ENV: self._storage}
         with open(log_path, "ab") as log_file:
@@ -53,7 +69,6 @@ class ProcessLauncher:
                                     stdin=subprocess.DEVNULL, env=env,
                                     preexec_fn=_die_with_parent)
         self._procs[worker_id] = (proc, log_path)
-        return worker_id
 
     def list_workers(self) -> list[WorkerState]:
         return [WorkerState(worker_id, proc.poll(),

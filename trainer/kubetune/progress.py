@@ -1,5 +1,5 @@
 """What ``kubetune run`` shows: a live progress bar on a terminal, plain lines elsewhere,
-and a leaderboard at the end."""
+and a leaderboard at the end, with the ensemble against the best single trial."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class ProgressView:
         self._progress: Progress | None = None
         self._task: Any = None
         self._last_line = ("", 0.0)
+        self._last_phase = ""
 
     # ------------------------------------------------------------------ lifecycle
     def intro(self, *, storage: str, output: Path, workers: int, resumed: int,
@@ -61,20 +62,28 @@ class ProgressView:
     def update(self, status: dict[str, Any]) -> None:
         done, _, total = status["progress"].partition("/")
         detail = self._detail(status)
+        ensembling = status.get("phase") == "Ensembling"
         if self._progress is not None:
             self._progress.update(self._task, completed=int(done), total=int(total),
-                                  detail=detail)
+                                  detail=detail,
+                                  description="ensembling" if ensembling else "trials")
         elif not self._quiet:
             line = f"trials {status['progress']}  {detail}"
             last, when = self._last_line
-            if line != last and time.monotonic() - when >= 2.0:
+            changed = status.get("phase", "") != self._last_phase
+            if line != last and (changed or time.monotonic() - when >= 2.0):
                 self._console.print(line)
                 self._last_line = (line, time.monotonic())
+        self._last_phase = status.get("phase", "")
 
     def _detail(self, status: dict[str, Any]) -> str:
         trials = status["trials"]
         best = status.get("best")
         best_text = f"best {best['value']:.4g} (#{best['trial']})" if best else "best -"
+        if status.get("phase") == "Ensembling":
+            cond = next((c for c in status.get("conditions", [])
+                         if c["type"] == "EnsembleReady"), None)
+            return f"{best_text}  Ensembling: {cond['message'] if cond else ''}".rstrip()
         return (f"{best_text}  running {trials['running']}  pruned {trials['pruned']}  "
                 f"failed {trials['failed']}")
 
@@ -99,6 +108,32 @@ def print_summary(status: dict[str, Any], console: Console | None = None) -> Non
     reasons = status.get("pruneReasons") or {}
     if reasons:
         console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+    _print_ensemble(status, console)
+
+
+def _print_ensemble(status: dict[str, Any], console: Console) -> None:
+    """The ensemble against the best single trial on the test split, or why there is none."""
+    ensemble = status.get("ensemble")
+    if ensemble:
+        members = ", ".join(_member(m) for m in ensemble["members"])
+        console.print(
+            f"[bold]ensemble[/] ({ensemble['method']}, {ensemble['memberSource']}): "
+            f"test {ensemble['metric']} {ensemble['testValue']:.4g} vs best single trial "
+            f"#{ensemble['bestSingleTrial']} {ensemble['bestSingleTestValue']:.4g} "
+            f"(validation {ensemble['validationValue']:.4g} vs "
+            f"{ensemble['bestSingleValidationValue']:.4g})")
+        console.print(f"  members: {members}")
+        if ensemble.get("note"):
+            console.print(f"  note: {ensemble['note']}")
+        return
+    for cond in status.get("conditions", []):
+        if cond["type"] == "EnsembleReady" and cond["status"] == "False":
+            console.print(f"no ensemble ({cond['reason']}): {cond['message']}")
+
+
+def _member(member: dict[str, Any]) -> str:
+    extra = "".join(f" {k} {member[k]}" for k in ("seed", "epoch") if k in member)
+    return f"#{member['trial']}{extra} x{member['weight']:.3g}"
 
 
 def leaderboard_table(status: dict[str, Any]) -> Table:

@@ -20,15 +20,18 @@ from kubetune.trial_run import PRUNE_REASON_ATTR
 LEADERBOARD_SIZE = 10
 
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+ENSEMBLING = "Ensembling"  # the search is over; the ensemble step runs (then Succeeded)
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def condition(type_: str, status: bool, reason: str, message: str = "") -> dict[str, Any]:
-    return {"type": type_, "status": "True" if status else "False", "reason": reason,
-            "message": message, "lastTransitionTime": now_iso()}
+def condition(type_: str, status: bool | None, reason: str, message: str = "") -> dict[str, Any]:
+    """A status condition; ``status`` None is ``Unknown`` (e.g. while it is being found out)."""
+    text = "Unknown" if status is None else "True" if status else "False"
+    return {"type": type_, "status": text, "reason": reason, "message": message,
+            "lastTransitionTime": now_iso()}
 
 
 def merge_conditions(previous: list[dict[str, Any]] | None,
