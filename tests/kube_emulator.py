@@ -23,16 +23,16 @@ import concurrent.futures
 import contextlib
 import datetime
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import kmock
 import kopf
-from kmock._internal import enums  # the action enum, also exposed as kmock.action
 from kubernetes.client import ApiClient, Configuration
 
-from kubetune_operator.handlers import Reconciler, register
+from kubetune_operator.handlers import Reconciler, SyncResult, register
 from kubetune_operator.settings import Settings
 
 TUNINGJOBS = "kubetune.io/v1alpha1/tuningjobs"
@@ -77,7 +77,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> Any:
         data = request.data
         if request.resource is not None and isinstance(data, dict):
-            meta = data.setdefault("metadata", {}) if request.action == enums.action.CREATE \
+            meta = data.setdefault("metadata", {}) if request.action == kmock.action.CREATE \
                 else None
             if meta is not None:
                 if not meta.get("name") and meta.get("generateName"):
@@ -89,7 +89,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
                 if request.namespace and "namespace" not in meta:
                     meta["namespace"] = request.namespace
-            elif (request.action == enums.action.UPDATE and request.subresource is None
+            elif (request.action == kmock.action.UPDATE and request.subresource is None
                   and "spec" in data and request.name is not None):
                 key = (request.resource, request.namespace, request.name)
                 if key in self.objects and not self.objects[key].deleted:
@@ -119,6 +119,40 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
         subresources={"status"})
 
 
+class DrainableReconciler(Reconciler):
+    """A Reconciler that the tests can drain before stopping kopf: a status patch cut off by
+    kopf's shutdown is retried on a closed session and holds the stop for 5 s."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.draining = threading.Event()
+        self.busy = 0
+        self.drained_calls = 0
+        self._count = threading.Lock()
+
+    def sync(self, body: Any) -> SyncResult:
+        if self.draining.is_set():
+            self.drained_calls += 1
+            return SyncResult()
+        with self._count:
+            self.busy += 1
+        try:
+            return super().sync(body)
+        finally:
+            with self._count:
+                self.busy -= 1
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Stop reconciling; return once no reconcile (nor its status patch) is under way."""
+        self.draining.set()
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        calls, settle = self.drained_calls, time.monotonic() + 1.0
+        while self.drained_calls == calls and time.monotonic() < settle:
+            await asyncio.sleep(0.02)  # a later (empty) tick: kopf has sent the last patch
+
+
 @contextlib.asynccontextmanager
 async def running_operator(emulator: kmock.KubernetesEmulator, settings: Settings
                            ) -> AsyncIterator[Reconciler]:
@@ -135,7 +169,7 @@ async def running_operator(emulator: kmock.KubernetesEmulator, settings: Setting
         return kopf.ConnectionInfo(server=str(emulator.url))
 
     api = ApiClient(Configuration(host=str(emulator.url).rstrip("/")))
-    reconciler = Reconciler(api, settings)
+    reconciler = DrainableReconciler(api, settings)
     register(registry, reconciler)
     kopf_settings = kopf.OperatorSettings()
     kopf_settings.scanning.disabled = True  # namespace discovery answers 500 in kmock 0.8
@@ -160,6 +194,7 @@ async def running_operator(emulator: kmock.KubernetesEmulator, settings: Setting
     try:
         yield reconciler
     finally:
+        await reconciler.drain()
         stop.set()
         await asyncio.to_thread(thread.join, 15)
         await asyncio.to_thread(executor.shutdown, wait=True)

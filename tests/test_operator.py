@@ -575,3 +575,27 @@ def test_status_patches_carry_only_what_changed():
     after = {"phase": "Running", "trials": {"complete": 2}, "completionTime": None,
              "best": None}
     assert status_patch(before, after) == {"trials": {"complete": 2}, "best": None}
+
+
+async def test_ensemble_step_runs_in_its_own_pod_after_the_search(cluster, operator,
+                                                                   postgres_url):
+    body = tuning_job(budget={"maxTrials": 2, "parallelism": 2}, ensemble={"topK": 2})
+    await create(cluster, body)
+    await eventually(lambda: len(pods(cluster)) == 2, message="two worker pods")
+    study = study_of(postgres_url)
+    for value in (0.8, 0.9):
+        run_trial(study, body, value)
+
+    await eventually(lambda: list(pods(cluster)) == ["fast-ensemble"], message="ensemble pod")
+    pod = pods(cluster)["fast-ensemble"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["ensemble", "--study", f"{NS}/fast", "--artifacts",
+                                 SETTINGS.artifacts_path]
+    assert pod["metadata"]["labels"]["kubetune.io/role"] == "ensemble"
+    kubernetes_validate.validate(copy.deepcopy(pod), latest_version(), strict=True)
+    await eventually(lambda: status(cluster).get("phase") == "Ensembling", message="Ensembling")
+
+    response = await cluster.delete(f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/tuningjobs/fast")
+    assert response.status == 200
+    await eventually(lambda: job_object(cluster, "fast") is None, message="job gone")
+    assert not pods(cluster)

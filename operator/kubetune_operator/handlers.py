@@ -375,6 +375,8 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kubetune.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # our own events are posted explicitly
+    # A deleted job waits for its timer to stop; kopf re-checks a busy timer only after this.
+    settings.background.cancellation_polling = 1.0
 
 
 def _reason(status: Mapping[str, Any], kind: str) -> str | None:
