@@ -66,9 +66,17 @@ def label_matcher(selector: str | None) -> Callable[[Any], bool]:
 
 
 class KubeEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator with server-set metadata and label selectors (see the module doc)."""
+    """kmock's emulator with server-set metadata and label selectors (see the module doc).
+
+    ``refuse_creation[resource] = (status, message)`` makes creations of that resource fail
+    as a real API server refuses them (a ResourceQuota, RBAC), without storing the object.
+    """
 
     _resource_version = 0
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.refuse_creation: dict[str, tuple[int, str]] = {}
 
     def _next_version(self) -> str:
         type(self)._resource_version += 1
@@ -76,6 +84,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: Any) -> Any:
         data = request.data
+        if request.action == kmock.action.CREATE and request.resource is not None:
+            for resource, (code, message) in self.refuse_creation.items():
+                if request.resource == resource:
+                    raise kmock.KubernetesError(status=code, reason="Forbidden", message=message)
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {}) if request.action == kmock.action.CREATE \
                 else None

@@ -599,3 +599,22 @@ async def test_ensemble_step_runs_in_its_own_pod_after_the_search(cluster, opera
     assert response.status == 200
     await eventually(lambda: job_object(cluster, "fast") is None, message="job gone")
     assert not pods(cluster)
+
+
+async def test_pods_refused_by_a_quota_are_reported_and_retried(cluster, operator):
+    cluster.refuse_creation[PODS] = (403, 'pods "fast-worker-0" is forbidden: exceeded quota: '
+                                          'gpu-quota, requested: requests.nvidia.com/gpu=1')
+    await create(cluster, tuning_job(budget={"maxTrials": 4, "parallelism": 1}))
+
+    refused = await eventually(lambda: condition(status(cluster), "WorkersStarted"),
+                               message="a WorkersStarted condition")
+    assert refused["status"] == "False" and refused["reason"] == "PodCreationFailed"
+    assert "exceeded quota" in refused["message"] and not pods(cluster)
+    warning = await eventually(lambda: events(cluster, "PodCreationFailed"), message="event")
+    assert "exceeded quota" in warning[0]["message"]
+
+    del cluster.refuse_creation[PODS]  # the quota freed up
+    await eventually(lambda: list(pods(cluster)) == ["fast-worker-0"], message="the worker")
+    await eventually(lambda: condition(status(cluster), "WorkersStarted") is None,
+                     message="the condition cleared")
+    assert len(events(cluster, "PodCreationFailed")) == 1  # once, not every reconcile

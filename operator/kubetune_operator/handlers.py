@@ -54,6 +54,8 @@ FINALIZER = "kubetune.io/finalizer"
 UID_ATTR = "kubetune:jobUid"  # the TuningJob (uid) that the study's stored spec belongs to
 INVALID_SPEC = "InvalidSpec"
 STORAGE_UNAVAILABLE = "StorageUnavailable"
+WORKERS_STARTED = "WorkersStarted"  # a condition present only while pods cannot be created
+POD_CREATION_FAILED = "PodCreationFailed"
 EDITABLE_BUDGET = ("maxTrials", "parallelism")
 EVENT_MESSAGE_LIMIT = 1000
 CONNECT_TIMEOUT_S = 10
@@ -133,9 +135,14 @@ class Reconciler:
         except SQLAlchemyError as err:
             return self._unavailable(previous, generation, _db_error(err))
         except TemplateRejected as err:
+            delete_job_pods(self.core, owner.namespace, owner.name)
             return self._failed(previous, generation, "InvalidPodTemplate",
                                 f"the API server refused a worker pod: {err}")
         status = dict(outcome.status)
+        if launcher.errors:
+            status["conditions"] = status["conditions"] + merge_conditions(
+                previous.get("conditions"), [condition(
+                    WORKERS_STARTED, False, POD_CREATION_FAILED, "; ".join(launcher.errors))])
         status.update(
             observedGeneration=generation,
             conditions=_with_generation(status["conditions"], generation),
@@ -144,7 +151,7 @@ class Reconciler:
             completionTime=(previous.get("completionTime") or now_iso()) if outcome.done
             else None,
         )
-        events += worker_events(launcher) + phase_events(previous, status)
+        events += worker_events(launcher, previous) + phase_events(previous, status)
         return SyncResult(status=status_patch(observed, status), events=events)
 
     def _accept(self, url: str, owner: Owner, current: TuningJob | None,
@@ -202,7 +209,9 @@ class Reconciler:
             response = self.core.read_namespaced_secret(secret.name, namespace,
                                                         _preload_content=False)
         except ApiException as err:
-            what = "not found" if err.status == 404 else f"unreadable ({err.status} {err.reason})"
+            what = (f"not found: create it with the storage URL under key {secret.key!r}, or set "
+                    "spec.storage.secretRef") if err.status == 404 else \
+                f"unreadable ({err.status} {err.reason})"
             raise StorageUnavailable(f"storage Secret {namespace}/{secret.name} {what}") from None
         data = json.loads(response.data).get("data") or {}
         if secret.key not in data:
@@ -337,8 +346,14 @@ def ignored_edit_events(accepted: TuningJob, current: TuningJob) -> list[Event]:
                   "TuningJob to change the others.")]
 
 
-def worker_events(launcher: PodLauncher) -> list[Event]:
+def worker_events(launcher: PodLauncher, previous: Mapping[str, Any]) -> list[Event]:
     events = []
+    if launcher.errors:
+        message = "; ".join(launcher.errors)
+        before = next((c for c in previous.get("conditions") or []
+                       if c.get("type") == WORKERS_STARTED), {})
+        if before.get("message") != message:  # once per distinct refusal, not every reconcile
+            events.append(Event("Warning", POD_CREATION_FAILED, f"{message}; retrying"))
     for worker in launcher.failed:
         tail = worker.log_tail.strip().splitlines()
         detail = f": {tail[-1]}" if tail else ""

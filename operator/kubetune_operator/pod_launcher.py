@@ -377,7 +377,7 @@ class PodLauncher:
     """The ``Launcher`` of the job core, one per reconcile: pods through the Kubernetes API.
 
     It remembers nothing between reconciles; what it records during one (``started``,
-    ``failed``, ``stopped``) is only for the events of that reconcile.
+    ``failed``, ``stopped``, ``errors``) is only for the status and events of that reconcile.
     """
 
     def __init__(self, api: CoreV1Api, owner: Owner, job: TuningJob, settings: Settings,
@@ -387,6 +387,7 @@ class PodLauncher:
         self.started: list[str] = []
         self.failed: list[WorkerState] = []
         self.stopped: list[str] = []
+        self.errors: list[str] = []  # pods the API refused to create this time
         self._pods: dict[str, dict[str, Any]] | None = None
         self._states: dict[str, WorkerState] = {}
 
@@ -462,7 +463,11 @@ class PodLauncher:
             if err.status == 422:
                 raise TemplateRejected(_api_message(err)) from None
             if err.status != 409:
-                raise
+                # Refused for now (a ResourceQuota, RBAC, an API hiccup): the next reconcile
+                # sees no such pod and tries again; the job's status says why meanwhile.
+                self.errors.append(f"pod {name}: {err.status} {_api_message(err)}")
+                log.warning("cannot create pod %s: %s", name, self.errors[-1])
+                return True
             existing = self._read(name)
             state = worker_state(existing) if existing else None
             if existing is None or state is None or not state.running:
