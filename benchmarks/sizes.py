@@ -1,0 +1,52 @@
+"""How big each benchmark runs: ``full`` (the issue's counts), ``quick`` and ``smoke``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sizes:
+    name: str
+    # 1. tuning efficiency
+    datasets: tuple[str, ...]
+    trials: int
+    seeds: int
+    epochs: int
+    # 2. divergence handling
+    divergence_trials: int
+    divergence_seeds: int
+    # 3. storage overhead
+    storage_trials: tuple[int, ...]
+    storage_workers: tuple[int, ...]
+    storage_epochs: int
+    # 4. status size
+    status_trials: tuple[int, ...]
+
+
+FULL = Sizes(
+    name="full",
+    datasets=("digits", "breast_cancer", "wine"), trials=100, seeds=10, epochs=20,
+    divergence_trials=100, divergence_seeds=10,
+    storage_trials=(1_000, 10_000), storage_workers=(1, 4, 16), storage_epochs=10,
+    status_trials=(100, 1_000, 10_000),
+)
+
+QUICK = Sizes(
+    name="quick",
+    datasets=("digits", "breast_cancer"), trials=30, seeds=3, epochs=20,
+    divergence_trials=30, divergence_seeds=3,
+    storage_trials=(100,), storage_workers=(1, 4), storage_epochs=10,
+    status_trials=(100, 1_000, 10_000),
+)
+
+# Only proves the suite runs end to end (tests/test_benchmarks.py): the numbers mean nothing.
+SMOKE = Sizes(
+    name="smoke",
+    datasets=("digits", "breast_cancer"), trials=3, seeds=1, epochs=2,
+    divergence_trials=3, divergence_seeds=1,
+    storage_trials=(8,), storage_workers=(2,), storage_epochs=3,
+    status_trials=(50, 200),
+)
+
+SIZES = {s.name: s for s in (FULL, QUICK, SMOKE)}

@@ -1,0 +1,324 @@
+"""3. Storage overhead: what a worker spends on the study, next to training.
+
+Real worker processes run kubetune's worker loop against a real PostgreSQL server (started
+throwaway, as the tests do) and against a journal file, with the training taken out: each
+trial is chosen under the study lock exactly as ``kubetune worker`` chooses it
+(``kubetune.worker._next_trial``: fail stale trials, count, check the budget, ask), then runs
+through ``kubetune.trial_run.run_trial`` with a trainer that trains nothing. That trainer calls
+``on_epoch`` for each of the trial's epochs, which is kubetune's per-epoch bookkeeping: write the
+trial's history, check the guards, ``trial.report`` and ``trial.should_prune`` (median pruner).
+At the end the trial saves its (tiny) artifacts and is told complete. On PostgreSQL the trial's
+heartbeat runs as in a real worker.
+
+Every trial reports the same learning curve, so the median pruner never prunes and every
+trial does the same work. The sampler is random, so that the numbers are the storage's and
+not TPE's.
+
+Measured: trials per second for all workers together; the latency of one epoch's report plus
+prune check (p50/p95); the time to choose a trial under the lock; and the overhead per trial,
+the worker's wall time divided by its trials (lock waits included). Because nothing is trained,
+that is all overhead; the share of a worker's wall time spent outside training for trials
+that train T seconds is then overhead / (overhead + T).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from benchmarks.report import Section, Table, percentile, progress
+from benchmarks.sizes import Sizes
+
+NAME = "storage"
+TRIAL_SECONDS = (1, 10, 60)
+_SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+          "hidden": {"type": "categorical", "choices": [32, 64, 128, 256]},
+          "dropout": {"type": "float", "low": 0.0, "high": 0.5}}
+
+
+def _pg_server_module() -> Any:
+    # The throwaway PostgreSQL server lives with the test fixtures (tests/pg_server.py), and
+    # tests/ is not a package: put that folder on the path to import the module from it.
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import pg_server
+
+    return pg_server
+
+
+def _job(trials: int, workers: int, epochs: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "TuningJob",
+        "metadata": {"name": f"storage-{trials}-{workers}"},
+        "spec": {
+            "objective": {"metric": "val_accuracy", "direction": "maximize"},
+            "searchSpace": _SPACE,
+            "budget": {"maxTrials": trials, "parallelism": workers, "maxFailedTrials": trials},
+            "sampler": {"type": "random", "seed": 0},
+            "trainer": {"builtin": {"dataset": {"name": "synthetic"}, "epochs": epochs,
+                                    "device": "cpu"}},
+        },
+    }
+
+
+def run(sizes: Sizes, jobs: int) -> Section:
+    started = time.perf_counter()
+    pg = _pg_server_module()
+    server = pg.start_server()
+    version = _postgres_version(server)
+    rows = []
+    results = []
+    try:
+        progress(NAME, f"PostgreSQL ({version}) on port {server.port}")
+        for trials in sizes.storage_trials:
+            for workers in sizes.storage_workers:
+                for kind in ("postgresql", "journal"):
+                    result = _measure(kind, server, pg, trials, workers, sizes.storage_epochs)
+                    results.append(result)
+                    rows.append(_row(result))
+                    progress(NAME, f"{kind}, {trials} trials, {workers} worker(s): "
+                                   f"{result['trials_per_s']:.1f} trials/s, report+prune p50 "
+                                   f"{result['p50_ms']:.1f} ms, overhead "
+                                   f"{result['overhead_ms']:.0f} ms/trial")
+    finally:
+        server.cleanup()
+    section = Section(NAME, "3. Storage overhead: PostgreSQL and journal file")
+    section.settings = [
+        f"{', '.join(f'{n:,}' for n in sizes.storage_trials)} trials with "
+        f"{', '.join(map(str, sizes.storage_workers))} concurrent worker processes"
+        + (" (quick run: the full run uses 1,000 and 10,000 trials with 1, 4 and 16 workers)"
+           if sizes.name != "full" else ""),
+        f"{sizes.storage_epochs} epochs (report + prune check) per trial; random sampler, "
+        "median pruner; no training (see below); one fresh database or journal file each",
+        f"PostgreSQL: {version}, local, fsync off (as the test fixture runs it); journal: "
+        "Optuna's JournalStorage on a local file (kubetune's default for `kubetune run`)",
+        "*report + prune* is one epoch's bookkeeping in kubetune's trial runner: write the "
+        "history, check the guards, `trial.report`, `trial.should_prune`; *choose a trial* "
+        "is the worker's step under the study lock (fail stale trials, count, ask)",
+        "*overhead/trial*: a worker's wall time divided by its trials, with nothing trained, "
+        "so all of it is overhead (choose, bookkeeping, artifacts, tell, lock waits). The "
+        "share of wall time outside training for trials that train T s is overhead / "
+        "(overhead + T), with the overhead measured on the same row. With more workers than "
+        f"the {os.cpu_count()} cores, workers also wait for a CPU, which a real fleet (one "
+        "worker per node or GPU) does not: those shares are upper bounds",
+    ]
+    section.tables.append(Table(
+        ["storage", "trials", "workers", "trials/s", "report + prune p50 (ms)",
+         "report + prune p95 (ms)", "choose a trial p50 (ms)", "overhead/trial (ms)"]
+        + [f"outside training, {t} s trials" for t in TRIAL_SECONDS], rows))
+    section.headlines.append(_headline(results))
+    section.seconds = time.perf_counter() - started
+    return section
+
+
+def _row(r: dict[str, Any]) -> list[str]:
+    return ([r["kind"], f"{r['trials']:,}", str(r["workers"]), f"{r['trials_per_s']:.1f}",
+             f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['choose_ms']:.1f}",
+             f"{r['overhead_ms']:.0f}"]
+            + [f"{share(r['overhead_ms'], t):.2f}%" for t in TRIAL_SECONDS])
+
+
+def share(overhead_ms: float, trial_seconds: float) -> float:
+    """Percent of a worker's wall time spent outside training for trials of that length."""
+    overhead = overhead_ms / 1000
+    return 100 * overhead / (overhead + trial_seconds)
+
+
+def _headline(results: list[dict[str, Any]]) -> str:
+    pg = [r for r in results if r["kind"] == "postgresql"]
+    worst = max(pg, key=lambda r: r["overhead_ms"])
+    one = min(pg, key=lambda r: (r["workers"], r["trials"]))
+    return (f"Storage: on PostgreSQL one epoch's report + prune check takes "
+            f"{one['p50_ms']:.1f} ms (p50) and a trial's whole overhead {one['overhead_ms']:.0f} "
+            f"ms with one worker, {share(one['overhead_ms'], 10):.1f}% of a 10 s trial and "
+            f"{share(one['overhead_ms'], 60):.2f}% of a 60 s one; the worst row "
+            f"({worst['workers']} workers, {worst['trials']:,} trials) spends "
+            f"{share(worst['overhead_ms'], 60):.2f}% of a 60 s trial outside training.")
+
+
+def _postgres_version(server: Any) -> str:
+    conn = server.connect(autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            return f"PostgreSQL {cur.fetchone()[0].split()[0]}"
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- one configuration
+def _measure(kind: str, server: Any, pg: Any, trials: int, workers: int,
+             epochs: int) -> dict[str, Any]:
+    import multiprocessing
+
+    folder = Path(tempfile.mkdtemp(prefix="kubetune-bench-storage-"))
+    dbname = None
+    try:
+        if kind == "postgresql":
+            dbname = pg.create_database(server)
+            url = server.url(dbname)
+        else:
+            url = str(folder / "study.journal")
+        study_name = _create_study(url, _job(trials, workers, epochs))
+        context = multiprocessing.get_context("spawn")
+        barrier = context.Barrier(workers)
+        queue = context.Queue()
+        procs = [context.Process(target=worker_main,
+                                 args=(url, study_name, f"bench-worker-{i}",
+                                       str(folder / "artifacts"), barrier, queue))
+                 for i in range(workers)]
+        for proc in procs:
+            proc.start()
+        reports = [queue.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+        failed = [r["error"] for r in reports if "error" in r]
+        if failed:
+            raise RuntimeError(f"storage benchmark worker failed: {failed[0]}")
+    finally:
+        if dbname is not None:
+            pg.drop_database(server, dbname)
+        shutil.rmtree(folder, ignore_errors=True)
+    latencies = [x for r in reports for x in r["epoch_s"]]
+    choose = [x for r in reports for x in r["choose_s"]]
+    done = sum(r["trials"] for r in reports)
+    wall = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    per_worker = [(r["end"] - r["start"]) / r["trials"] for r in reports if r["trials"]]
+    return {
+        "kind": kind, "trials": done, "workers": workers,
+        "trials_per_s": done / wall if wall > 0 else math.nan,
+        "p50_ms": 1000 * percentile(latencies, 50), "p95_ms": 1000 * percentile(latencies, 95),
+        "choose_ms": 1000 * percentile(choose, 50),
+        "overhead_ms": 1000 * statistics.mean(per_worker),
+    }
+
+
+def _create_study(url: str, job_data: dict[str, Any]) -> str:
+    from kubetune.job_study import create_or_load_study
+    from kubetune.spec import parse_job
+    from kubetune.storage import open_storage, silence_optuna
+
+    silence_optuna()
+    job = parse_job(job_data)
+    storage = open_storage(url)
+    create_or_load_study(storage, job)
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()  # the workers are separate processes; hold no connection open
+    return job.study_name
+
+
+class NoTraining:
+    """A trainer that trains nothing: it calls ``on_epoch`` once per epoch and times it."""
+
+    def __init__(self) -> None:
+        import numpy as np
+        import optuna.artifacts  # noqa: F401 - imported here, not inside the first timed trial
+        import torch
+
+        self.epoch_seconds: list[float] = []
+        self.model = torch.nn.Linear(2, 2)
+        proba = np.full((4, 2), 0.5, dtype=np.float32)
+        self.proba = proba
+        labels = np.array([0, 1, 0, 1])
+        self.data = SimpleNamespace(classes=["0", "1"], mean=np.zeros(2, dtype=np.float32),
+                                    std=np.ones(2, dtype=np.float32), y_val=labels,
+                                    y_test=labels)
+
+    def __call__(self, params: dict[str, Any], data: Any, *, on_epoch: Any = None,
+                 **kwargs: Any) -> Any:
+        epochs = int(params["epochs"])
+        history = []
+        for epoch in range(1, epochs + 1):
+            # The same curve for every trial: the median pruner never prunes (ties survive).
+            metrics = {"train_loss": 1.0 / epoch, "train_accuracy": 0.5 + 0.02 * epoch,
+                       "val_loss": 1.0 / epoch, "val_accuracy": 0.5 + 0.02 * epoch,
+                       "val_f1": 0.5 + 0.02 * epoch}
+            history.append({"epoch": epoch, **metrics})
+            began = time.perf_counter()
+            try:
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+            finally:
+                self.epoch_seconds.append(time.perf_counter() - began)
+        # What run_trial reads of kubetune.mlp.TrainResult (not imported: it pulls in
+        # scikit-learn, seconds of start-up per worker for nothing).
+        return SimpleNamespace(model=self.model, history=history, val_proba=self.proba,
+                               test_proba=self.proba, epochs_run=epochs)
+
+
+def worker_main(url: str, study_name: str, worker_id: str, artifacts: str, barrier: Any,
+                queue: Any) -> None:
+    """One benchmark worker process: kubetune's worker loop, with ``NoTraining``."""
+    try:
+        queue.put(_worker_loop(url, study_name, worker_id, artifacts, barrier))
+    except BaseException as err:  # tell the parent rather than leave it waiting
+        import traceback
+
+        queue.put({"error": f"{type(err).__name__}: {err}\n{traceback.format_exc()}"})
+
+
+def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
+                 barrier: Any) -> dict[str, Any]:
+    # The setup of kubetune.worker.run_worker, then its loop with a trainer that trains nothing.
+    import optuna
+
+    from kubetune import budget
+    from kubetune.job_study import load_job, started_at
+    from kubetune.search_space import make_pruner, make_sampler, to_distributions, worker_seed
+    from kubetune.storage import (
+        StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna,
+    )
+    from kubetune.trial_run import run_trial
+    from kubetune.worker import WorkerOptions, _heartbeat, _next_trial
+
+    silence_optuna()
+    job = load_job(optuna.load_study(study_name=study_name, storage=open_storage(url)))
+    spec = job.spec
+    storage = open_storage(url, heartbeat_interval=spec.storage.heartbeat_interval
+                           if is_rdb(url) else None,
+                           grace_period=spec.storage.grace_period,
+                           max_retries=spec.budget.max_retries)
+    study = optuna.load_study(
+        study_name=study_name, storage=storage,
+        sampler=make_sampler(spec, seed=worker_seed(spec.sampler.seed, worker_id),
+                             parallel=spec.budget.parallelism > 1),
+        pruner=make_pruner(spec))
+    store = make_artifact_store(artifacts)
+    distributions = to_distributions(spec.search_space)
+    lock = StudyLock(url, study_name)
+    start = started_at(study)
+    options = WorkerOptions(storage=url, study=study_name, worker_id=worker_id,
+                            artifacts=artifacts)
+    trainer = NoTraining()
+    choose: list[float] = []
+    done = 0
+    barrier.wait()
+    began = end = time.time()
+    try:
+        while True:
+            t0 = time.perf_counter()
+            trial, counts, reason = _next_trial(study, job, lock, distributions, start, options)
+            if trial is None:
+                if counts.running == 0 or reason == budget.TOO_MANY_FAILED:
+                    break
+                time.sleep(0.01)  # others finish the last trials
+                continue
+            choose.append(time.perf_counter() - t0)
+            with _heartbeat(storage, trial._trial_id):
+                run_trial(study, trial, job, trainer.data, store, train=trainer)
+            done += 1
+            end = time.time()
+    finally:
+        lock.close()
+    return {"trials": done, "start": began, "end": end, "choose_s": choose,
+            "epoch_s": trainer.epoch_seconds}

@@ -1,0 +1,352 @@
+"""The ways of tuning that parts 1 and 2 compare, on the same trainer, data, space and budget.
+
+Every arm trains with ``kubetune.mlp.train`` on the same split, with the same epochs per trial,
+the same seed per trial number and the same number of trials; the arms differ only in sampler,
+pruner and guards:
+
+* ``random``: (a) what Katib does by default: Optuna's ``RandomSampler``, no pruning, stock
+  ``study.optimize``. A NaN final value fails the trial, as stock Optuna does, after it trained
+  all its epochs.
+* ``optuna``: (b) plain Optuna: ``TPESampler`` and ``MedianPruner`` with their defaults, every
+  epoch's objective reported (a NaN too) and ``should_prune`` asked after it.
+* ``kubetune``: (c) kubetune's defaults, through kubetune's own code: the TuningJob is parsed by
+  ``kubetune.spec``, the sampler and pruner come from ``make_sampler``/``make_pruner`` and each
+  trial runs in ``kubetune.trial_run.run_trial`` (NaN/divergence guards, then the pruner). It
+  runs in process on an in-memory study, artifacts in a temp folder, instead of worker
+  processes, so the comparison measures tuning, not process start-up.
+* (d) ``kubetune`` plus the ensemble step (``kubetune.ensemble``) on the finished study of (c);
+  it trains nothing more, so its compute is that of (c).
+
+Compute is counted in epochs actually trained, summed over the trials. Each run also notes, per
+trial, the first epoch at which training *blew up*: a non-finite metric, or a training loss
+above 10x that of the first epoch (the definition of kubetune's guards with their defaults).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ARMS = ("random", "optuna", "kubetune")
+ARM_LABELS = {
+    "random": "(a) random search, no pruning (Katib default)",
+    "optuna": "(b) Optuna TPE + median pruner",
+    "kubetune": "(c) kubetune defaults (TPE + NaN/divergence guards + median pruner)",
+    "ensemble": "(d) kubetune + ensemble",
+}
+BLOWUP_FACTOR = 10.0
+
+# The digits example's search space (examples/digits-mlp.yaml), used for every dataset.
+SEARCH_SPACE: dict[str, Any] = {
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    "layers": {"type": "int", "low": 1, "high": 3},
+    "hidden": {"type": "categorical", "choices": [32, 64, 128, 256]},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    "optimizer": {"type": "categorical", "choices": ["sgd", "adam", "adamw", "rmsprop"]},
+    "activation": {"type": "categorical", "choices": ["relu", "gelu", "tanh"]},
+}
+FIXED_PARAMS: dict[str, Any] = {"batch_size": 64, "init": "he_uniform"}
+
+# Datasets that ship with scikit-learn, written to CSV and read through kubetune's `file` source.
+SKLEARN_DATASETS = ("breast_cancer", "wine")
+
+
+# ---------------------------------------------------------------- what a run records
+@dataclass
+class TrialRecord:
+    number: int
+    state: str                       # COMPLETE | PRUNED | FAIL
+    epochs: int                      # epochs trained
+    value: float | None              # final objective of a complete trial
+    test_accuracy: float | None      # of a trial that trained to the end
+    blowup_epoch: int | None         # first epoch that went NaN or diverged
+
+
+@dataclass
+class ArmRun:
+    arm: str
+    dataset: str
+    seed: int
+    maximize: bool
+    trials: list[TrialRecord]
+    seconds: float
+    ensemble: dict[str, float] | None = None   # (d): val/test value of the ensemble
+    ensemble_note: str | None = None           # why (d) has no numbers
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(t.epochs for t in self.trials)
+
+    def best(self) -> TrialRecord | None:
+        """The best complete trial (ties: the earlier one), as the study reports it."""
+        done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None
+                and math.isfinite(t.value)]
+        if not done:
+            return None
+        sign = -1.0 if self.maximize else 1.0
+        return min(done, key=lambda t: (sign * t.value, t.number))
+
+    def epochs_to_reach(self, target: float) -> float:
+        """Epochs trained until a complete trial first reached ``target``; inf if none did."""
+        spent = 0
+        for trial in sorted(self.trials, key=lambda t: t.number):
+            spent += trial.epochs
+            if trial.state == "COMPLETE" and trial.value is not None and (
+                    trial.value >= target if self.maximize else trial.value <= target):
+                return float(spent)
+        return math.inf
+
+
+@dataclass
+class Task:
+    arm: str
+    dataset: str
+    seed: int
+    job: dict[str, Any]
+    ensemble: bool = False
+
+
+# ---------------------------------------------------------------- inputs
+def prepare_datasets(names: tuple[str, ...], folder: Path) -> dict[str, dict[str, Any]]:
+    """kubetune dataset specs; scikit-learn's bundled tables are written to CSV files first."""
+    specs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name == "digits":
+            specs[name] = {"name": "digits"}
+        elif name in SKLEARN_DATASETS:
+            specs[name] = {"name": "file", "path": str(_write_csv(name, folder)),
+                           "labelColumn": "label"}
+        else:
+            raise ValueError(f"unknown benchmark dataset {name!r}")
+    return specs
+
+
+def _write_csv(name: str, folder: Path) -> Path:
+    from sklearn import datasets
+
+    bunch = getattr(datasets, f"load_{name}")()
+    path = folder / f"{name}.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([f"x{i}" for i in range(bunch.data.shape[1])] + ["label"])
+        for row, label in zip(bunch.data, bunch.target):
+            writer.writerow([repr(float(v)) for v in row] + [int(label)])
+    return path
+
+
+def job_dict(name: str, dataset: dict[str, Any], *, trials: int, epochs: int, seed: int,
+             space: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
+             metric: str = "val_accuracy", direction: str = "maximize") -> dict[str, Any]:
+    """One TuningJob for every arm; ``pruning`` is left out, so kubetune uses its defaults."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "TuningJob",
+        "metadata": {"name": name},
+        "spec": {
+            "objective": {"metric": metric, "direction": direction},
+            "searchSpace": space or SEARCH_SPACE,
+            "budget": {"maxTrials": trials, "parallelism": 1, "maxFailedTrials": trials},
+            "sampler": {"type": "tpe", "seed": seed},
+            "trainer": {"builtin": {"dataset": dataset, "epochs": epochs, "device": "cpu",
+                                    "params": dict(FIXED_PARAMS if params is None else params),
+                                    "seed": seed * 100_000}},
+        },
+    }
+
+
+# ---------------------------------------------------------------- running tasks
+def run_tasks(tasks: list[Task], jobs: int, name: str) -> list[ArmRun]:
+    """Run the tasks in ``jobs`` processes (one torch thread each), printing one line each."""
+    import multiprocessing
+
+    from benchmarks.report import progress
+
+    runs: list[ArmRun] = []
+    context = multiprocessing.get_context("spawn")  # no inherited threads, locks or sockets
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context,
+                             initializer=_init_process) as pool:
+        futures = {pool.submit(run_task, task): task for task in tasks}
+        for future in as_completed(futures):
+            run = future.result()
+            runs.append(run)
+            best = run.best()
+            progress(name, f"{run.dataset} {run.arm} seed {run.seed}: best "
+                           f"{'none' if best is None else f'{best.value:.4f}'}, "
+                           f"{run.total_epochs} epochs, {run.seconds:.0f} s "
+                           f"({len(runs)}/{len(tasks)})")
+    return sorted(runs, key=lambda r: (r.dataset, ARMS.index(r.arm), r.seed))
+
+
+def _init_process() -> None:
+    import optuna
+    import torch
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def run_task(task: Task) -> ArmRun:
+    from kubetune.spec import parse_job
+
+    job = parse_job(task.job)
+    started = time.perf_counter()
+    runner = {"random": _run_stock, "optuna": _run_stock, "kubetune": _run_kubetune}[task.arm]
+    run = runner(task, job)
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+class Recorder:
+    """Wraps ``kubetune.mlp.train``: counts epochs, notes blow-ups and the test accuracy."""
+
+    def __init__(self) -> None:
+        self.current = -1
+        self.trials: dict[int, dict[str, Any]] = {}
+
+    def train(self, params: dict[str, Any], data: Any, **kwargs: Any) -> Any:
+        from kubetune.mlp import train
+
+        record = self.trials[self.current] = {"epochs": 0, "blowup": None, "test": None}
+        first_loss: list[float] = []
+        inner = kwargs.pop("on_epoch", None)
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            record["epochs"] = epoch
+            loss = metrics.get("train_loss", math.nan)
+            if not first_loss and math.isfinite(loss):
+                first_loss.append(loss)
+            if record["blowup"] is None and (
+                    not all(math.isfinite(v) for v in metrics.values())
+                    or (first_loss and loss > BLOWUP_FACTOR * max(first_loss[0], 1e-12))):
+                record["blowup"] = epoch
+            if inner is not None:
+                inner(epoch, metrics)
+
+        result = train(params, data, on_epoch=on_epoch, **kwargs)
+        record["test"] = float((result.test_proba.argmax(axis=1) == data.y_test).mean())
+        return result
+
+    def records(self, study: Any) -> list[TrialRecord]:
+        out = []
+        for trial in study.get_trials(deepcopy=False):
+            seen = self.trials.get(trial.number, {"epochs": 0, "blowup": None, "test": None})
+            out.append(TrialRecord(trial.number, trial.state.name, seen["epochs"],
+                                   trial.value if trial.state.name == "COMPLETE" else None,
+                                   seen["test"], seen["blowup"]))
+        return out
+
+
+def _load_data(job: Any) -> Any:
+    from kubetune.data import load_dataset
+
+    builtin = job.spec.trainer.builtin
+    return load_dataset(builtin.dataset.model_dump(by_alias=True, exclude_none=True),
+                        builtin.split.model_dump(by_alias=True, exclude_none=True))
+
+
+def _suggest(trial: Any, name: str, dist: Any) -> Any:
+    """What a plain Optuna user writes for each parameter of the space."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    return trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
+
+
+def _run_stock(task: Task, job: Any) -> ArmRun:
+    """(a) and (b): a stock Optuna study and objective, as a user without kubetune writes it."""
+    import optuna
+
+    from kubetune.search_space import to_distributions
+
+    spec = job.spec
+    builtin = spec.trainer.builtin
+    metric = spec.objective.metric
+    direction = spec.objective.resolved_direction
+    data = _load_data(job)
+    distributions = to_distributions(spec.search_space)
+    if task.arm == "random":
+        sampler, pruner = optuna.samplers.RandomSampler(seed=task.seed), None
+    else:
+        sampler, pruner = optuna.samplers.TPESampler(seed=task.seed), optuna.pruners.MedianPruner()
+    study = optuna.create_study(direction=direction, sampler=sampler,
+                                pruner=pruner or optuna.pruners.NopPruner())
+    recorder = Recorder()
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {"epochs": builtin.epochs, **builtin.params,
+                  **{n: _suggest(trial, n, d) for n, d in distributions.items()}}
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            if pruner is None:
+                return
+            trial.report(float(metrics[metric]), epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        recorder.current = trial.number
+        result = recorder.train(params, data, seed=builtin.seed + trial.number,
+                                device=builtin.device, on_epoch=report)
+        return float(result.history[-1][metric])
+
+    study.optimize(objective, n_trials=spec.budget.max_trials, catch=(Exception,))
+    return ArmRun(task.arm, task.dataset, task.seed, direction == "maximize",
+                  recorder.records(study), 0.0)
+
+
+def _run_kubetune(task: Task, job: Any) -> ArmRun:
+    """(c), and (d) when asked: kubetune's sampler, pruner, guards and trial runner."""
+    import optuna
+    from optuna.storages import InMemoryStorage
+
+    from kubetune.job_study import create_or_load_study
+    from kubetune.search_space import make_pruner, make_sampler, to_distributions
+    from kubetune.storage import make_artifact_store
+    from kubetune.trial_run import run_trial
+
+    spec = job.spec
+    data = _load_data(job)
+    storage = InMemoryStorage()
+    create_or_load_study(storage, job)
+    study = optuna.load_study(study_name=job.study_name, storage=storage,
+                              sampler=make_sampler(spec), pruner=make_pruner(spec))
+    distributions = to_distributions(spec.search_space)
+    recorder = Recorder()
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
+        store = make_artifact_store(tmp)
+        for _ in range(spec.budget.max_trials):
+            trial = study.ask(fixed_distributions=distributions)
+            recorder.current = trial.number
+            run_trial(study, trial, job, data, store, train=recorder.train)
+        run = ArmRun(task.arm, task.dataset, task.seed,
+                     spec.objective.resolved_direction == "maximize", recorder.records(study),
+                     0.0)
+        if task.ensemble:
+            run.ensemble, run.ensemble_note = run_ensemble(study, store)
+    return run
+
+
+def run_ensemble(study: Any, store: Any) -> tuple[dict[str, float] | None, str | None]:
+    """(d): kubetune's ensemble step on a finished study: (values, None) or (None, why not)."""
+    try:
+        from kubetune.ensemble import run_ensemble_step
+    except ImportError:
+        return None, "not available yet: kubetune.ensemble has no run_ensemble_step"
+    try:
+        record = run_ensemble_step(study, store)
+    except Exception as err:  # report it in the table rather than lose the whole benchmark
+        return None, f"ensemble step failed: {type(err).__name__}: {err}"
+    if "reason" in record:
+        return None, f"{record['reason']}: {record.get('message', '')}"
+    return {"val": float(record["validationValue"]), "test": float(record["testValue"]),
+            "members": float(len(record.get("members", [])))}, None

@@ -1,0 +1,114 @@
+"""The benchmark suite runs end to end and writes its report.
+
+``python -m benchmarks --smoke`` runs every benchmark with tiny counts (PostgreSQL included).
+Benchmarks report timings; this test checks only that each table is there with its columns
+and the numbers that do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ is a top-level folder, not installed
+from benchmarks.sizes import SMOKE  # noqa: E402
+
+
+def tables(text: str) -> list[list[dict[str, str]]]:
+    """Every markdown table in ``text``, as rows keyed by column header."""
+    found, lines = [], text.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("| ") and re.fullmatch(r"\|(---\|)+", lines[i + 1]):
+            headers = [c.strip() for c in line.strip("|").split("|")]
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("| "):
+                    break
+                rows.append(dict(zip(headers, (c.strip() for c in row.strip("|").split("|")))))
+            found.append(rows)
+    return found
+
+
+def table_with(text: str, column: str) -> list[list[dict[str, str]]]:
+    return [t for t in tables(text) if t and column in t[0]]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> str:
+    output = tmp_path_factory.mktemp("bench") / "RESULTS.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--output",
+                           str(output)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "efficiency: starting" in proc.stdout  # progress lines while it runs
+    return output.read_text()
+
+
+def test_report_says_what_ran_where_and_when(report):
+    assert report.startswith("# kubetune benchmark results")
+    assert "**smoke** run" in report
+    for field in ("- Command: `python -m benchmarks --smoke --output ", "- Date: 20",
+                  "- Machine: ", "cores", "- Software: Python 3.", "torch ", "optuna "):
+        assert field in report
+
+
+def test_efficiency_table_per_dataset_with_every_arm(report):
+    found = table_with(report, "epochs trained")
+    efficiency = [t for t in found if "best val accuracy" in t[0]]
+    assert len(efficiency) == len(SMOKE.datasets)
+    for table in efficiency:
+        arms = [row["arm"][:3] for row in table]
+        assert arms == ["(a)", "(b)", "(c)", "(d)"]
+        random_search = table[0]
+        # no pruning: every trial trains every epoch
+        assert random_search["epochs trained"] == str(SMOKE.trials * SMOKE.epochs)
+        assert random_search["trials pruned"] == "0"
+        for row in table[:3]:
+            assert re.fullmatch(r"0\.\d{3}|1\.000", row["best val accuracy"])
+            assert re.fullmatch(r"0\.\d{3}|1\.000", row["test accuracy (of best)"])
+            assert int(row["epochs trained"]) <= SMOKE.trials * SMOKE.epochs
+            assert row["seeds reaching it"].endswith(f"/{SMOKE.seeds}")
+        assert any(column.startswith("epochs to val ≥ ") for column in table[0])
+
+
+def test_divergence_table_counts_wasted_epochs(report):
+    (table,) = table_with(report, "epochs wasted after blow-up")
+    assert [row["arm"][:3] for row in table] == ["(a)", "(b)", "(c)"]
+    assert table[0]["epochs trained"] == str(SMOKE.divergence_trials * SMOKE.epochs)
+    for row in table:
+        assert row["share of compute wasted"].endswith("%")
+        assert int(row["epochs wasted after blow-up"]) <= int(row["epochs in blown-up trials"])
+    assert table[2]["epochs wasted after blow-up"] == "0"  # the guards stop at the blow-up
+
+
+def test_storage_table_has_every_storage_and_worker_count(report):
+    (table,) = table_with(report, "report + prune p50 (ms)")
+    seen = {(row["storage"], row["workers"]) for row in table}
+    assert seen == {(kind, str(w)) for kind in ("postgresql", "journal")
+                    for w in SMOKE.storage_workers}
+    for row in table:
+        assert row["trials"] == str(SMOKE.storage_trials[0])  # the budget is exact
+        for column in ("trials/s", "report + prune p95 (ms)", "overhead/trial (ms)"):
+            float(row[column].replace(",", ""))
+        for seconds in (1, 10, 60):
+            assert row[f"outside training, {seconds} s trials"].endswith("%")
+
+
+def test_status_table_stays_small(report):
+    (table,) = table_with(report, "status size (bytes)")
+    assert [row["trials in the study"] for row in table] == [f"{n:,}" for n in
+                                                             SMOKE.status_trials]
+    sizes = [int(row["status size (bytes)"].replace(",", "")) for row in table]
+    assert max(sizes) - min(sizes) < 200
+    assert table[-1]["leaderboard entries"] == "10"
+
+
+def test_operator_section_is_present(report):
+    assert "## 4b. Operator overhead on the kmock emulator" in report
+    (table,) = table_with(report, "measure")
+    assert len(table) == 4
