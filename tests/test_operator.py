@@ -29,7 +29,9 @@ from kubetune.controller import WorkerState
 from kubetune.search_space import to_distributions
 from kubetune.spec import parse_job
 from kubetune.trial_run import PRUNE_REASON_ATTR, WORKER_ATTR
-from kubetune_operator.handlers import status_patch
+from kubernetes.client import ApiClient
+
+from kubetune_operator.handlers import Reconciler, status_patch
 from kubetune_operator.main import parse_args
 from kubetune_operator.pod_launcher import (
     Owner,
@@ -618,3 +620,13 @@ async def test_pods_refused_by_a_quota_are_reported_and_retried(cluster, operato
     await eventually(lambda: condition(status(cluster), "WorkersStarted") is None,
                      message="the condition cleared")
     assert len(events(cluster, "PodCreationFailed")) == 1  # once, not every reconcile
+
+
+def test_storage_retries_back_off_as_the_outage_lasts():
+    reconciler = Reconciler(ApiClient(), SETTINGS)
+    first = reconciler._unavailable({}, 1, "storage unreachable: refused")
+    assert first.retry_delay == SETTINGS.retry_delay and first.events
+    long_ago = {"conditions": [{"type": "Ready", "status": "False", "reason": "StorageUnavailable",
+                                "lastTransitionTime": "2000-01-01T00:00:00Z"}]}
+    later = reconciler._unavailable(long_ago, 1, "storage unreachable: refused")
+    assert later.retry_delay == 300 and not later.events  # capped; one event per outage

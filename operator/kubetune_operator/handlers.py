@@ -21,8 +21,10 @@ import base64
 import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import kopf
@@ -58,6 +60,7 @@ WORKERS_STARTED = "WorkersStarted"  # a condition present only while pods cannot
 POD_CREATION_FAILED = "PodCreationFailed"
 EDITABLE_BUDGET = ("maxTrials", "parallelism")
 EVENT_MESSAGE_LIMIT = 1000
+MAX_RETRY_DELAY_S = 300.0
 CONNECT_TIMEOUT_S = 10
 
 
@@ -79,6 +82,7 @@ class SyncResult:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     retry: str | None = None
+    retry_delay: float | None = None
 
 
 class Reconciler:
@@ -267,7 +271,12 @@ class Reconciler:
                   "conditions": _with_generation(conditions, previous.get("observedGeneration"))}
         events = [] if before.get("Ready", {}).get("reason") == STORAGE_UNAVAILABLE else [
             Event("Warning", STORAGE_UNAVAILABLE, f"{message}; retrying")]
-        return SyncResult(status=status_patch(previous, status), events=events, retry=message)
+        # Back off as the outage lasts (half its length so far, up to MAX_RETRY_DELAY_S): the
+        # start of the outage is in the status, so the operator needs no memory of its own.
+        down_for = time.time() - _timestamp(merged[-1].get("lastTransitionTime"))
+        delay = min(MAX_RETRY_DELAY_S, max(self.settings.retry_delay, down_for / 2))
+        return SyncResult(status=status_patch(previous, status), events=events, retry=message,
+                          retry_delay=delay)
 
 
 # ---------------------------------------------------------------------- plain functions
@@ -401,6 +410,13 @@ def _reason(status: Mapping[str, Any], kind: str) -> str | None:
     return None
 
 
+def _timestamp(text: str | None) -> float:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
 def _with_generation(conditions: list[dict[str, Any]], generation: Any) -> list[dict[str, Any]]:
     return [{**c, "observedGeneration": generation} if generation is not None else c
             for c in conditions]
@@ -455,7 +471,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         patch.status.update(result.status)
         post(body, result.events)
         if result.retry:
-            raise kopf.TemporaryError(result.retry, delay=retry_delay)
+            raise kopf.TemporaryError(result.retry, delay=result.retry_delay or retry_delay)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup", registry=registry, retries=5,
                     backoff=retry_delay)
