@@ -278,9 +278,10 @@ def test_local_job_carries_its_ensemble_and_the_export_reproduces_its_test_value
         [m["trial"] for m in ensemble["members"]]
 
     # A cluster's study, exported through its storage alone (no artifact folder at hand).
-    by_name = kubetune("export", "fast", "--storage", out / "study.journal", "--output",
-                       tmp_path / "model2", "--artifacts", tmp_path / "nowhere")
-    assert by_name.returncode == 0, by_name.stderr
+    from kubetune.cli import main
+
+    assert main(["export", "fast", "--storage", str(out / "study.journal"), "--output",
+                 str(tmp_path / "model2"), "--artifacts", str(tmp_path / "nowhere")]) == 0
     again = kt.load_ensemble(tmp_path / "model2").predict_proba(raw_test)
     assert np.allclose(again, model.predict_proba(raw_test))
 
