@@ -56,6 +56,8 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
     complete_cond = next(c for c in result["conditions"] if c["type"] == "Complete")
     assert complete_cond["status"] == "True" and complete_cond["reason"] == "MaxTrialsReached"
     assert "val_accuracy" in proc.stdout and "result:" in proc.stdout  # leaderboard printed
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert f"curves-01-trial-{best.number}.png" in plots and "curves-overview.png" in plots
 
     shown = kubetune("results", out)
     assert shown.returncode == 0

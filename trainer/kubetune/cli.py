@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="output folder (default: ./kubetune-runs/<name>)")
     run.add_argument("--artifacts", metavar="DIR",
                      help="artifact folder (default: spec.artifacts.path or OUTPUT/artifacts)")
+    run.add_argument("--metrics-port", type=_port, metavar="PORT",
+                     help="serve Prometheus metrics on this port while the job runs")
+    run.add_argument("--no-plots", action="store_true",
+                     help="do not write learning curves and search plots to OUTPUT/plots")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
     run.add_argument("--verbose", action="store_true", help="log what the runner does")
     run.set_defaults(handler=_run)
@@ -88,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="torch CPU threads")
     worker.set_defaults(handler=_worker)
     return parser
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -125,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
 
     configure_logging(args.verbose)
     options = RunOptions(workers=args.workers, storage=args.storage, output=args.output,
-                         artifacts=args.artifacts, quiet=args.quiet)
+                         artifacts=args.artifacts, quiet=args.quiet,
+                         metrics_port=args.metrics_port, plots=not args.no_plots)
     try:
         return run_job(job, options)
     except (RunError, StudyMismatch) as err:

@@ -42,6 +42,8 @@ class RunOptions:
     artifacts: str | None = None
     poll_interval: float = 0.5
     quiet: bool = False
+    metrics_port: int | None = None
+    plots: bool = True
 
 
 def output_dir(job: TuningJob, options: RunOptions) -> Path:
@@ -82,10 +84,11 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
                done=len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
                                                                  TrialState.PRUNED))))
     status: dict[str, Any] = previous
+    metrics = _serve_metrics(options.metrics_port)
     try:
         with view:
             while True:
-                outcome = core.reconcile(status)
+                outcome = _reconcile(core, status, metrics)
                 status = outcome.status
                 view.update(status)
                 if outcome.done:
@@ -99,8 +102,48 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
     finally:
         busy.close()
     write_result(out, status)
+    if options.plots:
+        _plots(study, job, out / "plots")
     view.summary(status, out / RESULT_FILE)
     return EXIT_OK if status["phase"] == "Succeeded" else EXIT_FAILED
+
+
+def _serve_metrics(port: int | None) -> Any:
+    """The runner's /metrics endpoint (same metrics as the operator's), or None."""
+    if port is None:
+        return None
+    from kubetune.metrics import Metrics
+
+    metrics = Metrics()
+    try:
+        metrics.serve(port)
+    except OSError as err:
+        raise RunError(f"--metrics-port {port}: {err.strerror}") from None
+    return metrics
+
+
+def _reconcile(core: JobCore, status: dict[str, Any], metrics: Any) -> Any:
+    if metrics is None:
+        return core.reconcile(status)
+    from kubetune.metrics import snapshot
+
+    with metrics.reconcile():
+        outcome = core.reconcile(status)
+    job = core.job
+    metrics.jobs.update(snapshot(job.namespace, job.name,
+                                 core.study.get_trials(deepcopy=False), outcome.status))
+    return outcome
+
+
+def _plots(study: optuna.Study, job: TuningJob, folder: Path) -> None:
+    """Learning curves and search plots; a plotting problem never fails a finished job."""
+    from kubetune.plots import write_plots
+
+    try:
+        write_plots(study, folder, metric=job.spec.objective.metric,
+                    direction=job.spec.objective.resolved_direction)
+    except Exception:  # matplotlib missing fonts, disk full...: the results are written
+        log.warning("could not write plots to %s", folder, exc_info=True)
 
 
 def write_result(out: Path, status: dict[str, Any]) -> None:
