@@ -63,6 +63,11 @@ def test_kubetune_run_with_postgres_storage(postgres_url, tmp_path):
     assert result["best"]["trial"] == study.best_trial.number
     assert not (tmp_path / "out" / "study.journal").exists()
 
+    # As for a cluster job: plots straight from the storage, by the job's name.
+    plotted = kubetune("plot", "pg-run", "--storage", postgres_url, "--output", tmp_path / "p")
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "p" / "curves-overview.png").read_bytes()[:4] == b"\x89PNG"
+
 
 def test_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried(postgres_url, tmp_path):
     job = parse_job(fast_job(

@@ -77,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     results.add_argument("--json", action="store_true", help="print the status as JSON")
     results.set_defaults(handler=_results)
 
+    plot = sub.add_parser("plot", help="write learning curves and search plots of a job")
+    plot.add_argument("target", metavar="DIR|NAME",
+                      help="a local run's output folder, or a TuningJob's name with --storage")
+    plot.add_argument("--storage", metavar="URL",
+                      help=f"the study's storage (default: DIR/study.journal; also ${STORAGE_ENV})")
+    plot.add_argument("-n", "--namespace", default="default", help="the TuningJob's namespace")
+    plot.add_argument("--output", metavar="DIR", help="where the PNGs go (default: DIR/plots "
+                                                      "or ./<name>-plots)")
+    plot.set_defaults(handler=_plot)
+
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
 
@@ -168,6 +178,44 @@ def _results(args: argparse.Namespace) -> int:
     else:
         print_summary(status)
     return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import optuna
+
+    from kubetune.job_study import load_job
+    from kubetune.plots import write_plots
+    from kubetune.storage import open_storage, silence_optuna
+
+    silence_optuna()
+    folder = Path(args.target)
+    if folder.is_dir() and not args.storage:
+        storage_url, output = str(folder / "study.journal"), args.output or folder / "plots"
+        if not Path(storage_url).exists():
+            print(f"error: {folder} holds no study.journal; give --storage", file=sys.stderr)
+            return EXIT_INVALID
+        names = optuna.get_all_study_names(open_storage(storage_url))
+        study_name = names[0] if len(names) == 1 else None
+    else:
+        storage_url = args.storage or os.environ.get(STORAGE_ENV)
+        study_name, output = f"{args.namespace}/{args.target}", args.output or Path(
+            f"{args.target}-plots")
+        if not storage_url:
+            print(f"error: give --storage or set {STORAGE_ENV}", file=sys.stderr)
+            return EXIT_INVALID
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    except (KeyError, ValueError) as err:
+        print(f"error: no study {study_name!r} in that storage: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    objective = load_job(study).spec.objective
+    paths = write_plots(study, Path(output), metric=objective.metric,
+                        direction=objective.resolved_direction)
+    for path in paths:
+        print(path)
+    return 0 if paths else 1
 
 
 def _delegate(name: str, argv: list[str]) -> int:
