@@ -12,7 +12,21 @@ its pods and the storage, and writes the status back. The spec a job runs with i
 stored in its study when it started (``create_or_load_study``): workers read it from there.
 Of later edits only ``spec.budget.maxTrials`` and ``spec.budget.parallelism`` (and
 ``spec.cleanup``) are applied; the others are ignored with a ``SpecChangeIgnored`` Warning
-event, because they would change what the trials already run mean.
+event, because they would change what the trials already run mean. Lowering maxTrials restarts
+the running workers (they read the budget when they start; each gives its trial back).
+
+Beyond what the job core writes (phase, trials, best, leaderboard, workers...), the status
+gets ``observedGeneration``, ``startTime``, ``completionTime`` and ``study`` (its name and the
+Secret holding the storage URL, pinned when the job starts). Conditions follow the API
+conventions (``observedGeneration`` included): ``Ready`` (False with ``InvalidSpec`` or
+``StorageUnavailable``), ``Complete`` / ``Failed`` at the end, ``EnsembleReady``, and
+``WorkersStarted=False`` (``PodCreationFailed``) while the API refuses pods, e.g. a quota.
+
+Events on the TuningJob: each phase change (reason: the phase, or the end's reason such as
+``MaxTrialsReached``), ``WorkerStarted`` / ``WorkerFailed`` / ``WorkerStopped``,
+``BudgetChanged``, ``SpecChangeIgnored``, ``InvalidSpec``, ``StorageUnavailable`` (once per
+outage; retries back off as it lasts), ``PodCreationFailed``, ``PodsDeleted``,
+``StudyDeleted``.
 """
 
 from __future__ import annotations
