@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 CHART = REPO_ROOT / "charts" / "kubetune"
 KUBE_VERSION = kubernetes_validate.latest_version()
 # Kinds whose schema is not part of Kubernetes itself (prometheus-operator, kopf).
-THIRD_PARTY = {"ServiceMonitor", "PrometheusRule", "KopfPeering"}
+THIRD_PARTY = {"ServiceMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
 
 TOGGLES = {
     "serviceMonitor": [{"metrics": {"serviceMonitor": {"enabled": True}}}],
@@ -25,7 +25,8 @@ TOGGLES = {
                 {"postgresql": {"bundled": {"enabled": False},
                                 "external": {"secretName": "my-db"}}}],
     "namespaces": [{"operator": {"watchNamespaces": ["ml-team", "research"]}}],
-    "replicas": [{"operator": {"replicas": 2}}],
+    "replicas": [{"operator": {"replicas": 2}},
+                 {"operator": {"replicas": 3, "watchNamespaces": ["ml-team"]}}],
 }
 
 
@@ -101,19 +102,46 @@ def test_pods_are_hardened(name):
             assert "/tmp" in mounts  # writable scratch space on a read-only root
 
 
-def test_worker_defaults_carry_gpu_resources_and_hardened_service_account():
-    docs = _render({})
-    config = next(d for d in docs if d["kind"] == "ConfigMap"
-                  and d["metadata"]["name"].endswith("worker-defaults"))
-    defaults = yaml.safe_load(config["data"]["worker-defaults.yaml"])
-    assert defaults["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert defaults["storageSecret"] == {"name": "kubetune-storage", "key": "url"}
+def _operator_settings(values: dict):
+    """The operator's settings as the chart configures them, parsed by the operator itself."""
+    from kubetune_operator.main import parse_args
+
+    deployment = next(d for d in _render(values) if d["kind"] == "Deployment"
+                      and d["metadata"]["name"] == "kubetune")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return parse_args(container["args"][1:]), _render(values)
+
+
+def test_operator_gets_worker_defaults_it_understands():
+    settings, docs = _operator_settings({"imagePullSecrets": [{"name": "regcred"}],
+                                         "workers": {"priorityClassName": "spot"}})
+    assert settings.worker_image == "ghcr.io/kubetune/kubetune:0.1.0"
+    assert settings.worker_resources["limits"]["nvidia.com/gpu"] == 1
+    assert settings.tolerations[0]["key"] == "nvidia.com/gpu"
+    assert settings.priority_class == "spot"
+    assert settings.image_pull_secrets == ("regcred",)
+    assert (settings.storage_secret, settings.storage_secret_key) == ("kubetune-storage", "url")
+    assert settings.clusterwide and settings.metrics_port == 8080
     worker_sa = next(d for d in docs if d["kind"] == "ServiceAccount"
-                     and d["metadata"]["name"] == defaults["serviceAccountName"])
+                     and d["metadata"]["name"] == settings.worker_service_account)
     assert worker_sa["automountServiceAccountToken"] is False
     bound = [s["name"] for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
              for s in d["subjects"]]
-    assert defaults["serviceAccountName"] not in bound  # workers get no permissions
+    assert settings.worker_service_account not in bound  # workers get no permissions
+
+
+def test_operator_serves_the_configured_namespaces_with_peering():
+    settings, _ = _operator_settings({"operator": {"replicas": 2,
+                                                   "watchNamespaces": ["a", "b"]}})
+    assert settings.namespaces == ("a", "b") and not settings.standalone
+    assert settings.peering == "kubetune"
+    external, _ = _operator_settings({"postgresql": {"external": {"secretName": "db",
+                                                                  "secretKey": "dsn"}}})
+    assert (external.storage_secret, external.storage_secret_key) == ("db", "dsn")
 
 
 def test_cluster_role_without_namespaces_roles_per_namespace_with_them():
@@ -145,9 +173,14 @@ def test_bundled_storage_secret_exists_in_every_job_namespace():
 
 
 def test_more_replicas_turn_on_peering():
-    deployment = next(d for d in _render(TOGGLES["replicas"][0]) if d["kind"] == "Deployment")
+    docs = _render(TOGGLES["replicas"][0])
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--peering=kubetune" in args
+    assert any(d["kind"] == "ClusterKopfPeering" for d in docs)
+    scoped = _render(TOGGLES["replicas"][1])
+    assert [d["metadata"]["namespace"] for d in scoped if d["kind"] == "KopfPeering"] == \
+        ["ml-team"]
     single = next(d for d in _render({}) if d["kind"] == "Deployment")
     assert not any(a.startswith("--peering") for a in
                    single["spec"]["template"]["spec"]["containers"][0]["args"])
@@ -158,7 +191,7 @@ BAD_VALUES = {
     "replicas as text": {"operator": {"replicas": "two"}},
     "zero replicas": {"operator": {"replicas": 0}},
     "port out of range": {"metrics": {"port": 70000}},
-    "unknown log level": {"operator": {"logLevel": "verbose"}},
+    "verbose as text": {"operator": {"verbose": "yes"}},
     "share above one": {"metrics": {"prometheusRule": {"nanShareThreshold": 2}}},
     "bad stalled duration": {"metrics": {"prometheusRule": {"stalledFor": "thirty minutes"}}},
     "empty image repository": {"image": {"repository": ""}},

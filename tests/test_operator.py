@@ -630,3 +630,78 @@ def test_storage_retries_back_off_as_the_outage_lasts():
                                 "lastTransitionTime": "2000-01-01T00:00:00Z"}]}
     later = reconciler._unavailable(long_ago, 1, "storage unreachable: refused")
     assert later.retry_delay == 300 and not later.events  # capped; one event per outage
+
+
+# ---------------------------------------------------------------- RBAC: what the calls need
+# Every request the operator sent in the tests above (kopf's and the Kubernetes client's, told
+# apart from the tests' own requests by their User-Agent), as (apiGroup, resource, verb).
+OPERATOR_CALLS: set[tuple[str, str, str]] = set()
+OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")
+# Rules granted without a call in these tests, and why.
+JUSTIFIED = {
+    ("kubetune.io", "tuningjobs/finalizers", "update"):
+        "owner references with blockOwnerDeletion need it where the OwnerReferences"
+        "PermissionEnforcement admission plugin runs (OpenShift, hardened clusters)",
+}
+
+
+def _verb(request: Any) -> str:
+    method = str(request.method).upper().split(".")[-1]
+    if method == "GET":
+        if request.name:
+            return "get"
+        return "watch" if request.params.get("watch") in ("true", "1") else "list"
+    if method == "DELETE":
+        return "delete" if request.name else "deletecollection"
+    return {"POST": "create", "PATCH": "patch", "PUT": "update"}[method]
+
+
+@pytest.fixture(autouse=True)
+def _record_operator_calls(request):
+    yield
+    emulator = request.node.funcargs.get("cluster")
+    if emulator is None:
+        return
+    for call in list(emulator):
+        agent = call.headers.get("User-Agent", "")
+        if call.resource is None or not agent.startswith(OPERATOR_AGENTS):
+            continue
+        plural = call.resource.plural or _plural_from_path(str(call.url.path))
+        if plural is None:  # API discovery: allowed to every user by system:discovery
+            continue
+        resource = plural + (f"/{call.subresource}" if call.subresource else "")
+        OPERATOR_CALLS.add((call.resource.group or "", resource, _verb(call)))
+
+
+def _plural_from_path(path: str) -> str | None:
+    """.../namespaces/NS/PLURAL[/NAME[/SUB]] or /apis/G/V/PLURAL: the resource's plural;
+    None for discovery paths (/api, /api/v1, /apis/G/V)."""
+    parts = [p for p in path.split("/") if p]
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        return parts[parts.index("namespaces") + 2]
+    index = 3 if parts and parts[0] == "apis" else 2
+    return parts[index] if len(parts) > index else None
+
+
+def test_rbac_rules_are_exactly_what_the_operator_uses(request):
+    """Runs last in this file: the chart's rules allow every recorded call, and every rule
+    is exercised by one or justified above. No wildcards (test_chart checks that)."""
+    import helm_python as helm
+    import yaml as pyyaml
+
+    from conftest import REPO_ROOT
+
+    here = [item for item in request.session.items if item.module is request.module]
+    if len(here) < sum(1 for name in dir(request.module) if name.startswith("test_")):
+        pytest.skip("needs the calls of every test in tests/test_operator.py: run the file")
+    assert OPERATOR_CALLS, "the tests above recorded no operator call"
+    chart = helm.Chart.load(str(REPO_ROOT / "charts" / "kubetune"))
+    rendered = chart.render({}, name="kubetune", namespace="kubetune")
+    role = next(d for d in pyyaml.safe_load_all(rendered["kubetune/templates/rbac.yaml"])
+                if d and d["kind"] == "ClusterRole")
+    granted = {(group, resource, verb) for rule in role["rules"]
+               for group in rule["apiGroups"] for resource in rule["resources"]
+               for verb in rule["verbs"]}
+    assert sorted(OPERATOR_CALLS - granted) == [], "calls the chart's RBAC would refuse"
+    unused = granted - OPERATOR_CALLS - set(JUSTIFIED)
+    assert sorted(unused) == [], "rules no test exercises: remove them or justify them"

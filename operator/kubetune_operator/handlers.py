@@ -50,6 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from kubetune.controller import JobCore
 from kubetune.job_study import JOB_ATTR, StudyMismatch, create_or_load_study, load_job
+from kubetune.metrics import Metrics, snapshot
 from kubetune.spec import Problem, SpecError, TuningJob, parse_job
 from kubetune.status import FAILED, PENDING, SUCCEEDED, condition, merge_conditions, now_iso
 from kubetune.storage import is_rdb, normalize_url, open_storage, redact
@@ -103,9 +104,11 @@ class Reconciler:
     """Reconciles TuningJobs given as plain dicts; holds only the API client, the settings and
     a cache of open storages (connection pools, not state)."""
 
-    def __init__(self, api_client: ApiClient, settings: Settings) -> None:
+    def __init__(self, api_client: ApiClient, settings: Settings,
+                 metrics: Metrics | None = None) -> None:
         self.core = CoreV1Api(api_client)
         self.settings = settings
+        self.metrics = metrics
         self._storages: dict[tuple[Any, ...], BaseStorage] = {}
         self._lock = threading.Lock()
 
@@ -170,6 +173,9 @@ class Reconciler:
             else None,
         )
         events += worker_events(launcher, previous) + phase_events(previous, status)
+        if self.metrics is not None:
+            self.metrics.jobs.update(snapshot(owner.namespace, owner.name,
+                                              study.get_trials(deepcopy=False), status))
         return SyncResult(status=status_patch(observed, status), events=events)
 
     def _accept(self, url: str, owner: Owner, current: TuningJob | None,
@@ -207,6 +213,8 @@ class Reconciler:
     def delete(self, body: Mapping[str, Any]) -> list[Event]:
         """Delete the job's pods; and its study when ``spec.cleanup.deleteStudy`` is true."""
         owner = Owner.of(body)
+        if self.metrics is not None:
+            self.metrics.jobs.forget(owner.namespace, owner.name)
         count = delete_job_pods(self.core, owner.namespace, owner.name)
         events = [Event("Normal", "PodsDeleted", f"deleted {count} pod(s)")] if count else []
         if ((body.get("spec") or {}).get("cleanup") or {}).get("deleteStudy") is True:
@@ -481,7 +489,15 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     @kopf.timer(GROUP, VERSION, PLURAL, id="sync", interval=interval, registry=registry,
                 when=lambda body, **_: needs_sync(body))
     def sync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        result = reconciler.sync(body)
+        started = time.perf_counter()
+        try:
+            result = reconciler.sync(body)
+        except Exception:
+            if reconciler.metrics is not None:
+                reconciler.metrics.record(False, time.perf_counter() - started)
+            raise
+        if reconciler.metrics is not None:
+            reconciler.metrics.record(not result.retry, time.perf_counter() - started)
         patch.status.update(result.status)
         post(body, result.events)
         if result.retry:

@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import kopf
     import kubernetes
 
+    from kubetune.metrics import Metrics
     from kubetune.storage import silence_optuna
     from kubetune_operator.handlers import Reconciler, register
 
@@ -48,12 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: no Kubernetes credentials (in-cluster or kubeconfig): {err}",
                   file=sys.stderr)
             return 2
+    metrics = Metrics()
     if settings.metrics_port:
-        import prometheus_client
-
-        prometheus_client.start_http_server(settings.metrics_port)
+        metrics.serve(settings.metrics_port)
     registry = kopf.get_default_registry()  # brings kopf's kubeconfig/in-cluster login
-    register(registry, Reconciler(kubernetes.client.ApiClient(), settings))
+    register(registry, Reconciler(kubernetes.client.ApiClient(), settings, metrics))
     log.info("watching %s", ", ".join(settings.namespaces) or "all namespaces")
     kopf.run(registry=registry, clusterwide=settings.clusterwide,
              namespaces=list(settings.namespaces), standalone=settings.standalone,

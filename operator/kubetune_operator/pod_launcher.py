@@ -266,7 +266,8 @@ def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef, *,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {
-            "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+            # The image's user (see the Dockerfile).
+            "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
             **(template.get("securityContext") or {}),
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -283,6 +284,10 @@ def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef, *,
     priority = template.get("priorityClassName") or settings.priority_class
     if priority:
         spec["priorityClassName"] = priority
+    if settings.worker_service_account:
+        spec["serviceAccountName"] = settings.worker_service_account
+    if settings.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
     for key in ("affinity", "serviceAccountName", "imagePullSecrets", "runtimeClassName",
                 "schedulerName", "topologySpreadConstraints", "terminationGracePeriodSeconds"):
         if key in template:

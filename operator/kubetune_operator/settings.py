@@ -45,6 +45,8 @@ class Settings:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: Sequence[Mapping[str, Any]] = ()
     priority_class: str | None = None
+    worker_service_account: str | None = None  # one with no permissions (the chart makes it)
+    image_pull_secrets: tuple[str, ...] = ()
     artifacts_path: str = DEFAULT_ARTIFACTS
     sync_interval: float = 5.0  # seconds between two reconciles of one job
     retry_delay: float = 10.0  # seconds before retrying a job whose storage is unreachable
@@ -85,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerations", type=_json_list,
                         default=_json_list(env("TOLERATIONS", "[]")), metavar="JSON")
     parser.add_argument("--priority-class", default=env("PRIORITY_CLASS"), metavar="NAME")
+    parser.add_argument("--worker-service-account", default=env("WORKER_SERVICE_ACCOUNT"),
+                        metavar="NAME", help="service account of worker pods whose template "
+                                             "sets none (give it no permissions)")
+    parser.add_argument("--image-pull-secret", dest="image_pull_secrets", action="append",
+                        metavar="NAME", help="pull secret for worker images (repeatable; "
+                                             f"${ENV_PREFIX}IMAGE_PULL_SECRETS, comma-separated)")
     parser.add_argument("--artifacts-path", default=env("ARTIFACTS_PATH", DEFAULT_ARTIFACTS),
                         metavar="DIR",
                         help="artifact folder in worker pods when spec.artifacts.path is unset")
@@ -111,6 +119,9 @@ def from_args(args: argparse.Namespace) -> Settings:
         node_selector=args.node_selector,
         tolerations=tuple(args.tolerations),
         priority_class=args.priority_class,
+        worker_service_account=args.worker_service_account,
+        image_pull_secrets=tuple(args.image_pull_secrets or [
+            n.strip() for n in _env("IMAGE_PULL_SECRETS", "").split(",") if n.strip()]),
         artifacts_path=args.artifacts_path,
         sync_interval=args.sync_interval,
         standalone=args.peering is None,

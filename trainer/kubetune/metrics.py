@@ -199,6 +199,10 @@ class Metrics:
         for result in ("success", "error"):
             self.reconciles.labels(result)
 
+    def record(self, ok: bool, seconds: float) -> None:
+        self.reconciles.labels("success" if ok else "error").inc()
+        self.reconcile_seconds.observe(seconds)
+
     @contextmanager
     def reconcile(self) -> Iterator[None]:
         """Time a reconcile and count it as success or error (the error propagates)."""
@@ -206,12 +210,9 @@ class Metrics:
         try:
             yield
         except BaseException:
-            self.reconciles.labels("error").inc()
+            self.record(False, time.perf_counter() - started)
             raise
-        else:
-            self.reconciles.labels("success").inc()
-        finally:
-            self.reconcile_seconds.observe(time.perf_counter() - started)
+        self.record(True, time.perf_counter() - started)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
         """Serve /metrics on ``port`` in a background thread; returns the server."""
