@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks import divergence, efficiency, operator_overhead, status_size, storage
+from benchmarks import (
+    divergence, efficiency, operator_overhead, postgres, status_size, storage, tuning,
+)
 from benchmarks.report import Section, machine_info, progress, python_command, render
 from benchmarks.sizes import SIZES
 
@@ -51,20 +54,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # On SIGTERM unwind like on Ctrl-C, so that the throwaway PostgreSQL servers are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sizes = SIZES[args.size]
     names = args.only or list(BENCHMARKS)
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
     progress("benchmarks", f"{args.size} run of {', '.join(names)}; report: {args.output}")
     sections = []
-    for name in names:
-        progress(name, "starting")
-        section = BENCHMARKS[name](sizes, args.jobs)
-        progress(name, f"done in {section.seconds:.0f} s")
-        sections.append(section)
+    try:
+        for name in names:
+            progress(name, "starting")
+            section = BENCHMARKS[name](sizes, args.jobs)
+            progress(name, f"done in {section.seconds:.0f} s")
+            sections.append(section)
+        database = postgres.version() if postgres.started() else None
+    finally:
+        tuning.shutdown()
+        postgres.stop()
     seconds = time.perf_counter() - started
     text = render(sections, size=args.size, command=python_command(), started=started_at,
-                  seconds=seconds, machine=machine_info())
+                  seconds=seconds, machine=machine_info(database))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     progress("benchmarks", f"wrote {args.output} after {seconds / 60:.1f} min")

@@ -143,7 +143,9 @@ def _commit() -> str:
                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return f"git {sha} (plus any uncommitted changes in the working tree)"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    return f"git {sha}" + (" with uncommitted changes in the working tree" if dirty else "")
 
 
 # ---------------------------------------------------------------- numbers

@@ -20,8 +20,10 @@ class Sizes:
     storage_trials: tuple[int, ...]
     storage_workers: tuple[int, ...]
     storage_epochs: int
-    # 4. status size
+    # 4. status size and operator
     status_trials: tuple[int, ...]
+    operator_jobs: tuple[int, ...]
+    operator_settle_s: float = 10.0  # after a batch has its pods: two default sync intervals
 
 
 FULL = Sizes(
@@ -29,15 +31,15 @@ FULL = Sizes(
     datasets=("digits", "breast_cancer", "wine"), trials=100, seeds=10, epochs=20,
     divergence_trials=100, divergence_seeds=10,
     storage_trials=(1_000, 10_000), storage_workers=(1, 4, 16), storage_epochs=10,
-    status_trials=(100, 1_000, 10_000),
+    status_trials=(100, 1_000, 10_000), operator_jobs=(1, 50, 200),
 )
 
 QUICK = Sizes(
     name="quick",
     datasets=("digits", "breast_cancer"), trials=30, seeds=3, epochs=20,
-    divergence_trials=30, divergence_seeds=3,
+    divergence_trials=24, divergence_seeds=3,
     storage_trials=(100,), storage_workers=(1, 4), storage_epochs=10,
-    status_trials=(100, 1_000, 10_000),
+    status_trials=(100, 1_000, 10_000), operator_jobs=(1, 50, 200),
 )
 
 # Only proves the suite runs end to end (tests/test_benchmarks.py): the numbers mean nothing.
@@ -46,7 +48,7 @@ SMOKE = Sizes(
     datasets=("digits", "breast_cancer"), trials=3, seeds=1, epochs=2,
     divergence_trials=3, divergence_seeds=1,
     storage_trials=(8,), storage_workers=(2,), storage_epochs=3,
-    status_trials=(50, 200),
+    status_trials=(50, 200), operator_jobs=(1,), operator_settle_s=1.0,
 )
 
 SIZES = {s.name: s for s in (FULL, QUICK, SMOKE)}

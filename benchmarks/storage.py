@@ -16,7 +16,7 @@ not TPE's.
 
 Measured: trials per second for all workers together; the latency of one epoch's report plus
 prune check (p50/p95); the time to choose a trial under the lock; and the overhead per trial,
-the worker's wall time divided by its trials (lock waits included). Because nothing is trained,
+the workers' wall time added up and divided by the trials (lock waits included). Because nothing is trained,
 that is all overhead; the share of a worker's wall time spent outside training for trials
 that train T seconds is then overhead / (overhead + T).
 """
@@ -26,14 +26,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from benchmarks import postgres
 from benchmarks.report import Section, Table, percentile, progress
 from benchmarks.sizes import Sizes
 
@@ -42,17 +41,6 @@ TRIAL_SECONDS = (1, 10, 60)
 _SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
           "hidden": {"type": "categorical", "choices": [32, 64, 128, 256]},
           "dropout": {"type": "float", "low": 0.0, "high": 0.5}}
-
-
-def _pg_server_module() -> Any:
-    # The throwaway PostgreSQL server lives with the test fixtures (tests/pg_server.py), and
-    # tests/ is not a package: put that folder on the path to import the module from it.
-    tests = str(Path(__file__).resolve().parent.parent / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import pg_server
-
-    return pg_server
 
 
 def _job(trials: int, workers: int, epochs: int) -> dict[str, Any]:
@@ -72,25 +60,20 @@ def _job(trials: int, workers: int, epochs: int) -> dict[str, Any]:
 
 def run(sizes: Sizes, jobs: int) -> Section:
     started = time.perf_counter()
-    pg = _pg_server_module()
-    server = pg.start_server()
-    version = _postgres_version(server)
+    version = postgres.version()
     rows = []
     results = []
-    try:
-        progress(NAME, f"PostgreSQL ({version}) on port {server.port}")
-        for trials in sizes.storage_trials:
-            for workers in sizes.storage_workers:
-                for kind in ("postgresql", "journal"):
-                    result = _measure(kind, server, pg, trials, workers, sizes.storage_epochs)
-                    results.append(result)
-                    rows.append(_row(result))
-                    progress(NAME, f"{kind}, {trials} trials, {workers} worker(s): "
-                                   f"{result['trials_per_s']:.1f} trials/s, report+prune p50 "
-                                   f"{result['p50_ms']:.1f} ms, overhead "
-                                   f"{result['overhead_ms']:.0f} ms/trial")
-    finally:
-        server.cleanup()
+    progress(NAME, f"{version} on port {postgres.server().port}")
+    for trials in sizes.storage_trials:
+        for workers in sizes.storage_workers:
+            for kind in ("postgresql", "journal"):
+                result = _measure(kind, trials, workers, sizes.storage_epochs)
+                results.append(result)
+                rows.append(_row(result))
+                progress(NAME, f"{kind}, {trials} trials, {workers} worker(s): "
+                               f"{result['trials_per_s']:.1f} trials/s, report+prune p50 "
+                               f"{result['p50_ms']:.1f} ms, overhead "
+                               f"{result['overhead_ms']:.0f} ms/trial")
     section = Section(NAME, "3. Storage overhead: PostgreSQL and journal file")
     section.settings = [
         f"{', '.join(f'{n:,}' for n in sizes.storage_trials)} trials with "
@@ -99,13 +82,13 @@ def run(sizes: Sizes, jobs: int) -> Section:
            if sizes.name != "full" else ""),
         f"{sizes.storage_epochs} epochs (report + prune check) per trial; random sampler, "
         "median pruner; no training (see below); one fresh database or journal file each",
-        f"PostgreSQL: {version}, local, fsync off (as the test fixture runs it); journal: "
+        f"{version}, local, fsync off (as the test fixture runs it); journal: "
         "Optuna's JournalStorage on a local file (kubetune's default for `kubetune run`)",
         "*report + prune* is one epoch's bookkeeping in kubetune's trial runner: write the "
         "history, check the guards, `trial.report`, `trial.should_prune`; *choose a trial* "
         "is the worker's step under the study lock (fail stale trials, count, ask)",
-        "*overhead/trial*: a worker's wall time divided by its trials, with nothing trained, "
-        "so all of it is overhead (choose, bookkeeping, artifacts, tell, lock waits). The "
+        "*overhead/trial*: the workers' wall time, added up, divided by the trials, with "
+        "nothing trained, so all of it is overhead (choose, bookkeeping, artifacts, tell, lock waits). The "
         "share of wall time outside training for trials that train T s is overhead / "
         "(overhead + T), with the overhead measured on the same row. With more workers than "
         f"the {os.cpu_count()} cores, workers also wait for a CPU, which a real fleet (one "
@@ -139,33 +122,21 @@ def _headline(results: list[dict[str, Any]]) -> str:
     one = min(pg, key=lambda r: (r["workers"], r["trials"]))
     return (f"Storage: on PostgreSQL one epoch's report + prune check takes "
             f"{one['p50_ms']:.1f} ms (p50) and a trial's whole overhead {one['overhead_ms']:.0f} "
-            f"ms with one worker, {share(one['overhead_ms'], 10):.1f}% of a 10 s trial and "
+            f"ms with {one['workers']} worker(s), {share(one['overhead_ms'], 10):.1f}% of a 10 s trial and "
             f"{share(one['overhead_ms'], 60):.2f}% of a 60 s one; the worst row "
             f"({worst['workers']} workers, {worst['trials']:,} trials) spends "
             f"{share(worst['overhead_ms'], 60):.2f}% of a 60 s trial outside training.")
 
 
-def _postgres_version(server: Any) -> str:
-    conn = server.connect(autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SHOW server_version")
-            return f"PostgreSQL {cur.fetchone()[0].split()[0]}"
-    finally:
-        conn.close()
-
-
 # ---------------------------------------------------------------- one configuration
-def _measure(kind: str, server: Any, pg: Any, trials: int, workers: int,
-             epochs: int) -> dict[str, Any]:
+def _measure(kind: str, trials: int, workers: int, epochs: int) -> dict[str, Any]:
     import multiprocessing
 
     folder = Path(tempfile.mkdtemp(prefix="kubetune-bench-storage-"))
     dbname = None
     try:
         if kind == "postgresql":
-            dbname = pg.create_database(server)
-            url = server.url(dbname)
+            dbname, url = postgres.new_database()
         else:
             url = str(folder / "study.journal")
         study_name = _create_study(url, _job(trials, workers, epochs))
@@ -186,19 +157,19 @@ def _measure(kind: str, server: Any, pg: Any, trials: int, workers: int,
             raise RuntimeError(f"storage benchmark worker failed: {failed[0]}")
     finally:
         if dbname is not None:
-            pg.drop_database(server, dbname)
+            postgres.drop_database(dbname)
         shutil.rmtree(folder, ignore_errors=True)
     latencies = [x for r in reports for x in r["epoch_s"]]
     choose = [x for r in reports for x in r["choose_s"]]
     done = sum(r["trials"] for r in reports)
     wall = max(r["end"] for r in reports) - min(r["start"] for r in reports)
-    per_worker = [(r["end"] - r["start"]) / r["trials"] for r in reports if r["trials"]]
+    worker_seconds = sum(r["end"] - r["start"] for r in reports)
     return {
         "kind": kind, "trials": done, "workers": workers,
         "trials_per_s": done / wall if wall > 0 else math.nan,
         "p50_ms": 1000 * percentile(latencies, 50), "p95_ms": 1000 * percentile(latencies, 95),
         "choose_ms": 1000 * percentile(choose, 50),
-        "overhead_ms": 1000 * statistics.mean(per_worker),
+        "overhead_ms": 1000 * worker_seconds / done if done else math.nan,
     }
 
 

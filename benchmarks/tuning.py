@@ -162,26 +162,43 @@ def job_dict(name: str, dataset: dict[str, Any], *, trials: int, epochs: int, se
 
 
 # ---------------------------------------------------------------- running tasks
+_pool: ProcessPoolExecutor | None = None
+
+
 def run_tasks(tasks: list[Task], jobs: int, name: str) -> list[ArmRun]:
-    """Run the tasks in ``jobs`` processes (one torch thread each), printing one line each."""
+    """Run the tasks in ``jobs`` processes (one torch thread each), printing one line each.
+
+    The processes are kept for the next call (``shutdown`` ends them): parts 1 and 2 share
+    them, and with them their start-up and their loaded data.
+    """
     import multiprocessing
 
     from benchmarks.report import progress
 
+    global _pool
+    if _pool is None:
+        context = multiprocessing.get_context("spawn")  # no inherited threads, locks, sockets
+        _pool = ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context,
+                                    initializer=_init_process)
     runs: list[ArmRun] = []
-    context = multiprocessing.get_context("spawn")  # no inherited threads, locks or sockets
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context,
-                             initializer=_init_process) as pool:
-        futures = {pool.submit(run_task, task): task for task in tasks}
-        for future in as_completed(futures):
-            run = future.result()
-            runs.append(run)
-            best = run.best()
-            progress(name, f"{run.dataset} {run.arm} seed {run.seed}: best "
-                           f"{'none' if best is None else f'{best.value:.4f}'}, "
-                           f"{run.total_epochs} epochs, {run.seconds:.0f} s "
-                           f"({len(runs)}/{len(tasks)})")
+    futures = {_pool.submit(run_task, task): task for task in tasks}
+    for future in as_completed(futures):
+        run = future.result()
+        runs.append(run)
+        best = run.best()
+        progress(name, f"{run.dataset} {run.arm} seed {run.seed}: best "
+                       f"{'none' if best is None else f'{best.value:.4f}'}, "
+                       f"{run.total_epochs} epochs, {run.seconds:.0f} s "
+                       f"({len(runs)}/{len(tasks)})")
     return sorted(runs, key=lambda r: (r.dataset, ARMS.index(r.arm), r.seed))
+
+
+def shutdown() -> None:
+    """End the processes of ``run_tasks``."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(cancel_futures=True)
+        _pool = None
 
 
 def _init_process() -> None:
