@@ -118,20 +118,26 @@ def _operator_settings(values: dict):
 
 def test_operator_gets_worker_defaults_it_understands():
     settings, docs = _operator_settings({"imagePullSecrets": [{"name": "regcred"}],
-                                         "workers": {"priorityClassName": "spot"}})
+                                         "workers": {"priorityClassName": "spot"},
+                                         "operator": {"watchNamespaces": ["kubetune"]}})
     assert settings.worker_image == "ghcr.io/kubetune/kubetune:0.1.0"
     assert settings.worker_resources["limits"]["nvidia.com/gpu"] == 1
     assert settings.tolerations[0]["key"] == "nvidia.com/gpu"
     assert settings.priority_class == "spot"
     assert settings.image_pull_secrets == ("regcred",)
     assert (settings.storage_secret, settings.storage_secret_key) == ("kubetune-storage", "url")
-    assert settings.clusterwide and settings.metrics_port == 8080
+    assert settings.namespaces == ("kubetune",) and settings.metrics_port == 8080
     worker_sa = next(d for d in docs if d["kind"] == "ServiceAccount"
                      and d["metadata"]["name"] == settings.worker_service_account)
     assert worker_sa["automountServiceAccountToken"] is False
     bound = [s["name"] for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
              for s in d["subjects"]]
     assert settings.worker_service_account not in bound  # workers get no permissions
+
+
+def test_serving_all_namespaces_names_no_worker_account_that_may_not_exist_there():
+    settings, _ = _operator_settings({})
+    assert settings.clusterwide and settings.worker_service_account is None
 
 
 def test_operator_serves_the_configured_namespaces_with_peering():
