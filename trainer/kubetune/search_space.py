@@ -101,7 +101,8 @@ def make_sampler(spec: JobSpec, *, seed: int | None = None,
                                    seed=0 if cfg.seed is None else cfg.seed)
     if cfg.type == "tpe":
         kwargs: dict[str, Any] = {"seed": seed,
-                                  "multivariate": bool(cfg.multivariate),
+                                  # None keeps Optuna's own default (multivariate in Optuna 5)
+                                  "multivariate": cfg.multivariate,
                                   "constant_liar": parallel if cfg.constant_liar is None
                                   else cfg.constant_liar}
         if cfg.n_startup_trials is not None:
