@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, wait_for
 
 KUBECONFIG = os.environ.get("KUBETUNE_E2E_KUBECONFIG")
 STORAGE_URL = os.environ.get("KUBETUNE_E2E_STORAGE_URL")
@@ -79,13 +79,7 @@ def apply_crd(api) -> None:
 
 
 def wait(predicate, timeout: float, what: str, interval: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return wait_for(predicate, timeout, interval=interval, message=what)
 
 
 def small_job(namespace: str) -> dict:

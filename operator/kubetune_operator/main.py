@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -37,18 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kubetune.metrics import Metrics
     from kubetune.storage import silence_optuna
     from kubetune_operator.handlers import Reconciler, register
+    from kubetune_operator.results import load_credentials
 
     kopf.configure(verbose=settings.verbose)
     silence_optuna()
     try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        try:
-            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-        except (kubernetes.config.ConfigException, OSError) as err:
-            print(f"error: no Kubernetes credentials (in-cluster or kubeconfig): {err}",
-                  file=sys.stderr)
-            return 2
+        load_credentials()
+    except LookupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     metrics = Metrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)

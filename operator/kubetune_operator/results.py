@@ -41,7 +41,7 @@ def status_from_cluster(namespace: str, name: str) -> dict[str, Any]:
 
     from kubetune_operator.settings import GROUP, PLURAL, VERSION
 
-    _load_config()
+    load_credentials()
     api = kubernetes.client.CustomObjectsApi()
     try:
         job = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -106,7 +106,8 @@ def print_status(status: dict[str, Any]) -> None:
                       f"{status.get('phase')})")
 
 
-def _load_config() -> None:
+def load_credentials() -> None:
+    """In-cluster service account, else the kubeconfig; LookupError when neither works."""
     import kubernetes
 
     try:
