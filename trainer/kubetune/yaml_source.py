@@ -102,6 +102,9 @@ def load_yaml(text: str) -> YamlDocument:
         mark = err.problem_mark or err.context_mark
         problem = err.problem or err.context or "invalid YAML"
         raise YamlError(f"YAML syntax error: {problem}", mark.line + 1 if mark else None) from None
+    except yaml.reader.ReaderError as err:  # a control character YAML does not allow
+        raise YamlError(f"YAML syntax error: character {err.character:#06x} is not allowed",
+                        text[:err.position].count("\n") + 1) from None
     # compose_all gives an empty document (a trailing `---`) as a null scalar, never None
     roots = [r for r in roots
              if not (isinstance(r, yaml.ScalarNode) and r.tag == "tag:yaml.org,2002:null")]

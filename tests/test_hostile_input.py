@@ -1,0 +1,73 @@
+"""Hostile and random TuningJobs: the spec model never raises anything but SpecError, and
+every rejection names a field path. (A first part of the reliability issue.)"""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import REPO_ROOT
+from kubetune.spec import SpecError, parse_job
+from kubetune.yaml_source import YamlError, load_yaml
+
+BASE = yaml.safe_load((REPO_ROOT / "examples" / "digits-mlp.yaml").read_text())
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=12)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, prefix + (index,))
+
+
+PATHS = [p for p in _paths(BASE) if p]
+
+
+def _check(job) -> None:
+    try:
+        parse_job(job)
+    except SpecError as err:
+        assert err.problems
+        for problem in err.problems:
+            assert problem.path and problem.message, problem
+            assert "Traceback" not in problem.message
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(PATHS), value=values)
+def test_any_value_anywhere_is_accepted_or_named(path, value):
+    job = copy.deepcopy(BASE)
+    node = job
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    _check(job)
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=values)
+def test_any_document_is_accepted_or_named(value):
+    _check(value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=300))
+def test_any_text_is_read_or_rejected_as_yaml(text):
+    try:
+        document = load_yaml(text)
+    except YamlError as err:
+        assert err.message
+        return
+    _check(document.data)
