@@ -71,3 +71,15 @@ def test_any_text_is_read_or_rejected_as_yaml(text):
         assert err.message
         return
     _check(document.data)
+
+
+def test_equal_names_in_two_namespaces_never_share_a_study():
+    def job(name, namespace):
+        data = copy.deepcopy(BASE)
+        data["metadata"] = {"name": name, "namespace": namespace}
+        return parse_job(data)
+
+    longest = "a" * 62 + "z"
+    names = {job(n, ns).study_name for n in ("digits", longest) for ns in ("team-a", "team-b")}
+    assert len(names) == 4
+    assert job("a-b", "c").study_name != job("a", "b-c").study_name

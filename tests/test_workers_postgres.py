@@ -53,9 +53,16 @@ def test_four_workers_on_postgres_end_exactly_at_max_trials(postgres_url, tmp_pa
 def test_kubetune_run_with_postgres_storage(postgres_url, tmp_path):
     job = write_job(tmp_path / "job.yaml", fast_job(name="pg-run",
                                                     budget={"maxTrials": 7, "parallelism": 3}))
+    # The test server trusts local connections, so any password works: it must never show.
+    secret = "s3cret-Passw0rd"
+    postgres_url = postgres_url.replace("postgres@", f"postgres:{secret}@", 1)
     proc = kubetune("run", job, "--storage", postgres_url, "--output", tmp_path / "out")
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert secret not in proc.stdout + proc.stderr and "***" in proc.stdout
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".log", ""):
+            assert secret not in path.read_text(errors="replace"), path
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     study = optuna.load_study(study_name="default/pg-run", storage=open_storage(postgres_url))
     _assert_budget_exact(study.get_trials(deepcopy=False), 7)
