@@ -416,9 +416,9 @@ def _retrain(job: TuningJob, reader: ArtifactReader, best: FrozenTrial, y_val: n
     """The best configuration trained with ``seeds - 1`` new seeds (``seeds`` members)."""
     if train is None:
         from kubetune.mlp import train
-    from kubetune.worker import _load_data
+    from kubetune.worker import load_data
 
-    data = _load_data(job)
+    data = load_data(job)
     if not (np.array_equal(data.y_val, y_val) and np.array_equal(data.y_test, y_test)):
         raise ValueError(f"the dataset differs from the one trial {best.number} was trained "
                          "on (other validation or test rows); cannot retrain with seeds")
@@ -516,8 +516,8 @@ def make_record(result: EnsembleResult, *, source: str, artifact: str | None,
         "memberSource": source,
         "metric": result.metric,
         "direction": result.direction,
-        "members": [{**m.describe(), "weight": _round(w)}
-                    for m, w in zip(result.members, result.weights)],
+        "members": [{**m.describe(), "weight": w}
+                    for m, w in zip(result.members, _rounded_weights(result.weights))],
         "candidates": result.candidates,
         "validationValue": result.validation_value,
         "testValue": result.test_value,
@@ -533,8 +533,15 @@ def make_record(result: EnsembleResult, *, source: str, artifact: str | None,
     return record
 
 
-def _round(weight: float) -> float:
-    return float(f"{weight:.6g}")
+def _rounded_weights(weights: Any) -> list[float]:
+    """Weights to 6 decimals that still sum to 1: the largest takes the rounding remainder
+    (three members at 1/3 each would otherwise sum to 0.999999)."""
+    rounded = [round(float(w), 6) for w in weights]
+    if rounded:
+        largest = max(range(len(rounded)), key=rounded.__getitem__)
+        rest = sum(w for i, w in enumerate(rounded) if i != largest)
+        rounded[largest] = round(1.0 - rest, 6)
+    return rounded
 
 
 # ---------------------------------------------------------------- the saved ensemble
