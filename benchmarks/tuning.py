@@ -261,7 +261,7 @@ class Recorder:
         return out
 
 
-def _load_data(job: Any) -> Any:
+def load_data(job: Any) -> Any:
     from kubetune.data import load_dataset
 
     builtin = job.spec.trainer.builtin
@@ -290,7 +290,7 @@ def _run_stock(task: Task, job: Any) -> ArmRun:
     builtin = spec.trainer.builtin
     metric = spec.objective.metric
     direction = spec.objective.resolved_direction
-    data = _load_data(job)
+    data = load_data(job)
     distributions = to_distributions(spec.search_space)
     if task.arm == "random":
         sampler, pruner = optuna.samplers.RandomSampler(seed=task.seed), None
@@ -332,7 +332,7 @@ def _run_kubetune(task: Task, job: Any) -> ArmRun:
     from kubetune.trial_run import run_trial
 
     spec = job.spec
-    data = _load_data(job)
+    data = load_data(job)
     storage = InMemoryStorage()
     create_or_load_study(storage, job)
     study = optuna.load_study(study_name=job.study_name, storage=storage,

@@ -31,7 +31,7 @@ from kubetune.search_space import to_distributions
 from kubetune.spec import parse_job
 from kubetune.storage import make_artifact_store
 from kubetune.trial_run import run_trial
-from kubetune.worker import _load_data
+from kubetune.worker import load_data
 
 RECORD_KEYS = {"method", "memberSource", "metric", "direction", "members", "candidates",
                "validationValue", "testValue", "bestSingleTrial", "bestSingleValidationValue",
@@ -161,7 +161,7 @@ def _trained_study(tmp_path, n_trials, name="ens", **spec):
     job = parse_job(fast_job(name, **spec))
     study = create_or_load_study(InMemoryStorage(), job)
     store = make_artifact_store(tmp_path / "artifacts")
-    data = _load_data(job)
+    data = load_data(job)
     for _ in range(n_trials):
         trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
         run_trial(study, trial, job, data, store)
@@ -218,7 +218,7 @@ def test_snapshots_do_not_change_what_a_trial_learns():
     from kubetune.trial_run import Snapshots
 
     job = parse_job(fast_job())
-    data = _load_data(job)
+    data = load_data(job)
     params = {"epochs": 3, "lr": 0.01, "hidden": 16}
     snapshots = Snapshots([1, 2], data)
     plain = train(params, data, seed=7, device="cpu")
@@ -269,7 +269,7 @@ def test_local_job_carries_its_ensemble_and_the_export_reproduces_its_test_value
     import kubetune as kt
 
     model = kt.load_ensemble(model_dir)
-    data = _load_data(parse_job(fast_job()))
+    data = load_data(parse_job(fast_job()))
     raw_test = data.X_test.astype(np.float64) * data.std + data.mean  # as the user has it
     predicted = model.predict(raw_test)
     assert predicted.dtype.kind == "i" and set(predicted) <= {0, 1, 2}

@@ -227,14 +227,14 @@ def test_trial_whose_artifacts_cannot_be_written_fails_with_the_reason_and_job_g
     from kubetune.spec import parse_job
     from kubetune.storage import open_storage
     from kubetune.trial_run import run_trial
-    from kubetune.worker import _load_data
+    from kubetune.worker import load_data
 
     job = parse_job(fast_job())
     study = create_or_load_study(open_storage(str(tmp_path / "s.journal")), job)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the artifact folder should be")
     broken_store = FileSystemArtifactStore(str(blocker))
-    data = _load_data(job)
+    data = load_data(job)
 
     trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
     assert run_trial(study, trial, job, data, broken_store) == TrialState.FAIL

@@ -174,8 +174,8 @@ class Reconciler:
         )
         events += worker_events(launcher, previous) + phase_events(previous, status)
         if self.metrics is not None:
-            self.metrics.jobs.update(snapshot(owner.namespace, owner.name,
-                                              study.get_trials(deepcopy=False), status))
+            self.metrics.jobs.update(snapshot(owner.namespace, owner.name, outcome.trials,
+                                              status))
         return SyncResult(status=status_patch(observed, status), events=events)
 
     def _accept(self, url: str, owner: Owner, current: TuningJob | None,

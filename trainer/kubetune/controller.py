@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import optuna
@@ -95,6 +95,9 @@ class Launcher(Protocol):
 class Outcome:
     status: dict[str, Any]
     done: bool
+    # The trials this reconcile read, for callers that also need them (metrics): reading
+    # them again would double the storage queries of every pass.
+    trials: list[FrozenTrial] = field(default_factory=list)
 
 
 class JobCore:
@@ -161,7 +164,7 @@ class JobCore:
                              "lastCrashTime": last_crash, "finishedTrials": counts.finished,
                              "restarts": previous.get("workers", {}).get("restarts", 0)
                              + sum(1 for w in exited if w.exit_code)}
-        return Outcome(status=status, done=False)
+        return Outcome(status=status, done=False, trials=trials)
 
     # ------------------------------------------------------------------ the ensemble step
     def _ensemble(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
@@ -231,7 +234,7 @@ class JobCore:
         status["ensemble"] = None
         status["workers"] = {**previous.get("workers", {}), "active": 1,
                              "finishedTrials": counts.finished, "ensemble": tracking}
-        return Outcome(status=status, done=False)
+        return Outcome(status=status, done=False, trials=trials)
 
     def _ensemble_done(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
                        previous: dict[str, Any], max_trials: int, search: dict[str, str],
@@ -267,7 +270,7 @@ class JobCore:
             conditions=conditions)
         workers = {k: v for k, v in previous.get("workers", {}).items() if k != "ensemble"}
         status["workers"] = {**workers, "active": 0, "finishedTrials": counts.finished}
-        return Outcome(status=status, done=True)
+        return Outcome(status=status, done=True, trials=trials)
 
     def _verdict(self, reason: str, counts: budget.TrialCounts,
                  max_trials: int) -> tuple[str, str, str]:

@@ -130,8 +130,7 @@ def _reconcile(core: JobCore, status: dict[str, Any], metrics: Any) -> Any:
     with metrics.reconcile():
         outcome = core.reconcile(status)
     job = core.job
-    metrics.jobs.update(snapshot(job.namespace, job.name,
-                                 core.study.get_trials(deepcopy=False), outcome.status))
+    metrics.jobs.update(snapshot(job.namespace, job.name, outcome.trials, outcome.status))
     return outcome
 
 
@@ -176,10 +175,10 @@ def _lock_folder(out: Path) -> Any:
 def _check_data(job: TuningJob) -> None:
     """Load the data once up front so a bad file is one clear error, not crashing workers."""
     from kubetune.data import DataError
-    from kubetune.worker import _load_data
+    from kubetune.worker import load_data
 
     try:
-        _load_data(job)
+        load_data(job)
     except DataError as err:
         raise RunError(f"spec.trainer.builtin.dataset: {err}") from None
 

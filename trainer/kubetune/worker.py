@@ -47,14 +47,17 @@ class WorkerOptions:
 def run_worker(options: WorkerOptions) -> int:
     """Run trials until the job needs no more; the exit code is 0 unless setup failed."""
     silence_optuna()
-    job = load_job(optuna.load_study(study_name=options.study,
-                                     storage=open_storage(options.storage)))
+    storage = open_storage(options.storage)
+    job = load_job(optuna.load_study(study_name=options.study, storage=storage))
     spec = job.spec
-    storage = open_storage(options.storage,
-                           heartbeat_interval=spec.storage.heartbeat_interval if is_rdb(
-                               options.storage) else None,
-                           grace_period=spec.storage.grace_period,
-                           max_retries=spec.budget.max_retries)
+    if is_rdb(options.storage):
+        # The heartbeat settings are part of the job: reopen with them, and close the first
+        # engine so that each worker holds one connection pool, not two.
+        storage.engine.dispose()
+        storage = open_storage(options.storage,
+                               heartbeat_interval=spec.storage.heartbeat_interval,
+                               grace_period=spec.storage.grace_period,
+                               max_retries=spec.budget.max_retries)
     study = optuna.load_study(
         study_name=options.study, storage=storage,
         sampler=make_sampler(job.spec, seed=worker_seed(spec.sampler.seed, options.worker_id),
@@ -64,7 +67,7 @@ def run_worker(options: WorkerOptions) -> int:
         import torch
 
         torch.set_num_threads(options.threads)
-    data = _load_data(job)
+    data = load_data(job)
     store = make_artifact_store(options.artifacts)
     distributions = to_distributions(spec.search_space)
     lock = StudyLock(options.storage, options.study)
@@ -173,7 +176,8 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _load_data(job: TuningJob) -> Any:
+def load_data(job: TuningJob) -> Any:
+    """The job's dataset, split and standardized (cached per process by ``load_dataset``)."""
     from kubetune.data import load_dataset
 
     builtin = job.spec.trainer.builtin
