@@ -261,14 +261,6 @@ class Recorder:
         return out
 
 
-def load_data(job: Any) -> Any:
-    from kubetune.data import load_dataset
-
-    builtin = job.spec.trainer.builtin
-    return load_dataset(builtin.dataset.model_dump(by_alias=True, exclude_none=True),
-                        builtin.split.model_dump(by_alias=True, exclude_none=True))
-
-
 def _suggest(trial: Any, name: str, dist: Any) -> Any:
     """What a plain Optuna user writes for each parameter of the space."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -285,6 +277,7 @@ def _run_stock(task: Task, job: Any) -> ArmRun:
     import optuna
 
     from kubetune.search_space import to_distributions
+    from kubetune.worker import load_data
 
     spec = job.spec
     builtin = spec.trainer.builtin
@@ -329,6 +322,7 @@ def _run_kubetune(task: Task, job: Any) -> ArmRun:
     from kubetune.job_study import create_or_load_study
     from kubetune.search_space import make_pruner, make_sampler, to_distributions
     from kubetune.storage import make_artifact_store
+    from kubetune.worker import load_data
     from kubetune.trial_run import run_trial
 
     spec = job.spec
