@@ -65,6 +65,7 @@ def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
     from kubetune import budget
     from kubetune.job_study import load_job
     from kubetune.search_space import effective_max_trials
+    from kubetune.stage_study import stored_spaces
     from kubetune.status import RUNNING, build_status
     from kubetune.storage import open_storage, redact, silence_optuna
 
@@ -79,7 +80,8 @@ def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
     counts = budget.count_trials(trials)
     # The storage knows the trials, not the pods: the phase is only known on the cluster.
     return build_status(job, trials, counts, phase=RUNNING if counts.running else "Unknown",
-                        conditions=[], max_trials=effective_max_trials(job.spec))
+                        conditions=[], max_trials=effective_max_trials(job.spec),
+                        stage_spaces=stored_spaces(study) if job.spec.stages else None)
 
 
 def print_status(status: dict[str, Any]) -> None:

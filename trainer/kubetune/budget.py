@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kubetune.search_space import effective_max_trials
 from kubetune.spec import JobSpec
+from kubetune.stages import is_full_fidelity
 
 MAX_TRIALS = "MaxTrialsReached"
 GOAL = "GoalReached"
@@ -68,8 +69,9 @@ def count_trials(trials: list[FrozenTrial]) -> TrialCounts:
 
 
 def best_value(trials: Iterable[FrozenTrial], direction: str) -> float | None:
+    """The best value of the complete full-fidelity trials (what the goal is checked on)."""
     values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-              and math.isfinite(t.value)]
+              and math.isfinite(t.value) and is_full_fidelity(t)]
     if not values:
         return None
     return max(values) if direction == "maximize" else min(values)

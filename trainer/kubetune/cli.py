@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.set_defaults(handler=_validate)
 
+    presets = sub.add_parser("presets", help="list the searchSpace presets and their ranges")
+    presets.set_defaults(handler=_presets)
+
     results = sub.add_parser("results", help="show the leaderboard of a local run or of a "
                                              "TuningJob on the cluster")
     results.add_argument("path", metavar="PATH|NAME",
@@ -134,6 +137,13 @@ def _validate(args: argparse.Namespace) -> int:
     if _load(args.file) is None:
         return EXIT_INVALID
     print("valid")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from kubetune.presets import listing
+
+    print(listing())
     return 0
 
 

@@ -29,6 +29,7 @@ from kubetune import budget
 from kubetune.ensemble import ENSEMBLE_ATTR, describe, is_reusable, status_view
 from kubetune.job_study import started_at
 from kubetune.search_space import effective_max_trials
+from kubetune.stage_study import stored_spaces
 from kubetune.spec import TuningJob
 from kubetune.status import (
     ENSEMBLING,
@@ -109,12 +110,15 @@ class JobCore:
         self.study = study
         self.launcher = launcher
         self.clock = clock
+        self._stage_spaces: dict[str, Any] = {}  # read once per reconcile, for the status
 
     def reconcile(self, previous: dict[str, Any] | None = None) -> Outcome:
         previous = previous or {}
         spec = self.job.spec
         now = self.clock()
         fail_stale_trials(self.study)
+        if spec.stages and len(spec.stages) > 1:
+            self._stage_spaces = stored_spaces(self.study)
         tracking = _ensemble_tracking(previous)
         workers = self.launcher.list_workers()
         ensemble_worker = next((w for w in workers if tracking and w.id == tracking["id"]), None)
@@ -139,7 +143,7 @@ class JobCore:
                                 f"{crashes} workers in a row exited with an error without "
                                 f"finishing a trial. Last output:\n{tail}".strip())
         if reason is not None and counts.running == 0:
-            verdict = self._verdict(reason, counts, max_trials)
+            verdict = self._verdict(reason, counts, max_trials, best)
             if verdict[0] == SUCCEEDED and spec.ensemble.enabled:
                 return self._ensemble(trials, counts, previous, max_trials, verdict, tracking,
                                       ensemble_worker)
@@ -159,6 +163,7 @@ class JobCore:
         phase = RUNNING if alive or started or counts.finished else PENDING
         status = build_status(
             self.job, trials, counts, phase=phase, previous=previous, max_trials=max_trials,
+            stage_spaces=self._stage_spaces,
             conditions=[self._ready()])
         status["workers"] = {"active": len(alive) + started, "consecutiveCrashes": crashes,
                              "lastCrashTime": last_crash, "finishedTrials": counts.finished,
@@ -225,7 +230,7 @@ class JobCore:
                   else f"the best trial and {spec.seeds - 1} retrained seeds")
         status = build_status(
             self.job, trials, counts, phase=ENSEMBLING, previous=previous,
-            max_trials=max_trials,
+            max_trials=max_trials, stage_spaces=self._stage_spaces,
             conditions=[self._ready(),
                         condition(ENSEMBLE_READY, None, ENSEMBLE_RUNNING,
                                   f"building a {spec.method} ensemble of {source} "
@@ -267,13 +272,14 @@ class JobCore:
         conditions.append(condition(kind, True, reason, message))
         status = build_status(
             self.job, trials, counts, phase=phase, previous=previous, max_trials=max_trials,
+            stage_spaces=self._stage_spaces,
             conditions=conditions)
         workers = {k: v for k, v in previous.get("workers", {}).items() if k != "ensemble"}
         status["workers"] = {**workers, "active": 0, "finishedTrials": counts.finished}
         return Outcome(status=status, done=True, trials=trials)
 
-    def _verdict(self, reason: str, counts: budget.TrialCounts,
-                 max_trials: int) -> tuple[str, str, str]:
+    def _verdict(self, reason: str, counts: budget.TrialCounts, max_trials: int,
+                 best: float | None) -> tuple[str, str, str]:
         summary = (f"{counts.finished} trials finished: {counts.complete} complete, "
                    f"{counts.pruned} pruned, {counts.failed} failed")
         if reason == budget.TOO_MANY_FAILED:
@@ -281,6 +287,8 @@ class JobCore:
                                     f"({self.job.spec.budget.max_failed_trials}); {summary}")
         if counts.complete == 0:
             return FAILED, NO_COMPLETE_TRIAL, f"no trial completed; {summary}"
+        if best is None:
+            return FAILED, NO_COMPLETE_TRIAL, f"no full-fidelity trial completed; {summary}"
         messages = {
             budget.MAX_TRIALS: f"budget of {max_trials} trials spent; {summary}",
             budget.GOAL: f"objective goal {self.job.spec.objective.goal} reached; {summary}",

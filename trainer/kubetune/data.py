@@ -287,6 +287,44 @@ def _stratified_split(X: np.ndarray, y: np.ndarray, split: dict[str, Any]) -> tu
     return X_train, y_train, X_val, y_val, X_test, y_test
 
 
+@functools.lru_cache(maxsize=8)
+def reduce_dataset(data: Dataset, *, fraction: float | None = None, classes: int | None = None,
+                   seed: int = 0) -> Dataset:
+    """A cheaper dataset for a reduced-fidelity stage (cached: one per stage and process).
+
+    ``classes``: keep the first N classes in label order (the order of ``data.classes``) in
+    every split, so the model has N outputs. ``fraction``: a stratified random subsample of
+    the *training* split only, at least one row per class; validation and test stay whole,
+    so scores stay comparable within the stage. Standardization keeps the full training
+    split's statistics.
+    """
+    splits = {name: (getattr(data, f"X_{name}"), getattr(data, f"y_{name}"))
+              for name in ("train", "val", "test")}
+    kept_classes = list(data.classes)
+    if classes is not None and classes < len(data.classes):
+        kept_classes = kept_classes[:classes]
+        splits = {name: (X[y < classes], y[y < classes]) for name, (X, y) in splits.items()}
+    if fraction is not None and fraction < 1:
+        X, y = splits["train"]
+        rng = np.random.default_rng(seed)
+        rows = []
+        for label in np.unique(y):
+            members = np.flatnonzero(y == label)
+            take = max(1, int(round(fraction * len(members))))
+            rows.append(rng.choice(members, size=take, replace=False))
+        picked = np.sort(np.concatenate(rows))
+        splits["train"] = (X[picked], y[picked])
+    return Dataset(
+        X_train=_frozen(np.ascontiguousarray(splits["train"][0])),
+        y_train=_frozen(np.ascontiguousarray(splits["train"][1])),
+        X_val=_frozen(np.ascontiguousarray(splits["val"][0])),
+        y_val=_frozen(np.ascontiguousarray(splits["val"][1])),
+        X_test=_frozen(np.ascontiguousarray(splits["test"][0])),
+        y_test=_frozen(np.ascontiguousarray(splits["test"][1])),
+        classes=kept_classes, feature_names=list(data.feature_names),
+        mean=data.mean, std=data.std)
+
+
 def _frozen(array: np.ndarray) -> np.ndarray:
     """Make a cached array read-only so one trial cannot corrupt another's data."""
     array.setflags(write=False)

@@ -84,7 +84,8 @@ class ProgressView:
             cond = next((c for c in status.get("conditions", [])
                          if c["type"] == "EnsembleReady"), None)
             return f"{best_text}  Ensembling: {cond['message'] if cond else ''}".rstrip()
-        return (f"{best_text}  running {trials['running']}  pruned {trials['pruned']}  "
+        stage = f"stage {status['stage']}  " if len(status.get("stages") or ()) > 1 else ""
+        return (f"{stage}{best_text}  running {trials['running']}  pruned {trials['pruned']}  "
                 f"failed {trials['failed']}")
 
     def interrupted(self, output: Path) -> None:
@@ -108,7 +109,22 @@ def print_summary(status: dict[str, Any], console: Console | None = None) -> Non
     reasons = status.get("pruneReasons") or {}
     if reasons:
         console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+    _print_stages(status, console)
     _print_ensemble(status, console)
+
+
+def _print_stages(status: dict[str, Any], console: Console) -> None:
+    """Each stage of a staged job: trials, fidelity and the ranges it searched."""
+    stages = status.get("stages") or []
+    if len(stages) < 2:
+        return
+    for stage in stages:
+        cheap = ", ".join(([f"{stage['epochs']} epochs"] if "epochs" in stage else [])
+                          + [f"{k} {v}" for k, v in (stage.get("data") or {}).items()])
+        ranges = "; ".join(f"{k} {v}" for k, v in (stage.get("ranges") or {}).items())
+        console.print(f"stage {stage['name']}: {stage['finished']}/{stage['trials']} trials, "
+                      f"{stage['fidelity']} fidelity{f' ({cheap})' if cheap else ''}"
+                      f"{f': {ranges}' if ranges else ''}", markup=False)
 
 
 def _print_ensemble(status: dict[str, Any], console: Console) -> None:

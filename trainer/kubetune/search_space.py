@@ -136,8 +136,12 @@ class _AskTellGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def make_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:
-    """Build the configured Optuna pruner; the NaN/divergence guards live in ``guards``."""
+def make_pruner(spec: JobSpec, *, epochs: int | None = None) -> optuna.pruners.BasePruner:
+    """Build the configured Optuna pruner; the NaN/divergence guards live in ``guards``.
+
+    ``epochs``: the most epochs the pruned trials train when a stage trains fewer than the
+    job (hyperband's default maxResource).
+    """
     cfg: Pruner = spec.pruning.pruner
     if cfg.type == "none":
         return optuna.pruners.NopPruner()
@@ -152,7 +156,7 @@ def make_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:
     if cfg.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=_or(cfg.min_resource, 1),
-            max_resource=_or(cfg.max_resource, spec.epochs),
+            max_resource=_or(cfg.max_resource, epochs or spec.epochs),
             reduction_factor=_or(cfg.reduction_factor, 3))
     if cfg.type == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(

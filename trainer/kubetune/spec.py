@@ -36,6 +36,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kubetune.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS
+from kubetune.presets import PRESET_KEY, PRESETS, expand
 from kubetune.yaml_source import YamlDocument, YamlError, load_yaml
 
 API_VERSION = "kubetune.io/v1alpha1"
@@ -46,6 +47,8 @@ DATASETS = ("digits", "synthetic", "file")
 PARAM_TYPES = ("float", "int", "categorical")
 ENSEMBLE_METHODS = ("greedy", "average")
 ENSEMBLE_MEMBERS = ("trials", "seeds", "snapshots")
+MAX_STAGES = 10
+DATASET_CLASSES = {"digits": 10}  # classes of the bundled datasets (synthetic: its ``classes``)
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
@@ -444,6 +447,43 @@ class Cleanup(_Model):
                                    "(Kubernetes only; kept by default)")
 
 
+# ---------------------------------------------------------------- stages
+class StageData(_Model):
+    fraction: Number | None = Field(
+        default=None, gt=0, le=1,
+        description="train on this stratified fraction of the training split")
+    classes: StrictInt | None = Field(
+        default=None, ge=2, description="train and validate on the first N classes (in label "
+                                        "order)")
+
+    @model_validator(mode="after")
+    def _check(self) -> StageData:
+        if self.fraction is None and self.classes is None:
+            raise ValueError("give fraction, classes or both")
+        return self
+
+
+class Stage(_Model):
+    name: StrictStr | None = Field(
+        default=None, min_length=1, max_length=63, description="default stage-1, stage-2...")
+    trials: StrictInt = Field(ge=1, description="trials of this stage")
+    top: StrictInt | None = Field(
+        default=None, ge=1, description="best trials of this stage that narrow the next "
+                                        "stage's ranges (default max(3, 20% of its complete "
+                                        "trials))")
+    epochs: StrictInt | None = Field(
+        default=None, ge=1, description="fidelity: epochs of this stage's trials (not on the "
+                                        "last stage)")
+    data: StageData | None = Field(
+        default=None, description="fidelity: a cheaper slice of the data (built-in trainer; "
+                                  "not on the last stage)")
+
+    @property
+    def reduced(self) -> bool:
+        """Whether this stage's trials run below full fidelity."""
+        return self.epochs is not None or self.data is not None
+
+
 class JobSpec(_Model):
     objective: Objective
     search_space: dict[str, SearchParam]
@@ -455,6 +495,42 @@ class JobSpec(_Model):
     artifacts: Artifacts = Artifacts()
     ensemble: Ensemble = Ensemble()
     cleanup: Cleanup = Cleanup()
+    stages: list[Stage] | None = Field(
+        default=None, min_length=1, max_length=MAX_STAGES,
+        description="coarse-to-fine search: each stage's trials narrow the next stage's ranges")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any) -> Any:
+        """Expand a known ``searchSpace.preset``; default ``budget.maxTrials`` to the stages'
+        trials. Shapes are left for the field checks to report."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        key = "search_space" if "search_space" in data else "searchSpace"
+        space = data.get(key)
+        if isinstance(space, dict) and isinstance(space.get(PRESET_KEY), str) \
+                and space[PRESET_KEY] in PRESETS:
+            data[key] = expand(space, fixed=set(_fixed_params(data)))
+        stages = data.get("stages")
+        budget = data.get("budget", {})
+        if isinstance(stages, list) and stages and isinstance(budget, dict) \
+                and "maxTrials" not in budget and "max_trials" not in budget:
+            trials = [s.get("trials") if isinstance(s, dict) else None for s in stages]
+            if all(type(t) is int and t >= 1 for t in trials):
+                data["budget"] = {**budget, "maxTrials": sum(trials)}
+        return data
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _check_preset(cls, space: Any) -> Any:
+        if isinstance(space, dict) and PRESET_KEY in space:  # left by _resolve: not known
+            name = space[PRESET_KEY]
+            if not isinstance(name, str):
+                raise _at(PRESET_KEY, f"must be a preset name, got {_describe(name)}")
+            raise _at(PRESET_KEY, _unknown("preset", name, PRESETS,
+                                           what="see `kubetune presets`"))
+        return space
 
     @field_validator("search_space")
     @classmethod
@@ -462,6 +538,14 @@ class JobSpec(_Model):
         if not space:
             raise ValueError("must define at least one parameter to search")
         return space
+
+    @property
+    def stage_list(self) -> list[Stage]:
+        """The stages, a job without ``stages`` being one stage of all its trials."""
+        return list(self.stages) if self.stages else [Stage(trials=self.budget.max_trials)]
+
+    def stage_name(self, index: int) -> str:
+        return self.stage_list[index].name or f"stage-{index + 1}"
 
     @property
     def epochs(self) -> int:
@@ -472,6 +556,14 @@ class JobSpec(_Model):
         if isinstance(space, CategoricalParam):
             return int(max(space.choices))
         return int(self.trainer.builtin.params.get("epochs", self.trainer.builtin.epochs))
+
+
+def _fixed_params(data: dict[str, Any]) -> dict[str, Any]:
+    """``trainer.builtin.params`` of a raw spec, or nothing when it is not there yet."""
+    trainer = data.get("trainer")
+    builtin = trainer.get("builtin") if isinstance(trainer, dict) else None
+    params = builtin.get("params") if isinstance(builtin, dict) else None
+    return params if isinstance(params, dict) else {}
 
 
 class Metadata(BaseModel):
@@ -616,6 +708,39 @@ def _semantic_problems(spec: JobSpec) -> list[Problem]:
     if pruner.max_resource is not None and pruner.max_resource > spec.epochs:
         problems.append(Problem("spec.pruning.pruner.maxResource",
                                 f"exceeds the epochs a trial trains ({spec.epochs})"))
+    if spec.stages:
+        problems.extend(_stage_problems(spec))
+    return problems
+
+
+def _stage_problems(spec: JobSpec) -> list[Problem]:
+    stages = spec.stages or []
+    problems = []
+    total = sum(s.trials for s in stages)
+    if spec.budget.max_trials != total:
+        problems.append(Problem("spec.budget.maxTrials", (
+            f"is {spec.budget.max_trials} but the stages add up to {total} trials: leave "
+            "maxTrials out (it defaults to the sum) or make them agree")))
+    if spec.sampler.type == "grid":
+        problems.append(Problem("spec.stages", "the grid sampler tries a fixed grid: stages "
+                                               "need a sampler that searches ranges"))
+    last = len(stages) - 1
+    for field in ("epochs", "data", "top"):
+        if getattr(stages[last], field) is not None:
+            why = ("narrows nothing on the last stage" if field == "top" else
+                   "cannot be set on the last stage: it runs at full fidelity")
+            problems.append(Problem(f"spec.stages[{last}].{field}", why))
+    dataset = spec.trainer.builtin.dataset
+    classes = DATASET_CLASSES.get(dataset.name, getattr(dataset, "classes", None))
+    for i, stage in enumerate(stages):
+        if stage.epochs is not None and "epochs" in spec.search_space:
+            problems.append(Problem(f"spec.stages[{i}].epochs",
+                                    "epochs is searched in spec.searchSpace: a stage cannot "
+                                    "also set it"))
+        wanted = stage.data.classes if stage.data else None
+        if wanted is not None and classes is not None and wanted >= classes:
+            problems.append(Problem(f"spec.stages[{i}].data.classes",
+                                    f"must be fewer than the dataset's {classes} classes"))
     return problems
 
 
@@ -781,6 +906,9 @@ def _type_message(message: str) -> str:
 
 
 def _tidy(message: str) -> str:
+    if match := re.match(r"List should have at (least|most) (\d+) items? after validation", message):
+        return f"must list at {match.group(1)} {match.group(2)} item" + \
+            ("s" if match.group(2) != "1" else "")
     for old, new in (("Input should be greater than or equal to", "must be >="),
                      ("Input should be greater than", "must be >"),
                      ("Input should be less than or equal to", "must be <="),

@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kubetune.budget import TrialCounts
 from kubetune.spec import TuningJob
+from kubetune.stages import is_full_fidelity
 from kubetune.trial_run import PRUNE_REASON_ATTR
 
 LEADERBOARD_SIZE = 10
@@ -48,10 +49,16 @@ def merge_conditions(previous: list[dict[str, Any]] | None,
     return merged
 
 
-def ranked(trials: list[FrozenTrial], direction: str) -> list[FrozenTrial]:
-    """Complete trials with a finite value, best first (ties: earlier trial first)."""
+def ranked(trials: list[FrozenTrial], direction: str, *,
+           full_only: bool = True) -> list[FrozenTrial]:
+    """Complete trials with a finite value, best first (ties: earlier trial first).
+
+    Only full-fidelity trials compete (best, leaderboard, ensemble): a reduced-fidelity
+    stage's scores are not comparable. ``full_only=False`` ranks within one stage.
+    """
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and math.isfinite(t.value)]
+            and math.isfinite(t.value)
+            and (not full_only or is_full_fidelity(t))]
     sign = -1.0 if direction == "maximize" else 1.0
     return sorted(done, key=lambda t: (sign * t.value, t.number))
 
@@ -59,8 +66,15 @@ def ranked(trials: list[FrozenTrial], direction: str) -> list[FrozenTrial]:
 def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts, *,
                  phase: str, conditions: list[dict[str, Any]],
                  previous: dict[str, Any] | None = None,
-                 max_trials: int | None = None) -> dict[str, Any]:
-    """The status document, in the camelCase shape of ``TuningJob.status``."""
+                 max_trials: int | None = None,
+                 stage_spaces: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status document, in the camelCase shape of ``TuningJob.status``.
+
+    ``stage_spaces``: the narrowed spaces stored in the study (``stage_study.stored_spaces``),
+    for ``stage`` and ``stages``.
+    """
+    from kubetune.stage_study import status_view
+
     direction = job.spec.objective.resolved_direction
     top = ranked(trials, direction)
     reasons = Counter(t.user_attrs.get(PRUNE_REASON_ATTR) or "pruner"
@@ -79,6 +93,7 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
         "leaderboard": [_entry(t) for t in top[:LEADERBOARD_SIZE]],
         "conditions": merge_conditions(previous.get("conditions"), conditions),
         "ensemble": previous.get("ensemble"),
+        **dict(zip(("stage", "stages"), status_view(job.spec, trials, stage_spaces or {}))),
     }
 
 

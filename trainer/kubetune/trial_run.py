@@ -56,9 +56,16 @@ class WorkerStopped(BaseException):
 
 
 def trial_params(job: TuningJob, trial: optuna.Trial) -> dict[str, Any]:
-    """Fixed params, epochs, then sampled params: what the trainer gets."""
+    """Fixed params, epochs, then sampled params: what the trainer gets; a stage's epochs
+    fidelity (``spec.stages[].epochs``) overrides the epochs."""
+    from kubetune.stage_study import stage_epochs
+
     builtin = job.spec.trainer.builtin
-    return {"epochs": builtin.epochs, **builtin.params, **trial.params}
+    params = {"epochs": builtin.epochs, **builtin.params, **trial.params}
+    epochs = stage_epochs(job.spec, trial.user_attrs)
+    if epochs is not None:
+        params["epochs"] = epochs
+    return params
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: Any,

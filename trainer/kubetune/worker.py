@@ -26,7 +26,14 @@ from optuna.trial import TrialState
 
 from kubetune import budget
 from kubetune.job_study import load_job, started_at
-from kubetune.search_space import make_pruner, make_sampler, to_distributions, worker_seed
+from kubetune.search_space import make_pruner, make_sampler, worker_seed
+from kubetune.stage_study import (
+    mark_new_trial,
+    stage_for_new_trial,
+    stage_of,
+    stage_space,
+    stage_view,
+)
 from kubetune.storage import StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna
 from kubetune.trial_run import WORKER_ATTR, WorkerStopped, run_trial, tell
 from kubetune.spec import TuningJob
@@ -58,18 +65,17 @@ def run_worker(options: WorkerOptions) -> int:
                                heartbeat_interval=spec.storage.heartbeat_interval,
                                grace_period=spec.storage.grace_period,
                                max_retries=spec.budget.max_retries)
-    study = optuna.load_study(
-        study_name=options.study, storage=storage,
-        sampler=make_sampler(job.spec, seed=worker_seed(spec.sampler.seed, options.worker_id),
-                             parallel=spec.budget.parallelism > 1),
-        pruner=make_pruner(spec))
+    sampler = make_sampler(job.spec, seed=worker_seed(spec.sampler.seed, options.worker_id),
+                           parallel=spec.budget.parallelism > 1)
+    study = optuna.load_study(study_name=options.study, storage=storage, sampler=sampler,
+                              pruner=make_pruner(spec))
     if options.threads:
         import torch
 
         torch.set_num_threads(options.threads)
-    data = load_data(job)
+    load_data(job)  # a bad file fails here, before any trial
     store = make_artifact_store(options.artifacts)
-    distributions = to_distributions(spec.search_space)
+    stages = _Stages(study, job, sampler)
     lock = StudyLock(options.storage, options.study)
     start = started_at(study)
     deadline = start + spec.budget.timeout_seconds if spec.budget.timeout_seconds else None
@@ -78,11 +84,12 @@ def run_worker(options: WorkerOptions) -> int:
     ran = 0
     try:
         while True:
-            trial, counts, reason = _next_trial(study, job, lock, distributions, start, options)
+            trial, counts, reason = _next_trial(study, job, lock, stages, start, options)
             if trial is not None:
+                data = load_data(job, stage=stage_of(trial))
                 with _heartbeat(storage, trial._trial_id):
                     try:
-                        run_trial(study, trial, job, data, store, deadline=deadline)
+                        run_trial(trial.study, trial, job, data, store, deadline=deadline)
                     except (WorkerStopped, KeyboardInterrupt):
                         _give_back(study, trial, storage)
                         raise
@@ -101,11 +108,14 @@ def run_worker(options: WorkerOptions) -> int:
         lock.close()
 
 
-def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock,
-                distributions: dict[str, Any], start: float,
-                options: WorkerOptions) -> tuple[optuna.Trial | None, budget.TrialCounts,
-                                                  str | None]:
-    """Under the study lock: fail stale trials, count, and ask for a trial if one may start."""
+def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: _Stages,
+                start: float, options: WorkerOptions) -> tuple[optuna.Trial | None,
+                                                                budget.TrialCounts, str | None]:
+    """Under the study lock: fail stale trials, count, and ask for a trial if one may start.
+
+    A queued retry runs first, in its own stage; a new trial joins the current stage, and
+    none starts while the next stage waits for the trials of the current one.
+    """
     with lock:
         fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
@@ -114,10 +124,35 @@ def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock,
         reason = budget.stop_reason(job.spec, counts, best, start, time.time())
         if not budget.may_start_trial(job.spec, counts, reason):
             return None, counts, reason
-        trial = study.ask(fixed_distributions=distributions)
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        stage = stage_of(waiting[0]) if waiting else stage_for_new_trial(job.spec, trials)
+        if stage is None:  # the next stage waits for this one's running trials
+            return None, counts, reason
+        trial = stages.ask(min(stage, len(job.spec.stage_list) - 1), trials)
         trial.set_user_attr(WORKER_ATTR, options.worker_id)
+        mark_new_trial(trial, job.spec, stage)
     log.info("trial %d started: %s", trial.number, trial.params)
     return trial, counts, reason
+
+
+class _Stages:
+    """Asks for trials stage by stage: the job's study for a one-stage job, else a view of the
+    study per stage (``stage_study.stage_view``) with the stage's space and pruner."""
+
+    def __init__(self, study: optuna.Study, job: TuningJob, sampler: Any) -> None:
+        self.study, self.job, self.sampler = study, job, sampler
+        self.views: dict[int, tuple[optuna.Study, dict[str, Any]]] = {}
+
+    def ask(self, stage: int, trials: list[Any]) -> optuna.Trial:
+        spec = self.job.spec
+        space = stage_space(spec, self.study, stage, trials)
+        if not spec.stages or len(spec.stages) == 1:
+            return self.study.ask(fixed_distributions=space)
+        if stage not in self.views:
+            pruner = make_pruner(spec, epochs=spec.stage_list[stage].epochs)
+            self.views[stage] = stage_view(self.study, stage, space, self.sampler, pruner)
+        view, distributions = self.views[stage]
+        return view.ask(fixed_distributions=distributions)
 
 
 def _give_back(study: optuna.Study, trial: optuna.Trial, storage: Any) -> None:
@@ -176,13 +211,20 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def load_data(job: TuningJob) -> Any:
-    """The job's dataset, split and standardized (cached per process by ``load_dataset``)."""
-    from kubetune.data import load_dataset
+def load_data(job: TuningJob, stage: int | None = None) -> Any:
+    """The job's dataset, split and standardized (cached per process by ``load_dataset``);
+    with ``stage``, cut to that stage's data fidelity (``spec.stages[].data``)."""
+    from kubetune.data import load_dataset, reduce_dataset
 
     builtin = job.spec.trainer.builtin
-    return load_dataset(builtin.dataset.model_dump(by_alias=True, exclude_none=True),
+    data = load_dataset(builtin.dataset.model_dump(by_alias=True, exclude_none=True),
                         builtin.split.model_dump(by_alias=True, exclude_none=True))
+    stages = job.spec.stages
+    fidelity = stages[min(stage, len(stages) - 1)].data if stage is not None and stages else None
+    if fidelity is None:
+        return data
+    return reduce_dataset(data, fraction=fidelity.fraction, classes=fidelity.classes,
+                          seed=builtin.split.seed)
 
 
 def default_threads(workers: int) -> int:
