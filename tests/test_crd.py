@@ -187,6 +187,9 @@ def test_defaults_are_the_spec_models():
                          "spec.storage": DELETE, "spec.ensemble": DELETE})
     stored = VALIDATOR.defaulted(job)
     model_spec = parse_job(job).to_dict()["spec"]
+    # maxTrials has no CRD default: the spec model makes it 100, or the sum of the stages'
+    assert "maxTrials" not in stored["spec"]["budget"]
+    assert model_spec["budget"].pop("maxTrials") == 100
     for section in ("budget", "sampler", "pruning", "storage", "ensemble"):
         assert stored["spec"][section] == model_spec[section], section
     builtin = stored["spec"]["trainer"]["builtin"]
@@ -354,12 +357,70 @@ def _edge_cases() -> dict[str, dict[str, Any]]:
             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "securityContext": {"runAsNonRoot": True}}},
     }
+    out.update(_preset_and_stage_cases())
     for classes, informative, features in ((2, 1, 20), (2, 2, 20), (4, 3, 20), (5, 3, 20),
                                            (3, 10, 2), (2, 10, 2), (3, 64, 64)):
         out[f"synthetic-{classes}-classes-{informative}-of-{features}"] = {synthetic: {
             "name": "synthetic", "classes": classes, "informative": informative,
             "features": features}}
     return out
+
+
+def _preset_and_stage_cases() -> dict[str, dict[str, Any]]:
+    """Presets expand inside the cross-field checks; stages have checks of their own."""
+    preset = {"spec.searchSpace": {"preset": "mlp-classic"}}
+    gridded = {k: {"type": "float", "low": 0.3, "high": 0.7, "points": 3}
+               for k in ("dropout", "grad_clip")}
+    gridded.update({"lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True, "points": 4},
+                    "weight_decay": {"type": "float", "low": 1e-6, "high": 1.0, "log": True,
+                                     "points": 4}})
+    fixed = dict(cases.PRESET_VALUES)
+    staged = {"spec.budget.maxTrials": DELETE}
+    two = [{"trials": 4, "epochs": 2}, {"trials": 3}]
+    return {
+        "preset-grid-all-floats-gridded": {"spec.sampler": {"type": "grid"}, "spec.searchSpace": {
+            "preset": "mlp-classic", **gridded}},
+        "preset-grid-one-float-open": {"spec.sampler": {"type": "grid"}, "spec.searchSpace": {
+            "preset": "mlp-classic", **{k: v for k, v in gridded.items() if k != "lr"}}},
+        "preset-grid-open-float-fixed": {
+            "spec.sampler": {"type": "grid"},
+            "spec.searchSpace": {"preset": "mlp-classic",
+                                 **{k: v for k, v in gridded.items() if k != "lr"}},
+            "spec.trainer.builtin.params": {"lr": 0.01}},
+        "preset-cmaes-only-a-categorical-left": {
+            **preset, "spec.sampler": {"type": "cmaes"},
+            "spec.trainer.builtin.params": {k: v for k, v in fixed.items() if k != "optimizer"}},
+        "preset-cmaes-one-int-left": {
+            **preset, "spec.sampler": {"type": "cmaes"},
+            "spec.trainer.builtin.params": {k: v for k, v in fixed.items() if k != "layers"}},
+        "preset-all-fixed-but-one-written": {
+            "spec.searchSpace": {"preset": "mlp-classic", "init": {
+                "type": "categorical", "choices": ["orthogonal", "he_normal"]}},
+            "spec.trainer.builtin.params": fixed},
+        "preset-and-fixed-epochs-max-resource": {
+            **preset, **dict(cases.NO_EPOCHS),
+            "spec.pruning.pruner": {"type": "hyperband", "maxResource": 21}},
+        "stages-three-sum": {**staged, "spec.budget.maxTrials": 9,
+                             "spec.stages": [{"trials": 2}, {"trials": 3}, {"trials": 4}]},
+        "stages-three-sum-off-by-one": {"spec.budget.maxTrials": 10,
+                                        "spec.stages": [{"trials": 2}, {"trials": 3},
+                                                        {"trials": 4}]},
+        "stages-ten": {**staged, "spec.stages": [{"trials": 1}] * 10},
+        "stages-ten-max-trials": {"spec.budget.maxTrials": 10,
+                                  "spec.stages": [{"trials": 1}] * 10},
+        "stage-empty-name": {**staged, "spec.stages": [{"name": "", "trials": 2}]},
+        "stage-classes-synthetic-default": {
+            **staged, "spec.stages": [{"trials": 2, "data": {"classes": 2}}, {"trials": 2}],
+            "spec.trainer.builtin.dataset": {"name": "synthetic"}},
+        "stage-classes-digits-nine": {
+            **staged, "spec.stages": [{"trials": 2, "data": {"classes": 9}}, {"trials": 2}]},
+        "stage-fraction-one": {
+            **staged, "spec.stages": [{"trials": 2, "data": {"fraction": 1}}, {"trials": 2}]},
+        "stage-top-on-first": {**staged, "spec.stages": [{"trials": 2, "top": 1}, *two]},
+        "stage-middle-epochs": {**staged, "spec.stages": [*two, {"trials": 2}]},
+        "stages-with-random-sampler": {**staged, "spec.sampler": {"type": "random"},
+                                       "spec.stages": two},
+    }
 
 
 def _yaml_cases() -> dict[str, Any]:
@@ -465,6 +526,9 @@ def test_crd_messages_name_the_field():
     problems = VALIDATOR.problems(cases.mutated({"spec.searchSpace.lr": cases.LOG_LR,
                                                  "spec.trainer.builtin.params.lr": 0.01}))
     assert len(problems) == 1 and problems[0].endswith("not both): lr")
+    problems = VALIDATOR.problems(cases.mutated({"spec.stages": [{"trials": 2}]}))
+    assert problems == ["spec.budget.maxTrials: maxTrials must be the sum of the stages' trials "
+                        "(or left out)"]
 
 
 def test_wire_form_is_what_kubectl_sends():

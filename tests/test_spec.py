@@ -111,6 +111,10 @@ def test_base_job_is_valid():
 LOG_LR = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
 DROPOUT = {"type": "float", "low": 0.0, "high": 0.5}
 LAYERS = {"type": "int", "low": 1, "high": 3}
+# a value of each mlp-classic knob, to fix them all
+PRESET_VALUES = {"lr": 0.01, "weight_decay": 0.0001, "hidden": 64, "layers": 2,
+                 "batch_size": 64, "dropout": 0.5, "grad_clip": 10.0, "optimizer": "adam"}
+STAGED = {"spec.budget.maxTrials": DELETE}  # maxTrials from the stages
 
 REJECTIONS = [
     # unknown fields
@@ -395,6 +399,73 @@ REJECTIONS = [
     ("epochs-zero", {"spec.trainer.builtin.epochs": 0}, "spec.trainer.builtin.epochs",
      "must be >= 1"),
     ("ensemble-topK-one", {"spec.ensemble.topK": 1}, "spec.ensemble.topK", "must be >= 2"),
+    # presets
+    ("preset-unknown", {"spec.searchSpace": {"preset": "mlp-clasic"}},
+     "spec.searchSpace.preset", "did you mean 'mlp-classic'?"),
+    ("preset-not-a-name", {"spec.searchSpace": {"preset": 3}}, "spec.searchSpace.preset",
+     "must be a preset name, got int 3"),
+    ("preset-override-out-of-bounds", {"spec.searchSpace": {
+        "preset": "mlp-classic", "dropout": {"type": "float", "low": 0.3, "high": 1.5}}},
+     "spec.searchSpace.dropout.high", "must be < 1"),
+    ("preset-override-also-fixed", {"spec.searchSpace": {"preset": "mlp-classic",
+                                                         "batch_size": LAYERS}},
+     "spec.trainer.builtin.params.batch_size", "not both"),
+    ("preset-all-fixed", {"spec.searchSpace": {"preset": "mlp-classic"},
+                          "spec.trainer.builtin.params": {
+                              k: v for k, v in PRESET_VALUES.items()}},
+     "spec.searchSpace", "at least one parameter"),
+    ("preset-with-grid", {"spec.searchSpace": {"preset": "mlp-classic"},
+                          "spec.sampler": {"type": "grid"}},
+     "spec.searchSpace.lr", "grid sampler needs a finite set"),
+    # stages
+    ("stages-empty", {"spec.stages": []}, "spec.stages", "at least 1 item"),
+    ("stages-too-many", {"spec.stages": [{"trials": 1}] * 11, "spec.budget.maxTrials": DELETE},
+     "spec.stages", "at most 10 items"),
+    ("stage-without-trials", {"spec.stages": [{"name": "a"}]}, "spec.stages[0].trials",
+     "required"),
+    ("stage-zero-trials", {"spec.stages": [{"trials": 0}]}, "spec.stages[0].trials",
+     "must be >= 1"),
+    ("stage-unknown-field", {"spec.stages": [{"trials": 3, "epoch": 2}, {"trials": 2}]},
+     "spec.stages[0].epoch", "did you mean 'epochs'?"),
+    ("stage-fraction-zero", {**STAGED, "spec.stages": [
+        {"trials": 3, "data": {"fraction": 0}}, {"trials": 2}]},
+     "spec.stages[0].data.fraction", "must be > 0"),
+    ("stage-fraction-above-one", {**STAGED, "spec.stages": [
+        {"trials": 3, "data": {"fraction": 1.5}}, {"trials": 2}]},
+     "spec.stages[0].data.fraction", "must be <= 1"),
+    ("stage-data-empty", {**STAGED, "spec.stages": [{"trials": 3, "data": {}}, {"trials": 2}]},
+     "spec.stages[0].data", "give fraction, classes or both"),
+    ("stage-one-class", {**STAGED, "spec.stages": [
+        {"trials": 3, "data": {"classes": 1}}, {"trials": 2}]},
+     "spec.stages[0].data.classes", "must be >= 2"),
+    ("stage-all-digit-classes", {**STAGED, "spec.stages": [
+        {"trials": 3, "data": {"classes": 10}}, {"trials": 2}]},
+     "spec.stages[0].data.classes", "fewer than the dataset's 10 classes"),
+    ("stage-all-synthetic-classes", {**STAGED, "spec.stages": [
+        {"trials": 3, "data": {"classes": 3}}, {"trials": 2}],
+        "spec.trainer.builtin.dataset": {"name": "synthetic", "classes": 3, "informative": 4}},
+     "spec.stages[0].data.classes", "fewer than the dataset's 3 classes"),
+    ("stages-max-trials-disagree", {"spec.stages": [{"trials": 3}, {"trials": 2}],
+                                    "spec.budget.maxTrials": 6},
+     "spec.budget.maxTrials", "the stages add up to 5"),
+    ("last-stage-epochs", {**STAGED, "spec.stages": [{"trials": 3}, {"trials": 2, "epochs": 3}]},
+     "spec.stages[1].epochs", "full fidelity"),
+    ("last-stage-data", {**STAGED, "spec.stages": [
+        {"trials": 3}, {"trials": 2, "data": {"fraction": 0.5}}]},
+     "spec.stages[1].data", "full fidelity"),
+    ("only-stage-epochs", {**STAGED, "spec.stages": [{"trials": 3, "epochs": 3}]},
+     "spec.stages[0].epochs", "full fidelity"),
+    ("last-stage-top", {**STAGED, "spec.stages": [{"trials": 3}, {"trials": 2, "top": 1}]},
+     "spec.stages[1].top", "narrows nothing"),
+    ("stage-epochs-and-searched-epochs", {**STAGED, "spec.stages": [
+        {"trials": 3, "epochs": 2}, {"trials": 2}],
+        "spec.searchSpace.epochs": {"type": "int", "low": 2, "high": 9},
+        "spec.trainer.builtin.params.epochs": DELETE},
+     "spec.stages[0].epochs", "searched"),
+    ("stages-with-grid", {**STAGED, "spec.searchSpace": {"layers": LAYERS},
+                          "spec.stages": [{"trials": 3}, {"trials": 2}],
+                          "spec.sampler": {"type": "grid"}},
+     "spec.stages", "grid sampler"),
 ]
 
 
@@ -507,6 +578,21 @@ VALID_VARIATIONS = [
     {"spec.trainer.builtin.dataset": {"name": "synthetic", "classes": 3,
                                       "classWeights": [1, 2, 3]}},
     {"metadata.namespace": "team-a"},
+    {"spec.searchSpace": {"preset": "mlp-classic"}},
+    {"spec.searchSpace": {"preset": "mlp-classic", "lr": LOG_LR},
+     "spec.trainer.builtin.params": {"optimizer": "sgd"}},
+    {"spec.searchSpace": {"preset": "mlp-classic"}, "spec.sampler": {"type": "cmaes"}},
+    {"spec.searchSpace": {"preset": "mlp-classic"}, "spec.trainer.builtin.params": {
+        k: v for k, v in PRESET_VALUES.items() if k != "layers"}},
+    {**STAGED, "spec.stages": [{"name": "coarse", "trials": 6, "top": 2, "epochs": 3,
+                                "data": {"fraction": 0.25, "classes": 4}},
+                               {"name": "fine", "trials": 4}]},
+    {"spec.stages": [{"trials": 60}, {"trials": 40}]},  # agrees with maxTrials: 100
+    {**STAGED, "spec.stages": [{"trials": 5}]},
+    {**STAGED, "spec.stages": [{"trials": 3, "data": {"classes": 2}}, {"trials": 2}],
+     "spec.trainer.builtin.dataset": {"name": "synthetic", "classes": 3, "informative": 4}},
+    {**STAGED, "spec.stages": [{"trials": 3, "data": {"classes": 50}}, {"trials": 2}],
+     "spec.trainer.builtin.dataset": {"name": "file", "path": "data.csv"}},
     # what `kubectl get -o yaml` adds must re-apply
     {"metadata.uid": "1234", "metadata.resourceVersion": "7", "status": {"phase": "Running"}},
 ]
@@ -915,3 +1001,41 @@ def test_parse_job_without_a_folder_keeps_the_path(tmp_path):
     assert parse_job(data).spec.trainer.builtin.dataset.path == "data/wine.csv"
     resolved = parse_job(data, base_dir=tmp_path).spec.trainer.builtin.dataset.path
     assert Path(resolved) == tmp_path / "data" / "wine.csv"
+
+
+# ------------------------------------------------------------------------------ presets, stages
+def test_a_preset_expands_and_what_is_stored_is_the_expansion():
+    job = parse_job(mutated({"spec.searchSpace": {"preset": "mlp-classic", "lr": LOG_LR},
+                             "spec.trainer.builtin.params": {"optimizer": "sgd"}}))
+    space = job.to_dict()["spec"]["searchSpace"]
+    assert "preset" not in space
+    assert space["lr"] == LOG_LR  # named next to the preset: overrides it
+    assert "optimizer" not in space  # fixed in params: not searched
+    assert space["weight_decay"] == {"type": "float", "low": 1e-6, "high": 10.0, "log": True}
+    assert space["hidden"] == {"type": "int", "low": 16, "high": 1024, "log": True, "step": 1}
+    assert space["batch_size"]["log"] is True and (space["batch_size"]["low"],
+                                                   space["batch_size"]["high"]) == (32, 512)
+    assert parse_job(job.to_dict()).to_dict() == job.to_dict()  # the stored job re-parses
+
+
+@pytest.mark.parametrize("name", sorted(__import__("kubetune.presets").presets.PRESETS))
+def test_every_preset_fits_the_knob_bounds(name):
+    job = parse_job(mutated({"spec.searchSpace": {"preset": name},
+                             "spec.trainer.builtin.params": {}}))
+    from kubetune.presets import PRESETS
+
+    assert set(job.spec.search_space) == set(PRESETS[name].space)
+
+
+def test_stages_default_max_trials_to_their_sum_and_name_themselves():
+    spec = parse_job(mutated({**STAGED, "spec.stages": [
+        {"trials": 6, "epochs": 3}, {"name": "fine", "trials": 4}]})).spec
+    assert spec.budget.max_trials == 10
+    assert [spec.stage_name(i) for i in range(2)] == ["stage-1", "fine"]
+    assert [s.reduced for s in spec.stage_list] == [True, False]
+
+
+def test_a_job_without_stages_is_one_full_fidelity_stage():
+    spec = parse_job(base_job()).spec
+    assert len(spec.stage_list) == 1 and spec.stage_list[0].trials == spec.budget.max_trials
+    assert not spec.stage_list[0].reduced and spec.stage_name(0) == "stage-1"

@@ -29,6 +29,7 @@ import yaml
 
 from kubetune import spec as model
 from kubetune.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS, Knob
+from kubetune.presets import PRESET_KEY, PRESETS
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -408,14 +409,32 @@ def knob_param_schema(name: str, knob: Knob) -> dict[str, Any]:
 
 
 def search_space_schema() -> dict[str, Any]:
+    preset = {"type": "string", "enum": list(PRESETS),
+              "description": "start from a preset's ranges (see `kubetune presets`); entries "
+                             "named next to it override the preset's"}
     return {
         "type": "object",
         "description": "the parameters to search, by knob name; each is a distribution "
                        "(float | int with low/high, or categorical with choices)",
         "minProperties": 1,
-        "properties": {_cel_name(name): knob_param_schema(name, knob)
-                       for name, knob in KNOBS.items()},
+        "properties": {PRESET_KEY: preset, **{_cel_name(name): knob_param_schema(name, knob)
+                                              for name, knob in KNOBS.items()}},
     }
+
+
+def stages_schema() -> dict[str, Any]:
+    schema, defs = _json_schema(model.JobSpec)
+    out = _Converter(defs).convert(schema["properties"]["stages"], "spec.stages")
+    data = out["items"]["properties"]["data"]
+    data["x-kubernetes-validations"] = [rule("has(self.fraction) || has(self.classes)",
+                                             "data needs fraction, classes or both")]
+    return out
+
+
+def max_trials_schema() -> dict[str, Any]:
+    """No default in the CRD: the spec model defaults it to 100, or to the stages' trials."""
+    return {"type": "integer", "minimum": 1,
+            "description": "trials in all (default 100, or the sum of spec.stages[].trials)"}
 
 
 def params_schema() -> dict[str, Any]:
@@ -576,14 +595,68 @@ def _space(name: str) -> str:
     return f"self.searchSpace.{name}"
 
 
+def _from_preset(name: str, where: Any = None) -> str:
+    """CEL: ``name`` is searched because a preset brings it (not written, not fixed).
+
+    ``where(entry)`` narrows it to the presets whose entry for ``name`` passes."""
+    presets = [p for p, preset in PRESETS.items() if name in preset.space
+               and (where is None or where(preset.space[name]))]
+    if not presets:
+        return "false"
+    return (f"(has(self.searchSpace.{PRESET_KEY}) && "
+            f"{one_of('self.searchSpace.' + PRESET_KEY, presets)} && !has({_space(name)}) && "
+            f"!has(self.trainer.builtin.params.{name}))")
+
+
+def _stage_sum() -> str:
+    return " + ".join(f"(self.stages.size() > {i} ? self.stages[{i}].trials : 0)"
+                      for i in range(model.MAX_STAGES))
+
+
+def stage_rules() -> list[dict[str, Any]]:
+    """spec._stage_problems."""
+    last = "self.stages[self.stages.size() - 1]"
+    dataset = "self.trainer.builtin.dataset"
+    synthetic = {name: info.default for name, info in model.SyntheticData.model_fields.items()}
+    # a file's classes are known when it is read: any count passes here
+    fewer = " : ".join(
+        [f"{dataset}.name == {lit(name)} ? s.data.classes < {count}"
+         for name, count in model.DATASET_CLASSES.items()]
+        + [f"{dataset}.name == 'synthetic' ? "
+           f"s.data.classes < {or_default('classes', synthetic['classes'], dataset)}", "true"])
+    return [
+        rule(f"!has(self.stages) || !has(self.budget.maxTrials) || "
+             f"self.budget.maxTrials == {_stage_sum()}",
+             "maxTrials must be the sum of the stages' trials (or left out)",
+             ".budget.maxTrials"),
+        rule("!has(self.stages) || self.sampler.type != 'grid'",
+             "the grid sampler tries a fixed grid: stages need a sampler that searches ranges",
+             ".stages"),
+        rule(f"!has(self.stages) || (!has({last}.epochs) && !has({last}.data))",
+             "the last stage runs at full fidelity: it cannot set epochs or data", ".stages"),
+        rule(f"!has(self.stages) || !has({last}.top)",
+             "top narrows nothing on the last stage", ".stages"),
+        rule(f"!has(self.stages) || !has({_space('epochs')}) || "
+             f"self.stages.all(s, !has(s.epochs))",
+             "epochs is searched in searchSpace: a stage cannot also set it", ".stages"),
+        rule(f"!has(self.stages) || self.stages.all(s, !has(s.data) || !has(s.data.classes) || "
+             f"({fewer}))",
+             "a stage's data.classes must be fewer than the dataset's classes", ".stages"),
+    ]
+
+
 def spec_rules() -> list[dict[str, Any]]:
     """Rules on the whole spec: the spec model's semantic checks (spec._semantic_problems)."""
     knobs = list(KNOBS)
     both = {k: f"has({_space(k)}) && has(self.trainer.builtin.params.{k})" for k in knobs}
     floats = [k for k in knobs if KNOBS[k].kind == "float"]
-    open_float = {k: f"has({_space(k)}) && {_space(k)}.type == 'float' && "
-                     f"!has({_space(k)}.step) && !has({_space(k)}.points)" for k in floats}
+    unstepped = lambda e: e["type"] == "float" and "step" not in e and "points" not in e  # noqa
+    open_float = {k: f"(has({_space(k)}) && {_space(k)}.type == 'float' && "
+                     f"!has({_space(k)}.step) && !has({_space(k)}.points)) || "
+                     f"{_from_preset(k, unstepped)}" for k in floats}
     numeric = [k for k in knobs if KNOBS[k].kind in ("float", "int")]
+    if any("epochs" in preset.space for preset in PRESETS.values()):
+        raise CrdError("a preset searches epochs: the maxResource and stage rules need it")
     space_epochs = _space("epochs")
     max_resource = "self.pruning.pruner.maxResource"
     fixed_epochs = ("(has(self.trainer.builtin.params.epochs) ? "
@@ -605,8 +678,13 @@ def spec_rules() -> list[dict[str, Any]]:
              "'the grid sampler needs a finite set of values: give step or points to' + "
              + listing(open_float)),
         rule("self.sampler.type != 'cmaes' || " + " || ".join(
-                f"(has({_space(k)}) && {_space(k)}.type != 'categorical')" for k in numeric),
+                f"(has({_space(k)}) && {_space(k)}.type != 'categorical') || "
+                f"{_from_preset(k, lambda e: e['type'] != 'categorical')}" for k in numeric),
              "cmaes needs at least one float or int parameter", ".sampler.type"),
+        rule(f"!has(self.searchSpace.{PRESET_KEY}) || " + " || ".join(
+                [f"has({_space(k)})" for k in knobs] + [_from_preset(k) for k in knobs]),
+             "must define at least one parameter to search (the preset's are all fixed in "
+             "trainer.builtin.params)", ".searchSpace"),
         # spec.JobSpec.epochs: the most epochs a trial can train
         rule(f"!has({max_resource}) || (has({space_epochs}) ? "
              f"({space_epochs}.type == 'int' ? "
@@ -615,7 +693,7 @@ def spec_rules() -> list[dict[str, Any]]:
              f"{space_epochs}.choices.exists(c, c >= {max_resource}))) : "
              f"{max_resource} <= {fixed_epochs})",
              "maxResource exceeds the epochs a trial trains", ".pruning.pruner.maxResource"),
-    ]
+    ] + stage_rules()
 
 
 RULES: dict[tuple[str, ...], list[dict[str, Any]]] = {
@@ -645,6 +723,8 @@ OVERRIDES = {
     ("trainer", "builtin", "params"): params_schema,
     ("trainer", "template"): pod_template_schema,
     ("budget", "timeout"): duration_schema,
+    ("budget", "maxTrials"): max_trials_schema,
+    ("stages",): stages_schema,
 }
 
 ENUMS = {  # plain strings in the model, checked against these names by its validators

@@ -867,10 +867,13 @@ def _known_fields(parent: tuple) -> list[str]:
     """camelCase field names accepted at ``parent`` (for did-you-mean hints)."""
     tag_models = {**PARAM_MODELS, **DATASET_MODELS}
     model: Any = TuningJob
-    skip_key = False
+    skip_key = in_list = False
     for part in parent:
         if skip_key:
             skip_key = False
+            continue
+        if in_list and isinstance(part, int):  # an item of a list of models
+            in_list = False
             continue
         if model is None and part in tag_models:
             model = tag_models[part]
@@ -881,7 +884,11 @@ def _known_fields(parent: tuple) -> list[str]:
         if info is None:
             return []
         annotation = info.annotation
-        if get_origin(annotation) is dict:
+        listed = [a for a in (annotation, *getattr(annotation, "__args__", ()))
+                  if get_origin(a) is list]
+        if listed:
+            in_list, model = True, _first_model(listed[0])
+        elif get_origin(annotation) is dict:
             skip_key, model = True, None
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
