@@ -83,7 +83,14 @@ def test_python_m_kubetune_with_a_relative_path(tmp_path):
     ("low: 1.0e-4", "low: 0", "spec.searchSpace.lr.low: must be > 0 when log is true (line 9)"),
     ("  budget:\n", "  budgett:\n",
      "spec.budgett: unknown field; did you mean 'budget'? (line 11)"),
-], ids=["log-low", "unknown-field"])
+    ("  searchSpace:\n", "  searchSpace:\n    preset: mlp-clasic\n",
+     "spec.searchSpace.preset: unknown preset 'mlp-clasic' (see `kubetune presets`: "
+     "mlp-classic); did you mean 'mlp-classic'? (line 9)"),
+    ("  budget:\n    maxTrials: 4\n",
+     "  stages:\n    - {trials: 3, epochs: 1}\n    - {trials: 1, data: {fraction: 0.5}}\n",
+     "spec.stages[1].data: cannot be set on the last stage: it runs at full fidelity "
+     "(line 13)"),
+], ids=["log-low", "unknown-field", "preset-typo", "last-stage-data"])
 def test_invalid_file_exits_2_with_the_field_path(tmp_path, old, new, expected):
     proc = kubetune("validate", write(tmp_path, bad(old, new)))
     assert proc.returncode == 2
@@ -142,6 +149,32 @@ def test_unusable_file_exits_2_without_traceback(tmp_path, content):
     proc = kubetune("validate", path)
     assert proc.returncode == 2
     assert proc.stderr.strip() and "Traceback" not in proc.stderr
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates(path):
+    proc = kubetune("validate", path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "valid\n", "")
+
+
+def test_examples_include_the_staged_one():
+    assert "digits-staged.yaml" in {p.name for p in EXAMPLES}
+
+
+def test_presets_lists_each_preset_with_its_ranges():
+    proc = kubetune("presets")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("mlp-classic: ")
+    ranges = {line.split()[0]: " ".join(line.split()[1:]) for line in lines[1:9]}
+    assert ranges == {
+        "lr": "0.001..1 log", "weight_decay": "1e-06..10 log", "hidden": "16..1024 int log",
+        "layers": "1..3 int", "batch_size": "32..512 int log", "dropout": "0.3..0.7",
+        "grad_clip": "5..15", "optimizer": "adam | adamw | sgd"}
+    assert "searchSpace: {preset: NAME}" in proc.stdout
 
 
 def test_validate_does_not_load_pytorch_or_optuna(tmp_path):

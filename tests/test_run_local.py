@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
 
 STATUS_KEYS = {"name", "phase", "objective", "progress", "trials", "pruneReasons", "best",
-               "leaderboard", "conditions", "ensemble", "workers"}
+               "leaderboard", "conditions", "ensemble", "workers", "stage", "stages"}
 
 
 def _study(out, name="default/fast") -> optuna.Study:
