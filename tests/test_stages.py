@@ -192,9 +192,11 @@ def test_the_narrowed_space_is_computed_once_and_stored_in_the_study():
 def test_each_stage_samples_and_prunes_among_its_own_trials():
     job = _job(epochs=1)
     study = _study(job)
-    for value in (0.9, 0.95, 0.92):
-        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value,
-                                     intermediate_values={1: value}, user_attrs={"stage": 0}))
+    for value in (0.9, 0.95, 0.92):  # stage 0 searched hidden in [16, 32]
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, value=value, intermediate_values={1: value},
+            params={"hidden": 16}, distributions={"hidden": CategoricalDistribution([16, 32])},
+            user_attrs={"stage": 0}))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=1)
     space = {"hidden": CategoricalDistribution([32]),
              "lr": FloatDistribution(1e-3, 1e-1, log=True)}
@@ -208,9 +210,9 @@ def test_each_stage_samples_and_prunes_among_its_own_trials():
 
 
 # ------------------------------------------------------------------------------ end to end
-def test_two_stage_job_ends_with_a_full_fidelity_best_and_ensemble(tmp_path):
+def test_two_stage_job_ends_with_a_full_fidelity_best_and_ensemble(tmp_path, postgres_url):
     """The coarse stage scores on 2 of 3 classes (easier), so its trials would top the
-    leaderboard if reduced-fidelity trials competed."""
+    leaderboard if reduced-fidelity trials competed. On PostgreSQL, as on a cluster."""
     job = fast_job("staged", budget={"parallelism": 2}, ensemble={"topK": 3},
                    stages=[{"name": "coarse", "trials": 4, "top": 2, "epochs": 2,
                             "data": {"fraction": 0.5, "classes": 2}},
@@ -219,13 +221,13 @@ def test_two_stage_job_ends_with_a_full_fidelity_best_and_ensemble(tmp_path):
     job["spec"]["searchSpace"]["optimizer"] = {"type": "categorical",
                                               "choices": ["adam", "adamw", "sgd"]}
     out = tmp_path / "out"
-    proc = kubetune("run", write_job(tmp_path / "job.yaml", job), "--output", out, "--no-plots")
+    proc = kubetune("run", write_job(tmp_path / "job.yaml", job), "--output", out, "--no-plots",
+                    "--storage", postgres_url)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     from kubetune.storage import open_storage
 
-    study = optuna.load_study(study_name="default/staged",
-                              storage=open_storage(str(out / "study.journal")))
+    study = optuna.load_study(study_name="default/staged", storage=open_storage(postgres_url))
     trials = study.get_trials()
     coarse = [t for t in trials if t.user_attrs["stage"] == 0]
     fine = [t for t in trials if t.user_attrs["stage"] == 1]
