@@ -200,7 +200,9 @@ def test_each_stage_samples_and_prunes_among_its_own_trials():
     pruner = optuna.pruners.MedianPruner(n_startup_trials=1)
     space = {"hidden": CategoricalDistribution([32]),
              "lr": FloatDistribution(1e-3, 1e-1, log=True)}
-    view, asked = stage_view(study, 1, space, optuna.samplers.RandomSampler(seed=0), pruner)
+    original = {"hidden": CategoricalDistribution([16, 32]), "lr": space["lr"]}
+    view, asked = stage_view(study, 1, space, original, optuna.samplers.RandomSampler(seed=0),
+                             pruner)
     assert asked["hidden"] == CategoricalDistribution([16, 32])  # Optuna's: one per study
     trial = view.ask(fixed_distributions=asked)
     assert trial.user_attrs["stage"] == 1 and trial.params["hidden"] == 32

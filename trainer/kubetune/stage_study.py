@@ -25,7 +25,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from kubetune import budget
-from kubetune.search_space import to_distributions
+from kubetune.search_space import make_pruner, to_distributions
 from kubetune.spec import JobSpec
 from kubetune.stages import (
     FIDELITY_ATTR,
@@ -161,30 +161,48 @@ def status_view(spec: JobSpec, trials: list[FrozenTrial], stored: dict[str, Any]
 
 
 # ---------------------------------------------------------------- the per-stage study view
+class StageAsker:
+    """Asks for a worker's trials stage by stage: through the job's study for a one-stage
+    job, else through a view of the study per stage with the stage's space and pruner."""
+
+    def __init__(self, study: optuna.Study, spec: JobSpec,
+                 sampler: optuna.samplers.BaseSampler) -> None:
+        self.study, self.spec, self.sampler = study, spec, sampler
+        self.views: dict[int, tuple[optuna.Study, dict[str, BaseDistribution]]] = {}
+
+    def ask(self, stage: int, trials: list[FrozenTrial]) -> optuna.Trial:
+        """Under the study lock (the stage's space may be computed and stored here)."""
+        spec = self.spec
+        space = stage_space(spec, self.study, stage, trials)
+        if len(spec.stage_list) == 1:
+            return self.study.ask(fixed_distributions=space)
+        if stage not in self.views:
+            pruner = make_pruner(spec, epochs=spec.stage_list[stage].epochs)
+            self.views[stage] = stage_view(self.study, stage, space,
+                                           to_distributions(spec.search_space), self.sampler,
+                                           pruner)
+        view, distributions = self.views[stage]
+        return view.ask(fixed_distributions=distributions)
+
+
 def stage_view(study: optuna.Study, stage: int, space: dict[str, BaseDistribution],
-               sampler: optuna.samplers.BaseSampler,
+               original: dict[str, BaseDistribution], sampler: optuna.samplers.BaseSampler,
                pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, dict[str, Any]]:
     """``study`` as the sampler and pruner of one stage see it (trials of that stage only), and
-    the distributions to ask that stage's trials with.
+    the distributions to ask that stage's trials with (``space``, the stage's; ``original``,
+    the job's).
 
     The filter sits in the storage, beneath everything Optuna builds on a study (Hyperband's
     bracket studies included); every write goes to the real storage. Optuna stores one set of
     choices per categorical parameter and study, so a trial is asked with the job's
     categoricals, and the stage's sampler draws from the narrowed choices.
     """
-    original = to_distributions(load_spec(study).search_space)
     narrowed = {name: dist for name, dist in space.items()
                 if isinstance(dist, CategoricalDistribution) and dist != original.get(name)}
     asked = {name: original[name] if name in narrowed else dist for name, dist in space.items()}
     view = optuna.Study(study_name=study.study_name, storage=_StageStorage(study._storage, stage),
                         sampler=_NarrowedChoices(sampler, narrowed), pruner=pruner)
     return view, asked
-
-
-def load_spec(study: optuna.Study) -> JobSpec:
-    from kubetune.job_study import load_job
-
-    return load_job(study).spec
 
 
 class _NarrowedChoices(optuna.samplers.BaseSampler):
@@ -224,7 +242,9 @@ class _NarrowedChoices(optuna.samplers.BaseSampler):
 
 class _StageStorage(BaseStorage):
     """Delegates to ``inner``; ``get_all_trials`` lists the trials of one stage only, and a
-    trial created here (``study.ask``) is of that stage from its first moment."""
+    trial created here (``study.ask``) is of that stage from its first moment. BaseStorage's
+    helpers built on ``get_all_trials`` (``get_n_trials``, ``get_best_trial``) count the
+    stage only, as they should for the sampler and pruner."""
 
     def __init__(self, inner: BaseStorage, stage: int) -> None:
         self._inner, self._stage = inner, stage

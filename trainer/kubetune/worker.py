@@ -27,13 +27,7 @@ from optuna.trial import TrialState
 from kubetune import budget
 from kubetune.job_study import load_job, started_at
 from kubetune.search_space import make_pruner, make_sampler, worker_seed
-from kubetune.stage_study import (
-    mark_new_trial,
-    stage_for_new_trial,
-    stage_of,
-    stage_space,
-    stage_view,
-)
+from kubetune.stage_study import StageAsker, mark_new_trial, stage_for_new_trial, stage_of
 from kubetune.storage import StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna
 from kubetune.trial_run import WORKER_ATTR, WorkerStopped, run_trial, tell
 from kubetune.spec import TuningJob
@@ -75,7 +69,7 @@ def run_worker(options: WorkerOptions) -> int:
         torch.set_num_threads(options.threads)
     load_data(job)  # a bad file fails here, before any trial
     store = make_artifact_store(options.artifacts)
-    stages = _Stages(study, job, sampler)
+    stages = StageAsker(study, job.spec, sampler)
     lock = StudyLock(options.storage, options.study)
     start = started_at(study)
     deadline = start + spec.budget.timeout_seconds if spec.budget.timeout_seconds else None
@@ -108,7 +102,7 @@ def run_worker(options: WorkerOptions) -> int:
         lock.close()
 
 
-def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: _Stages,
+def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: StageAsker,
                 start: float, options: WorkerOptions) -> tuple[optuna.Trial | None,
                                                                 budget.TrialCounts, str | None]:
     """Under the study lock: fail stale trials, count, and ask for a trial if one may start.
@@ -128,31 +122,12 @@ def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: _S
         stage = stage_of(waiting[0]) if waiting else stage_for_new_trial(job.spec, trials)
         if stage is None:  # the next stage waits for this one's running trials
             return None, counts, reason
-        trial = stages.ask(min(stage, len(job.spec.stage_list) - 1), trials)
+        stage = min(stage, len(job.spec.stage_list) - 1)  # a job resumed with fewer stages
+        trial = stages.ask(stage, trials)
         trial.set_user_attr(WORKER_ATTR, options.worker_id)
         mark_new_trial(trial, job.spec, stage)
     log.info("trial %d started: %s", trial.number, trial.params)
     return trial, counts, reason
-
-
-class _Stages:
-    """Asks for trials stage by stage: the job's study for a one-stage job, else a view of the
-    study per stage (``stage_study.stage_view``) with the stage's space and pruner."""
-
-    def __init__(self, study: optuna.Study, job: TuningJob, sampler: Any) -> None:
-        self.study, self.job, self.sampler = study, job, sampler
-        self.views: dict[int, tuple[optuna.Study, dict[str, Any]]] = {}
-
-    def ask(self, stage: int, trials: list[Any]) -> optuna.Trial:
-        spec = self.job.spec
-        space = stage_space(spec, self.study, stage, trials)
-        if not spec.stages or len(spec.stages) == 1:
-            return self.study.ask(fixed_distributions=space)
-        if stage not in self.views:
-            pruner = make_pruner(spec, epochs=spec.stage_list[stage].epochs)
-            self.views[stage] = stage_view(self.study, stage, space, self.sampler, pruner)
-        view, distributions = self.views[stage]
-        return view.ask(fixed_distributions=distributions)
 
 
 def _give_back(study: optuna.Study, trial: optuna.Trial, storage: Any) -> None:
