@@ -165,6 +165,10 @@ def test_a_stage_starts_only_when_the_previous_one_has_finished():
     done = [_trial(0), _trial(0, TrialState.PRUNED)]
     assert stage_for_new_trial(spec, done) == 1 and current_stage(spec, done) == 1
     assert stage_for_new_trial(spec, done + [_trial(1), _trial(1)]) is None
+    # a running job on a cluster adopts a raised maxTrials but not its stages: the last stage
+    # takes the extra trials
+    raised = spec.model_copy(update={"budget": spec.budget.model_copy(update={"max_trials": 5})})
+    assert stage_for_new_trial(raised, done + [_trial(1), _trial(1)]) == 1
 
 
 def _study(job):

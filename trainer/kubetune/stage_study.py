@@ -61,12 +61,19 @@ def by_stage(trials: Iterable[FrozenTrial], count: int) -> list[list[FrozenTrial
     return groups
 
 
+def stage_budgets(spec: JobSpec) -> list[int]:
+    """Trials per stage. The last stage takes what ``budget.maxTrials`` leaves: on a cluster
+    a running job adopts a raised maxTrials (the last stage's trials) but keeps its stages."""
+    earlier = [stage.trials for stage in spec.stage_list[:-1]]
+    return earlier + [max(0, spec.budget.max_trials - sum(earlier))]
+
+
 def stage_for_new_trial(spec: JobSpec, trials: list[FrozenTrial]) -> int | None:
     """The stage a new trial joins, or None while the next stage waits for the current one
     to finish (or when every stage's trials are taken)."""
-    stages = spec.stage_list
+    budgets = stage_budgets(spec)
     for index, counts in enumerate(_stage_counts(spec, trials)):
-        if counts.used < stages[index].trials:
+        if counts.used < budgets[index]:
             return index
         if counts.running or counts.waiting:
             return None  # the next stage needs this one finished
@@ -75,8 +82,9 @@ def stage_for_new_trial(spec: JobSpec, trials: list[FrozenTrial]) -> int | None:
 
 def current_stage(spec: JobSpec, trials: list[FrozenTrial]) -> int:
     """The first stage that is not finished (the last one once all are)."""
+    budgets = stage_budgets(spec)
     for index, counts in enumerate(_stage_counts(spec, trials)):
-        if counts.used < spec.stage_list[index].trials or counts.running or counts.waiting:
+        if counts.used < budgets[index] or counts.running or counts.waiting:
             return index
     return len(spec.stage_list) - 1
 
@@ -140,6 +148,7 @@ def status_view(spec: JobSpec, trials: list[FrozenTrial], stored: dict[str, Any]
     finished count, fidelity and ranges (None until the stage's space is known)."""
     current = current_stage(spec, trials)
     groups = by_stage(trials, len(spec.stage_list))
+    budgets = stage_budgets(spec)
     view = []
     for index, stage in enumerate(spec.stage_list):
         if index == 0:
@@ -148,7 +157,7 @@ def status_view(spec: JobSpec, trials: list[FrozenTrial], stored: dict[str, Any]
             space = space_from_json(stored[str(index)]["space"])
         else:
             space = None
-        entry: dict[str, Any] = {"name": spec.stage_name(index), "trials": stage.trials,
+        entry: dict[str, Any] = {"name": spec.stage_name(index), "trials": budgets[index],
                                  "finished": budget.count_trials(groups[index]).finished,
                                  "fidelity": fidelity(spec, index)}
         if stage.epochs is not None:
