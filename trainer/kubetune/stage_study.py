@@ -16,7 +16,7 @@ own stage, at its own fidelity.
 from __future__ import annotations
 
 import logging
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 import optuna
@@ -175,7 +175,9 @@ class StageAsker:
     job, else through a view of the study per stage with the stage's space and pruner."""
 
     def __init__(self, study: optuna.Study, spec: JobSpec,
-                 sampler: optuna.samplers.BaseSampler) -> None:
+                 sampler: Callable[[int], optuna.samplers.BaseSampler]) -> None:
+        """``sampler(stage)``: a new sampler for a stage (a sampler caches what it learnt of
+        the trials it saw, e.g. TPE's intersection search space)."""
         self.study, self.spec, self.sampler = study, spec, sampler
         self.views: dict[int, tuple[optuna.Study, dict[str, BaseDistribution]]] = {}
 
@@ -188,8 +190,8 @@ class StageAsker:
         if stage not in self.views:
             pruner = make_pruner(spec, epochs=spec.stage_list[stage].epochs)
             self.views[stage] = stage_view(self.study, stage, space,
-                                           to_distributions(spec.search_space), self.sampler,
-                                           pruner)
+                                           to_distributions(spec.search_space),
+                                           self.sampler(stage), pruner)
         view, distributions = self.views[stage]
         return view.ask(fixed_distributions=distributions)
 

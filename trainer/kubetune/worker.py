@@ -59,9 +59,14 @@ def run_worker(options: WorkerOptions) -> int:
                                heartbeat_interval=spec.storage.heartbeat_interval,
                                grace_period=spec.storage.grace_period,
                                max_retries=spec.budget.max_retries)
-    sampler = make_sampler(job.spec, seed=worker_seed(spec.sampler.seed, options.worker_id),
-                           parallel=spec.budget.parallelism > 1)
-    study = optuna.load_study(study_name=options.study, storage=storage, sampler=sampler,
+    seed = worker_seed(spec.sampler.seed, options.worker_id)
+
+    def sampler(stage: int = 0) -> optuna.samplers.BaseSampler:
+        """A fresh sampler per stage: samplers cache what they learnt of the study."""
+        return make_sampler(spec, seed=None if seed is None else seed + 104729 * stage,
+                            parallel=spec.budget.parallelism > 1)
+
+    study = optuna.load_study(study_name=options.study, storage=storage, sampler=sampler(),
                               pruner=make_pruner(spec))
     if options.threads:
         import torch
