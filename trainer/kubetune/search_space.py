@@ -152,7 +152,7 @@ def make_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:
     if cfg.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=_or(cfg.min_resource, 1),
-            max_resource=_or(cfg.max_resource, spec.epochs),
+            max_resource=_or(cfg.max_resource, _or(spec.epochs, "auto")),
             reduction_factor=_or(cfg.reduction_factor, 3))
     if cfg.type == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(

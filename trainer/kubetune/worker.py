@@ -16,7 +16,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -42,6 +43,9 @@ class WorkerOptions:
     artifacts: str
     poll_interval: float = 1.0
     threads: int | None = None
+    # Folders of the user's code (entrypoint and command trainers): put on sys.path; the
+    # first is the working directory of command trials. None: the working directory.
+    code: list[str] = field(default_factory=list)
 
 
 def run_worker(options: WorkerOptions) -> int:
@@ -68,6 +72,11 @@ def run_worker(options: WorkerOptions) -> int:
 
         torch.set_num_threads(options.threads)
     data = load_data(job)
+    workdir = Path(options.code[0]).resolve() if options.code else Path.cwd()
+    if not spec.trainer.is_builtin:
+        from kubetune.sdk import add_code_paths
+
+        add_code_paths(options.code or [workdir])
     store = make_artifact_store(options.artifacts)
     distributions = to_distributions(spec.search_space)
     lock = StudyLock(options.storage, options.study)
@@ -82,7 +91,8 @@ def run_worker(options: WorkerOptions) -> int:
             if trial is not None:
                 with _heartbeat(storage, trial._trial_id):
                     try:
-                        run_trial(study, trial, job, data, store, deadline=deadline)
+                        run_trial(study, trial, job, data, store, deadline=deadline,
+                                  workdir=workdir)
                     except (WorkerStopped, KeyboardInterrupt):
                         _give_back(study, trial, storage)
                         raise
@@ -177,10 +187,13 @@ def _stop_on_sigterm() -> None:
 
 
 def load_data(job: TuningJob) -> Any:
-    """The job's dataset, split and standardized (cached per process by ``load_dataset``)."""
+    """The job's dataset, split and standardized (cached per process by ``load_dataset``);
+    None for code trainers, which load their own data."""
     from kubetune.data import load_dataset
 
     builtin = job.spec.trainer.builtin
+    if builtin is None:
+        return None
     return load_dataset(builtin.dataset.model_dump(by_alias=True, exclude_none=True),
                         builtin.split.model_dump(by_alias=True, exclude_none=True))
 
