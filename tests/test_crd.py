@@ -375,10 +375,12 @@ def _yaml_cases() -> dict[str, Any]:
 
 def _all_cases() -> dict[str, Any]:
     jobs: dict[str, Any] = {}
-    for path in sorted(cases.EXAMPLES.glob("*.yaml")):
-        jobs[f"example-{path.name}"] = load_yaml(path.read_text(encoding="utf-8")).data
+    for path in cases.EXAMPLE_FILES:
+        jobs[f"example-{path.relative_to(cases.EXAMPLES)}"] = load_yaml(
+            path.read_text(encoding="utf-8")).data
     changes: dict[str, dict[str, Any]] = {c[0]: c[1] for c in cases.REJECTIONS}
     changes.update({f"valid-{','.join(c) or 'base'}": c for c in cases.VALID_VARIATIONS})
+    changes.update({f"trainer-valid-{name}": c for name, c in cases.TRAINER_VALID.items()})
     changes.update({f"type-error-{k}": v for k, v in cases.TYPE_ERRORS.items()})
     changes.update({f"round-trip-{k}": v for k, v in cases.ROUND_TRIPS.items()})
     changes.update({f"epochs-{i}": {**cases.NO_EPOCHS, **c}

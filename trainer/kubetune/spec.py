@@ -715,6 +715,8 @@ def _trainer_problems(spec: JobSpec) -> list[Problem]:
     problems = [Problem(f"spec.trainer.{k}", f"cannot be combined with {kinds[0]}: set exactly "
                                              "one of builtin, entrypoint or command")
                 for k in kinds[1:]]
+    if problems:
+        return problems
     if trainer.is_builtin:
         for name in CODE_FIELDS:
             if getattr(trainer, name) is not None:
@@ -926,6 +928,8 @@ def _type_message(message: str) -> str:
 
 
 def _tidy(message: str) -> str:
+    if message.startswith("List should have at least 1 item"):
+        return "must not be empty"
     for old, new in (("Input should be greater than or equal to", "must be >="),
                      ("Input should be greater than", "must be >"),
                      ("Input should be less than or equal to", "must be <="),
