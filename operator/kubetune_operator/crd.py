@@ -10,8 +10,11 @@ checks that span fields, so that ``kubectl apply`` rejects what ``kubetune valid
 - tagged unions (a search-space entry by ``type``, a dataset by ``name``) are merged into one
   object with rules saying which fields belong to which tag;
 - ``searchSpace`` and ``trainer.builtin.params`` get one property per built-in knob, typed and
-  bounded by the knob's domain (so unknown knobs are unknown fields, and the values of a
-  categorical list are checked against the knob);
+  bounded by the knob's domain (so the values of a categorical list are checked against the
+  knob); ``searchSpace`` also keeps other names as written, because an entrypoint or command
+  trainer searches parameters of its own (a structural schema cannot type a list of mixed
+  scalars such as their choices, so the operator's spec model checks those entries, and an
+  unknown name with the builtin trainer);
 - the model validators' cross-field checks are CEL rules written below, one per check.
 
 Print it with ``python -m kubetune_operator.crd > crds/tuningjob.yaml``; tests/test_crd.py checks
@@ -410,9 +413,11 @@ def knob_param_schema(name: str, knob: Knob) -> dict[str, Any]:
 def search_space_schema() -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "the parameters to search, by knob name; each is a distribution "
-                       "(float | int with low/high, or categorical with choices)",
+        "description": "the parameters to search, by name (the builtin trainer's knobs, or "
+                       "the params of your own code); each is a distribution (float | int "
+                       "with low/high, or categorical with choices)",
         "minProperties": 1,
+        "x-kubernetes-preserve-unknown-fields": True,
         "properties": {_cel_name(name): knob_param_schema(name, knob)
                        for name, knob in KNOBS.items()},
     }
@@ -576,6 +581,48 @@ def _space(name: str) -> str:
     return f"self.searchSpace.{name}"
 
 
+def code_params_schema() -> dict[str, Any]:
+    return _open_object("fixed params handed to an entrypoint or command with the sampled "
+                        "ones (any JSON values)")
+
+
+def metrics_schema() -> dict[str, Any]:
+    return {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS,
+            "x-kubernetes-list-type": "set",
+            "description": "the metrics your code reports (required with entrypoint or "
+                           "command); the objective metric is one of them",
+            "items": _string(minLength=1)}
+
+
+ENTRYPOINT = ("^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*"
+              ":[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*$")
+CODE_FIELDS = ["params", "metrics", "epochs", "stopGracePeriod", "image"]
+
+
+def trainer_rules() -> list[dict[str, Any]]:
+    """spec._trainer_problems: exactly one kind of trainer, each field with its kind."""
+    kinds = " + ".join(f"(has(self.{k}) ? 1 : 0)" for k in model.TRAINER_KINDS)
+    return [
+        rule(f"{kinds} == 1", "set exactly one of builtin, entrypoint or command"),
+        rule(f"!has(self.builtin) || !({has_any(CODE_FIELDS)})",
+             f"{words(CODE_FIELDS)} are only used with entrypoint or command (the builtin "
+             "trainer's fixed params go in builtin.params)"),
+        rule("has(self.builtin) || has(self.metrics)",
+             "metrics is required with entrypoint or command: the metrics your code reports",
+             ".metrics"),
+        rule("!has(self.stopGracePeriod) || has(self.command)",
+             "stopGracePeriod is only used with command", ".stopGracePeriod"),
+        rule(f"!has(self.entrypoint) || self.entrypoint.matches({lit(ENTRYPOINT)})",
+             "entrypoint must be 'package.module:function'", ".entrypoint"),
+        rule("!has(self.command) || self.command.size() == 0 || self.command[0] != ''",
+             "the program (the first item of command) must not be empty", ".command"),
+        rule("!has(self.metrics) || !self.metrics.exists(m, m == 'epoch')",
+             "'epoch' is the step of a report, not a metric", ".metrics"),
+        rule("!has(self.image) || !has(self.template) || !has(self.template.image)",
+             "image is also set in template.image: set the image in one place", ".image"),
+    ]
+
+
 def spec_rules() -> list[dict[str, Any]]:
     """Rules on the whole spec: the spec model's semantic checks (spec._semantic_problems)."""
     knobs = list(KNOBS)
@@ -586,14 +633,17 @@ def spec_rules() -> list[dict[str, Any]]:
     numeric = [k for k in knobs if KNOBS[k].kind in ("float", "int")]
     space_epochs = _space("epochs")
     max_resource = "self.pruning.pruner.maxResource"
-    fixed_epochs = ("(has(self.trainer.builtin.params.epochs) ? "
-                    "self.trainer.builtin.params.epochs : self.trainer.builtin.epochs)")
+    fixed_epochs = ("(has(self.trainer.builtin) ? (has(self.trainer.builtin.params.epochs) ? "
+                    "self.trainer.builtin.params.epochs : self.trainer.builtin.epochs) : "
+                    "(has(self.trainer.epochs) ? self.trainer.epochs : "
+                    f"{max_resource}))")
+    builtin = "has(self.trainer.builtin)"
 
     def listing(conditions: dict[str, str]) -> str:
         return " + ".join(f"(({c}) ? ' {k}' : '')" for k, c in conditions.items())
 
     return [
-        rule(" && ".join(f"!({c})" for c in both.values()),
+        rule(f"!{builtin} || (" + " && ".join(f"!({c})" for c in both.values()) + ")",
              "a knob is both fixed in trainer.builtin.params and searched in searchSpace: fix "
              "it or search it, not both", ".trainer.builtin.params",
              "'fixed in trainer.builtin.params and also searched in searchSpace (fix it or "
@@ -604,7 +654,7 @@ def spec_rules() -> list[dict[str, Any]]:
              "step or points", ".searchSpace",
              "'the grid sampler needs a finite set of values: give step or points to' + "
              + listing(open_float)),
-        rule("self.sampler.type != 'cmaes' || " + " || ".join(
+        rule(f"self.sampler.type != 'cmaes' || !{builtin} || " + " || ".join(
                 f"(has({_space(k)}) && {_space(k)}.type != 'categorical')" for k in numeric),
              "cmaes needs at least one float or int parameter", ".sampler.type"),
         # spec.JobSpec.epochs: the most epochs a trial can train
@@ -615,6 +665,15 @@ def spec_rules() -> list[dict[str, Any]]:
              f"{space_epochs}.choices.exists(c, c >= {max_resource}))) : "
              f"{max_resource} <= {fixed_epochs})",
              "maxResource exceeds the epochs a trial trains", ".pruning.pruner.maxResource"),
+        rule(f"!{builtin} || {one_of('self.objective.metric', REPORTED_METRICS)}",
+             f"the builtin trainer reports {words(REPORTED_METRICS, 'and')}: the objective "
+             "metric must be one of them", ".objective.metric"),
+        rule(f"{builtin} || !has(self.trainer.metrics) || "
+             "self.objective.metric in self.trainer.metrics",
+             "the objective metric must be one of trainer.metrics", ".objective.metric"),
+        rule(f"{builtin} || !self.ensemble.enabled || self.ensemble.members == 'trials'",
+             "ensemble members seeds and snapshots need the builtin trainer; use trials",
+             ".ensemble.members"),
     ]
 
 
@@ -634,6 +693,7 @@ RULES: dict[tuple[str, ...], list[dict[str, Any]]] = {
     ],
     ("storage",): [rule("self.gracePeriod >= 2 * self.heartbeatInterval",
                         "gracePeriod must be at least twice heartbeatInterval", ".gracePeriod")],
+    ("trainer",): trainer_rules(),
     ("trainer", "builtin", "split"): [rule(
         "self.validation + self.test < 0.9",
         "validation + test must leave at least 10% for training", ".test")],
@@ -644,11 +704,12 @@ OVERRIDES = {
     ("trainer", "builtin", "dataset"): dataset_schema,
     ("trainer", "builtin", "params"): params_schema,
     ("trainer", "template"): pod_template_schema,
+    ("trainer", "params"): code_params_schema,
+    ("trainer", "metrics"): metrics_schema,
     ("budget", "timeout"): duration_schema,
 }
 
 ENUMS = {  # plain strings in the model, checked against these names by its validators
-    ("objective", "metric"): list(REPORTED_METRICS),
     ("sampler", "type"): list(model.SAMPLERS),
     ("pruning", "pruner", "type"): list(model.PRUNERS),
     ("trainer", "builtin", "model"): list(MODELS),
@@ -657,13 +718,15 @@ ENUMS = {  # plain strings in the model, checked against these names by its vali
 DESCRIPTIONS = {
     (): "what to tune, how, and with which budget (see the kubetune README)",
     ("objective",): "the metric to optimize",
-    ("objective", "metric"): "a metric the trainer reports",
+    ("objective", "metric"): "a metric the trainer reports (builtin: "
+                             f"{', '.join(REPORTED_METRICS)}; your code: one of trainer.metrics)",
     ("objective", "direction"): "maximize or minimize (default: minimize for losses, "
                                 "else maximize)",
     ("budget",): "how many trials, how many at once, and for how long",
     ("sampler",): "how Optuna picks the next parameters",
     ("pruning",): "stopping bad trials early: NaN/Inf and divergence guards, and a pruner",
-    ("trainer",): "what trains one trial",
+    ("trainer",): "what trains one trial: exactly one of builtin, entrypoint (your Python "
+                  "function) or command (your program)",
     ("trainer", "builtin"): "the built-in PyTorch MLP trainer",
     ("storage",): "the Optuna storage and worker heartbeats",
     ("artifacts",): "where workers keep model weights and predictions",
