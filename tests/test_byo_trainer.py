@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import REPO_ROOT, kubetune, write_job
+from conftest import REPO_ROOT, kubetune, wait_for, write_job
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -73,9 +75,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from sklearn.datasets import load_digits
+
+import kubetune
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,7 +102,11 @@ def train(trial):
             train_loss = math.nan
         with torch.no_grad():
             accuracy = (model(X[val_rows]).argmax(1) == y[val_rows]).float().mean().item()
-        trial.report(epoch, val_accuracy=accuracy, train_loss=train_loss)
+        try:
+            trial.report(epoch, val_accuracy=accuracy, train_loss=train_loss)
+        except kubetune.TrialPruned as pruned:
+            (HERE / f"pruned-{trial.number}").write_text(pruned.reason)
+            raise
         (HERE / f"reached-{trial.number}-{epoch}").touch()
     with torch.no_grad():
         trial.save_predictions(validation=torch.softmax(model(X[val_rows]), 1).numpy(),
@@ -132,6 +139,7 @@ def test_entrypoint_job_gets_params_prunes_nan_and_ensembles_saved_predictions(t
         assert trial.state == TrialState.PRUNED and trial.user_attrs["prune_reason"] == "nan"
         assert [h["epoch"] for h in trial.user_attrs["history"]] == [1, 2]
         assert not (tmp_path / f"reached-{trial.number}-2").exists()
+        assert (tmp_path / f"pruned-{trial.number}").read_text() == "nan"
     for trial in healthy:
         assert trial.state == TrialState.COMPLETE
         assert [h["epoch"] for h in trial.user_attrs["history"]] == [1, 2, 3]
@@ -251,6 +259,44 @@ def test_command_example_runs_and_its_predictions_join_the_ensemble(tmp_path):
     status = json.loads((out / "result.json").read_text())
     assert status["trials"]["complete"] == 3
     assert status["ensemble"]["candidates"] == 3
+
+
+SLEEPER_CODE = '''
+import json
+import os
+import time
+
+open("pid", "w").write(str(os.getpid()))
+print(json.dumps({"epoch": 1, "val_accuracy": 0.5}), flush=True)
+time.sleep(120)
+'''
+
+
+def test_stopping_the_worker_stops_its_command_and_gives_the_trial_back(tmp_path):
+    (tmp_path / "sleeper.py").write_text(SLEEPER_CODE)
+    job = code_job("stop", {"command": [sys.executable, "sleeper.py"],
+                            "metrics": ["val_accuracy"], "stopGracePeriod": 2},
+                   {"x": {"type": "categorical", "choices": [1]}},
+                   budget={"maxTrials": 1, "parallelism": 1})
+    path = write_job(tmp_path / "job.yaml", job)
+    out = tmp_path / "out"
+    runner = subprocess.Popen([sys.executable, "-m", "kubetune", "run", str(path), "--output",
+                               str(out), "--quiet"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "pid").exists(), 90, message="the command to start")
+        pid = int((tmp_path / "pid").read_text())
+        runner.send_signal(signal.SIGINT)  # Ctrl-C: the runner stops its workers (SIGTERM)
+        assert runner.wait(timeout=60) == 130, runner.stderr.read()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    given_back, queued = study_of(out).get_trials()
+    assert given_back.state == TrialState.FAIL
+    assert given_back.user_attrs["fail_reason"] == "worker stopped during the trial; retried"
+    assert queued.state == TrialState.WAITING and queued.params == given_back.params
 
 
 # ------------------------------------------------------------------------------ retries
