@@ -448,8 +448,9 @@ EXCEPTIONS_CHANGES = {
         "search-param-not-a-knob", "free-name-with-builtin", "param-name-with-dash",
         "param-name-too-long", "same-env-variable", "fixed-param-name-digit",
         "fixed-param-also-searched")},
-    "knob-name-with-code-trainer": {"spec.trainer": cases.ENTRYPOINT, "spec.searchSpace.optimizer": {
-        "type": "categorical", "choices": ["lion"]}},
+    "knob-name-with-code-trainer": {"spec.trainer": cases.ENTRYPOINT,
+                                    "spec.searchSpace.optimizer": {"type": "categorical",
+                                                                   "choices": ["lion"]}},
 }
 CASES = _all_cases()
 

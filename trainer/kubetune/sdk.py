@@ -53,7 +53,7 @@ class Trial:
         self._checkpoint_id: str | None = None
         self.params: dict[str, Any] = dict(context.params)
         self.number: int = context.trial.number
-        self.predictions: Path | None = None
+        self._predictions: Path | None = None
 
     def report(self, epoch: int, **metrics: float) -> None:
         """Report one epoch's metrics (the objective metric among them).
@@ -77,7 +77,7 @@ class Trial:
         """
         path = self._context.scratch / PREDICTIONS_FILE
         write_predictions(path, validation, test, *_label_pair(labels))
-        self.predictions = path
+        self._predictions = path
 
     def checkpoint(self, state: Any) -> None:
         """Store ``state`` (what ``torch.save`` writes: tensors, state dicts, numbers,
@@ -143,7 +143,8 @@ def run_entrypoint(context: TrialContext) -> Outcome:
     trial = Trial(context)
     returned = function(trial)
     metrics = _final_metrics(returned, context.reporter.metric)
-    artifacts = {"predictions": trial.predictions} if trial.predictions is not None else {}
+    saved = trial._predictions
+    artifacts = {"predictions": saved} if saved is not None else {}
     return Outcome(metrics=metrics, artifacts=artifacts)
 
 
