@@ -2,7 +2,9 @@
 
 It needs only the storage URL and the study name (``kubetune worker --storage URL --study
 NAME``): the job is read from the study. Locally the runner starts workers as processes; on
-Kubernetes they are pods.
+Kubernetes they are pods. A trial runs with the job's trainer (``trial_run.run_trial``): the
+built-in MLP, the user's Python entrypoint or the user's command, whose code is found in the
+``--code`` folders (``kubetune run``: the job file's folder) or the working directory.
 
 Choosing the next trial happens under ``StudyLock`` so that however many workers race, the
 budget is never exceeded. On PostgreSQL a heartbeat thread proves the running trial alive; a
