@@ -509,6 +509,16 @@ def test_trainer_kinds_accepted(changes):
     assert job.spec.trainer.builtin is None
 
 
+def test_a_code_param_named_epochs_that_is_no_number_is_no_resource():
+    """Your code's params are yours: an `epochs` of words is not the pruner's resource (and
+    is no crash). Not a CRD agreement case: the CRD types `epochs` as the builtin knob."""
+    job = parse_job(mutated({"spec.trainer": {**ENTRYPOINT, "epochs": 4},
+                             "spec.pruning.pruner": {"type": "hyperband", "maxResource": 3},
+                             "spec.searchSpace.epochs": {"type": "categorical",
+                                                         "choices": ["short", "long"]}}))
+    assert job.spec.epochs == 4
+
+
 def test_trainer_kind_and_defaults():
     job = parse_job(mutated({"spec.trainer": COMMAND}))
     trainer = job.spec.trainer

@@ -544,7 +544,8 @@ class JobSpec(_Model):
         space = self.search_space.get("epochs")
         if isinstance(space, IntParam):
             return space.high
-        if isinstance(space, CategoricalParam):
+        if isinstance(space, CategoricalParam) and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) for c in space.choices):
             return int(max(space.choices))
         builtin = self.trainer.builtin
         if builtin is None:
