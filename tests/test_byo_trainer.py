@@ -336,14 +336,21 @@ def test_a_retried_trial_restores_the_checkpoint_of_the_attempt_that_died(tmp_pa
     assert [h["epoch"] for h in retry.user_attrs["history"]] == [3, 4]
 
 
-def test_a_missing_entrypoint_is_one_clear_error_before_anything_runs(tmp_path):
-    job = code_job("missing", {"entrypoint": "nowhere:train", "metrics": ["val_accuracy"]},
-                   {"x": {"type": "categorical", "choices": [1]}})
-    path = write_job(tmp_path / "job.yaml", job)
+def test_missing_code_is_one_clear_error_before_anything_runs(tmp_path):
+    space = {"x": {"type": "categorical", "choices": [1]}}
+    path = write_job(tmp_path / "job.yaml", code_job(
+        "missing", {"entrypoint": "nowhere:train", "metrics": ["val_accuracy"]}, space))
     result = kubetune("run", path, "--output", tmp_path / "out", "--quiet")
     assert result.returncode == 2
     assert "spec.trainer.entrypoint: cannot load nowhere:train" in result.stderr
     assert "ModuleNotFoundError" in result.stderr
+    path = write_job(tmp_path / "job.yaml", code_job(
+        "missing", {"command": ["./train.sh"], "metrics": ["val_accuracy"]}, space))
+    result = kubetune("run", path, "--output", tmp_path / "out", "--quiet")
+    assert result.returncode == 2
+    assert f"spec.trainer.command[0]: program './train.sh' not found (in {tmp_path})" in \
+        result.stderr
+    assert not (tmp_path / "out" / "logs").exists()  # no worker was started
 
 
 # ------------------------------------------------------------------------------ unit level

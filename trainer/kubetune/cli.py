@@ -148,10 +148,10 @@ def _run(args: argparse.Namespace) -> int:
     job = _load(args.file)  # before importing torch and Optuna: a bad file fails fast
     if job is None:
         return EXIT_INVALID
+    from pathlib import Path
+
     from kubetune.job_study import StudyMismatch
     from kubetune.runner import RunError, RunOptions, configure_logging, run_job
-
-    from pathlib import Path
 
     configure_logging(args.verbose)
     options = RunOptions(workers=args.workers, storage=args.storage, output=args.output,
