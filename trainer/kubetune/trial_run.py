@@ -158,7 +158,7 @@ class Outcome:
     artifacts: dict[str, Path] = field(default_factory=dict)
 
 
-Trainer = Callable[["TrialContext"], Outcome]
+TrainerRun = Callable[["TrialContext"], Outcome]
 
 
 @dataclass
@@ -224,7 +224,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: An
     return TrialState.COMPLETE
 
 
-def _trainer(kind: str) -> Trainer:
+def _trainer(kind: str) -> TrainerRun:
     if kind == "entrypoint":
         from kubetune.sdk import run_entrypoint
 

@@ -69,7 +69,7 @@ def run_worker(options: WorkerOptions) -> int:
         sampler=make_sampler(job.spec, seed=worker_seed(spec.sampler.seed, options.worker_id),
                              parallel=spec.budget.parallelism > 1),
         pruner=make_pruner(spec))
-    if options.threads:
+    if options.threads and spec.trainer.kind != "command":  # a command trial is a program
         import torch
 
         torch.set_num_threads(options.threads)
