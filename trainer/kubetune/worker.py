@@ -191,11 +191,11 @@ def _stop_on_sigterm() -> None:
 def load_data(job: TuningJob) -> Any:
     """The job's dataset, split and standardized (cached per process by ``load_dataset``);
     None for code trainers, which load their own data."""
-    from kubetune.data import load_dataset
-
     builtin = job.spec.trainer.builtin
     if builtin is None:
         return None
+    from kubetune.data import load_dataset
+
     return load_dataset(builtin.dataset.model_dump(by_alias=True, exclude_none=True),
                         builtin.split.model_dump(by_alias=True, exclude_none=True))
 
