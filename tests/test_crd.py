@@ -433,9 +433,11 @@ EXCEPTIONS = {
     "fixed-param-name-digit": "the keys of trainer.params (any JSON values) are invisible to "
                               "CEL",
     "fixed-param-also-searched": "the keys of trainer.params are invisible to CEL",
-    "knob-name-with-code-trainer": "a searchSpace entry named like a builtin knob is typed as "
-                                   "that knob, whichever the trainer (the schema cannot depend "
-                                   "on another field); name your own params differently",
+    "knob-name-choices-of-another-type": "the choices of a searchSpace entry named like a "
+                                         "builtin knob have the knob's value type, whichever "
+                                         "the trainer (a schema cannot depend on another "
+                                         "field); the knob's domain is a CEL rule that only "
+                                         "holds for the builtin trainer",
 }
 EXCEPTIONS_CHANGES = {
     "timeout-fraction": {"spec.budget.timeout": 2.5},
@@ -448,9 +450,9 @@ EXCEPTIONS_CHANGES = {
         "search-param-not-a-knob", "free-name-with-builtin", "param-name-with-dash",
         "param-name-too-long", "same-env-variable", "fixed-param-name-digit",
         "fixed-param-also-searched")},
-    "knob-name-with-code-trainer": {"spec.trainer": cases.ENTRYPOINT,
-                                    "spec.searchSpace.optimizer": {"type": "categorical",
-                                                                   "choices": ["lion"]}},
+    "knob-name-choices-of-another-type": {"spec.trainer": cases.ENTRYPOINT,
+                                          "spec.searchSpace.hidden": {"type": "categorical",
+                                                                      "choices": ["wide"]}},
 }
 CASES = _all_cases()
 

@@ -491,6 +491,11 @@ TRAINER_VALID = {
         "depth": LAYERS, "Kernel_Size": {"type": "categorical", "choices": [3, 5]},
         "_temperature": {"type": "float", "low": -1.5, "high": 2.5},
         "a" * 63: {"type": "categorical", "choices": ["x", True, 1.5]}}},
+    "knob-names-with-other-values": {"spec.trainer": COMMAND, "spec.searchSpace": {
+        "optimizer": {"type": "categorical", "choices": ["lion", "sophia"]},
+        "lr": {"type": "float", "low": 0, "high": 0.5},
+        "layers": {"type": "float", "low": 0.5, "high": 40},
+        "activation": {"type": "int", "low": 1, "high": 3}}},
     "command-epochs-searched": {"spec.trainer": COMMAND, "spec.searchSpace.epochs": LAYERS,
                                 "spec.pruning.pruner": {"type": "hyperband", "maxResource": 3}},
     "hyperband-without-code-epochs": {"spec.trainer": ENTRYPOINT,

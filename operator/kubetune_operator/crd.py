@@ -9,12 +9,14 @@ checks that span fields, so that ``kubectl apply`` rejects what ``kubetune valid
   added to spec.py appears here without a hand edit;
 - tagged unions (a search-space entry by ``type``, a dataset by ``name``) are merged into one
   object with rules saying which fields belong to which tag;
-- ``searchSpace`` and ``trainer.builtin.params`` get one property per built-in knob, typed and
-  bounded by the knob's domain (so the values of a categorical list are checked against the
-  knob); ``searchSpace`` also keeps other names as written, because an entrypoint or command
-  trainer searches parameters of its own (a structural schema cannot type a list of mixed
-  scalars such as their choices, so the operator's spec model checks those entries, and an
-  unknown name with the builtin trainer);
+- ``trainer.builtin.params`` gets one property per built-in knob, typed and bounded by the
+  knob's domain. ``searchSpace`` gets one property per knob too, a distribution whose choices
+  have the knob's value type; the knob's domain (types, bounds, legal choices) is a CEL rule
+  that holds only for the builtin trainer, because an entrypoint or command trainer searches
+  params of its own, which may share a knob's name. ``searchSpace`` also keeps other names as
+  written: a structural schema cannot type a list of mixed scalars such as their choices, so
+  the operator's spec model checks those entries (and an unknown name with the builtin
+  trainer);
 - the model validators' cross-field checks are CEL rules written below, one per check.
 
 Print it with ``python -m kubetune_operator.crd > crds/tuningjob.yaml``; tests/test_crd.py checks
@@ -349,65 +351,95 @@ def _param_types(knob: Knob) -> list[str]:
         knob.kind, ["categorical"])
 
 
+_CHOICE_ITEM = {"bool": {"type": "boolean"}, "choice": {"type": "string", "maxLength": MAX_STRING}}
+
+
 def knob_param_schema(name: str, knob: Knob) -> dict[str, Any]:
-    """The search-space entry of one knob: its distribution, typed by the knob's domain."""
-    types = _param_types(knob)
-    value = knob_value_schema(knob)
+    """The search-space entry named like a knob: a distribution of any type whose choices
+    have the knob's value type. What the knob allows (types, bounds, legal values) is a rule of
+    the spec (``knob_rule``) that holds for the builtin trainer only: your own code may search
+    a param of that name with other values."""
+    item = _CHOICE_ITEM.get(knob.kind, {"type": "number"})
     schema, rules = merged_union(
-        "type", {t: model.PARAM_MODELS[t] for t in types}, "parameter type",
-        f"searchSpace.{name}", {f"searchSpace.{name}.choices[]": value})
+        "type", model.PARAM_MODELS, "parameter type", f"searchSpace.{name}",
+        {f"searchSpace.{name}.choices[]": item})
     props = schema["properties"]
-    props["type"]["description"] = f"the distribution: {' | '.join(types)}"
-    numeric = knob.kind in ("float", "int")
-    zero = lit(0.0) if knob.kind == "float" else "0"
-    if numeric:
-        for bound in ("low", "high"):
-            props[bound].update(_knob_bounds(knob))
-            props[bound]["description"] = f"{'lowest' if bound == 'low' else 'highest'} value"
-        props["log"]["description"] = "sample on a log scale (low must be > 0)"
-        if props["step"]["type"] == "integer":
-            props["step"]["minimum"] = 1
-        else:
-            props["step"].update({"minimum": 0.0, "exclusiveMinimum": True})
-        props["step"]["description"] = "distance between values (high - low must be a multiple)"
-        if "points" in props:
-            props["points"]["minimum"] = 2
-        rules += [
-            rule("!has(self.low) || !has(self.high) || self.low < self.high",
-                 "low must be < high", ".low"),
-            rule(f"!has(self.log) || !self.log || !has(self.low) || self.low > {zero}",
-                 "low must be > 0 when log is true", ".low"),
-        ]
-        one = lit(1.0) if knob.kind == "float" else "1"
-        step_log = (f"!has(self.step) || !has(self.log) || !self.log || "
-                    f"(self.type == 'int' && self.step == {one})")
-        rules.append(rule(step_log, "step cannot be combined with log: true (an int parameter "
-                                    "may only have step 1)", ".step"))
-        int_span = ("int(self.high - self.low) % int(self.step) == 0" if knob.kind == "float"
-                    else "(self.high - self.low) % self.step == 0")
-        rules.append(rule(
-            f"self.type != 'int' || !has(self.step) || !has(self.low) || !has(self.high) || "
-            f"self.step == {one} || {int_span}",
-            "high - low must be a multiple of step", ".step"))
-        if "float" in types:
-            ratio = "((self.high - self.low) / self.step)"
-            nearest = f"double(int({ratio} + 0.5))"
-            tolerance = f"1e-09 * ({ratio} > 1.0 ? {ratio} : 1.0)"
-            # spec._fits: |ratio - round(ratio)| < 1e-9 * max(1, ratio); above 5e8 any ratio fits
-            rules.append(rule(
-                f"self.type != 'float' || !has(self.step) || !has(self.low) || !has(self.high) "
-                f"|| self.low >= self.high || self.step <= 0.0 || {ratio} > 5.0e8 || "
-                f"({ratio} - {nearest} < {tolerance} && {nearest} - {ratio} < {tolerance})",
-                "high - low must be a multiple of step", ".step"))
+    props["type"]["description"] = (f"the distribution: float | int | categorical (builtin "
+                                     f"trainer: {' | '.join(_param_types(knob))})")
+    for bound in ("low", "high"):
+        props[bound]["description"] = f"{'lowest' if bound == 'low' else 'highest'} value"
+    props["log"]["description"] = "sample on a log scale (low must be > 0)"
+    props["step"].update({"minimum": 0.0, "exclusiveMinimum": True})
+    props["step"]["description"] = "distance between values (high - low must be a multiple)"
+    props["points"]["minimum"] = 2
+    rules += [
+        rule("!has(self.low) || !has(self.high) || self.low < self.high",
+             "low must be < high", ".low"),
+        rule("!has(self.log) || !self.log || !has(self.low) || self.low > 0.0",
+             "low must be > 0 when log is true", ".low"),
+        rule("!has(self.step) || !has(self.log) || !self.log || "
+             "(self.type == 'int' && self.step == 1.0)",
+             "step cannot be combined with log: true (an int parameter may only have step 1)",
+             ".step"),
+        rule("self.type != 'int' || !has(self.step) || !has(self.low) || !has(self.high) || "
+             "self.step == 1.0 || int(self.high - self.low) % int(self.step) == 0",
+             "high - low must be a multiple of step", ".step"),
+    ]
+    ratio = "((self.high - self.low) / self.step)"
+    nearest = f"double(int({ratio} + 0.5))"
+    tolerance = f"1e-09 * ({ratio} > 1.0 ? {ratio} : 1.0)"
+    # spec._fits: |ratio - round(ratio)| < 1e-9 * max(1, ratio); above 5e8 any ratio fits
+    rules.append(rule(
+        f"self.type != 'float' || !has(self.step) || !has(self.low) || !has(self.high) "
+        f"|| self.low >= self.high || self.step <= 0.0 || {ratio} > 5.0e8 || "
+        f"({ratio} - {nearest} < {tolerance} && {nearest} - {ratio} < {tolerance})",
+        "high - low must be a multiple of step", ".step"))
     choices = props["choices"]
     choices.update({"minItems": 1, "maxItems": MAX_ITEMS,
                     "x-kubernetes-list-type": "set",
-                    "description": "the values to choose from (each one a legal value of "
-                                   f"{name}: {knob.describe()})"})
+                    "description": f"the values to choose from (builtin trainer: each one a "
+                                   f"legal value of {name}: {knob.describe()})"})
     schema["description"] = f"{knob.help} ({knob.describe()})"
-    if rules:
-        schema["x-kubernetes-validations"] = rules
+    schema["x-kubernetes-validations"] = rules
     return schema
+
+
+def knob_rule(name: str, knob: Knob) -> dict[str, Any] | None:
+    """With the builtin trainer, the search-space entry ``name`` fits the knob: a type it can
+    be searched with, bounds and choices in its domain (spec._space_problems)."""
+    entry = _space(name)
+    checks = []
+    types = _param_types(knob)
+    if len(types) < len(model.PARAM_TYPES):
+        checks.append(one_of(f"{entry}.type", types))
+    if knob.kind in ("float", "int"):
+        def within(value: str) -> str:
+            parts = []
+            if knob.minimum is not None:
+                parts.append(f"{value} {'>' if knob.exclusive_minimum else '>='} "
+                             f"{lit(float(knob.minimum))}")
+            if knob.maximum is not None:
+                parts.append(f"{value} {'<' if knob.exclusive_maximum else '<='} "
+                             f"{lit(float(knob.maximum))}")
+            return " && ".join(parts)
+
+        for bound in ("low", "high"):
+            if within(bound):
+                checks.append(f"(!has({entry}.{bound}) || ({within(f'{entry}.{bound}')}))")
+        item = " && ".join(filter(None, [within("c"), "c == double(int(c))"
+                                         if knob.kind == "int" else ""]))
+    elif knob.kind == "choice":
+        item = one_of("c", knob.choices)
+    else:
+        item = ""
+    if item:
+        checks.append(f"(!has({entry}.choices) || {entry}.choices.all(c, {item}))")
+    if not checks:
+        return None
+    return rule(f"!has(self.trainer.builtin) || !has({entry}) || ({' && '.join(checks)})",
+                f"{name} takes {knob.describe()}"
+                + (f", searched as {words(types, 'or')}" if len(types) < 3 else "")
+                + ": a type, bound or choice is not legal for it", f".searchSpace.{name}")
 
 
 def search_space_schema() -> dict[str, Any]:
@@ -642,7 +674,7 @@ def spec_rules() -> list[dict[str, Any]]:
     def listing(conditions: dict[str, str]) -> str:
         return " + ".join(f"(({c}) ? ' {k}' : '')" for k, c in conditions.items())
 
-    return [
+    return [rule_ for name, knob in KNOBS.items() if (rule_ := knob_rule(name, knob))] + [
         rule(f"!{builtin} || (" + " && ".join(f"!({c})" for c in both.values()) + ")",
              "a knob is both fixed in trainer.builtin.params and searched in searchSpace: fix "
              "it or search it, not both", ".trainer.builtin.params",
@@ -660,9 +692,9 @@ def spec_rules() -> list[dict[str, Any]]:
         # spec.JobSpec.epochs: the most epochs a trial can train
         rule(f"!has({max_resource}) || (has({space_epochs}) ? "
              f"({space_epochs}.type == 'int' ? "
-             f"(!has({space_epochs}.high) || {max_resource} <= {space_epochs}.high) : "
+             f"(!has({space_epochs}.high) || double({max_resource}) <= {space_epochs}.high) : "
              f"(!has({space_epochs}.choices) || "
-             f"{space_epochs}.choices.exists(c, c >= {max_resource}))) : "
+             f"{space_epochs}.choices.exists(c, c >= double({max_resource})))) : "
              f"{max_resource} <= {fixed_epochs})",
              "maxResource exceeds the epochs a trial trains", ".pruning.pruner.maxResource"),
         rule(f"!{builtin} || {one_of('self.objective.metric', REPORTED_METRICS)}",
