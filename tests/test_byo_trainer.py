@@ -380,3 +380,56 @@ def test_predictions_that_break_the_contract_are_refused_with_the_reason(tmp_pat
                           ((["a", "b"], [1, 1]), "class indices")):
         with pytest.raises(ValueError, match=words):
             write_predictions(tmp_path / "p.npz", good, good, *labels)
+
+
+def _reporter_trial(**spec: Any):
+    """A real in-memory study and trial, with the reporter every trainer uses."""
+    from kubetune.spec import parse_job
+    from kubetune.trial_run import EpochReporter
+
+    job = parse_job(code_job("unit", {"entrypoint": "m:f", "metrics": ["val_accuracy",
+                                                                       "train_loss"]},
+                             {"x": {"type": "categorical", "choices": [1]}}, **spec))
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    return EpochReporter(trial, job.spec, last_epoch=3), trial
+
+
+def test_report_checks_what_it_is_given_and_keeps_the_curve():
+    import numpy as np
+    import torch
+
+    reporter, trial = _reporter_trial()
+    with pytest.raises(ValueError, match="epoch must be an integer >= 1, got 0"):
+        reporter.report(0, {"val_accuracy": 0.5})
+    with pytest.raises(ValueError, match="epoch 1 reports no val_accuracy .*reported: acc"):
+        reporter.report(1, {"acc": 0.5})
+    with pytest.raises(TypeError, match="metric val_accuracy must be a number, got 'high'"):
+        reporter.report(1, {"val_accuracy": "high"})
+    reporter.report(1, {"val_accuracy": np.float32(0.5), "train_loss": torch.tensor(2.0)})
+    assert trial.user_attrs["history"] == [{"epoch": 1, "val_accuracy": 0.5, "train_loss": 2.0}]
+    assert reporter.final({"val_accuracy": 0.75}) == (0.75, {"val_accuracy": 0.75,
+                                                             "train_loss": 2.0})
+
+
+def test_report_prunes_divergence_and_a_nan_final_value():
+    from kubetune.trial_run import TrialPruned
+
+    reporter, _ = _reporter_trial(pruning={"divergence": {"factor": 3.0},
+                                           "pruner": {"type": "none"}})
+    reporter.report(1, {"val_accuracy": 0.5, "train_loss": 1.0})
+    with pytest.raises(TrialPruned) as stop:
+        reporter.report(2, {"val_accuracy": 0.5, "train_loss": 3.5})
+    assert stop.value.reason == "diverged" and isinstance(stop.value, optuna.TrialPruned)
+    with pytest.raises(TrialPruned, match="nan"):
+        reporter.final({"val_accuracy": float("nan")})
+
+
+def test_an_entrypoint_returns_metrics_a_number_or_nothing():
+    from kubetune.sdk import _final_metrics
+
+    assert _final_metrics({"val_accuracy": 0.9}, "val_accuracy") == {"val_accuracy": 0.9}
+    assert _final_metrics(0.9, "val_accuracy") == {"val_accuracy": 0.9}
+    assert _final_metrics(None, "val_accuracy") is None
+    with pytest.raises(TypeError, match="must return its final metrics as a dict"):
+        _final_metrics("0.9", "val_accuracy")
