@@ -86,11 +86,13 @@ def trial_params(job: TuningJob, trial: optuna.Trial) -> dict[str, Any]:
 
 
 def max_epochs(job: TuningJob, params: Mapping[str, Any]) -> int | None:
-    """The last epoch a trial reports, if known: a report there is never cut by the deadline."""
-    epochs = params.get("epochs")
-    if isinstance(epochs, int) and not isinstance(epochs, bool):
-        return epochs
-    return job.spec.trainer.epochs
+    """The last epoch a trial reports, if known: a report there is never cut by the deadline.
+
+    The built-in trainer trains ``params["epochs"]``; code declares ``trainer.epochs``.
+    """
+    if job.spec.trainer.builtin is None:
+        return job.spec.trainer.epochs
+    return int(params["epochs"])
 
 
 class EpochReporter:
