@@ -20,7 +20,8 @@ The contract with the program:
 The program runs in its own process group, in the job file's folder (``kubetune run``) or the
 worker's working directory (a pod). A pruned trial's program gets SIGTERM, and SIGKILL after
 ``spec.trainer.stopGracePeriod`` seconds; the same happens when the worker itself is stopped,
-and the program gets SIGTERM if the worker dies.
+and the program gets SIGTERM if the worker dies. What the program started and left running
+when it exited is killed with its process group.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +54,7 @@ TRIAL_NUMBER_ENV = "KUBETUNE_TRIAL_NUMBER"
 OUTPUT_DIR_ENV = "KUBETUNE_OUTPUT_DIR"
 PREDICTIONS_JSON = "predictions.json"
 TAIL_LINES = 30
+LINGER = 1.0  # seconds the output may stay open after the program exited
 _TAIL_CHARS = 1500
 _PREDICTION_KEYS = ("val_proba", "test_proba", "y_val", "y_test")
 
@@ -78,10 +84,11 @@ def run_command(context: TrialContext) -> Outcome:
         raise TrialFailed(f"cannot run {command[0]!r}: {err.strerror or err}") from None
     log.info("trial %d runs %s (pid %d)", number, command, proc.pid)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    reader.start()
     try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
+        for line in _lines(proc, lines):
             tail.append(line)
             report = parse_report(line, number)
             if report is None:
@@ -96,7 +103,10 @@ def run_command(context: TrialContext) -> Outcome:
     finally:
         if proc.poll() is None:  # pruned, or the worker is stopping: stop the program
             stop(proc, spec.trainer.stop_grace_seconds, number)
-        if proc.stdout is not None:
+        else:
+            _signal_group(proc, signal.SIGKILL)  # whatever it started and left behind
+        reader.join(timeout=5)
+        if not reader.is_alive() and proc.stdout is not None:
             proc.stdout.close()
     if code != 0:
         how = (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
@@ -104,6 +114,38 @@ def run_command(context: TrialContext) -> Outcome:
         raise TrialFailed(f"{command[0]} {how}; last output:\n{text}".rstrip())
     predictions = read_predictions(output, context.scratch)
     return Outcome(artifacts={"predictions": predictions} if predictions else {})
+
+
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+    """Move the program's output lines into ``lines``; None at the end of the output."""
+    try:
+        for raw in stream:
+            lines.put(raw.rstrip("\n"))
+    except (OSError, ValueError):  # closed under us
+        pass
+    lines.put(None)
+
+
+def _lines(proc: subprocess.Popen, lines: queue.Queue[str | None]) -> Iterator[str]:
+    """The program's output lines as they come, until the end of its output, or until the
+    program has exited and its output stayed silent for ``LINGER`` seconds: something it
+    started keeps the output open, and is stopped with the program's process group."""
+    silent_since: float | None = None
+    while True:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            if proc.poll() is None:
+                continue
+            now = time.monotonic()
+            silent_since = silent_since or now
+            if now - silent_since >= LINGER:
+                return
+            continue
+        if line is None:
+            return
+        silent_since = None
+        yield line
 
 
 def param_env(params: dict[str, Any]) -> dict[str, str]:
