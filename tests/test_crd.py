@@ -123,10 +123,15 @@ def test_schema_is_structural():
     assert set(SCHEMA["properties"]["metadata"]["properties"]) == {"name"}
 
 
-def test_unknown_fields_are_kept_only_in_the_pod_template_and_the_status():
+def test_unknown_fields_are_kept_only_where_the_spec_model_checks_them():
+    """The pod template and the status, and what your own code searches and gets: free names
+    in searchSpace (the builtin knobs stay typed) and the fixed params of trainer.params."""
     kept = [path for path, node in walk_schema(SCHEMA)
             if node.get("x-kubernetes-preserve-unknown-fields")]
-    assert kept and all(p.startswith((".spec.trainer.template", ".status")) for p in kept), kept
+    assert kept and all(p.startswith((".spec.trainer.template", ".status")) or p in (
+        ".spec.searchSpace", ".spec.trainer.params") for p in kept), kept
+    assert set(SCHEMA["properties"]["spec"]["properties"]["searchSpace"]["properties"]) == \
+        set(KNOBS) | {"preset"}
 
 
 def test_every_list_map_and_string_of_the_spec_is_bounded():
@@ -436,10 +441,12 @@ def _yaml_cases() -> dict[str, Any]:
 
 def _all_cases() -> dict[str, Any]:
     jobs: dict[str, Any] = {}
-    for path in sorted(cases.EXAMPLES.glob("*.yaml")):
-        jobs[f"example-{path.name}"] = load_yaml(path.read_text(encoding="utf-8")).data
+    for path in cases.EXAMPLE_FILES:
+        jobs[f"example-{path.relative_to(cases.EXAMPLES)}"] = load_yaml(
+            path.read_text(encoding="utf-8")).data
     changes: dict[str, dict[str, Any]] = {c[0]: c[1] for c in cases.REJECTIONS}
     changes.update({f"valid-{','.join(c) or 'base'}": c for c in cases.VALID_VARIATIONS})
+    changes.update({f"trainer-valid-{name}": c for name, c in cases.TRAINER_VALID.items()})
     changes.update({f"type-error-{k}": v for k, v in cases.TYPE_ERRORS.items()})
     changes.update({f"round-trip-{k}": v for k, v in cases.ROUND_TRIPS.items()})
     changes.update({f"epochs-{i}": {**cases.NO_EPOCHS, **c}
@@ -474,6 +481,24 @@ EXCEPTIONS = {
                                      "reading the YAML, sees a float",
     "path-longer-than-the-bound": "every string is bounded in the CRD (the CEL cost estimator "
                                   "needs it); the spec model has no bounds",
+    # Your own code searches params of its own names: searchSpace keeps names it does not know
+    # (a structural schema cannot type their choices, lists of mixed scalars), and CEL does not
+    # see kept fields, nor the keys of trainer.params (any JSON values). The spec model, which
+    # the operator runs before anything starts, checks these.
+    "search-param-not-a-knob": "searchSpace keeps unknown names for code trainers; CEL cannot "
+                               "see them to reject them with the builtin trainer",
+    "free-name-with-builtin": "as search-param-not-a-knob",
+    "param-name-with-dash": "free searchSpace names are invisible to CEL",
+    "param-name-too-long": "free searchSpace names are invisible to CEL",
+    "same-env-variable": "free searchSpace names are invisible to CEL",
+    "fixed-param-name-digit": "the keys of trainer.params (any JSON values) are invisible to "
+                              "CEL",
+    "fixed-param-also-searched": "the keys of trainer.params are invisible to CEL",
+    "knob-name-choices-of-another-type": "the choices of a searchSpace entry named like a "
+                                         "builtin knob have the knob's value type, whichever "
+                                         "the trainer (a schema cannot depend on another "
+                                         "field); the knob's domain is a CEL rule that only "
+                                         "holds for the builtin trainer",
 }
 EXCEPTIONS_CHANGES = {
     "timeout-fraction": {"spec.budget.timeout": 2.5},
@@ -482,6 +507,13 @@ EXCEPTIONS_CHANGES = {
     "integral-float-for-an-integer": {"spec.budget.maxTrials": 10.0},
     "path-longer-than-the-bound": {"spec.trainer.builtin.dataset": {
         "name": "file", "path": "d/" * 2100 + "x.csv"}},
+    **{name: changes for name, changes, *_ in cases.REJECTIONS if name in (
+        "search-param-not-a-knob", "free-name-with-builtin", "param-name-with-dash",
+        "param-name-too-long", "same-env-variable", "fixed-param-name-digit",
+        "fixed-param-also-searched")},
+    "knob-name-choices-of-another-type": {"spec.trainer": cases.ENTRYPOINT,
+                                          "spec.searchSpace.hidden": {"type": "categorical",
+                                                                      "choices": ["wide"]}},
 }
 CASES = _all_cases()
 
@@ -516,6 +548,31 @@ def test_known_disagreements_still_disagree(name):
     job = CASES[name]
     assert bool(spec_problems(job)) != bool(VALIDATOR.problems(job)), (
         f"{name} now gets one verdict from both: drop it from EXCEPTIONS")
+
+
+def test_crd_rejects_what_kubectl_can_tell_of_the_trainer_kinds():
+    """The cross-field rules of spec.trainer, with the fields they name."""
+    cases_by_name = {c[0]: c[1] for c in cases.TRAINER_REJECTIONS}
+    expected = {
+        "trainer-of-no-kind": "spec.trainer: set exactly one of builtin, entrypoint or command",
+        "trainer-of-two-kinds": "spec.trainer: set exactly one of",
+        "code-without-metrics": "spec.trainer.metrics: metrics is required",
+        "params-with-builtin": "spec.trainer: params, metrics, epochs, stopGracePeriod and "
+                               "image are only used with entrypoint or command",
+        "grace-with-entrypoint": "spec.trainer.stopGracePeriod: stopGracePeriod is only used",
+        "entrypoint-a-file": "spec.trainer.entrypoint: entrypoint must be",
+        "command-empty-program": "spec.trainer.command: the program",
+        "metric-named-epoch": "spec.trainer.metrics: 'epoch' is the step",
+        "image-twice": "spec.trainer.image: image is also set in template.image",
+        "objective-not-among-metrics": "spec.objective.metric: the objective metric must be "
+                                       "one of trainer.metrics",
+        "seeds-need-builtin": "spec.ensemble.members: ensemble members seeds and snapshots",
+        "max-resource-beyond-code-epochs": "spec.pruning.pruner.maxResource: maxResource "
+                                           "exceeds",
+    }
+    for name, start in expected.items():
+        problems = VALIDATOR.problems(cases.mutated(cases_by_name[name]))
+        assert any(p.startswith(start) for p in problems), (name, problems)
 
 
 def test_crd_messages_name_the_field():

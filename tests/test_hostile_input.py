@@ -56,6 +56,26 @@ def test_any_value_anywhere_is_accepted_or_named(path, value):
     _check(job)
 
 
+CODE_BASE = copy.deepcopy(BASE)
+CODE_BASE["spec"]["trainer"] = {"command": ["python3", "train.py"], "params": {"batch": 64},
+                                "metrics": ["val_accuracy", "train_loss"], "epochs": 5,
+                                "stopGracePeriod": 3, "image": "me:1"}
+CODE_PATHS = [p for p in _paths(CODE_BASE) if p[:2] == ("spec", "trainer")] + [
+    ("spec", "trainer", "entrypoint"), ("spec", "trainer", "builtin"),
+    ("spec", "searchSpace", "my-param"), ("spec", "trainer", "params", "1x")]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(CODE_PATHS), value=values)
+def test_any_value_in_a_code_trainer_is_accepted_or_named(path, value):
+    job = copy.deepcopy(CODE_BASE)
+    node = job
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    _check(job)
+
+
 @settings(max_examples=150, deadline=None)
 @given(value=values)
 def test_any_document_is_accepted_or_named(value):

@@ -519,6 +519,28 @@ def test_a_custom_command_finds_what_it_needs_in_the_environment():
     assert env["KUBETUNE_STORAGE_URL"] == {"secretKeyRef": {"name": SECRET, "key": "db-url"}}
 
 
+def test_a_code_trainer_runs_its_workers_in_its_own_image():
+    body = tuning_job(searchSpace={"depth": {"type": "int", "low": 1, "high": 4}})
+    body["spec"]["trainer"] = {"entrypoint": "mymodel.train:objective", "metrics": ["val_accuracy"],
+                               "image": "registry.example.com/team/mymodel:3",
+                               "template": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}
+    job = parse_job(body)
+    secret = SecretRef(SECRET, "url")
+    settings = Settings(worker_image="reg/kubetune:1")
+    for pod in (worker_pod(OWNER, job, settings, secret, 0),
+                ensemble_pod(OWNER, job, settings, secret)):
+        (container,) = pod["spec"]["containers"]
+        assert container["image"] == "registry.example.com/team/mymodel:3"
+        assert container["command"] == ["kubetune"]
+        assert container["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+        kubernetes_validate.validate(copy.deepcopy(pod), latest_version(), strict=True)
+    (worker,) = worker_pod(OWNER, job, settings, secret, 0)["spec"]["containers"]
+    assert worker["args"][:1] == ["worker"]
+    del body["spec"]["trainer"]["image"]  # no image of its own: the operator's worker image
+    (container,) = worker_pod(OWNER, parse_job(body), settings, secret, 0)["spec"]["containers"]
+    assert container["image"] == "reg/kubetune:1"
+
+
 @pytest.mark.parametrize("template, path, words", [
     ({"imagee": "x"}, "spec.trainer.template.imagee", "did you mean 'image'"),
     ({"env": [{"name": "KUBETUNE_STORAGE_URL", "value": "postgresql://u:p@db/x"}]},

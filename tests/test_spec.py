@@ -418,7 +418,7 @@ REJECTIONS = [
                           "spec.sampler": {"type": "grid"}},
      "spec.searchSpace.lr", "grid sampler needs a finite set"),
     # stages
-    ("stages-empty", {"spec.stages": []}, "spec.stages", "at least 1 item"),
+    ("stages-empty", {"spec.stages": []}, "spec.stages", "must not be empty"),
     ("stages-too-many", {"spec.stages": [{"trials": 1}] * 11, "spec.budget.maxTrials": DELETE},
      "spec.stages", "at most 10 items"),
     ("stage-without-trials", {"spec.stages": [{"name": "a"}]}, "spec.stages[0].trials",
@@ -467,6 +467,145 @@ REJECTIONS = [
                           "spec.sampler": {"type": "grid"}},
      "spec.stages", "grid sampler"),
 ]
+
+# ------------------------------------------------------------------------------ trainer kinds
+ENTRYPOINT = {"entrypoint": "mypkg.train:objective", "metrics": ["val_accuracy", "train_loss"]}
+COMMAND = {"command": ["python3", "train.py"], "metrics": ["val_accuracy"]}
+TRAINER_REJECTIONS = [
+    ("stage-data-with-code", {**STAGED, "spec.trainer": ENTRYPOINT, "spec.stages": [
+        {"trials": 3, "data": {"fraction": 0.5}}, {"trials": 2}]},
+     "spec.stages[0].data", "need the builtin trainer"),
+    ("trainer-of-no-kind", {"spec.trainer": {"template": {"image": "x"}}}, "spec.trainer",
+     "set one of builtin, entrypoint or command"),
+    ("trainer-of-two-kinds", {"spec.trainer.entrypoint": "m:f"}, "spec.trainer.entrypoint",
+     "cannot be combined with builtin: set exactly one"),
+    ("trainer-of-three-kinds", {"spec.trainer": {**ENTRYPOINT, "command": ["x"],
+                                                 "builtin": {"dataset": {"name": "digits"}}}},
+     "spec.trainer.command", "cannot be combined with builtin"),
+    ("entrypoint-a-file", {"spec.trainer": {**ENTRYPOINT, "entrypoint": "train.py"}},
+     "spec.trainer.entrypoint", "must be 'package.module:function', got 'train.py'"),
+    ("entrypoint-without-function", {"spec.trainer": {**ENTRYPOINT, "entrypoint": "pkg.mod:"}},
+     "spec.trainer.entrypoint", "must be 'package.module:function'"),
+    ("entrypoint-not-a-string", {"spec.trainer": {**ENTRYPOINT, "entrypoint": 3}},
+     "spec.trainer.entrypoint", "must be a string"),
+    ("command-empty", {"spec.trainer": {**COMMAND, "command": []}}, "spec.trainer.command",
+     "must not be empty"),
+    ("command-a-string", {"spec.trainer": {**COMMAND, "command": "python train.py"}},
+     "spec.trainer.command", "must be a list"),
+    ("command-item-not-a-string", {"spec.trainer": {**COMMAND, "command": ["python", 3]}},
+     "spec.trainer.command[1]", "must be a string"),
+    ("command-empty-program", {"spec.trainer": {**COMMAND, "command": ["", "x"]}},
+     "spec.trainer.command", "the program (the first item) must not be empty"),
+    ("code-without-metrics", {"spec.trainer": {"entrypoint": "m:f"}}, "spec.trainer.metrics",
+     "required with entrypoint"),
+    ("command-without-metrics", {"spec.trainer": {"command": ["x"]}}, "spec.trainer.metrics",
+     "required with command"),
+    ("metrics-empty", {"spec.trainer": {**ENTRYPOINT, "metrics": []}}, "spec.trainer.metrics",
+     "must not be empty"),
+    ("metric-empty-name", {"spec.trainer": {**ENTRYPOINT, "metrics": ["val_accuracy", ""]}},
+     "spec.trainer.metrics[1]", "must not be empty"),
+    ("metric-named-epoch", {"spec.trainer": {**ENTRYPOINT, "metrics": ["val_accuracy", "epoch"]}},
+     "spec.trainer.metrics", "'epoch' is the step of a report"),
+    ("metric-twice", {"spec.trainer": {**ENTRYPOINT, "metrics": ["val_accuracy"] * 2}},
+     "spec.trainer.metrics", "lists a metric twice"),
+    ("objective-not-among-metrics", {"spec.trainer": {**ENTRYPOINT, "metrics": ["val_auc"]}},
+     "spec.objective.metric", "unknown metric 'val_accuracy' (spec.trainer.metrics: val_auc)"),
+    ("params-with-builtin", {"spec.trainer.params": {"batch": 64}}, "spec.trainer.params",
+     "only used with entrypoint or command (the builtin trainer's fixed params go in "
+     "spec.trainer.builtin.params)"),
+    ("metrics-with-builtin", {"spec.trainer.metrics": ["val_accuracy"]}, "spec.trainer.metrics",
+     "only used with entrypoint or command"),
+    ("epochs-with-builtin", {"spec.trainer.epochs": 5}, "spec.trainer.epochs",
+     "only used with entrypoint or command"),
+    ("image-with-builtin", {"spec.trainer.image": "me:1"}, "spec.trainer.image",
+     "only used with entrypoint or command"),
+    ("grace-with-entrypoint", {"spec.trainer": {**ENTRYPOINT, "stopGracePeriod": 5}},
+     "spec.trainer.stopGracePeriod", "only used with command"),
+    ("grace-negative", {"spec.trainer": {**COMMAND, "stopGracePeriod": -1}},
+     "spec.trainer.stopGracePeriod", "must be >= 0"),
+    ("code-epochs-zero", {"spec.trainer": {**COMMAND, "epochs": 0}}, "spec.trainer.epochs",
+     "must be >= 1"),
+    ("image-empty", {"spec.trainer": {**COMMAND, "image": ""}}, "spec.trainer.image",
+     "must not be empty"),
+    ("image-twice", {"spec.trainer": {**COMMAND, "image": "me:1", "template": {"image": "me:2"}}},
+     "spec.trainer.image", "also set in spec.trainer.template.image"),
+    ("param-name-with-dash", {"spec.trainer": COMMAND, "spec.searchSpace.batch-size": LAYERS},
+     "spec.searchSpace.batch-size", "not a usable parameter name"),
+    ("param-name-too-long", {"spec.trainer": ENTRYPOINT, "spec.searchSpace": {"a" * 64: LAYERS}},
+     f"spec.searchSpace.{'a' * 64}", "at most 63 letters"),
+    ("fixed-param-name-digit", {"spec.trainer": {**COMMAND, "params": {"1x": 2}}},
+     "spec.trainer.params.1x", "not a usable parameter name"),
+    ("fixed-param-also-searched", {"spec.trainer": {**ENTRYPOINT, "params": {"lr": 0.1}}},
+     "spec.trainer.params.lr", "is also in spec.searchSpace"),
+    ("params-not-a-mapping-code", {"spec.trainer": {**ENTRYPOINT, "params": [1]}},
+     "spec.trainer.params", "must be a mapping"),
+    ("same-env-variable", {"spec.trainer": COMMAND, "spec.searchSpace.LR": LOG_LR},
+     "spec.searchSpace.LR", "same environment variable KUBETUNE_PARAM_LR as 'lr'"),
+    ("seeds-need-builtin", {"spec.trainer": ENTRYPOINT, "spec.ensemble.members": "seeds"},
+     "spec.ensemble.members", "seeds needs the builtin trainer"),
+    ("snapshots-need-builtin", {"spec.trainer": COMMAND, "spec.ensemble.members": "snapshots"},
+     "spec.ensemble.members", "snapshots needs the builtin trainer"),
+    ("max-resource-beyond-code-epochs", {
+        "spec.trainer": {**ENTRYPOINT, "epochs": 10},
+        "spec.pruning.pruner": {"type": "hyperband", "maxResource": 20}},
+     "spec.pruning.pruner.maxResource", "exceeds the epochs a trial trains (10)"),
+    ("free-name-with-builtin", {"spec.searchSpace.depth": LAYERS}, "spec.searchSpace.depth",
+     "unknown parameter 'depth'"),
+]
+REJECTIONS += TRAINER_REJECTIONS
+TRAINER_VALID = {
+    "entrypoint": {"spec.trainer": ENTRYPOINT},
+    "command-with-everything": {"spec.trainer": {
+        **COMMAND, "command": ["python3", "train.py", "--fast", ""],
+        "params": {"batch": 64, "name": "x", "sizes": [1, 2], "flag": True},
+        "metrics": ["val_accuracy", "train_loss"], "epochs": 20, "stopGracePeriod": 0,
+        "image": "registry.example.com/me/train:1",
+        "template": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}},
+    "free-names": {"spec.trainer": ENTRYPOINT, "spec.searchSpace": {
+        "depth": LAYERS, "Kernel_Size": {"type": "categorical", "choices": [3, 5]},
+        "_temperature": {"type": "float", "low": -1.5, "high": 2.5},
+        "a" * 63: {"type": "categorical", "choices": ["x", True, 1.5]}}},
+    "knob-names-with-other-values": {"spec.trainer": COMMAND, "spec.searchSpace": {
+        "optimizer": {"type": "categorical", "choices": ["lion", "sophia"]},
+        "lr": {"type": "float", "low": 0, "high": 0.5},
+        "layers": {"type": "float", "low": 0.5, "high": 40},
+        "activation": {"type": "int", "low": 1, "high": 3}}},
+    "command-epochs-searched": {"spec.trainer": COMMAND, "spec.searchSpace.epochs": LAYERS,
+                                "spec.pruning.pruner": {"type": "hyperband", "maxResource": 3}},
+    "hyperband-without-code-epochs": {"spec.trainer": ENTRYPOINT,
+                                      "spec.pruning.pruner": {"type": "hyperband"}},
+    "code-objective-custom": {"spec.trainer": {**COMMAND, "metrics": ["auc", "loss"]},
+                              "spec.objective": {"metric": "auc"}},
+    "ensemble-seeds-disabled": {"spec.trainer": ENTRYPOINT,
+                                "spec.ensemble": {"enabled": False, "members": "seeds"}},
+}
+
+
+@pytest.mark.parametrize("changes", list(TRAINER_VALID.values()), ids=list(TRAINER_VALID))
+def test_trainer_kinds_accepted(changes):
+    job = parse_job(mutated(changes))
+    assert job.spec.trainer.kind in ("entrypoint", "command")
+    assert job.spec.trainer.builtin is None
+
+
+def test_a_code_param_named_epochs_that_is_no_number_is_no_resource():
+    """Your code's params are yours: an `epochs` of words is not the pruner's resource (and
+    is no crash). Not a CRD agreement case: the CRD types `epochs` as the builtin knob."""
+    job = parse_job(mutated({"spec.trainer": {**ENTRYPOINT, "epochs": 4},
+                             "spec.pruning.pruner": {"type": "hyperband", "maxResource": 3},
+                             "spec.searchSpace.epochs": {"type": "categorical",
+                                                         "choices": ["short", "long"]}}))
+    assert job.spec.epochs == 4
+
+
+def test_trainer_kind_and_defaults():
+    job = parse_job(mutated({"spec.trainer": COMMAND}))
+    trainer = job.spec.trainer
+    assert (trainer.kind, trainer.stop_grace_seconds, trainer.reported_metrics) == (
+        "command", 10, ("val_accuracy",))
+    assert job.spec.epochs is None
+    assert "builtin" not in job.to_dict()["spec"]["trainer"]
+    assert parse_job(base_job()).spec.trainer.kind == "builtin"
 
 
 @pytest.mark.parametrize("changes, path, fragment",
@@ -603,14 +742,19 @@ def test_valid_variations_are_accepted(changes):
     parse_job(mutated(changes))
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml")) + sorted(EXAMPLES.glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_every_example_is_valid(path):
     job = parse_job_file(path)
     assert job.kind == "TuningJob"
 
 
 def test_examples_are_found():
-    assert BASE_FILE in set(EXAMPLES.glob("*.yaml"))
+    assert BASE_FILE in set(EXAMPLE_FILES)
+    assert {EXAMPLES / "custom-cnn" / "job.yaml", EXAMPLES / "command-trial" / "job.yaml"} <= \
+        set(EXAMPLE_FILES)
 
 
 # ------------------------------------------------------------------------------ durations

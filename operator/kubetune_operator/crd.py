@@ -9,9 +9,14 @@ checks that span fields, so that ``kubectl apply`` rejects what ``kubetune valid
   added to spec.py appears here without a hand edit;
 - tagged unions (a search-space entry by ``type``, a dataset by ``name``) are merged into one
   object with rules saying which fields belong to which tag;
-- ``searchSpace`` and ``trainer.builtin.params`` get one property per built-in knob, typed and
-  bounded by the knob's domain (so unknown knobs are unknown fields, and the values of a
-  categorical list are checked against the knob);
+- ``trainer.builtin.params`` gets one property per built-in knob, typed and bounded by the
+  knob's domain. ``searchSpace`` gets one property per knob too, a distribution whose choices
+  have the knob's value type; the knob's domain (types, bounds, legal choices) is a CEL rule
+  that holds only for the builtin trainer, because an entrypoint or command trainer searches
+  params of its own, which may share a knob's name. ``searchSpace`` also keeps other names as
+  written: a structural schema cannot type a list of mixed scalars such as their choices, so
+  the operator's spec model checks those entries (and an unknown name with the builtin
+  trainer);
 - the model validators' cross-field checks are CEL rules written below, one per check.
 
 Print it with ``python -m kubetune_operator.crd > crds/tuningjob.yaml``; tests/test_crd.py checks
@@ -347,65 +352,95 @@ def _param_types(knob: Knob) -> list[str]:
         knob.kind, ["categorical"])
 
 
+_CHOICE_ITEM = {"bool": {"type": "boolean"}, "choice": {"type": "string", "maxLength": MAX_STRING}}
+
+
 def knob_param_schema(name: str, knob: Knob) -> dict[str, Any]:
-    """The search-space entry of one knob: its distribution, typed by the knob's domain."""
-    types = _param_types(knob)
-    value = knob_value_schema(knob)
+    """The search-space entry named like a knob: a distribution of any type whose choices
+    have the knob's value type. What the knob allows (types, bounds, legal values) is a rule of
+    the spec (``knob_rule``) that holds for the builtin trainer only: your own code may search
+    a param of that name with other values."""
+    item = _CHOICE_ITEM.get(knob.kind, {"type": "number"})
     schema, rules = merged_union(
-        "type", {t: model.PARAM_MODELS[t] for t in types}, "parameter type",
-        f"searchSpace.{name}", {f"searchSpace.{name}.choices[]": value})
+        "type", model.PARAM_MODELS, "parameter type", f"searchSpace.{name}",
+        {f"searchSpace.{name}.choices[]": item})
     props = schema["properties"]
-    props["type"]["description"] = f"the distribution: {' | '.join(types)}"
-    numeric = knob.kind in ("float", "int")
-    zero = lit(0.0) if knob.kind == "float" else "0"
-    if numeric:
-        for bound in ("low", "high"):
-            props[bound].update(_knob_bounds(knob))
-            props[bound]["description"] = f"{'lowest' if bound == 'low' else 'highest'} value"
-        props["log"]["description"] = "sample on a log scale (low must be > 0)"
-        if props["step"]["type"] == "integer":
-            props["step"]["minimum"] = 1
-        else:
-            props["step"].update({"minimum": 0.0, "exclusiveMinimum": True})
-        props["step"]["description"] = "distance between values (high - low must be a multiple)"
-        if "points" in props:
-            props["points"]["minimum"] = 2
-        rules += [
-            rule("!has(self.low) || !has(self.high) || self.low < self.high",
-                 "low must be < high", ".low"),
-            rule(f"!has(self.log) || !self.log || !has(self.low) || self.low > {zero}",
-                 "low must be > 0 when log is true", ".low"),
-        ]
-        one = lit(1.0) if knob.kind == "float" else "1"
-        step_log = (f"!has(self.step) || !has(self.log) || !self.log || "
-                    f"(self.type == 'int' && self.step == {one})")
-        rules.append(rule(step_log, "step cannot be combined with log: true (an int parameter "
-                                    "may only have step 1)", ".step"))
-        int_span = ("int(self.high - self.low) % int(self.step) == 0" if knob.kind == "float"
-                    else "(self.high - self.low) % self.step == 0")
-        rules.append(rule(
-            f"self.type != 'int' || !has(self.step) || !has(self.low) || !has(self.high) || "
-            f"self.step == {one} || {int_span}",
-            "high - low must be a multiple of step", ".step"))
-        if "float" in types:
-            ratio = "((self.high - self.low) / self.step)"
-            nearest = f"double(int({ratio} + 0.5))"
-            tolerance = f"1e-09 * ({ratio} > 1.0 ? {ratio} : 1.0)"
-            # spec._fits: |ratio - round(ratio)| < 1e-9 * max(1, ratio); above 5e8 any ratio fits
-            rules.append(rule(
-                f"self.type != 'float' || !has(self.step) || !has(self.low) || !has(self.high) "
-                f"|| self.low >= self.high || self.step <= 0.0 || {ratio} > 5.0e8 || "
-                f"({ratio} - {nearest} < {tolerance} && {nearest} - {ratio} < {tolerance})",
-                "high - low must be a multiple of step", ".step"))
+    props["type"]["description"] = (f"the distribution: float | int | categorical (builtin "
+                                     f"trainer: {' | '.join(_param_types(knob))})")
+    for bound in ("low", "high"):
+        props[bound]["description"] = f"{'lowest' if bound == 'low' else 'highest'} value"
+    props["log"]["description"] = "sample on a log scale (low must be > 0)"
+    props["step"].update({"minimum": 0.0, "exclusiveMinimum": True})
+    props["step"]["description"] = "distance between values (high - low must be a multiple)"
+    props["points"]["minimum"] = 2
+    rules += [
+        rule("!has(self.low) || !has(self.high) || self.low < self.high",
+             "low must be < high", ".low"),
+        rule("!has(self.log) || !self.log || !has(self.low) || self.low > 0.0",
+             "low must be > 0 when log is true", ".low"),
+        rule("!has(self.step) || !has(self.log) || !self.log || "
+             "(self.type == 'int' && self.step == 1.0)",
+             "step cannot be combined with log: true (an int parameter may only have step 1)",
+             ".step"),
+        rule("self.type != 'int' || !has(self.step) || !has(self.low) || !has(self.high) || "
+             "self.step == 1.0 || int(self.high - self.low) % int(self.step) == 0",
+             "high - low must be a multiple of step", ".step"),
+    ]
+    ratio = "((self.high - self.low) / self.step)"
+    nearest = f"double(int({ratio} + 0.5))"
+    tolerance = f"1e-09 * ({ratio} > 1.0 ? {ratio} : 1.0)"
+    # spec._fits: |ratio - round(ratio)| < 1e-9 * max(1, ratio); above 5e8 any ratio fits
+    rules.append(rule(
+        f"self.type != 'float' || !has(self.step) || !has(self.low) || !has(self.high) "
+        f"|| self.low >= self.high || self.step <= 0.0 || {ratio} > 5.0e8 || "
+        f"({ratio} - {nearest} < {tolerance} && {nearest} - {ratio} < {tolerance})",
+        "high - low must be a multiple of step", ".step"))
     choices = props["choices"]
     choices.update({"minItems": 1, "maxItems": MAX_ITEMS,
                     "x-kubernetes-list-type": "set",
-                    "description": "the values to choose from (each one a legal value of "
-                                   f"{name}: {knob.describe()})"})
+                    "description": f"the values to choose from (builtin trainer: each one a "
+                                   f"legal value of {name}: {knob.describe()})"})
     schema["description"] = f"{knob.help} ({knob.describe()})"
-    if rules:
-        schema["x-kubernetes-validations"] = rules
+    schema["x-kubernetes-validations"] = rules
     return schema
+
+
+def knob_rule(name: str, knob: Knob) -> dict[str, Any] | None:
+    """With the builtin trainer, the search-space entry ``name`` fits the knob: a type it can
+    be searched with, bounds and choices in its domain (spec._space_problems)."""
+    entry = _space(name)
+    checks = []
+    types = _param_types(knob)
+    if len(types) < len(model.PARAM_TYPES):
+        checks.append(one_of(f"{entry}.type", types))
+    if knob.kind in ("float", "int"):
+        def within(value: str) -> str:
+            parts = []
+            if knob.minimum is not None:
+                parts.append(f"{value} {'>' if knob.exclusive_minimum else '>='} "
+                             f"{lit(float(knob.minimum))}")
+            if knob.maximum is not None:
+                parts.append(f"{value} {'<' if knob.exclusive_maximum else '<='} "
+                             f"{lit(float(knob.maximum))}")
+            return " && ".join(parts)
+
+        for bound in ("low", "high"):
+            if within(bound):
+                checks.append(f"(!has({entry}.{bound}) || ({within(f'{entry}.{bound}')}))")
+        item = " && ".join(filter(None, [within("c"), "c == double(int(c))"
+                                         if knob.kind == "int" else ""]))
+    elif knob.kind == "choice":
+        item = one_of("c", knob.choices)
+    else:
+        item = ""
+    if item:
+        checks.append(f"(!has({entry}.choices) || {entry}.choices.all(c, {item}))")
+    if not checks:
+        return None
+    return rule(f"!has(self.trainer.builtin) || !has({entry}) || ({' && '.join(checks)})",
+                f"{name} takes {knob.describe()}"
+                + (f", searched as {words(types, 'or')}" if len(types) < 3 else "")
+                + ": a type, bound or choice is not legal for it", f".searchSpace.{name}")
 
 
 def search_space_schema() -> dict[str, Any]:
@@ -414,9 +449,11 @@ def search_space_schema() -> dict[str, Any]:
                              "named next to it override the preset's"}
     return {
         "type": "object",
-        "description": "the parameters to search, by knob name; each is a distribution "
-                       "(float | int with low/high, or categorical with choices)",
+        "description": "the parameters to search, by name (the builtin trainer's knobs, or "
+                       "the params of your own code); each is a distribution (float | int "
+                       "with low/high, or categorical with choices)",
         "minProperties": 1,
+        "x-kubernetes-preserve-unknown-fields": True,
         "properties": {PRESET_KEY: preset, **{_cel_name(name): knob_param_schema(name, knob)
                                               for name, knob in KNOBS.items()}},
     }
@@ -605,7 +642,7 @@ def _from_preset(name: str, where: Any = None) -> str:
         return "false"
     return (f"(has(self.searchSpace.{PRESET_KEY}) && "
             f"{one_of('self.searchSpace.' + PRESET_KEY, presets)} && !has({_space(name)}) && "
-            f"!has(self.trainer.builtin.params.{name}))")
+            f"(!has(self.trainer.builtin) || !has(self.trainer.builtin.params.{name})))")
 
 
 def _stage_sum() -> str:
@@ -619,11 +656,12 @@ def stage_rules() -> list[dict[str, Any]]:
     dataset = "self.trainer.builtin.dataset"
     synthetic = {name: info.default for name, info in model.SyntheticData.model_fields.items()}
     # a file's classes are known when it is read: any count passes here
-    fewer = " : ".join(
+    fewer = "!has(self.trainer.builtin) || (" + " : ".join(
         [f"{dataset}.name == {lit(name)} ? s.data.classes < {count}"
          for name, count in model.DATASET_CLASSES.items()]
         + [f"{dataset}.name == 'synthetic' ? "
-           f"s.data.classes < {or_default('classes', synthetic['classes'], dataset)}", "true"])
+           f"s.data.classes < {or_default('classes', synthetic['classes'], dataset)}",
+           "true"]) + ")"
     return [
         rule(f"!has(self.stages) || !has(self.budget.maxTrials) || "
              f"self.budget.maxTrials == {_stage_sum()}",
@@ -642,6 +680,52 @@ def stage_rules() -> list[dict[str, Any]]:
         rule(f"!has(self.stages) || self.stages.all(s, !has(s.data) || !has(s.data.classes) || "
              f"({fewer}))",
              "a stage's data.classes must be fewer than the dataset's classes", ".stages"),
+        rule("!has(self.stages) || has(self.trainer.builtin) || "
+             "self.stages.all(s, !has(s.data))",
+             "data fidelities need the builtin trainer (your own code loads its own data); "
+             "use epochs", ".stages"),
+    ]
+
+
+def code_params_schema() -> dict[str, Any]:
+    return _open_object("fixed params handed to an entrypoint or command with the sampled "
+                        "ones (any JSON values)")
+
+
+def metrics_schema() -> dict[str, Any]:
+    return {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS,
+            "x-kubernetes-list-type": "set",
+            "description": "the metrics your code reports (required with entrypoint or "
+                           "command); the objective metric is one of them",
+            "items": _string(minLength=1)}
+
+
+ENTRYPOINT = ("^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*"
+              ":[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*$")
+CODE_FIELDS = ["params", "metrics", "epochs", "stopGracePeriod", "image"]
+
+
+def trainer_rules() -> list[dict[str, Any]]:
+    """spec._trainer_problems: exactly one kind of trainer, each field with its kind."""
+    kinds = " + ".join(f"(has(self.{k}) ? 1 : 0)" for k in model.TRAINER_KINDS)
+    return [
+        rule(f"{kinds} == 1", "set exactly one of builtin, entrypoint or command"),
+        rule(f"!has(self.builtin) || !({has_any(CODE_FIELDS)})",
+             f"{words(CODE_FIELDS)} are only used with entrypoint or command (the builtin "
+             "trainer's fixed params go in builtin.params)"),
+        rule("has(self.builtin) || has(self.metrics)",
+             "metrics is required with entrypoint or command: the metrics your code reports",
+             ".metrics"),
+        rule("!has(self.stopGracePeriod) || has(self.command)",
+             "stopGracePeriod is only used with command", ".stopGracePeriod"),
+        rule(f"!has(self.entrypoint) || self.entrypoint.matches({lit(ENTRYPOINT)})",
+             "entrypoint must be 'package.module:function'", ".entrypoint"),
+        rule("!has(self.command) || self.command.size() == 0 || self.command[0] != ''",
+             "the program (the first item of command) must not be empty", ".command"),
+        rule("!has(self.metrics) || !self.metrics.exists(m, m == 'epoch')",
+             "'epoch' is the step of a report, not a metric", ".metrics"),
+        rule("!has(self.image) || !has(self.template) || !has(self.template.image)",
+             "image is also set in template.image: set the image in one place", ".image"),
     ]
 
 
@@ -659,14 +743,17 @@ def spec_rules() -> list[dict[str, Any]]:
         raise CrdError("a preset searches epochs: the maxResource and stage rules need it")
     space_epochs = _space("epochs")
     max_resource = "self.pruning.pruner.maxResource"
-    fixed_epochs = ("(has(self.trainer.builtin.params.epochs) ? "
-                    "self.trainer.builtin.params.epochs : self.trainer.builtin.epochs)")
+    fixed_epochs = ("(has(self.trainer.builtin) ? (has(self.trainer.builtin.params.epochs) ? "
+                    "self.trainer.builtin.params.epochs : self.trainer.builtin.epochs) : "
+                    "(has(self.trainer.epochs) ? self.trainer.epochs : "
+                    f"{max_resource}))")
+    builtin = "has(self.trainer.builtin)"
 
     def listing(conditions: dict[str, str]) -> str:
         return " + ".join(f"(({c}) ? ' {k}' : '')" for k, c in conditions.items())
 
-    return [
-        rule(" && ".join(f"!({c})" for c in both.values()),
+    return [rule_ for name, knob in KNOBS.items() if (rule_ := knob_rule(name, knob))] + [
+        rule(f"!{builtin} || (" + " && ".join(f"!({c})" for c in both.values()) + ")",
              "a knob is both fixed in trainer.builtin.params and searched in searchSpace: fix "
              "it or search it, not both", ".trainer.builtin.params",
              "'fixed in trainer.builtin.params and also searched in searchSpace (fix it or "
@@ -677,7 +764,7 @@ def spec_rules() -> list[dict[str, Any]]:
              "step or points", ".searchSpace",
              "'the grid sampler needs a finite set of values: give step or points to' + "
              + listing(open_float)),
-        rule("self.sampler.type != 'cmaes' || " + " || ".join(
+        rule(f"self.sampler.type != 'cmaes' || !{builtin} || " + " || ".join(
                 f"(has({_space(k)}) && {_space(k)}.type != 'categorical') || "
                 f"{_from_preset(k, lambda e: e['type'] != 'categorical')}" for k in numeric),
              "cmaes needs at least one float or int parameter", ".sampler.type"),
@@ -688,11 +775,20 @@ def spec_rules() -> list[dict[str, Any]]:
         # spec.JobSpec.epochs: the most epochs a trial can train
         rule(f"!has({max_resource}) || (has({space_epochs}) ? "
              f"({space_epochs}.type == 'int' ? "
-             f"(!has({space_epochs}.high) || {max_resource} <= {space_epochs}.high) : "
+             f"(!has({space_epochs}.high) || double({max_resource}) <= {space_epochs}.high) : "
              f"(!has({space_epochs}.choices) || "
-             f"{space_epochs}.choices.exists(c, c >= {max_resource}))) : "
+             f"{space_epochs}.choices.exists(c, c >= double({max_resource})))) : "
              f"{max_resource} <= {fixed_epochs})",
              "maxResource exceeds the epochs a trial trains", ".pruning.pruner.maxResource"),
+        rule(f"!{builtin} || {one_of('self.objective.metric', REPORTED_METRICS)}",
+             f"the builtin trainer reports {words(REPORTED_METRICS, 'and')}: the objective "
+             "metric must be one of them", ".objective.metric"),
+        rule(f"{builtin} || !has(self.trainer.metrics) || "
+             "self.objective.metric in self.trainer.metrics",
+             "the objective metric must be one of trainer.metrics", ".objective.metric"),
+        rule(f"{builtin} || !self.ensemble.enabled || self.ensemble.members == 'trials'",
+             "ensemble members seeds and snapshots need the builtin trainer; use trials",
+             ".ensemble.members"),
     ] + stage_rules()
 
 
@@ -712,6 +808,7 @@ RULES: dict[tuple[str, ...], list[dict[str, Any]]] = {
     ],
     ("storage",): [rule("self.gracePeriod >= 2 * self.heartbeatInterval",
                         "gracePeriod must be at least twice heartbeatInterval", ".gracePeriod")],
+    ("trainer",): trainer_rules(),
     ("trainer", "builtin", "split"): [rule(
         "self.validation + self.test < 0.9",
         "validation + test must leave at least 10% for training", ".test")],
@@ -722,13 +819,14 @@ OVERRIDES = {
     ("trainer", "builtin", "dataset"): dataset_schema,
     ("trainer", "builtin", "params"): params_schema,
     ("trainer", "template"): pod_template_schema,
+    ("trainer", "params"): code_params_schema,
+    ("trainer", "metrics"): metrics_schema,
     ("budget", "timeout"): duration_schema,
     ("budget", "maxTrials"): max_trials_schema,
     ("stages",): stages_schema,
 }
 
 ENUMS = {  # plain strings in the model, checked against these names by its validators
-    ("objective", "metric"): list(REPORTED_METRICS),
     ("sampler", "type"): list(model.SAMPLERS),
     ("pruning", "pruner", "type"): list(model.PRUNERS),
     ("trainer", "builtin", "model"): list(MODELS),
@@ -737,13 +835,15 @@ ENUMS = {  # plain strings in the model, checked against these names by its vali
 DESCRIPTIONS = {
     (): "what to tune, how, and with which budget (see the kubetune README)",
     ("objective",): "the metric to optimize",
-    ("objective", "metric"): "a metric the trainer reports",
+    ("objective", "metric"): "a metric the trainer reports (builtin: "
+                             f"{', '.join(REPORTED_METRICS)}; your code: one of trainer.metrics)",
     ("objective", "direction"): "maximize or minimize (default: minimize for losses, "
                                 "else maximize)",
     ("budget",): "how many trials, how many at once, and for how long",
     ("sampler",): "how Optuna picks the next parameters",
     ("pruning",): "stopping bad trials early: NaN/Inf and divergence guards, and a pruner",
-    ("trainer",): "what trains one trial",
+    ("trainer",): "what trains one trial: exactly one of builtin, entrypoint (your Python "
+                  "function) or command (your program)",
     ("trainer", "builtin"): "the built-in PyTorch MLP trainer",
     ("storage",): "the Optuna storage and worker heartbeats",
     ("artifacts",): "where workers keep model weights and predictions",

@@ -8,6 +8,10 @@ Pods are named per slot (``<job>-worker-0``, ``-1``...): creating a pod whose na
 answers 409 Conflict, so a retried or restarted operator never runs two workers in one slot.
 The slot is also the end of the worker id, which the worker's sampler seed follows.
 
+An entrypoint or command trainer runs in ``spec.trainer.image`` when it is set: an image with
+the user's code and kubetune (``FROM`` the kubetune image, or ``pip install kubetune``), whose
+working directory holds the code (the worker imports from it and runs commands in it).
+
 ``spec.trainer.template`` is a flat mix of container and pod fields (``TEMPLATE_FIELDS``).
 What kubetune sets itself cannot be overridden: the storage URL comes only from a Secret
 (``secretKeyRef``), pods run as non-root with a read-only root filesystem (``/tmp`` is a
@@ -121,6 +125,13 @@ def storage_secret(job: TuningJob, settings: Settings) -> SecretRef:
 
 def artifacts_dir(job: TuningJob, settings: Settings) -> str:
     return job.spec.artifacts.path or settings.artifacts_path
+
+
+def worker_image(job: TuningJob, settings: Settings) -> str:
+    """``spec.trainer.image`` (your code with kubetune in it), the template's image, or the
+    operator's worker image; the ensemble pod runs in the same one."""
+    trainer = job.spec.trainer
+    return trainer.image or (trainer.template or {}).get("image") or settings.worker_image
 
 
 def worker_name(job_name: str, slot: int) -> str:
@@ -237,7 +248,7 @@ def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef, *,
     ]
     container: dict[str, Any] = {
         "name": role,
-        "image": template.get("image") or settings.worker_image,
+        "image": worker_image(job, settings),
         "command": list(command),
         "args": list(args),
         "env": env,

@@ -6,9 +6,25 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kubetune.export import EnsembleModel
+    from kubetune.sdk import Trial
+    from kubetune.trial_run import TrialPruned
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_ensemble"]
+__all__ = ["Trial", "TrialPruned", "__version__", "load_ensemble"]
+
+
+def __getattr__(name: str) -> Any:
+    """``kubetune.Trial`` (the trainer SDK's trial) and ``kubetune.TrialPruned``, imported on
+    first use so that ``import kubetune`` stays light."""
+    if name == "Trial":
+        from kubetune.sdk import Trial
+
+        return Trial
+    if name == "TrialPruned":
+        from kubetune.trial_run import TrialPruned
+
+        return TrialPruned
+    raise AttributeError(f"module 'kubetune' has no attribute {name!r}")
 
 
 def load_ensemble(path: Any) -> EnsembleModel:

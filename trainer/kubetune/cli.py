@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="output folder (default: ./kubetune-runs/<name>)")
     run.add_argument("--artifacts", metavar="DIR",
                      help="artifact folder (default: spec.artifacts.path or OUTPUT/artifacts)")
+    run.add_argument("--code", action="append", metavar="DIR", default=[],
+                     help="a folder with the code of an entrypoint or command trainer, put on "
+                          "the workers' import path after the job file's folder (repeatable)")
     run.add_argument("--metrics-port", type=_port, metavar="PORT",
                      help="serve Prometheus metrics on this port while the job runs")
     run.add_argument("--no-plots", action="store_true",
@@ -103,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--artifacts", required=True, metavar="DIR")
     worker.add_argument("--threads", type=_positive_int, metavar="N",
                         help="torch CPU threads")
+    worker.add_argument("--code", action="append", metavar="DIR", default=[],
+                        help="a folder with the trainer's code, put on the import path; the "
+                             "first is the working directory of command trials (default: the "
+                             "working directory)")
     worker.set_defaults(handler=_worker)
     return parser
 
@@ -151,13 +158,16 @@ def _run(args: argparse.Namespace) -> int:
     job = _load(args.file)  # before importing torch and Optuna: a bad file fails fast
     if job is None:
         return EXIT_INVALID
+    from pathlib import Path
+
     from kubetune.job_study import StudyMismatch
     from kubetune.runner import RunError, RunOptions, configure_logging, run_job
 
     configure_logging(args.verbose)
     options = RunOptions(workers=args.workers, storage=args.storage, output=args.output,
                          artifacts=args.artifacts, quiet=args.quiet,
-                         metrics_port=args.metrics_port, plots=not args.no_plots)
+                         metrics_port=args.metrics_port, plots=not args.no_plots,
+                         code=[str(Path(args.file).resolve().parent), *args.code])
     try:
         return run_job(job, options)
     except (RunError, StudyMismatch) as err:
@@ -248,7 +258,7 @@ def _worker(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     return run_worker(WorkerOptions(storage=args.storage, study=args.study,
                                     worker_id=args.worker_id, artifacts=args.artifacts,
-                                    threads=args.threads))
+                                    threads=args.threads, code=args.code))
 
 
 if __name__ == "__main__":  # pragma: no cover

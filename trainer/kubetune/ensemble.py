@@ -79,6 +79,7 @@ GREEDY_ROUNDS = 25
 SEED_STRIDE = 1_000_003                    # larger than any trial number: seeds never repeat
 EMBED_LIMIT = 8 << 20                      # bytes of ensemble copied into the study storage
 NOT_ENOUGH_MEMBERS = "NotEnoughMembers"
+NO_ENSEMBLE_METRIC = "NoEnsembleMetric"
 _LOG_EPS = 1e-15
 
 
@@ -359,7 +360,8 @@ def collect_members(study: optuna.Study, job: TuningJob, reader: ArtifactReader,
     for trial, preds in usable:
         members.append(Member(trial.number, preds["val_proba"], preds["test_proba"],
                               epoch=_final_epoch(trial) if ensemble.members == "snapshots"
-                              else None, load=_loader(reader, job, trial)))
+                              else None, load=_loader(reader, job, trial)
+                              if job.spec.trainer.is_builtin else None))
         if ensemble.members == "snapshots" and "snapshot_epochs" in preds:
             for i, epoch in enumerate(preds["snapshot_epochs"].tolist()):
                 member = Member(trial.number, preds["snapshot_val_proba"][i],
@@ -470,10 +472,15 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
 
     job = load_job(study)
     spec = job.spec
-    metric = selection_metric(spec.objective.metric)
     direction = spec.objective.resolved_direction
     built_from = fingerprint(spec.ensemble, count_trials(study.get_trials(deepcopy=False))
                              .finished)
+    try:
+        metric = selection_metric(spec.objective.metric)
+    except ValueError as err:  # custom code may optimize a metric the ensemble cannot score
+        record = {"reason": NO_ENSEMBLE_METRIC, "message": str(err), "builtFrom": built_from}
+        study.set_user_attr(ENSEMBLE_ATTR, record)
+        return record
     with tempfile.TemporaryDirectory(prefix="kubetune-ensemble-") as tmp:
         reader = ArtifactReader(artifact_store, Path(tmp))
         candidates = collect_members(study, job, reader, train=train)
@@ -487,11 +494,17 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
             study.set_user_attr(ENSEMBLE_ATTR, record)
             return record
         assert candidates.best_trial is not None
-        bundle = build_bundle(result, job, reader.model(candidates.best_trial),
-                              source=spec.ensemble.members)
-        artifact = save_bundle(bundle, study, artifact_store, Path(tmp))
+        artifact = None  # code trainers leave predictions, not models kubetune can rebuild
+        if spec.trainer.is_builtin:
+            bundle = build_bundle(result, job, reader.model(candidates.best_trial),
+                                  source=spec.ensemble.members)
+            artifact = save_bundle(bundle, study, artifact_store, Path(tmp))
     record = make_record(result, source=spec.ensemble.members, artifact=artifact,
                          objective_metric=spec.objective.metric, built_from=built_from)
+    if artifact is None:
+        record["note"] = (record.get("note", "") + "; " if "note" in record else "") + (
+            "no model to export: the members are trials of your own code (their weights are "
+            "yours to keep)")
     study.set_user_attr(ENSEMBLE_ATTR, record)
     return record
 

@@ -123,7 +123,12 @@ def _find_bundle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
     if "reason" in record:
         raise ExportError(f"study {name!r} has no ensemble ({record['reason']}): "
                           f"{record['message']}")
-    artifact = record["artifact"]
+    artifact = record.get("artifact")
+    if not artifact:
+        raise ExportError(f"study {name!r} has an ensemble but no model to export: its members "
+                          "are trials of your own training code (spec.trainer.entrypoint or "
+                          "command), whose models kubetune does not keep; its record lists "
+                          "the members and their weights")
     folders = [args.artifacts, run_dir / "artifacts" if run_dir else None,
                load_job(study).spec.artifacts.path]
     for folder in filter(None, folders):

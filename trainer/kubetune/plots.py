@@ -65,8 +65,12 @@ def learning_curve(trial: FrozenTrial, path: Path, *, metric: str) -> bool:
     epochs = [h["epoch"] for h in history]
     fig, loss_ax = plt.subplots(figsize=(8, 4.5))
     acc_ax = loss_ax.twinx()
-    for key, style, axis in (("train_loss", "-", loss_ax), ("val_loss", "--", loss_ax),
-                             ("train_accuracy", "-", acc_ax), ("val_accuracy", "--", acc_ax)):
+    curves = [("train_loss", "-", loss_ax), ("val_loss", "--", loss_ax),
+              ("train_accuracy", "-", acc_ax), ("val_accuracy", "--", acc_ax)]
+    if metric not in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+        # your own code's objective (e.g. val_auc): drawn with the standard curves it reports
+        curves.append((metric, ":", loss_ax if "loss" in metric else acc_ax))
+    for key, style, axis in curves:
         values = [h.get(key) for h in history]
         if any(v is not None for v in values):
             color = "tab:red" if "loss" in key else "tab:blue"

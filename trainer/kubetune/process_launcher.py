@@ -32,10 +32,11 @@ class ProcessLauncher:
     """Starts ``kubetune worker`` subprocesses; each writes its log to ``log_dir``."""
 
     def __init__(self, storage: str, study: str, artifacts: str, log_dir: Path,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, code: list[str] | None = None) -> None:
         self._storage, self._study, self._artifacts = storage, study, artifacts
         self._log_dir = log_dir
         self._threads = threads
+        self._code = list(code or [])
         self._session = uuid.uuid4().hex[:6]
         self._count = 0
         self._procs: dict[str, tuple[subprocess.Popen, Path]] = {}
@@ -47,6 +48,8 @@ class ProcessLauncher:
                    "--artifacts", self._artifacts]
         if self._threads:
             command += ["--threads", str(self._threads)]
+        for folder in self._code:
+            command += ["--code", folder]
         self._spawn(worker_id, command, f"worker-{self._count}.log")
         return worker_id
 
@@ -64,6 +67,9 @@ class ProcessLauncher:
         command = [sys.executable, "-m", "kubetune", *args]
         # The URL may hold a password: pass it in the environment, never on the command line.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", STORAGE_ENV: self._storage}
+        if self._code:  # what the user's code starts (a DataLoader's workers) imports it too
+            env["PYTHONPATH"] = os.pathsep.join(
+                self._code + [p for p in [os.environ.get("PYTHONPATH")] if p])
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env,

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class RunOptions:
     quiet: bool = False
     metrics_port: int | None = None
     plots: bool = True
+    # Folders of an entrypoint or command trainer's code: the job file's folder, then --code.
+    code: list[str] = field(default_factory=list)
 
 
 def output_dir(job: TuningJob, options: RunOptions) -> Path:
@@ -60,7 +62,8 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
     artifacts = str(Path(options.artifacts or job.spec.artifacts.path or out / "artifacts")
                     .resolve())
     workers = options.workers or job.spec.budget.parallelism
-    _check_data(job)
+    code = [str(Path(c).resolve()) for c in options.code]
+    _check_data(job, code)
     spec = job.spec
     storage = open_storage(storage_url,
                            heartbeat_interval=spec.storage.heartbeat_interval
@@ -76,7 +79,8 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
         raise RunError(str(err)) from None
     resumed = _recover_abandoned(study)
     launcher = ProcessLauncher(storage_url, job.study_name, artifacts, out / "logs",
-                               threads=default_threads(workers))
+                               threads=default_threads(workers),
+                               code=code if not spec.trainer.is_builtin else [])
     core = JobCore(job, study, launcher)
     previous = _previous_result(out)
     view = ProgressView(job, quiet=options.quiet)
@@ -172,15 +176,47 @@ def _lock_folder(out: Path) -> Any:
     return handle
 
 
-def _check_data(job: TuningJob) -> None:
-    """Load the data once up front so a bad file is one clear error, not crashing workers."""
+def _check_data(job: TuningJob, code: list[str]) -> None:
+    """Load the data (or find the code) once up front so a bad file is one clear error, not
+    crashing workers or failing trials."""
     from kubetune.data import DataError
     from kubetune.worker import load_data
 
+    if not job.spec.trainer.is_builtin:
+        _check_code(job, code)
+        return
     try:
         load_data(job)
     except DataError as err:
         raise RunError(f"spec.trainer.builtin.dataset: {err}") from None
+
+
+def _check_code(job: TuningJob, code: list[str]) -> None:
+    """The entrypoint imports, or the command's program exists, as the workers will see it."""
+    import shutil
+
+    trainer = job.spec.trainer
+    for folder in code:
+        if not Path(folder).is_dir():
+            raise RunError(f"--code {folder}: no such folder")
+    if trainer.entrypoint is not None:
+        from kubetune.sdk import add_code_paths, resolve_entrypoint
+
+        add_code_paths(code)
+        try:
+            resolve_entrypoint(trainer.entrypoint)
+        except Exception as err:
+            raise RunError(f"spec.trainer.entrypoint: cannot load {trainer.entrypoint} from "
+                           f"{', '.join(code) or 'the import path'}: {type(err).__name__}: "
+                           f"{err}") from None
+    elif trainer.command:
+        program = trainer.command[0]
+        workdir = Path(code[0]) if code else Path.cwd()
+        found = ((workdir / program).is_file() if "/" in program
+                 else shutil.which(program) is not None)
+        if not found:
+            raise RunError(f"spec.trainer.command[0]: program {program!r} not found "
+                           f"({'in ' + str(workdir) if '/' in program else 'on the PATH'})")
 
 
 def _recover_abandoned(study: optuna.Study) -> int:

@@ -156,7 +156,7 @@ def make_pruner(spec: JobSpec, *, epochs: int | None = None) -> optuna.pruners.B
     if cfg.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=_or(cfg.min_resource, 1),
-            max_resource=_or(cfg.max_resource, epochs or spec.epochs),
+            max_resource=_or(cfg.max_resource, epochs or _or(spec.epochs, "auto")),
             reduction_factor=_or(cfg.reduction_factor, 3))
     if cfg.type == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(

@@ -390,10 +390,84 @@ class Builtin(_Model):
         return self
 
 
+TRAINER_KINDS = ("builtin", "entrypoint", "command")
+CODE_FIELDS = ("params", "metrics", "epochs", "stop_grace_period", "image")
+DEFAULT_STOP_GRACE_PERIOD = 10
+_ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+                            r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PARAM_NAME_MAX = 63
+MetricName = Annotated[StrictStr, Field(min_length=1)]
+
+
 class Trainer(_Model):
-    builtin: Builtin
+    """What trains one trial: exactly one of ``builtin``, ``entrypoint`` or ``command``."""
+
+    builtin: Builtin | None = None
+    entrypoint: StrictStr | None = Field(
+        default=None, description="package.module:function taking the kubetune SDK trial")
+    command: list[StrictStr] | None = Field(
+        default=None, min_length=1,
+        description="a program run per trial: params in KUBETUNE_PARAM_* variables, metrics "
+                    "as JSON lines on stdout")
+    params: dict[str, Any] | None = Field(
+        default=None, description="fixed params handed to the code with the sampled ones")
+    metrics: list[MetricName] | None = Field(
+        default=None, min_length=1, description="the metrics the code reports (required with "
+                                                "entrypoint or command)")
+    epochs: StrictInt | None = Field(
+        default=None, ge=1, description="the most epochs a trial reports (the pruner's "
+                                        "resource)")
+    stop_grace_period: StrictInt | None = Field(
+        default=None, ge=0, description="seconds between SIGTERM and SIGKILL when a command "
+                                        f"trial is stopped (default {DEFAULT_STOP_GRACE_PERIOD})")
+    image: StrictStr | None = Field(
+        default=None, min_length=1, description="image with the code and kubetune for the "
+                                                "worker pods (Kubernetes only)")
     template: dict[str, Any] | None = Field(
         default=None, description="pod template for worker pods (Kubernetes only)")
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _check_entrypoint(cls, value: str | None) -> str | None:
+        if value is not None and not _ENTRYPOINT_RE.fullmatch(value):
+            raise ValueError(f"must be 'package.module:function', got {value!r}")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, value: list[str] | None) -> list[str] | None:
+        if value and not value[0]:
+            raise ValueError("the program (the first item) must not be empty")
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _check_metrics(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if name == "epoch":
+                raise ValueError("'epoch' is the step of a report, not a metric")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("lists a metric twice")
+        return value
+
+    @property
+    def kind(self) -> str:
+        """``builtin``, ``entrypoint`` or ``command`` (the first set, for a checked spec)."""
+        return next((k for k in TRAINER_KINDS if getattr(self, k) is not None), "builtin")
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.kind == "builtin"
+
+    @property
+    def stop_grace_seconds(self) -> int:
+        return (DEFAULT_STOP_GRACE_PERIOD if self.stop_grace_period is None
+                else self.stop_grace_period)
+
+    @property
+    def reported_metrics(self) -> tuple[str, ...]:
+        return REPORTED_METRICS if self.is_builtin else tuple(self.metrics or ())
 
 
 # ---------------------------------------------------------------- storage, artifacts, ensemble
@@ -548,21 +622,29 @@ class JobSpec(_Model):
         return self.stage_list[index].name or f"stage-{index + 1}"
 
     @property
-    def epochs(self) -> int:
-        """Most epochs a trial can train (the resource hyperband and ASHA count)."""
+    def epochs(self) -> int | None:
+        """Most epochs a trial can train (the resource hyperband and ASHA count); None for
+        code that does not declare ``trainer.epochs``."""
         space = self.search_space.get("epochs")
         if isinstance(space, IntParam):
             return space.high
-        if isinstance(space, CategoricalParam):
+        if isinstance(space, CategoricalParam) and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) for c in space.choices):
             return int(max(space.choices))
-        return int(self.trainer.builtin.params.get("epochs", self.trainer.builtin.epochs))
+        builtin = self.trainer.builtin
+        if builtin is None:
+            return self.trainer.epochs
+        return int(builtin.params.get("epochs", builtin.epochs))
 
 
 def _fixed_params(data: dict[str, Any]) -> dict[str, Any]:
-    """``trainer.builtin.params`` of a raw spec, or nothing when it is not there yet."""
+    """The fixed params of a raw spec (``trainer.builtin.params``, or ``trainer.params`` of
+    code trainers), or nothing when they are not there yet."""
     trainer = data.get("trainer")
-    builtin = trainer.get("builtin") if isinstance(trainer, dict) else None
-    params = builtin.get("params") if isinstance(builtin, dict) else None
+    if not isinstance(trainer, dict):
+        return {}
+    builtin = trainer.get("builtin")
+    params = builtin.get("params") if isinstance(builtin, dict) else trainer.get("params")
     return params if isinstance(params, dict) else {}
 
 
@@ -662,7 +744,8 @@ def validate_spec(spec: Any) -> list[Problem]:
 def _resolve_paths(job: TuningJob, base_dir: Path) -> TuningJob:
     """Relative paths in a job file are relative to that file, as for a local run."""
     data = job.to_dict()
-    dataset = job.spec.trainer.builtin.dataset
+    builtin = job.spec.trainer.builtin
+    dataset = builtin.dataset if builtin is not None else None
     if isinstance(dataset, FileData) and not Path(dataset.path).is_absolute():
         data["spec"]["trainer"]["builtin"]["dataset"]["path"] = str(base_dir / dataset.path)
     artifacts = job.spec.artifacts.path
@@ -673,16 +756,20 @@ def _resolve_paths(job: TuningJob, base_dir: Path) -> TuningJob:
 
 # ---------------------------------------------------------------- semantic checks
 def _semantic_problems(spec: JobSpec) -> list[Problem]:
-    problems: list[Problem] = []
-    builtin = spec.trainer.builtin
+    problems = _trainer_problems(spec)
+    trainer = spec.trainer
+    builtin = trainer.builtin
     metric = spec.objective.metric
-    if metric not in REPORTED_METRICS:
+    if trainer.is_builtin and metric not in REPORTED_METRICS:
         problems.append(Problem("spec.objective.metric", _unknown(
             "metric", metric, REPORTED_METRICS, what="the builtin trainer reports")))
+    elif not trainer.is_builtin and trainer.metrics and metric not in trainer.metrics:
+        problems.append(Problem("spec.objective.metric", _unknown(
+            "metric", metric, trainer.metrics, what="spec.trainer.metrics")))
     elif spec.objective.direction == "maximize" and metric in LOSS_METRICS:
         problems.append(Problem("spec.objective.direction",
                                 f"{metric} is a loss: use minimize"))
-    for name, value in builtin.params.items():
+    for name, value in (builtin.params if builtin is not None else {}).items():
         path = f"spec.trainer.builtin.params.{name}"
         if name not in KNOBS:
             problems.append(Problem(path, _unknown("parameter", name, KNOBS,
@@ -693,7 +780,10 @@ def _semantic_problems(spec: JobSpec) -> list[Problem]:
         elif (why := KNOBS[name].problem(value)) is not None:
             problems.append(Problem(path, why))
     for name, param in spec.search_space.items():
-        problems.extend(_space_problems(name, param))
+        if trainer.is_builtin:
+            problems.extend(_space_problems(name, param))
+        elif (why := _param_name_problem(name)) is not None:
+            problems.append(Problem(f"spec.searchSpace.{name}", why))
     if spec.sampler.type == "grid":
         for name, param in spec.search_space.items():
             if isinstance(param, FloatParam) and param.step is None and param.points is None:
@@ -705,9 +795,10 @@ def _semantic_problems(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("spec.sampler.type",
                                 "cmaes needs at least one float or int parameter"))
     pruner = spec.pruning.pruner
-    if pruner.max_resource is not None and pruner.max_resource > spec.epochs:
+    epochs = spec.epochs
+    if pruner.max_resource is not None and epochs is not None and pruner.max_resource > epochs:
         problems.append(Problem("spec.pruning.pruner.maxResource",
-                                f"exceeds the epochs a trial trains ({spec.epochs})"))
+                                f"exceeds the epochs a trial trains ({epochs})"))
     if spec.stages:
         problems.extend(_stage_problems(spec))
     return problems
@@ -730,18 +821,85 @@ def _stage_problems(spec: JobSpec) -> list[Problem]:
             why = ("narrows nothing on the last stage" if field == "top" else
                    "cannot be set on the last stage: it runs at full fidelity")
             problems.append(Problem(f"spec.stages[{last}].{field}", why))
-    dataset = spec.trainer.builtin.dataset
-    classes = DATASET_CLASSES.get(dataset.name, getattr(dataset, "classes", None))
+    builtin = spec.trainer.builtin
+    classes = None
+    if builtin is not None:
+        classes = DATASET_CLASSES.get(builtin.dataset.name,
+                                      getattr(builtin.dataset, "classes", None))
     for i, stage in enumerate(stages):
         if stage.epochs is not None and "epochs" in spec.search_space:
             problems.append(Problem(f"spec.stages[{i}].epochs",
                                     "epochs is searched in spec.searchSpace: a stage cannot "
                                     "also set it"))
+        if stage.data is not None and builtin is None:
+            problems.append(Problem(f"spec.stages[{i}].data",
+                                    "data fidelities need the builtin trainer (your own code "
+                                    "loads its own data); use epochs"))
         wanted = stage.data.classes if stage.data else None
         if wanted is not None and classes is not None and wanted >= classes:
             problems.append(Problem(f"spec.stages[{i}].data.classes",
                                     f"must be fewer than the dataset's {classes} classes"))
     return problems
+
+
+def _trainer_problems(spec: JobSpec) -> list[Problem]:
+    """Exactly one kind of trainer, and the fields of the code trainers where they belong."""
+    trainer = spec.trainer
+    kinds = [k for k in TRAINER_KINDS if getattr(trainer, k) is not None]
+    if not kinds:
+        return [Problem("spec.trainer", "set one of builtin, entrypoint or command")]
+    problems = [Problem(f"spec.trainer.{k}", f"cannot be combined with {kinds[0]}: set exactly "
+                                             "one of builtin, entrypoint or command")
+                for k in kinds[1:]]
+    if problems:
+        return problems
+    if trainer.is_builtin:
+        for name in CODE_FIELDS:
+            if getattr(trainer, name) is not None:
+                hint = (" (the builtin trainer's fixed params go in spec.trainer.builtin.params)"
+                        if name == "params" else "")
+                problems.append(Problem(f"spec.trainer.{to_camel(name)}",
+                                        f"only used with entrypoint or command{hint}"))
+        return problems
+    if trainer.kind == "entrypoint" and trainer.stop_grace_period is not None:
+        problems.append(Problem("spec.trainer.stopGracePeriod", "only used with command"))
+    if trainer.metrics is None:
+        problems.append(Problem("spec.trainer.metrics",
+                                f"required with {trainer.kind}: the metrics your code reports, "
+                                "e.g. [val_accuracy, train_loss]"))
+    fixed = trainer.params or {}
+    for name in fixed:
+        path = f"spec.trainer.params.{name}"
+        if (why := _param_name_problem(name)) is not None:
+            problems.append(Problem(path, why))
+        elif name in spec.search_space:
+            problems.append(Problem(path, "is also in spec.searchSpace: fix it or search it, "
+                                          "not both"))
+    if trainer.kind == "command":
+        seen: dict[str, str] = {}
+        for where, name in [("spec.trainer.params", n) for n in fixed] + [
+                ("spec.searchSpace", n) for n in spec.search_space]:
+            other = seen.setdefault(name.upper(), name)
+            if other != name:
+                problems.append(Problem(f"{where}.{name}", f"has the same environment variable "
+                                        f"KUBETUNE_PARAM_{name.upper()} as {other!r}"))
+    if spec.ensemble.enabled and spec.ensemble.members != "trials":
+        problems.append(Problem("spec.ensemble.members",
+                                f"{spec.ensemble.members} needs the builtin trainer (kubetune "
+                                "retrains or snapshots its models); use trials"))
+    template_image = (trainer.template or {}).get("image")
+    if trainer.image is not None and template_image is not None:
+        problems.append(Problem("spec.trainer.image", "also set in spec.trainer.template.image: "
+                                                      "set the image in one place"))
+    return problems
+
+
+def _param_name_problem(name: str) -> str | None:
+    """Code trainers get params as environment variables: names must be usable there."""
+    if len(name) > PARAM_NAME_MAX or not PARAM_NAME_RE.fullmatch(name):
+        return (f"{name!r} is not a usable parameter name: at most {PARAM_NAME_MAX} letters, "
+                "digits and '_', not starting with a digit")
+    return None
 
 
 def _space_problems(name: str, param: Any) -> list[Problem]:
@@ -913,6 +1071,8 @@ def _type_message(message: str) -> str:
 
 
 def _tidy(message: str) -> str:
+    if message.startswith("List should have at least 1 item"):
+        return "must not be empty"
     if match := re.match(r"List should have at (least|most) (\d+) items? after validation", message):
         return f"must list at {match.group(1)} {match.group(2)} item" + \
             ("s" if match.group(2) != "1" else "")

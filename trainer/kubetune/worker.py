@@ -2,7 +2,9 @@
 
 It needs only the storage URL and the study name (``kubetune worker --storage URL --study
 NAME``): the job is read from the study. Locally the runner starts workers as processes; on
-Kubernetes they are pods.
+Kubernetes they are pods. A trial runs with the job's trainer (``trial_run.run_trial``): the
+built-in MLP, the user's Python entrypoint or the user's command, whose code is found in the
+``--code`` folders (``kubetune run``: the job file's folder) or the working directory.
 
 Choosing the next trial happens under ``StudyLock`` so that however many workers race, the
 budget is never exceeded. On PostgreSQL a heartbeat thread proves the running trial alive; a
@@ -16,7 +18,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -43,6 +46,9 @@ class WorkerOptions:
     artifacts: str
     poll_interval: float = 1.0
     threads: int | None = None
+    # Folders of the user's code (entrypoint and command trainers): put on sys.path; the
+    # first is the working directory of command trials. None: the working directory.
+    code: list[str] = field(default_factory=list)
 
 
 def run_worker(options: WorkerOptions) -> int:
@@ -68,11 +74,16 @@ def run_worker(options: WorkerOptions) -> int:
 
     study = optuna.load_study(study_name=options.study, storage=storage, sampler=sampler(),
                               pruner=make_pruner(spec))
-    if options.threads:
+    if options.threads and spec.trainer.kind != "command":  # a command trial is a program
         import torch
 
         torch.set_num_threads(options.threads)
     load_data(job)  # a bad file fails here, before any trial
+    workdir = Path(options.code[0]).resolve() if options.code else Path.cwd()
+    if not spec.trainer.is_builtin:
+        from kubetune.sdk import add_code_paths
+
+        add_code_paths(options.code or [workdir])
     store = make_artifact_store(options.artifacts)
     stages = StageAsker(study, job.spec, sampler)
     lock = StudyLock(options.storage, options.study)
@@ -88,7 +99,8 @@ def run_worker(options: WorkerOptions) -> int:
                 data = load_data(job, stage=stage_of(trial))
                 with _heartbeat(storage, trial._trial_id):
                     try:
-                        run_trial(trial.study, trial, job, data, store, deadline=deadline)
+                        run_trial(trial.study, trial, job, data, store, deadline=deadline,
+                                  workdir=workdir)
                     except (WorkerStopped, KeyboardInterrupt):
                         _give_back(study, trial, storage)
                         raise
@@ -193,10 +205,13 @@ def _stop_on_sigterm() -> None:
 
 def load_data(job: TuningJob, stage: int | None = None) -> Any:
     """The job's dataset, split and standardized (cached per process by ``load_dataset``);
-    with ``stage``, cut to that stage's data fidelity (``spec.stages[].data``)."""
+    with ``stage``, cut to that stage's data fidelity (``spec.stages[].data``). None for code
+    trainers, which load their own data."""
+    builtin = job.spec.trainer.builtin
+    if builtin is None:
+        return None
     from kubetune.data import load_dataset, reduce_dataset
 
-    builtin = job.spec.trainer.builtin
     data = load_dataset(builtin.dataset.model_dump(by_alias=True, exclude_none=True),
                         builtin.split.model_dump(by_alias=True, exclude_none=True))
     stages = job.spec.stages
