@@ -32,6 +32,7 @@ from kubetune.job_study import load_job, started_at
 from kubetune.search_space import make_pruner, make_sampler, worker_seed
 from kubetune.stage_study import StageAsker, mark_new_trial, stage_for_new_trial, stage_of
 from kubetune.storage import StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna
+from kubetune.storage import worker_retry_seconds
 from kubetune.trial_run import WORKER_ATTR, WorkerStopped, run_trial, tell
 from kubetune.spec import TuningJob
 
@@ -54,7 +55,8 @@ class WorkerOptions:
 def run_worker(options: WorkerOptions) -> int:
     """Run trials until the job needs no more; the exit code is 0 unless setup failed."""
     silence_optuna()
-    storage = open_storage(options.storage)
+    retry_for = worker_retry_seconds()  # a database restart or outage is waited out
+    storage = open_storage(options.storage, retry_for=retry_for)
     job = load_job(optuna.load_study(study_name=options.study, storage=storage))
     spec = job.spec
     if is_rdb(options.storage):
@@ -64,7 +66,7 @@ def run_worker(options: WorkerOptions) -> int:
         storage = open_storage(options.storage,
                                heartbeat_interval=spec.storage.heartbeat_interval,
                                grace_period=spec.storage.grace_period,
-                               max_retries=spec.budget.max_retries)
+                               max_retries=spec.budget.max_retries, retry_for=retry_for)
     seed = worker_seed(spec.sampler.seed, options.worker_id)
 
     def sampler(stage: int = 0) -> optuna.samplers.BaseSampler:
@@ -86,7 +88,7 @@ def run_worker(options: WorkerOptions) -> int:
         add_code_paths(options.code or [workdir])
     store = make_artifact_store(options.artifacts)
     stages = StageAsker(study, job.spec, sampler)
-    lock = StudyLock(options.storage, options.study)
+    lock = StudyLock(options.storage, options.study, retry_for=retry_for)
     start = started_at(study)
     deadline = start + spec.budget.timeout_seconds if spec.budget.timeout_seconds else None
     _stop_on_sigterm()
@@ -104,6 +106,11 @@ def run_worker(options: WorkerOptions) -> int:
                     except (WorkerStopped, KeyboardInterrupt):
                         _give_back(study, trial, storage)
                         raise
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        # Failed as stale meanwhile (heartbeats lost in a long storage outage)
+                        # and queued again: its retry runs it; this worker moves on.
+                        log.warning("trial %d was failed as stale while running here; its "
+                                    "retry takes over", trial.number)
                 ran += 1
                 continue
             if counts.running == 0 or reason == budget.TOO_MANY_FAILED:
