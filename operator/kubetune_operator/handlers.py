@@ -53,7 +53,14 @@ from kubetune.job_study import JOB_ATTR, StudyMismatch, create_or_load_study, lo
 from kubetune.metrics import Metrics, snapshot
 from kubetune.spec import Problem, SpecError, TuningJob, parse_job
 from kubetune.status import FAILED, PENDING, SUCCEEDED, condition, merge_conditions, now_iso
-from kubetune.storage import is_rdb, normalize_url, open_storage, redact
+from kubetune.storage import (
+    is_outage,
+    is_rdb,
+    normalize_url,
+    open_storage,
+    outage_message,
+    redact,
+)
 
 from kubetune_operator.pod_launcher import (
     Owner,
@@ -75,6 +82,9 @@ WORKERS_STARTED = "WorkersStarted"  # a condition present only while pods cannot
 POD_CREATION_FAILED = "PodCreationFailed"
 EDITABLE_BUDGET = ("maxTrials", "parallelism")
 EVENT_MESSAGE_LIMIT = 1000
+# A condition message stays small whatever the spec held (a problem may quote a huge value).
+PROBLEM_MESSAGE_LIMIT = 500
+CONDITION_MESSAGE_LIMIT = 4000
 MAX_RETRY_DELAY_S = 300.0
 CONNECT_TIMEOUT_S = 10
 
@@ -153,7 +163,9 @@ class Reconciler:
                 launcher.stop_all()
             launcher.scale_down(job.spec.budget.parallelism)
             outcome = JobCore(job, study, launcher).reconcile(previous)
-        except SQLAlchemyError as err:
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+            if not isinstance(err, SQLAlchemyError) and not is_outage(err):
+                raise
             return self._unavailable(previous, generation, _db_error(err))
         except TemplateRejected as err:
             delete_job_pods(self.core, owner.namespace, owner.name)
@@ -267,11 +279,12 @@ class Reconciler:
     # ------------------------------------------------------------------ status shapes
     def _invalid(self, previous: dict[str, Any], generation: Any,
                  problems: list[Problem]) -> SyncResult:
-        message = "\n".join(str(p) for p in problems)
+        message = "\n".join(_clip(str(p), PROBLEM_MESSAGE_LIMIT) for p in problems)
         return self._failed(previous, generation, INVALID_SPEC, message, ready=False)
 
     def _failed(self, previous: dict[str, Any], generation: Any, reason: str, message: str,
                 ready: bool | None = None) -> SyncResult:
+        message = _clip(message, CONDITION_MESSAGE_LIMIT)
         conditions = [condition("Ready", False, reason, message)] if ready is False else []
         conditions.append(condition("Failed", True, reason, message))
         status = {
@@ -425,6 +438,10 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.background.cancellation_polling = 1.0
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 16] + f"... ({len(text)} chars)"
+
+
 def _reason(status: Mapping[str, Any], kind: str) -> str | None:
     for cond in status.get("conditions") or []:
         if cond.get("type") == kind and cond.get("status") == "True":
@@ -455,13 +472,16 @@ def _plain(value: Any) -> Any:
 def _call_storage(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
-    except SQLAlchemyError as err:
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+        if not isinstance(err, SQLAlchemyError) and not is_outage(err):
+            raise
         raise StorageUnavailable(_db_error(err)) from None
 
 
-def _db_error(err: SQLAlchemyError) -> str:
-    text = str(getattr(err, "orig", None) or err).strip().splitlines()
-    return "storage unreachable: " + (text[0] if text else type(err).__name__)
+def _db_error(err: Exception) -> str:
+    """One line; Optuna wraps a lost connection in StorageInternalError: name the cause."""
+    return outage_message(err) if is_outage(err) else \
+        "storage error: " + (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _with_connect_timeout(url: str) -> str:

@@ -20,7 +20,9 @@ from kubetune.job_study import create_or_load_study
 from kubetune.process_launcher import LOCAL_PREFIX, ProcessLauncher
 from kubetune.progress import ProgressView
 from kubetune.spec import TuningJob
-from kubetune.storage import is_rdb, open_storage, redact, silence_optuna
+from kubetune.status import condition, merge_conditions
+from kubetune.storage import is_outage, is_rdb, open_storage, outage_message, redact, \
+    silence_optuna
 from kubetune.trial_run import WORKER_ATTR
 from kubetune.worker import default_threads
 
@@ -28,6 +30,8 @@ log = logging.getLogger("kubetune.run")
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 RESULT_FILE = "result.json"
+STORAGE_UNAVAILABLE = "StorageUnavailable"
+MAX_OUTAGE_POLL_S = 10.0
 
 
 class RunError(Exception):
@@ -65,19 +69,15 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
     code = [str(Path(c).resolve()) for c in options.code]
     _check_data(job, code)
     spec = job.spec
-    storage = open_storage(storage_url,
-                           heartbeat_interval=spec.storage.heartbeat_interval
-                           if is_rdb(storage_url) else None,
-                           grace_period=spec.storage.grace_period,
-                           max_retries=spec.budget.max_retries)
     if workers != spec.budget.parallelism:  # before storing: workers read it from the study
         job = job.model_copy(update={"spec": spec.model_copy(update={
             "budget": spec.budget.model_copy(update={"parallelism": workers})})})
+    outage = _Outage(redact(storage_url))
     try:
-        study = create_or_load_study(storage, job)
-    except ValueError as err:
-        raise RunError(str(err)) from None
-    resumed = _recover_abandoned(study)
+        study, resumed = outage.wait_for(lambda: _open_study(storage_url, job), options)
+    except KeyboardInterrupt:
+        busy.close()
+        return EXIT_INTERRUPTED
     launcher = ProcessLauncher(storage_url, job.study_name, artifacts, out / "logs",
                                threads=default_threads(workers),
                                code=code if not spec.trainer.is_builtin else [])
@@ -85,14 +85,24 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
     previous = _previous_result(out)
     view = ProgressView(job, quiet=options.quiet)
     view.intro(storage=redact(storage_url), output=out, workers=workers, resumed=resumed,
-               done=len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                 TrialState.PRUNED))))
+               done=outage.wait_for(lambda: len(study.get_trials(
+                   deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))), options))
     status: dict[str, Any] = previous
     metrics = _serve_metrics(options.metrics_port)
     try:
         with view:
             while True:
-                outcome = _reconcile(core, status, metrics)
+                try:
+                    outcome = _reconcile(core, status, metrics)
+                except Exception as err:
+                    if not is_outage(err):
+                        raise
+                    status = outage.down(status, err, out)
+                    if "progress" in status:
+                        view.update(status)
+                    time.sleep(outage.poll_interval(options))
+                    continue
+                outage.up()
                 status = outcome.status
                 view.update(status)
                 if outcome.done:
@@ -110,6 +120,78 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
         _plots(study, job, out / "plots")
     view.summary(status, out / RESULT_FILE)
     return EXIT_OK if status["phase"] == "Succeeded" else EXIT_FAILED
+
+
+def _open_study(storage_url: str, job: TuningJob) -> tuple[optuna.Study, int]:
+    """Open (or create) the job's study and requeue what an earlier run left running."""
+    spec = job.spec
+    storage = open_storage(storage_url,
+                           heartbeat_interval=spec.storage.heartbeat_interval
+                           if is_rdb(storage_url) else None,
+                           grace_period=spec.storage.grace_period,
+                           max_retries=spec.budget.max_retries)
+    try:
+        study = create_or_load_study(storage, job)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    return study, _recover_abandoned(study)
+
+
+class _Outage:
+    """The runner's view of a storage outage: it says so (a warning line, and a
+    ``Ready=False StorageUnavailable`` condition in the status and result.json), keeps
+    polling with backoff, and says when the storage is back. The workers wait it out on
+    their own (``KUBETUNE_STORAGE_RETRY_SECONDS``)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.since: float | None = None
+        self.failures = 0
+
+    def wait_for(self, call: Any, options: RunOptions) -> Any:
+        """``call()``, retried until the storage answers (the start of a run)."""
+        while True:
+            try:
+                result = call()
+            except Exception as err:
+                if not is_outage(err):
+                    raise
+                self.down({}, err, None)
+                time.sleep(self.poll_interval(options))
+                continue
+            self.up()
+            return result
+
+    def down(self, status: dict[str, Any], err: BaseException, out: Path | None
+             ) -> dict[str, Any]:
+        message = f"{outage_message(err)} ({self.where})"
+        self.failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("%s: %s; the run waits for it (Ctrl-C to stop)", STORAGE_UNAVAILABLE,
+                        message)
+        elif self.failures % 10 == 0:
+            log.warning("%s for %.0f s: %s; still waiting", STORAGE_UNAVAILABLE,
+                        time.monotonic() - self.since, message)
+        before = {c.get("type"): c for c in status.get("conditions") or []}
+        if before.get("Ready", {}).get("reason") == STORAGE_UNAVAILABLE:
+            return status
+        merged = merge_conditions(status.get("conditions"), [
+            condition("Ready", False, STORAGE_UNAVAILABLE, message)])
+        status = {**status, "conditions": [c for t, c in before.items() if t != "Ready"]
+                  + merged}
+        if out is not None and "progress" in status:
+            write_result(out, {**status, "phase": "Running"})
+        return status
+
+    def up(self) -> None:
+        if self.since is not None:
+            log.warning("storage reachable again after %.0f s: resuming",
+                        time.monotonic() - self.since)
+        self.since, self.failures = None, 0
+
+    def poll_interval(self, options: RunOptions) -> float:
+        return min(MAX_OUTAGE_POLL_S, options.poll_interval * 2 ** min(self.failures, 5))
 
 
 def _serve_metrics(port: int | None) -> Any:
