@@ -27,6 +27,7 @@ shared volume there (a ReadWriteMany PersistentVolumeClaim) when the ensemble is
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import re
@@ -50,6 +51,7 @@ LABEL_JOB = "kubetune.io/job"
 LABEL_ROLE = "kubetune.io/role"
 LABEL_SLOT = "kubetune.io/slot"
 WORKER, ENSEMBLE = "worker", "ensemble"
+MAX_POD_NAME = 63
 TMP_VOLUME, ARTIFACTS_VOLUME = "kubetune-tmp", "kubetune-artifacts"
 
 CONTAINER_FIELDS = ("image", "imagePullPolicy", "command", "args", "resources", "env",
@@ -135,12 +137,23 @@ def worker_image(job: TuningJob, settings: Settings) -> str:
 
 
 def worker_name(job_name: str, slot: int) -> str:
-    return f"{job_name}-{WORKER}-{slot}"
+    return _pod_name(job_name, f"{WORKER}-{slot}")
 
 
 def ensemble_name(job_name: str, attempt: int = 0) -> str:
     """``<job>-ensemble``; ``<job>-ensemble-N`` while an ended earlier one is being deleted."""
-    return f"{job_name}-{ENSEMBLE}" + (f"-{attempt}" if attempt else "")
+    return _pod_name(job_name, ENSEMBLE + (f"-{attempt}" if attempt else ""))
+
+
+def _pod_name(job_name: str, suffix: str) -> str:
+    """``<job>-<suffix>`` within 63 characters (a pod's hostname is its name, a DNS label):
+    a longer job name is cut and a hash of the whole name keeps cut names apart."""
+    name = f"{job_name}-{suffix}"
+    if len(name) <= MAX_POD_NAME:
+        return name
+    digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
+    keep = MAX_POD_NAME - len(suffix) - len(digest) - 2
+    return f"{job_name[:keep].rstrip('-')}-{digest}-{suffix}"
 
 
 # ---------------------------------------------------------------- template checks
