@@ -3,7 +3,7 @@
 #
 #   bash scripts/setup.sh          # venv + kubetune (runtime deps only)
 #   bash scripts/setup.sh --test   # also test extras + Debian packages
-#                                  # needed by the tests (postgresql, prometheus)
+#                                  # needed by the tests (postgresql, prometheus, pgbouncer)
 #
 # Environment:
 #   KUBETUNE_VENV=DIR          virtualenv location (default: <repo>/.venv)
@@ -70,7 +70,7 @@ ensure_debian_packages() {
 }
 
 if [ "$WITH_TEST" -eq 1 ]; then
-    ensure_debian_packages postgresql prometheus
+    ensure_debian_packages postgresql prometheus pgbouncer
 fi
 
 # --- virtualenv --------------------------------------------------------------

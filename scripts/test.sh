@@ -8,6 +8,8 @@ cd "$REPO_ROOT"
 VENV="${KUBETUNE_VENV:-$REPO_ROOT/.venv}"
 
 bash scripts/setup.sh --test
+# The whole suite, the slow fault tests included (KUBETUNE_SLOW=0 leaves them out).
+export KUBETUNE_SLOW="${KUBETUNE_SLOW:-1}"
 echo "==> running pytest $*"
 rc=0
 "$VENV/bin/python" -m pytest "$@" || rc=$?
