@@ -85,11 +85,14 @@ def redact(url: str) -> str:
 
 def open_storage(url: str, *, heartbeat_interval: int | None = None,
                  grace_period: int | None = None, max_retries: int = 3,
-                 retry_for: float = 0.0) -> BaseStorage:
+                 retry_for: float = 0.0, check_schema: bool = True) -> BaseStorage:
     """An Optuna storage for ``url``; heartbeat settings apply to RDB storages only.
 
     ``retry_for`` > 0: opening, and every later call, retries a lost database connection for
-    that many seconds before giving up (see the module doc).
+    that many seconds before giving up (see the module doc). ``check_schema=False`` skips
+    Optuna's schema version check, for workers of a study the runner or operator opened
+    already: the check holds one connection while it takes another, and a fleet of workers
+    starting at once would deadlock a small PgBouncer pool that way.
     """
     if is_rdb(url):
         url = normalize_url(url)
@@ -109,6 +112,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                     max_retry=max_retries),
             )
+        kwargs["skip_compatibility_check"] = not check_schema
         if retry_for > 0:
             return ReconnectingRDBStorage(url, retry_for=retry_for, engine_kwargs=engine_kwargs,
                                           **kwargs)

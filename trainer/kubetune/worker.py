@@ -56,7 +56,7 @@ def run_worker(options: WorkerOptions) -> int:
     """Run trials until the job needs no more; the exit code is 0 unless setup failed."""
     silence_optuna()
     retry_for = worker_retry_seconds()  # a database restart or outage is waited out
-    storage = open_storage(options.storage, retry_for=retry_for)
+    storage = open_storage(options.storage, retry_for=retry_for, check_schema=False)
     job = load_job(optuna.load_study(study_name=options.study, storage=storage))
     spec = job.spec
     if is_rdb(options.storage):
@@ -66,7 +66,8 @@ def run_worker(options: WorkerOptions) -> int:
         storage = open_storage(options.storage,
                                heartbeat_interval=spec.storage.heartbeat_interval,
                                grace_period=spec.storage.grace_period,
-                               max_retries=spec.budget.max_retries, retry_for=retry_for)
+                               max_retries=spec.budget.max_retries, retry_for=retry_for,
+                               check_schema=False)
     seed = worker_seed(spec.sampler.seed, options.worker_id)
 
     def sampler(stage: int = 0) -> optuna.samplers.BaseSampler:
