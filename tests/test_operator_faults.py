@@ -148,6 +148,7 @@ def _start_operator(kmock: KubeEmulator, workdir: Path, index: int) -> subproces
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 async def test_operator_killed_three_times_mid_job_finishes_with_no_duplicate_pod(
         cluster, postgres_url, tmp_path):
     name, max_trials = "survivor", 12

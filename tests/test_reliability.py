@@ -26,7 +26,9 @@ from fault_checks import assert_job_whole
 from kubetune.storage import open_storage
 from pgbouncer import PgBouncer
 
-pytestmark = pytest.mark.slow  # real processes killed and servers restarted: minutes
+# Real processes killed and servers restarted: minutes on a busy machine, hence slow and a
+# longer per-test timeout than the suite's.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Trials of a second or two: long enough to be caught in flight, short enough for the suite.
 SLOWER_TRAINER = {"builtin": {

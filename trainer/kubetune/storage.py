@@ -328,7 +328,7 @@ class StudyLock:
                 self._drop_connection()
                 raise
             time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 0.5)
+            delay = min(delay * 2, 0.25)
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed:
