@@ -215,6 +215,36 @@ async def test_operator_killed_three_times_mid_job_finishes_with_no_duplicate_po
     assert "Traceback" not in logs
 
 
+async def test_operator_says_storage_unavailable_during_a_database_restart_and_goes_on(
+        cluster, operator, postgres_server, postgres_url):
+    body = tuning_job("steady", budget={"maxTrials": 3, "parallelism": 1},
+                      ensemble={"enabled": False})
+    await create(cluster, body)
+    await eventually(lambda: pods(cluster, "steady"), message="its worker")
+    study = optuna.load_study(study_name=f"{NS}/steady", storage=postgres_url)
+    run_trial(study, body, 0.6, worker="steady-worker-0")
+    await eventually(lambda: status(cluster, "steady").get("trials", {}).get("complete") == 1,
+                     message="a first trial in the status")
+
+    postgres_server.stop("fast")
+    try:
+        down = await eventually(lambda: (condition(status(cluster, "steady"), "Ready") or {})
+                                .get("reason") == "StorageUnavailable"
+                                and status(cluster, "steady"), timeout=30,
+                                message="Ready=False StorageUnavailable")
+    finally:
+        postgres_server.start()
+    assert "storage unreachable" in condition(down, "Ready")["message"]
+    assert down["phase"] == "Running" and pods(cluster, "steady")  # nothing torn down
+
+    study = optuna.load_study(study_name=f"{NS}/steady", storage=postgres_url)
+    for value in (0.7, 0.8):
+        run_trial(study, body, value, worker="steady-worker-0")
+    done = await eventually(lambda: status(cluster, "steady").get("phase") == "Succeeded"
+                            and status(cluster, "steady"), timeout=30, message="Succeeded")
+    assert condition(done, "Ready")["status"] == "True" and done["best"]["value"] == 0.8
+
+
 # ---------------------------------------------------------------- hostile input
 def _named(name: str, body: dict[str, Any]) -> dict[str, Any]:
     body = copy.deepcopy(body)

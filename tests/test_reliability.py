@@ -70,8 +70,10 @@ def _settled(storage, name: str) -> list[optuna.trial.FrozenTrial] | None:
 
 def test_runner_killed_three_times_mid_job_finishes_exactly_with_nothing_lost(
         postgres_url, tmp_path):
-    name, max_trials = "killed", 8
-    job = write_job(tmp_path / "job.yaml", _job(name, max_trials))
+    name, max_trials = "killed", 6
+    # One worker: each of the four runs starts one process less (the test is about the runner).
+    job = write_job(tmp_path / "job.yaml", _job(
+        name, max_trials, budget={"maxTrials": max_trials, "parallelism": 1, "maxRetries": 3}))
     out = tmp_path / "out"
     storage = open_storage(postgres_url)
     completed: dict[int, float] = {}
@@ -114,7 +116,7 @@ def test_runner_killed_three_times_mid_job_finishes_exactly_with_nothing_lost(
 
 def test_database_restarted_twice_mid_run_the_job_completes(postgres_server, postgres_url,
                                                             tmp_path):
-    name, max_trials = "restarted", 8
+    name, max_trials = "restarted", 6
     job = write_job(tmp_path / "job.yaml", _job(name, max_trials))
     out = tmp_path / "out"
     storage = open_storage(postgres_url)
