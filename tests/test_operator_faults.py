@@ -38,7 +38,6 @@ from test_operator import (  # noqa: F401 - fixtures
     create,
     eventually,
     operator,
-    patch,
     pods,
     run_trial,
     status,
