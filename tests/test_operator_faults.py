@@ -150,7 +150,7 @@ def _start_operator(kmock: KubeEmulator, workdir: Path, index: int) -> subproces
 @pytest.mark.timeout(900)
 async def test_operator_killed_three_times_mid_job_finishes_with_no_duplicate_pod(
         cluster, postgres_url, tmp_path):
-    name, max_trials = "survivor", 12
+    name, max_trials = "survivor", 30
     body = tuning_job(name, budget={"maxTrials": max_trials, "parallelism": 2, "maxRetries": 3},
                       storage={"heartbeatInterval": 1, "gracePeriod": 4},
                       ensemble={"enabled": False}, trainer=SLOWER_TRAINER)
