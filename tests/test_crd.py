@@ -86,7 +86,7 @@ def test_names_scope_and_version():
 def test_printer_columns():
     columns = {c["name"]: c for c in VERSION["additionalPrinterColumns"]}
     assert [c["name"] for c in VERSION["additionalPrinterColumns"]] == [
-        "Phase", "Trials", "Best", "Age", "Metric", "Running", "Pruned"]
+        "Phase", "Trials", "Best", "Age", "Metric", "Running", "Pruned", "Diagnosis"]
     expected = {
         "Phase": (".status.phase", "string", 0), "Trials": (".status.progress", "string", 0),
         "Best": (".status.best.value", "number", 0),
@@ -94,6 +94,7 @@ def test_printer_columns():
         "Metric": (".spec.objective.metric", "string", 1),
         "Running": (".status.trials.running", "integer", 1),
         "Pruned": (".status.trials.pruned", "integer", 1),
+        "Diagnosis": (".status.diagnosis.mostCommon", "string", 1),
     }
     nodes = dict(walk_schema(SCHEMA))
     for name, (path, kind, priority) in expected.items():
@@ -189,17 +190,19 @@ def test_every_default_is_valid_where_it_stands():
 def test_defaults_are_the_spec_models():
     """What the API server stores for an omitted section is what the spec model assumes."""
     job = cases.mutated({"spec.budget": DELETE, "spec.sampler": DELETE, "spec.pruning": DELETE,
-                         "spec.storage": DELETE, "spec.ensemble": DELETE})
+                         "spec.storage": DELETE, "spec.ensemble": DELETE,
+                         "spec.preflight": {}})
     stored = VALIDATOR.defaulted(job)
     model_spec = parse_job(job).to_dict()["spec"]
     # maxTrials has no CRD default: the spec model makes it 100, or the sum of the stages'
     assert "maxTrials" not in stored["spec"]["budget"]
     assert model_spec["budget"].pop("maxTrials") == 100
-    for section in ("budget", "sampler", "pruning", "storage", "ensemble"):
+    for section in ("budget", "sampler", "pruning", "storage", "ensemble", "preflight"):
         assert stored["spec"][section] == model_spec[section], section
     builtin = stored["spec"]["trainer"]["builtin"]
     assert builtin["split"] == model_spec["trainer"]["builtin"]["split"]
     assert builtin["epochs"] == model_spec["trainer"]["builtin"]["epochs"]
+    assert builtin["balance"] == model_spec["trainer"]["builtin"]["balance"] == "none"
 
 
 # ------------------------------------------------------------------------------ agreement
@@ -353,6 +356,13 @@ def _edge_cases() -> dict[str, dict[str, Any]]:
         "seed-null": {"spec.sampler.seed": None},
         "status-null": {"status": None},
         "status-not-a-mapping": {"status": "done"},
+        "preflight-samples-at-edges": {"spec.preflight": {"samples": 2, "steps": 10000}},
+        "preflight-samples-past-edges": {"spec.preflight": {"samples": 1000, "steps": 10001}},
+        "preflight-off": {"spec.preflight": {"enabled": False}},
+        "preflight-float-samples": {"spec.preflight": {"samples": 16.5}},
+        "balance-weighted-on-a-file": {synthetic: {"name": "file", "path": "x.csv"},
+                                       "spec.trainer.builtin.balance": "weighted"},
+        "balance-upper-case": {"spec.trainer.builtin.balance": "OVERSAMPLE"},
         "name-63": {"metadata.name": "a" * 63},
         "name-with-dot": {"metadata.name": "digits.mlp"},
         "template": {"spec.trainer.template": {

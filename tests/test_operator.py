@@ -293,6 +293,37 @@ async def test_invalid_spec_fails_without_pods_until_it_is_fixed(cluster, operat
     assert condition(st, "Failed") is None and st.get("completionTime") is None
 
 
+async def test_failed_preflight_fails_the_job_and_stops_its_workers(cluster, operator,
+                                                                    postgres_url, tmp_path):
+    from kubetune.job_study import load_job
+    from kubetune.preflight import ensure_verdict
+    from kubetune.storage import StudyLock
+
+    flat = tmp_path / "flat.csv"  # features that say nothing about the labels
+    flat.write_text("a,b,label\n" + "".join(f"1,2,{i % 2}\n" for i in range(60)))
+    body = tuning_job(trainer={"builtin": {"dataset": {"name": "file", "path": str(flat)},
+                                           "epochs": 2}})
+    await create(cluster, body)
+    await eventually(lambda: len(pods(cluster)) == 2, message="two worker pods")
+
+    study = study_of(postgres_url)  # play the first worker: it runs the preflight
+    lock = StudyLock(postgres_url, study.study_name)
+    try:
+        verdict = ensure_verdict(study, load_job(study), lock)
+    finally:
+        lock.close()
+    assert verdict["result"] == "failed"
+
+    st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster),
+                          message="phase Failed")
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "PreflightFailed" and "cannot fit" in failed["message"]
+    assert st["preflight"]["result"] == "failed" and st["trials"]["total"] == 0
+    await eventually(lambda: not pods(cluster), message="workers stopped")
+    await eventually(lambda: events(cluster, "PreflightFailed"), message="a Failed event")
+    assert len(pod_creations(cluster)) == 2  # none started after the verdict
+
+
 async def test_failed_worker_pod_is_replaced_and_its_trial_retried(cluster, operator,
                                                                     postgres_url):
     body = tuning_job(budget={"maxTrials": 6, "parallelism": 2})

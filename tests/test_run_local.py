@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
 
 STATUS_KEYS = {"name", "phase", "objective", "progress", "trials", "pruneReasons", "best",
-               "leaderboard", "conditions", "ensemble", "workers", "stage", "stages"}
+               "leaderboard", "conditions", "ensemble", "workers", "stage", "stages",
+               "preflight", "diagnosis"}
 
 
 def _study(out, name="default/fast") -> optuna.Study:
@@ -45,6 +46,8 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
     assert result["progress"] == "6/6"
     assert sum(result["pruneReasons"].values()) == trials["pruned"]
     assert result["ensemble"]["bestSingleTrial"] == result["best"]["trial"]  # on by default
+    assert result["preflight"]["result"] == "passed"
+    assert sum(result["diagnosis"]["counts"].values()) == trials["complete"] + trials["pruned"]
 
     study = _study(out)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -62,6 +65,7 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
     shown = kubetune("results", out)
     assert shown.returncode == 0
     assert "MaxTrialsReached" in shown.stdout and f"{best.value:.5g}" in shown.stdout
+    assert result["diagnosis"]["advice"] in " ".join(shown.stdout.split())
     assert json.loads(kubetune("results", out, "--json").stdout) == result
 
 
@@ -189,15 +193,21 @@ def test_diverging_trials_are_pruned_as_nan_or_diverged_and_never_store_nan(tmp_
         assert all(math.isfinite(v) for v in trial.intermediate_values.values())
 
 
-def test_bad_data_file_is_one_clear_error(tmp_path):
+def test_bad_data_file_fails_the_job_with_one_clear_preflight_error(tmp_path):
     bad = tmp_path / "data.csv"
-    bad.write_text("a,b,label\n1,2,x\n3,oops,y\n")
+    bad.write_text("a,b,label\n1,2,x\n3,nan,y\n")
     job = fast_job(trainer={"builtin": {"dataset": {"name": "file", "path": "data.csv"},
-                                        "epochs": 2}})
+                                        "epochs": 2}}, budget={"parallelism": 1})
     proc = kubetune("run", write_job(tmp_path / "job.yaml", job), "--output", tmp_path / "o")
 
-    assert proc.returncode == 2
-    assert "spec.trainer.builtin.dataset" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["phase"] == "Failed" and result["trials"]["total"] == 0
+    failed = next(c for c in result["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PreflightFailed"
+    assert failed["message"].startswith("spec.trainer.builtin.dataset: ")
+    assert "non-finite" in failed["message"] and "line 3" in failed["message"]
+    assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_second_runner_on_the_same_folder_is_refused(tmp_path):

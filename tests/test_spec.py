@@ -466,6 +466,24 @@ REJECTIONS = [
                           "spec.stages": [{"trials": 3}, {"trials": 2}],
                           "spec.sampler": {"type": "grid"}},
      "spec.stages", "grid sampler"),
+    # preflight and class imbalance (issue #9)
+    ("preflight-samples-one", {"spec.preflight": {"samples": 1}}, "spec.preflight.samples",
+     "must be >= 2"),
+    ("preflight-samples-too-many", {"spec.preflight": {"samples": 1001}},
+     "spec.preflight.samples", "must be <= 1000"),
+    ("preflight-steps-zero", {"spec.preflight": {"steps": 0}}, "spec.preflight.steps",
+     "must be >= 1"),
+    ("preflight-steps-string", {"spec.preflight": {"steps": "200"}}, "spec.preflight.steps",
+     "must be an integer"),
+    ("preflight-enabled-string", {"spec.preflight": {"enabled": "yes"}},
+     "spec.preflight.enabled", "must be a boolean, got str"),
+    ("preflight-unknown-field", {"spec.preflight": {"sample": 8}}, "spec.preflight.sample",
+     "did you mean 'samples'?"),
+    ("preflight-not-a-mapping", {"spec.preflight": True}, "spec.preflight", "must be"),
+    ("balance-unknown", {"spec.trainer.builtin.balance": "undersample"},
+     "spec.trainer.builtin.balance", "must be 'none', 'oversample' or 'weighted'"),
+    ("balance-bool", {"spec.trainer.builtin.balance": True}, "spec.trainer.builtin.balance",
+     "must be"),
 ]
 
 # ------------------------------------------------------------------------------ trainer kinds
@@ -732,6 +750,12 @@ VALID_VARIATIONS = [
      "spec.trainer.builtin.dataset": {"name": "synthetic", "classes": 3, "informative": 4}},
     {**STAGED, "spec.stages": [{"trials": 3, "data": {"classes": 50}}, {"trials": 2}],
      "spec.trainer.builtin.dataset": {"name": "file", "path": "data.csv"}},
+    {"spec.preflight": {"enabled": False}},
+    {"spec.preflight": {"samples": 2, "steps": 1}},
+    {"spec.preflight": {"enabled": True, "samples": 1000, "steps": 10000}},
+    {"spec.trainer.builtin.balance": "oversample"},
+    {"spec.trainer.builtin.balance": "weighted"},
+    {"spec.trainer.builtin.balance": "none"},
     # what `kubectl get -o yaml` adds must re-apply
     {"metadata.uid": "1234", "metadata.resourceVersion": "7", "status": {"phase": "Running"}},
 ]
@@ -821,6 +845,9 @@ def test_optional_sections_have_defaults():
     assert spec.pruning.pruner.type == "median"
     assert spec.ensemble.enabled is True and spec.ensemble.top_k == 5
     assert spec.storage.heartbeat_interval == 10 and spec.storage.grace_period == 60
+    assert (spec.preflight.enabled, spec.preflight.samples, spec.preflight.steps) == (
+        True, 16, 200)
+    assert spec.trainer.builtin.balance == "none"
 
 
 def test_param_defaults():

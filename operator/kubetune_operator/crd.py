@@ -897,6 +897,12 @@ def status_schema() -> dict[str, Any]:
         trials=_open_object("trial counts", **counts),
         best=_open_object("the best trial so far", trial={"type": "integer"},
                           value={"type": "number"}),
+        diagnosis=_open_object(
+            "what the finished trials' learning curves say (kubetune.diagnosis)",
+            mostCommon={"type": "string", "description": "the most common label: healthy, "
+                                                         "overfit, underfit, not-learning, "
+                                                         "diverged or unknown"},
+            advice={"type": "string", "description": "one line of advice for that label"}),
     )
 
 
@@ -933,6 +939,9 @@ PRINTER_COLUMNS = [
      "description": "trials running now"},
     {"name": "Pruned", "type": "integer", "jsonPath": ".status.trials.pruned", "priority": 1,
      "description": "trials stopped early"},
+    {"name": "Diagnosis", "type": "string", "jsonPath": ".status.diagnosis.mostCommon",
+     "priority": 1, "description": "the most common learning-curve label of the finished "
+                                   "trials"},
 ]
 
 

@@ -62,7 +62,7 @@ def status_from_cluster(namespace: str, name: str) -> dict[str, Any]:
 def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
     import optuna
 
-    from kubetune import budget
+    from kubetune import budget, preflight
     from kubetune.job_study import load_job
     from kubetune.search_space import effective_max_trials
     from kubetune.stage_study import stored_spaces
@@ -79,9 +79,11 @@ def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     counts = budget.count_trials(trials)
     # The storage knows the trials, not the pods: the phase is only known on the cluster.
-    return build_status(job, trials, counts, phase=RUNNING if counts.running else "Unknown",
-                        conditions=[], max_trials=effective_max_trials(job.spec),
-                        stage_spaces=stored_spaces(study) if job.spec.stages else None)
+    status = build_status(job, trials, counts, phase=RUNNING if counts.running else "Unknown",
+                          conditions=[], max_trials=effective_max_trials(job.spec),
+                          stage_spaces=stored_spaces(study) if job.spec.stages else None)
+    status["preflight"] = preflight.status_view(study.user_attrs)
+    return status
 
 
 def print_status(status: dict[str, Any]) -> None:

@@ -5,6 +5,9 @@ workers (local processes for ``kubetune run``, pods for the operator). ``reconci
 over and over; it keeps no state between calls beyond what it writes into the status, so a
 restarted runner or operator carries on where the last one stopped.
 
+A failed preflight (see ``kubetune.preflight``; a study user attribute written by the first
+worker) ends the job at once: phase ``Failed``, reason ``PreflightFailed``, no more workers.
+
 When the search succeeds and ``spec.ensemble.enabled``, the job goes through phase
 ``Ensembling``: the core starts the ensemble worker once (``launcher.start_ensemble``), tracks
 it in ``status.workers.ensemble``, waits for it, copies the result the step stored in the study
@@ -25,7 +28,7 @@ import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from kubetune import budget
+from kubetune import budget, preflight
 from kubetune.ensemble import ENSEMBLE_ATTR, describe, is_reusable, status_view
 from kubetune.job_study import started_at
 from kubetune.search_space import effective_max_trials
@@ -114,6 +117,12 @@ class JobCore:
 
     def reconcile(self, previous: dict[str, Any] | None = None) -> Outcome:
         previous = previous or {}
+        attrs = self.study.user_attrs
+        outcome = self._reconcile(previous, attrs)
+        outcome.status["preflight"] = preflight.status_view(attrs)
+        return outcome
+
+    def _reconcile(self, previous: dict[str, Any], attrs: dict[str, Any]) -> Outcome:
         spec = self.job.spec
         now = self.clock()
         fail_stale_trials(self.study)
@@ -133,9 +142,14 @@ class JobCore:
             self.launcher.forget_worker(worker.id)
         alive = [w for w in workers if w.running]
         best = budget.best_value(trials, spec.objective.resolved_direction)
-        reason = budget.stop_reason(spec, counts, best, started_at(self.study), now)
+        reason = budget.stop_reason(spec, counts, best, started_at(attrs), now)
         max_trials = effective_max_trials(spec)
 
+        failed_check = preflight.failed_verdict(attrs)
+        if failed_check is not None:
+            self.launcher.stop_all()
+            return self._finish(trials, counts, previous, max_trials, FAILED,
+                                preflight.PREFLIGHT_FAILED, failed_check["message"])
         if crashes > MAX_CONSECUTIVE_CRASHES and tracking is None:
             self.launcher.stop_all()
             tail = next((w.log_tail for w in reversed(exited) if w.exit_code), "")

@@ -429,7 +429,7 @@ def _retrain(job: TuningJob, reader: ArtifactReader, best: FrozenTrial, y_val: n
     members = []
     for i in range(1, job.spec.ensemble.seeds):
         seed = builtin.seed + best.number + i * SEED_STRIDE
-        result = train(params, data, seed=seed, device=builtin.device)
+        result = train(params, data, seed=seed, device=builtin.device, balance=builtin.balance)
         member = Member(best.number, result.val_proba, result.test_proba, seed=seed,
                         load=lambda model=result.model: (model.state_dict(), params))
         if _finite(member):

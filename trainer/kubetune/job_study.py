@@ -7,11 +7,13 @@ attribute of the study, so a worker pod needs no Kubernetes access to learn what
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
 
+from kubetune.preflight import PREFLIGHT_ATTR
 from kubetune.spec import SpecError, TuningJob, Problem
 
 JOB_ATTR = "kubetune:job"
@@ -23,7 +25,11 @@ class StudyMismatch(ValueError):
 
 
 def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
-    """Create the job's study, or reopen it to continue; refuse a changed objective."""
+    """Create the job's study, or reopen it to continue; refuse a changed objective.
+
+    A start clears the preflight verdict of an earlier start: the data may have been fixed
+    since, so the first worker checks it again (see ``kubetune.preflight``).
+    """
     direction = job.spec.objective.resolved_direction
     study = optuna.create_study(study_name=job.study_name, storage=storage,
                                 direction=direction, load_if_exists=True)
@@ -39,6 +45,8 @@ def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
     else:
         study.set_user_attr(STARTED_ATTR, time.time())
     study.set_user_attr(JOB_ATTR, job.to_dict())
+    if study.user_attrs.get(PREFLIGHT_ATTR) is not None:
+        study.set_user_attr(PREFLIGHT_ATTR, None)
     return study
 
 
@@ -49,6 +57,8 @@ def load_job(study: optuna.Study) -> TuningJob:
     return TuningJob.model_validate(data)
 
 
-def started_at(study: optuna.Study) -> float:
-    value: Any = study.user_attrs.get(STARTED_ATTR)
+def started_at(study: optuna.Study | Mapping[str, Any]) -> float:
+    """When the job first started: from the study, or from user attrs already read."""
+    attrs = study if isinstance(study, Mapping) else study.user_attrs
+    value: Any = attrs.get(STARTED_ATTR)
     return float(value) if value is not None else time.time()

@@ -16,6 +16,7 @@ INITS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "orthogon
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adadelta", "adagrad")
 REPORTED_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1")
 LOSS_METRICS = ("train_loss", "val_loss")
+BALANCE_MODES = ("none", "oversample", "weighted")  # trainer.builtin.balance
 
 
 @dataclass(frozen=True)

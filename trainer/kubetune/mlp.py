@@ -20,6 +20,7 @@ from torch import nn
 from kubetune.data import Dataset
 from kubetune.knobs import (  # names and defaults shared with the torch-free spec model
     ACTIVATIONS,
+    BALANCE_MODES,
     DEFAULT_PARAMS,
     INITS,
     OPTIMIZERS,
@@ -27,7 +28,8 @@ from kubetune.knobs import (  # names and defaults shared with the torch-free sp
 )
 
 __all__ = ["ACTIVATIONS", "DEFAULT_PARAMS", "INITS", "OPTIMIZERS", "REPORTED_METRICS",
-           "TrainResult", "build_mlp", "make_optimizer", "predict_proba", "train"]
+           "TrainResult", "build_mlp", "class_weights", "epoch_order", "make_optimizer",
+           "predict_proba", "train"]
 
 EVAL_BATCH_ROWS = 4096
 _LEAKY_SLOPE = 0.01  # nn.LeakyReLU's default, mirrored in the he_* gain
@@ -153,8 +155,14 @@ def train(
     device: str = "auto",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_snapshot: Callable[[int, nn.Module], None] | None = None,
+    balance: str = "none",
 ) -> TrainResult:
     """Train the MLP on `data`, calling `on_epoch(epoch, metrics)` after each 1-based epoch.
+
+    `balance` handles class imbalance (``trainer.builtin.balance``): "oversample" draws each
+    epoch's rows class-balanced (see `epoch_order`), "weighted" weights the training loss by
+    inverse class frequency (see `class_weights`). train_loss and train_accuracy are measured
+    on what the model trains on; the validation metrics are always unweighted.
 
     Exceptions from `on_epoch` (e.g. optuna.TrialPruned) propagate unchanged. `on_snapshot(epoch,
     model)`, when given, is called after `on_epoch` with the model as it is at that epoch, for
@@ -162,11 +170,13 @@ def train(
     change its weights. Training then goes on exactly as without it.
     """
     p = resolve_params(params)
+    _check_choice("balance", balance, BALANCE_MODES)
     dev = resolve_device(device)
     cuda_devices = [torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)  # dropout draws from the global RNG; fork_rng keeps the caller's intact
-        return _train(p, data, seed=seed, dev=dev, on_epoch=on_epoch, on_snapshot=on_snapshot)
+        return _train(p, data, seed=seed, dev=dev, on_epoch=on_epoch, on_snapshot=on_snapshot,
+                      balance=balance)
 
 
 def _train(
@@ -177,6 +187,7 @@ def _train(
     dev: torch.device,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
     on_snapshot: Callable[[int, nn.Module], None] | None = None,
+    balance: str = "none",
 ) -> TrainResult:
     """The epoch loop of `train`, run with seeded RNG state."""
     generator = torch.Generator().manual_seed(seed)
@@ -187,10 +198,16 @@ def _train(
     scheduler = _make_scheduler(optimizer, int(p["lr_halving_patience"]))
     X_train, y_train = _to_tensors(data.X_train, data.y_train, dev)
     X_val, y_val = _to_tensors(data.X_val, data.y_val, dev)
+    weight = None
+    if balance == "weighted":
+        weight = torch.tensor(class_weights(data.y_train, data.n_classes), dtype=torch.float32, device=dev)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    oversample = balance == "oversample"
     history: list[dict[str, float]] = []
     for epoch in range(1, int(p["epochs"]) + 1):
+        order = epoch_order(y_train, generator, balanced=oversample)
         train_loss, train_accuracy = _train_epoch(
-            model, optimizer, X_train, y_train, int(p["batch_size"]), float(p["grad_clip"]), generator
+            model, optimizer, X_train, y_train, order, int(p["batch_size"]), float(p["grad_clip"]), loss_fn
         )
         metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy, **_evaluate(model, X_val, y_val)}
         if scheduler is not None:
@@ -219,19 +236,57 @@ def _to_tensors(X: np.ndarray, y: np.ndarray, dev: torch.device) -> tuple[torch.
     return torch.tensor(X, dtype=torch.float32, device=dev), torch.tensor(y, dtype=torch.long, device=dev)
 
 
-def _batch_indices(n: int, batch_size: int, generator: torch.Generator, dev: torch.device) -> Iterator[torch.Tensor]:
-    """Yield a fresh random permutation in batches, keeping the last partial batch.
+def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Inverse-frequency class weights ``n / (K * count_c)`` (scikit-learn's "balanced").
+
+    Every class then weighs as much in the loss as a perfectly balanced dataset would give it;
+    on balanced data all weights are 1. A class absent from `y` gets weight 0.
+    """
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    weights = np.zeros(n_classes)
+    present = counts > 0
+    weights[present] = len(y) / (int(present.sum()) * counts[present])
+    return weights
+
+
+def epoch_order(y: torch.Tensor, generator: torch.Generator, *, balanced: bool = False) -> torch.Tensor:
+    """The rows one epoch trains on, in order: a random permutation of all rows, or, with
+    `balanced`, class-balanced batches.
+
+    Balanced: every class gets the same number of draws, ceil(n / K) for n rows and K classes
+    (minority rows repeated, majority rows subsampled afresh each epoch); the draws of each
+    class are shuffled and the classes interleaved, so any run of K consecutive rows holds one
+    row of every class and a batch of B rows holds B / K rows of each class (give or take one).
+    """
+    n = len(y)
+    if not balanced:
+        return torch.randperm(n, generator=generator).to(y.device)
+    y_cpu = y.cpu()
+    classes = [torch.nonzero(y_cpu == c).flatten() for c in torch.unique(y_cpu)]
+    per_class = -(-n // len(classes))
+    picked = []
+    for rows in classes:
+        # whole shuffled passes over the class, cut to size: within a class, no row is drawn
+        # more than once more often than another
+        passes = -(-per_class // len(rows))
+        draws = torch.cat([rows[torch.randperm(len(rows), generator=generator)] for _ in range(passes)])
+        picked.append(draws[:per_class])
+    return torch.stack(picked, dim=1).flatten().to(y.device)
+
+
+def _batch_indices(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Yield `order` in batches, keeping the last partial batch.
 
     A trailing batch of one row is merged into the previous one: BatchNorm cannot
     normalize a single sample in training mode.
     """
-    perm = torch.randperm(n, generator=generator).to(dev)
+    n = len(order)
     starts = list(range(0, n, batch_size))
     if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else n
-        yield perm[start:end]
+        yield order[start:end]
 
 
 def _train_epoch(
@@ -239,21 +294,22 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     X: torch.Tensor,
     y: torch.Tensor,
+    order: torch.Tensor,
     batch_size: int,
     grad_clip: float,
-    generator: torch.Generator,
+    loss_fn: nn.Module,
 ) -> tuple[float, float]:
-    """Run one shuffled epoch; return (mean batch loss, accuracy of the epoch's predictions).
+    """Run one epoch over the rows in `order`; return (mean batch loss, accuracy of the
+    epoch's predictions).
 
     A non-finite batch loss ends the epoch at once, without a step, and the
     epoch's loss is reported as NaN.
     """
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
     losses: list[float] = []
     correct = torch.zeros((), dtype=torch.long, device=X.device)
     seen = 0
-    for idx in _batch_indices(len(X), batch_size, generator, X.device):
+    for idx in _batch_indices(order, batch_size):
         logits = model(X[idx])
         loss = loss_fn(logits, y[idx])
         correct += (logits.argmax(dim=1) == y[idx]).sum()

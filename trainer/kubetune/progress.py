@@ -26,6 +26,7 @@ class ProgressView:
         self._task: Any = None
         self._last_line = ("", 0.0)
         self._last_phase = ""
+        self._preflight_told = False
 
     # ------------------------------------------------------------------ lifecycle
     def intro(self, *, storage: str, output: Path, workers: int, resumed: int,
@@ -60,6 +61,7 @@ class ProgressView:
 
     # ------------------------------------------------------------------ updates
     def update(self, status: dict[str, Any]) -> None:
+        self._tell_preflight(status.get("preflight"))
         done, _, total = status["progress"].partition("/")
         detail = self._detail(status)
         ensembling = status.get("phase") == "Ensembling"
@@ -75,6 +77,15 @@ class ProgressView:
                 self._console.print(line)
                 self._last_line = (line, time.monotonic())
         self._last_phase = status.get("phase", "")
+
+    def _tell_preflight(self, preflight: dict[str, Any] | None) -> None:
+        """One line once the first worker has run the preflight; a failure is told by the
+        summary at the end."""
+        if self._quiet or self._preflight_told or not preflight:
+            return
+        self._preflight_told = True
+        if preflight.get("result") != "failed":
+            self._console.print(f"preflight {preflight['result']}: {preflight['message']}")
 
     def _detail(self, status: dict[str, Any]) -> str:
         trials = status["trials"]
@@ -100,9 +111,10 @@ class ProgressView:
 
 
 def print_summary(status: dict[str, Any], console: Console | None = None) -> None:
-    """Leaderboard, how the job ended and why trials were pruned."""
+    """Leaderboard, how the job ended, why trials were pruned and what their curves say."""
     console = console or Console(highlight=False)
-    console.print(leaderboard_table(status))
+    if status.get("leaderboard"):
+        console.print(leaderboard_table(status))
     for cond in status.get("conditions", []):
         if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
             console.print(f"[bold]{status['phase']}[/] ({cond['reason']}): {cond['message']}")
@@ -110,6 +122,10 @@ def print_summary(status: dict[str, Any], console: Console | None = None) -> Non
     if reasons:
         console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
     _print_stages(status, console)
+    diagnosis = status.get("diagnosis")
+    if diagnosis:
+        counts = ", ".join(f"{k} {v}" for k, v in diagnosis["counts"].items())
+        console.print(f"diagnosis: {counts}\n  advice: {diagnosis['advice']}")
     _print_ensemble(status, console)
 
 

@@ -35,7 +35,8 @@ MAX_OUTAGE_POLL_S = 10.0
 
 
 class RunError(Exception):
-    """The run cannot start (bad data, busy folder, incompatible study): exit code 2."""
+    """The run cannot start (busy folder, incompatible study): exit code 2. Bad data fails the
+    job instead, with reason PreflightFailed (exit code 1)."""
 
 
 @dataclass
@@ -67,7 +68,8 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
                     .resolve())
     workers = options.workers or job.spec.budget.parallelism
     code = [str(Path(c).resolve()) for c in options.code]
-    _check_data(job, code)
+    if not job.spec.trainer.is_builtin:
+        _check_code(job, code)  # the built-in trainer's data is checked by the preflight
     spec = job.spec
     if workers != spec.budget.parallelism:  # before storing: workers read it from the study
         job = job.model_copy(update={"spec": spec.model_copy(update={
@@ -256,21 +258,6 @@ def _lock_folder(out: Path) -> Any:
         raise RunError(f"another kubetune run is using {out}; wait for it or pick another "
                        "--output") from None
     return handle
-
-
-def _check_data(job: TuningJob, code: list[str]) -> None:
-    """Load the data (or find the code) once up front so a bad file is one clear error, not
-    crashing workers or failing trials."""
-    from kubetune.data import DataError
-    from kubetune.worker import load_data
-
-    if not job.spec.trainer.is_builtin:
-        _check_code(job, code)
-        return
-    try:
-        load_data(job)
-    except DataError as err:
-        raise RunError(f"spec.trainer.builtin.dataset: {err}") from None
 
 
 def _check_code(job: TuningJob, code: list[str]) -> None:

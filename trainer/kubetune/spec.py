@@ -382,6 +382,10 @@ class Builtin(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: StrictInt = 0
+    balance: Literal["none", "oversample", "weighted"] = Field(
+        default="none", description="class imbalance: none; oversample (class-balanced "
+                                    "batches); weighted (inverse-frequency class weights in "
+                                    "the training loss)")
 
     @model_validator(mode="after")
     def _check(self) -> Builtin:
@@ -515,6 +519,17 @@ class Ensemble(_Model):
         description="models of the best configuration, the best trial included (members: seeds)")
 
 
+class Preflight(_Model):
+    enabled: StrictBool = Field(
+        default=True, description="before the search, check that the model can fit a tiny "
+                                  "subset of the training data (the data checks always run)")
+    samples: StrictInt = Field(
+        default=16, ge=2, le=1000,
+        description="training rows of the tiny subset (at least one per class)")
+    steps: StrictInt = Field(
+        default=200, ge=1, le=10000, description="full-batch optimizer steps on the subset")
+
+
 class Cleanup(_Model):
     delete_study: StrictBool = Field(
         default=False, description="delete the Optuna study when the TuningJob is deleted "
@@ -568,6 +583,7 @@ class JobSpec(_Model):
     storage: Storage = Storage()
     artifacts: Artifacts = Artifacts()
     ensemble: Ensemble = Ensemble()
+    preflight: Preflight = Preflight()
     cleanup: Cleanup = Cleanup()
     stages: list[Stage] | None = Field(
         default=None, min_length=1, max_length=MAX_STAGES,

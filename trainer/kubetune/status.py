@@ -1,7 +1,8 @@
 """The TuningJob status (and local result.json): small, bounded, recomputable from the study.
 
 Trial history stays in Optuna storage; the status only counts trials and keeps the top ten,
-so its size does not grow with the number of trials.
+so its size does not grow with the number of trials. ``diagnosis`` counts the finished trials'
+learning-curve labels (``kubetune.diagnosis``) and gives one line of advice.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from kubetune import diagnosis
 from kubetune.budget import TrialCounts
 from kubetune.spec import TuningJob
 from kubetune.stages import is_full_fidelity
-from kubetune.trial_run import PRUNE_REASON_ATTR
+from kubetune.trial_run import HISTORY_ATTR, PRUNE_REASON_ATTR
 
 LEADERBOARD_SIZE = 10
+DIAGNOSIS_CACHE_SIZE = 100_000
 
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 ENSEMBLING = "Ensembling"  # the search is over; the ensemble step runs (then Succeeded)
@@ -94,7 +97,34 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
         "conditions": merge_conditions(previous.get("conditions"), conditions),
         "ensemble": previous.get("ensemble"),
         **dict(zip(("stage", "stages"), status_view(job.spec, trials, stage_spaces or {}))),
+        "diagnosis": _diagnosis(trials),
     }
+
+
+def _diagnosis(trials: list[FrozenTrial]) -> dict[str, Any] | None:
+    """The labels of the finished trials: the full-fidelity ones once there are any (a reduced
+    stage trains fewer epochs or on less data, and looks underfit by design)."""
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    full = [t for t in finished if is_full_fidelity(t)]
+    return diagnosis.summarize(trial_label(t) for t in (full or finished))
+
+
+# A finished trial's history never changes: its label is computed once per process (the
+# runner or operator rebuilds the status every few seconds, over every trial of the study).
+_labels: dict[tuple[Any, ...], str] = {}
+
+
+def trial_label(trial: FrozenTrial) -> str:
+    """The diagnosis of a finished trial (``kubetune.diagnosis``), cached by trial."""
+    key = (trial._trial_id, trial.number, trial.datetime_start)
+    label = _labels.get(key)
+    if label is None:
+        label = diagnosis.diagnose(trial.user_attrs.get(HISTORY_ATTR),
+                                   prune_reason=trial.user_attrs.get(PRUNE_REASON_ATTR))
+        if len(_labels) >= DIAGNOSIS_CACHE_SIZE:
+            _labels.clear()
+        _labels[key] = label
+    return label
 
 
 def _entry(trial: FrozenTrial) -> dict[str, Any]:

@@ -260,6 +260,8 @@ def run_builtin(context: TrialContext) -> Outcome:
     if spec.ensemble.enabled and spec.ensemble.members == "snapshots":
         snapshots = Snapshots(snapshot_epochs(int(params.get("epochs", 0))), data)
         extra["on_snapshot"] = snapshots
+    if builtin.balance != "none":
+        extra["balance"] = builtin.balance
     result = train(params, data, seed=builtin.seed + context.trial.number, device=builtin.device,
                    on_epoch=context.reporter.report, **extra)
     files = save_artifacts(context.trial, result, data, context.scratch, params=params,

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from kubetune import budget
 from kubetune.job_study import load_job, started_at
+from kubetune.preflight import FAILED, ensure_verdict
 from kubetune.search_space import make_pruner, make_sampler, worker_seed
 from kubetune.stage_study import StageAsker, mark_new_trial, stage_for_new_trial, stage_of
 from kubetune.storage import StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna
@@ -81,7 +82,16 @@ def run_worker(options: WorkerOptions) -> int:
         import torch
 
         torch.set_num_threads(options.threads)
-    load_data(job)  # a bad file fails here, before any trial
+    # Workers started together wait here while the first runs the preflight: they import
+    # torch before, not after, so that none starts the search seconds after the first.
+    lock = StudyLock(options.storage, options.study, retry_for=retry_for)
+    verdict = ensure_verdict(study, job, lock)
+    if verdict["result"] == FAILED:  # the job core fails the job; nothing to run
+        log.error("worker %s: preflight failed, no trial runs: %s", options.worker_id,
+                  verdict["message"])
+        lock.close()
+        return 0
+    load_data(job)  # loaded once per process (cached) before the first trial
     workdir = Path(options.code[0]).resolve() if options.code else Path.cwd()
     if not spec.trainer.is_builtin:
         from kubetune.sdk import add_code_paths
@@ -89,7 +99,6 @@ def run_worker(options: WorkerOptions) -> int:
         add_code_paths(options.code or [workdir])
     store = make_artifact_store(options.artifacts)
     stages = StageAsker(study, job.spec, sampler)
-    lock = StudyLock(options.storage, options.study, retry_for=retry_for)
     start = started_at(study)
     deadline = start + spec.budget.timeout_seconds if spec.budget.timeout_seconds else None
     _stop_on_sigterm()

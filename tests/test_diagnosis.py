@@ -1,0 +1,171 @@
+"""Diagnosis: learning curves read like a practitioner reads them, one label per finished trial."""
+
+from __future__ import annotations
+
+import pytest
+from optuna.storages import InMemoryStorage
+from optuna.trial import TrialState
+
+from conftest import fast_job
+from kubetune import budget, status as status_module
+from kubetune.diagnosis import (
+    DIVERGED,
+    HEALTHY,
+    NOT_LEARNING,
+    OVERFIT,
+    UNDERFIT,
+    UNKNOWN,
+    diagnose,
+    summarize,
+)
+from kubetune.job_study import create_or_load_study
+from kubetune.search_space import to_distributions
+from kubetune.spec import parse_job
+from kubetune.status import build_status
+
+
+def curve(train_loss, val_loss=None, train_accuracy=None, val_accuracy=None):
+    """A history as the built-in trainer writes it, from per-epoch lists (None: not reported)."""
+    columns = {"train_loss": train_loss, "val_loss": val_loss,
+               "train_accuracy": train_accuracy, "val_accuracy": val_accuracy}
+    epochs = len(train_loss)
+    return [{"epoch": i + 1, **{name: values[i] for name, values in columns.items()
+                                if values is not None}} for i in range(epochs)]
+
+
+HEALTHY_CURVE = curve([1.2, 0.6, 0.35, 0.3], [1.1, 0.62, 0.4, 0.38],
+                      [0.6, 0.85, 0.92, 0.94], [0.62, 0.84, 0.9, 0.91])
+CURVES = {
+    "healthy": (HEALTHY_CURVE, None, HEALTHY),
+    "overfit-by-accuracy-gap": (
+        curve([1.0, 0.3, 0.05, 0.01], [1.0, 0.6, 0.7, 0.8],
+              [0.7, 0.92, 0.99, 1.0], [0.68, 0.8, 0.8, 0.79]), None, OVERFIT),
+    "overfit-by-rising-val-loss": (
+        curve([1.0, 0.5, 0.3, 0.2, 0.1], [1.0, 0.55, 0.5, 0.58, 0.7],
+              [0.7, 0.85, 0.9, 0.92, 0.95], [0.7, 0.84, 0.87, 0.87, 0.86]), None, OVERFIT),
+    "overfit-from-losses-alone": (
+        curve([1.0, 0.5, 0.3, 0.2], [1.0, 0.6, 0.75, 0.9]), None, OVERFIT),
+    "underfit": (
+        curve([2.3, 1.9, 1.7, 1.6], [2.3, 1.9, 1.75, 1.65],
+              [0.2, 0.4, 0.5, 0.55], [0.2, 0.38, 0.48, 0.52]), None, UNDERFIT),
+    "underfit-with-a-gap": (  # low training score: underfit first, whatever the gap
+        curve([2.3, 1.9, 1.7], [2.3, 2.0, 1.9], [0.3, 0.5, 0.7], [0.3, 0.4, 0.5]), None,
+        UNDERFIT),
+    "not-learning": (
+        curve([2.303, 2.301, 2.302, 2.300], [2.302, 2.302, 2.303, 2.302],
+              [0.1, 0.11, 0.1, 0.1], [0.1, 0.09, 0.1, 0.1]), None, NOT_LEARNING),
+    "not-learning-losses-only": (curve([0.69, 0.69, 0.691]), None, NOT_LEARNING),
+    "fast-learner-is-not-flat": (  # learned in epoch 1, then plateaued: high score, healthy
+        curve([0.3, 0.29, 0.29], [0.3, 0.3, 0.3], [0.95, 0.95, 0.96], [0.94, 0.94, 0.94]),
+        None, HEALTHY),
+    "diverged-pruned-nan": (HEALTHY_CURVE[:2], "nan", DIVERGED),
+    "diverged-pruned-by-the-guard": (HEALTHY_CURVE[:2], "diverged", DIVERGED),
+    "diverged-nan-in-history": (
+        curve([1.0, "nan"], [1.0, "nan"], [0.5, 0.1], [0.5, 0.1]), None, DIVERGED),
+    "diverged-loss-blew-up": (  # pruning off: the trial completed with an exploding loss
+        curve([1.0, 5.0, 40.0], [1.0, 6.0, 50.0], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]), None,
+        DIVERGED),
+    "pruned-by-the-pruner-read-from-its-curve": (
+        curve([2.3, 2.0], [2.3, 2.1], [0.2, 0.35], [0.2, 0.3]), "pruner", UNDERFIT),
+    "no-history": ([], None, UNKNOWN),
+    "no-metric-it-can-read": ([{"epoch": 1, "reward": 3.0}, {"epoch": 2, "reward": 5.0}],
+                              None, UNKNOWN),
+    "training-score-but-no-validation-score": (
+        curve([1.0, 0.5, 0.3], train_accuracy=[0.8, 0.9, 0.95]), None, UNKNOWN),
+    "score-not-in-0-1-is-ignored": (
+        curve([1.0, 0.5, 0.3], [1.0, 0.6, 0.5], [80.0, 90.0, 95.0], [80.0, 85.0, 88.0]),
+        None, UNKNOWN),
+}
+
+
+@pytest.mark.parametrize("name", list(CURVES))
+def test_each_curve_gets_its_label(name):
+    history, prune_reason, label = CURVES[name]
+    assert diagnose(history, prune_reason=prune_reason) == label
+
+
+def test_a_custom_trainers_f1_scores_are_read_like_accuracy():
+    history = [{"epoch": 1, "train_f1": 0.9, "val_f1": 0.6},
+               {"epoch": 2, "train_f1": 0.99, "val_f1": 0.62}]
+    assert diagnose(history) == OVERFIT
+
+
+def test_summary_counts_labels_and_advises_on_the_most_common():
+    summary = summarize([OVERFIT, OVERFIT, HEALTHY, DIVERGED, OVERFIT])
+    assert summary["counts"] == {DIVERGED: 1, OVERFIT: 3, HEALTHY: 1}
+    assert summary["mostCommon"] == OVERFIT
+    assert summary["advice"] == ("3 of 5 trials overfit: raise weight_decay or dropout, shrink "
+                                 "the network, or stop earlier")
+    assert summarize([]) is None
+    tie = summarize([HEALTHY, DIVERGED])  # a tie names the label whose fix comes first
+    assert tie["mostCommon"] == DIVERGED and tie["advice"].startswith("1 of 2 trials diverged")
+    assert summarize([UNDERFIT])["advice"].startswith("the trial underfits: use a bigger network")
+    assert "learning rate" in summarize([NOT_LEARNING])["advice"]
+
+
+def test_status_summarises_the_finished_trials_and_caches_their_labels(monkeypatch):
+    job = parse_job(fast_job())
+    study = create_or_load_study(InMemoryStorage(), job)
+    distributions = to_distributions(job.spec.search_space)
+    for name in ("overfit-by-accuracy-gap", "overfit-from-losses-alone", "healthy",
+                 "diverged-pruned-nan"):
+        history, reason, _ = CURVES[name]
+        trial = study.ask(fixed_distributions=distributions)
+        trial.set_user_attr("history", history)
+        if reason:
+            trial.set_user_attr("prune_reason", reason)
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, 0.8)
+    running = study.ask(fixed_distributions=distributions)
+    running.set_user_attr("history", CURVES["underfit"][0])  # not finished: not counted
+
+    def status():
+        trials = study.get_trials(deepcopy=False)
+        return build_status(job, trials, budget.count_trials(trials), phase="Running",
+                            conditions=[])
+
+    diagnosis = status()["diagnosis"]
+    assert diagnosis["counts"] == {DIVERGED: 1, OVERFIT: 2, HEALTHY: 1}
+    assert diagnosis["advice"].startswith("2 of 4 trials overfit")
+
+    cached = dict(status_module._labels)
+    assert len([key for key in cached if key[0] in {t._trial_id for t in study.trials}]) == 4
+    calls = []
+    original = status_module.diagnosis.diagnose
+    monkeypatch.setattr(status_module.diagnosis, "diagnose",
+                        lambda *a, **k: calls.append(a) or original(*a, **k))
+    assert status()["diagnosis"] == diagnosis
+    assert calls == []  # finished trials are read from the cache, not diagnosed again
+
+
+def test_no_finished_trial_means_no_diagnosis():
+    job = parse_job(fast_job())
+    study = create_or_load_study(InMemoryStorage(), job)
+    trials = study.get_trials(deepcopy=False)
+    status = build_status(job, trials, budget.count_trials(trials), phase="Pending",
+                          conditions=[])
+    assert status["diagnosis"] is None
+
+
+def test_with_stages_the_summary_reads_the_full_fidelity_trials_once_there_are_any():
+    job = parse_job(fast_job())
+    study = create_or_load_study(InMemoryStorage(), job)
+    distributions = to_distributions(job.spec.search_space)
+
+    def finish(curve_name, fidelity):
+        trial = study.ask(fixed_distributions=distributions)
+        trial.set_user_attr("history", CURVES[curve_name][0])
+        trial.set_user_attr("fidelity", fidelity)
+        study.tell(trial, 0.5)
+
+    def summary():
+        trials = study.get_trials(deepcopy=False)
+        return build_status(job, trials, budget.count_trials(trials), phase="Running",
+                            conditions=[])["diagnosis"]
+
+    for _ in range(3):
+        finish("underfit", "reduced")  # a coarse stage: few epochs on a subsample
+    assert summary()["counts"] == {UNDERFIT: 3}  # all there is, so far
+    finish("healthy", "full")
+    assert summary()["counts"] == {HEALTHY: 1}
