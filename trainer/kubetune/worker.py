@@ -13,6 +13,7 @@ trial whose worker died is failed by whichever worker next notices it is stale, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -82,8 +83,11 @@ def run_worker(options: WorkerOptions) -> int:
         import torch
 
         torch.set_num_threads(options.threads)
-    # Workers started together wait here while the first runs the preflight: they import
-    # torch before, not after, so that none starts the search seconds after the first.
+    # Workers started together wait here while the first runs the preflight. They import
+    # torch and load the data (cached per process) before, not after, so that none starts
+    # the search seconds after the first; bad data is the preflight's to report.
+    with contextlib.suppress(Exception):
+        load_data(job)
     lock = StudyLock(options.storage, options.study, retry_for=retry_for)
     verdict = ensure_verdict(study, job, lock)
     if verdict["result"] == FAILED:  # the job core fails the job; nothing to run
@@ -91,7 +95,6 @@ def run_worker(options: WorkerOptions) -> int:
                   verdict["message"])
         lock.close()
         return 0
-    load_data(job)  # loaded once per process (cached) before the first trial
     workdir = Path(options.code[0]).resolve() if options.code else Path.cwd()
     if not spec.trainer.is_builtin:
         from kubetune.sdk import add_code_paths
