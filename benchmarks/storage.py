@@ -245,7 +245,8 @@ def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
 
     from kubetune import budget
     from kubetune.job_study import load_job, started_at
-    from kubetune.search_space import make_pruner, make_sampler, to_distributions, worker_seed
+    from kubetune.search_space import make_pruner, make_sampler, worker_seed
+    from kubetune.stage_study import StageAsker
     from kubetune.storage import (
         StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna,
     )
@@ -259,13 +260,16 @@ def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
                            if is_rdb(url) else None,
                            grace_period=spec.storage.grace_period,
                            max_retries=spec.budget.max_retries)
-    study = optuna.load_study(
-        study_name=study_name, storage=storage,
-        sampler=make_sampler(spec, seed=worker_seed(spec.sampler.seed, worker_id),
-                             parallel=spec.budget.parallelism > 1),
-        pruner=make_pruner(spec))
+    seed = worker_seed(spec.sampler.seed, worker_id)
+
+    def sampler(stage: int = 0) -> optuna.samplers.BaseSampler:
+        return make_sampler(spec, seed=None if seed is None else seed + stage,
+                            parallel=spec.budget.parallelism > 1)
+
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler(),
+                              pruner=make_pruner(spec))
     store = make_artifact_store(artifacts)
-    distributions = to_distributions(spec.search_space)
+    stages = StageAsker(study, spec, sampler)
     lock = StudyLock(url, study_name)
     start = started_at(study)
     options = WorkerOptions(storage=url, study=study_name, worker_id=worker_id,
@@ -278,7 +282,7 @@ def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
     try:
         while True:
             t0 = time.perf_counter()
-            trial, counts, reason = _next_trial(study, job, lock, distributions, start, options)
+            trial, counts, reason = _next_trial(study, job, lock, stages, start, options)
             if trial is None:
                 if counts.running == 0 or reason == budget.TOO_MANY_FAILED:
                     break
@@ -286,7 +290,7 @@ def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
                 continue
             choose.append(time.perf_counter() - t0)
             with _heartbeat(storage, trial._trial_id):
-                run_trial(study, trial, job, trainer.data, store, train=trainer)
+                run_trial(trial.study, trial, job, trainer.data, store, train=trainer)
             done += 1
             end = time.time()
     finally:
