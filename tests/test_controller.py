@@ -7,6 +7,7 @@ stands in for it so each decision can be checked without waiting for real worker
 from __future__ import annotations
 
 import json
+import time
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -132,6 +133,29 @@ def test_trial_of_an_exited_worker_is_failed_and_queued_again():
     assert status["trials"]["failed"] == 0  # a retried attempt is not a failed trial
     assert launcher.started == 2            # the dead worker is replaced
     assert status["workers"]["restarts"] == 1
+
+
+def test_a_trial_no_worker_claimed_is_failed_and_queued_again_after_the_grace_period():
+    # A worker's create call whose answer was lost in a database outage leaves a running trial
+    # that no worker claims and that never gets a heartbeat; nothing else would end it.
+    core, study, launcher, clock = _core(budget={"maxTrials": 4, "parallelism": 1})
+    clock.now = time.time()
+    status = core.reconcile().status
+    lost = _trial(study, core.job, TrialState.RUNNING)
+    claimed = _trial(study, core.job, TrialState.RUNNING, worker="w1")
+
+    status = core.reconcile(status).status
+    assert study.get_trials(deepcopy=False)[lost.number].state == TrialState.RUNNING
+
+    clock.now += core.job.spec.storage.grace_period + 1
+    status = core.reconcile(status).status
+    trials = study.get_trials(deepcopy=False)
+    assert trials[lost.number].state == TrialState.FAIL
+    assert "no worker claimed" in trials[lost.number].user_attrs["fail_reason"]
+    assert trials[claimed.number].state == TrialState.RUNNING  # its worker lives
+    retry = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(retry) == 1 and retry[0].params == lost.params
+    assert status["trials"]["failed"] == 0
 
 
 def test_workers_that_keep_crashing_fail_the_job_with_their_output():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -311,15 +312,30 @@ class JobCore:
         return SUCCEEDED, reason, messages[reason]
 
     def _fail_orphans(self, trials: list[FrozenTrial], exited: list[WorkerState]) -> bool:
-        """Fail and requeue the running trials of workers that exited (crash, kill)."""
+        """Fail and requeue the running trials of workers that exited (crash, kill), and those
+        no worker ever claimed.
+
+        A worker claims a trial (its ``worker`` attribute) right after creating it. A trial
+        still unclaimed after the grace period was created by a call whose answer was lost
+        (the database went away mid-call; the worker retried and got another trial): it has no
+        heartbeat either, so nothing else would ever end it.
+        """
         dead = {w.id: w for w in exited}
+        unclaimed_before = (datetime.fromtimestamp(self.clock())
+                            - timedelta(seconds=self.job.spec.storage.grace_period))
         changed = False
         for trial in trials:
-            owner = trial.user_attrs.get(WORKER_ATTR)
-            if trial.state != TrialState.RUNNING or owner not in dead:
+            if trial.state != TrialState.RUNNING:
                 continue
-            fail_abandoned_trial(self.study, trial, f"worker {owner} exited with code "
-                                                    f"{dead[owner].exit_code}")
+            owner = trial.user_attrs.get(WORKER_ATTR)
+            if owner in dead:
+                reason = f"worker {owner} exited with code {dead[owner].exit_code}"
+            elif owner is None and trial.datetime_start is not None \
+                    and trial.datetime_start < unclaimed_before:
+                reason = "no worker claimed the trial (its creation was cut off)"
+            else:
+                continue
+            fail_abandoned_trial(self.study, trial, reason)
             changed = True
         return changed
 
