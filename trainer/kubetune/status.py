@@ -114,9 +114,15 @@ def _diagnosis(trials: list[FrozenTrial]) -> dict[str, Any] | None:
 _labels: dict[tuple[Any, ...], str] = {}
 
 
+def cache_key(trial: FrozenTrial) -> tuple[Any, ...]:
+    """Which trial this is, across the studies and databases one operator serves (a trial id
+    alone repeats across databases)."""
+    return (trial._trial_id, trial.number, trial.datetime_start, trial.datetime_complete)
+
+
 def trial_label(trial: FrozenTrial) -> str:
     """The diagnosis of a finished trial (``kubetune.diagnosis``), cached by trial."""
-    key = (trial._trial_id, trial.number, trial.datetime_start)
+    key = cache_key(trial)
     label = _labels.get(key)
     if label is None:
         label = diagnosis.diagnose(trial.user_attrs.get(HISTORY_ATTR),
