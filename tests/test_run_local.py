@@ -123,8 +123,8 @@ def test_rerun_continues_the_same_study(tmp_path):
 
 def test_run_killed_mid_job_resumes_without_losing_or_repeating_trials(tmp_path):
     job = write_job(tmp_path / "job.yaml", fast_job(
-        budget={"maxTrials": 10, "parallelism": 2},
-        trainer={"builtin": {"dataset": {"name": "synthetic", "samples": 3000, "features": 20,
+        budget={"maxTrials": 6, "parallelism": 2},
+        trainer={"builtin": {"dataset": {"name": "synthetic", "samples": 1500, "features": 20,
                                          "classes": 3},
                              "epochs": 8, "params": {"batch_size": 16}}}))
     out = tmp_path / "out"
@@ -154,7 +154,7 @@ def test_run_killed_mid_job_resumes_without_losing_or_repeating_trials(tmp_path)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     failed = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
-    assert len(finished) + len(failed) == 10
+    assert len(finished) + len(failed) == 6
     assert len({t.number for t in trials}) == len(trials)
     assert {n: v for n, v in ((t.number, t.value) for t in trials) if n in done_before} == \
         done_before

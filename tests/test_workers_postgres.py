@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 from optuna.trial import TrialState
@@ -76,38 +78,58 @@ def test_kubetune_run_with_postgres_storage(postgres_url, tmp_path):
     assert (tmp_path / "p" / "curves-overview.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried(postgres_url, tmp_path):
+def test_a_third_of_the_workers_killed_again_and_again_the_budget_is_still_met(
+        postgres_url, tmp_path):
+    """Issue #7, item 2: of three workers one is SIGKILLed mid-trial, three times over (a new
+    worker takes its place each time). Each killed trial is failed by the heartbeat once its
+    grace period has passed, retried with the same params, and the budget ends exact."""
+    grace = 3
     job = parse_job(fast_job(
-        name="pg-kill", budget={"maxTrials": 5, "parallelism": 2, "maxRetries": 2},
-        storage={"heartbeatInterval": 1, "gracePeriod": 3},
-        trainer={"builtin": {"dataset": {"name": "synthetic", "samples": 3000, "features": 20,
+        name="pg-kill", budget={"maxTrials": 9, "parallelism": 3, "maxRetries": 3},
+        storage={"heartbeatInterval": 1, "gracePeriod": grace},
+        trainer={"builtin": {"dataset": {"name": "synthetic", "samples": 2000, "features": 20,
                                          "classes": 3},
                              "epochs": 6, "params": {"batch_size": 16}}}))
     study = create_or_load_study(open_storage(postgres_url), job)
-    victim = _start_worker(postgres_url, job.study_name, "victim", tmp_path / "art")
+    art = tmp_path / "art"
+    workers = {f"w{i}": _start_worker(postgres_url, job.study_name, f"w{i}", art)
+               for i in range(3)}
+    chooser = random.Random(7)
+    killed: dict[int, float] = {}  # trial number -> when its worker was killed
 
-    def victims_trial():
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("worker") == "victim" and len(t.user_attrs.get("history", [])):
-                return t
-        return None
+    for round_ in range(3):
+        def trial_to_kill():
+            running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       # mid-trial, with epochs to go, so it cannot finish before the kill
+                       if 1 <= len(t.user_attrs.get("history") or []) <= 3
+                       and t.number not in killed
+                       and workers.get(t.user_attrs.get("worker")) is not None
+                       and workers[t.user_attrs["worker"]].poll() is None]
+            return chooser.choice(running) if running else None
 
-    killed = wait_for(victims_trial, timeout=120, message="the victim to train a trial")
-    victim.send_signal(signal.SIGKILL)  # no chance to give the trial back
-    victim.wait(timeout=30)
-    survivor = _start_worker(postgres_url, job.study_name, "survivor", tmp_path / "art")
-    output, _ = survivor.communicate(timeout=240)
-    assert survivor.returncode == 0, output
+        victim = wait_for(trial_to_kill, timeout=120, interval=0.1,
+                          message=f"a trial in flight to kill (round {round_ + 1})")
+        proc = workers.pop(victim.user_attrs["worker"])
+        proc.send_signal(signal.SIGKILL)  # no chance to give the trial back
+        proc.wait(timeout=30)
+        killed[victim.number] = time.time()
+        workers[f"r{round_}"] = _start_worker(postgres_url, job.study_name, f"r{round_}", art)
+
+    for name, proc in workers.items():
+        output, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, f"{name}: {output}"
 
     trials = study.get_trials(deepcopy=False)
-    counts = _assert_budget_exact(trials, 5)
-    dead = next(t for t in trials if t.number == killed.number)
-    assert dead.state == TrialState.FAIL
-    retry = next(t for t in trials if killed.number in t.system_attrs.get("retry_history", []))
-    assert retry.params == dead.params
-    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert retry.user_attrs["worker"] == "survivor"
-    assert counts.retried == 1 and counts.failed == 0
+    counts = _assert_budget_exact(trials, 9)
+    assert counts.retried == 3 and counts.failed == 0
+    for number, when in killed.items():
+        dead = next(t for t in trials if t.number == number)
+        assert dead.state == TrialState.FAIL
+        # failed by the heartbeat: not before its grace period ran out
+        assert dead.datetime_complete.timestamp() >= when + grace - 1.5
+        retries = [t for t in trials if number in t.system_attrs.get("retry_history", [])]
+        assert retries and all(r.params == dead.params for r in retries)
+        assert any(r.state in (TrialState.COMPLETE, TrialState.PRUNED) for r in retries)
 
 
 def test_a_worker_storage_rides_out_a_database_restart_and_a_lock_through_it(
