@@ -424,7 +424,9 @@ async def test_unreachable_storage_marks_that_job_only(cluster, operator):
         assert words in st["message"]
         assert status(cluster, name)["phase"] == "Pending"
         assert not pods(cluster, name)
-    await eventually(lambda: len(events(cluster, "StorageUnavailable")) == 2, message="events")
+    # kopf posts events from a background task: give it time on a loaded machine
+    await eventually(lambda: len(events(cluster, "StorageUnavailable")) == 2, timeout=30,
+                     message="events")
 
 
 async def test_timeout_stops_the_workers(cluster, operator, postgres_url):
