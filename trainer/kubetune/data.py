@@ -247,12 +247,16 @@ def _split_and_standardize(
     """Stratified fixed-seed split, then standardize with training-split statistics only."""
     y, classes = _encode_labels(y_raw)
     X_train, y_train, X_val, y_val, X_test, y_test = _stratified_split(X, y, split)
-    mean = X_train.mean(axis=0)
-    std = X_train.std(axis=0)
+    # Finite values near the float limits overflow here; the preflight reports the features
+    # that are not finite once standardized, so numpy need not warn about them too.
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = X_train.mean(axis=0)
+        std = X_train.std(axis=0)
     std[std == 0] = 1.0
 
     def scale(part: np.ndarray) -> np.ndarray:
-        return _frozen(((part - mean) / std).astype(np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _frozen(((part - mean) / std).astype(np.float32))
 
     return Dataset(
         X_train=scale(X_train),
