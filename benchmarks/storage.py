@@ -245,7 +245,7 @@ def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
 
     from kubetune import budget
     from kubetune.job_study import load_job, started_at
-    from kubetune.search_space import make_pruner, make_sampler, worker_seed
+    from kubetune.search_space import make_pruner, stage_samplers
     from kubetune.stage_study import StageAsker
     from kubetune.storage import (
         StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna,
@@ -260,12 +260,7 @@ def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
                            if is_rdb(url) else None,
                            grace_period=spec.storage.grace_period,
                            max_retries=spec.budget.max_retries)
-    seed = worker_seed(spec.sampler.seed, worker_id)
-
-    def sampler(stage: int = 0) -> optuna.samplers.BaseSampler:
-        return make_sampler(spec, seed=None if seed is None else seed + stage,
-                            parallel=spec.budget.parallelism > 1)
-
+    sampler = stage_samplers(spec, worker_id)
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler(),
                               pruner=make_pruner(spec))
     store = make_artifact_store(artifacts)

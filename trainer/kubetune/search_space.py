@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -72,6 +73,21 @@ def effective_max_trials(spec: JobSpec) -> int:
     if spec.sampler.type == "grid":
         return min(spec.budget.max_trials, grid_size(spec.search_space))
     return spec.budget.max_trials
+
+
+def stage_samplers(spec: JobSpec, worker_id: str) -> Callable[[int], optuna.samplers.BaseSampler]:
+    """``sampler(stage)``: a fresh sampler for one worker and stage.
+
+    Samplers cache what they learnt of the study (TPE its intersection search space), so each
+    stage gets its own, seeded from the worker's seed and the stage.
+    """
+    seed = worker_seed(spec.sampler.seed, worker_id)
+
+    def sampler(stage: int = 0) -> optuna.samplers.BaseSampler:
+        return make_sampler(spec, seed=None if seed is None else seed + 104729 * stage,
+                            parallel=spec.budget.parallelism > 1)
+
+    return sampler
 
 
 def worker_seed(seed: int | None, worker_id: str) -> int | None:

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from kubetune import budget
 from kubetune.job_study import load_job, started_at
 from kubetune.preflight import FAILED, ensure_verdict
-from kubetune.search_space import make_pruner, make_sampler, worker_seed
+from kubetune.search_space import make_pruner, stage_samplers
 from kubetune.stage_study import StageAsker, mark_new_trial, stage_for_new_trial, stage_of
 from kubetune.storage import StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna
 from kubetune.storage import worker_retry_seconds
@@ -70,13 +70,7 @@ def run_worker(options: WorkerOptions) -> int:
                                grace_period=spec.storage.grace_period,
                                max_retries=spec.budget.max_retries, retry_for=retry_for,
                                check_schema=False)
-    seed = worker_seed(spec.sampler.seed, options.worker_id)
-
-    def sampler(stage: int = 0) -> optuna.samplers.BaseSampler:
-        """A fresh sampler per stage: samplers cache what they learnt of the study."""
-        return make_sampler(spec, seed=None if seed is None else seed + 104729 * stage,
-                            parallel=spec.budget.parallelism > 1)
-
+    sampler = stage_samplers(spec, options.worker_id)
     study = optuna.load_study(study_name=options.study, storage=storage, sampler=sampler(),
                               pruner=make_pruner(spec))
     if options.threads and spec.trainer.kind != "command":  # a command trial is a program
