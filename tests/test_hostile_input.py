@@ -48,15 +48,20 @@ def _check(job) -> None:
             assert "Traceback" not in problem.message
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(path=st.sampled_from(PATHS), value=values)
-def test_any_value_anywhere_is_accepted_or_named(path, value):
-    job = copy.deepcopy(BASE)
+def _with(base: dict, path: tuple, value: object) -> dict:
+    """A copy of ``base`` with ``value`` at ``path``."""
+    job = copy.deepcopy(base)
     node = job
     for part in path[:-1]:
         node = node[part]
     node[path[-1]] = value
-    _check(job)
+    return job
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(PATHS), value=values)
+def test_any_value_anywhere_is_accepted_or_named(path, value):
+    _check(_with(BASE, path, value))
 
 
 CODE_BASE = copy.deepcopy(BASE)
@@ -71,12 +76,7 @@ CODE_PATHS = [p for p in _paths(CODE_BASE) if p[:2] == ("spec", "trainer")] + [
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(path=st.sampled_from(CODE_PATHS), value=values)
 def test_any_value_in_a_code_trainer_is_accepted_or_named(path, value):
-    job = copy.deepcopy(CODE_BASE)
-    node = job
-    for part in path[:-1]:
-        node = node[part]
-    node[path[-1]] = value
-    _check(job)
+    _check(_with(CODE_BASE, path, value))
 
 
 @settings(max_examples=150, deadline=None)
@@ -119,12 +119,7 @@ def test_the_crd_schema_judges_any_value_anywhere_and_names_the_field(path, valu
     """The API server's side (schema and CEL rules, as tests/crd_validation.py runs them): any
     value anywhere gets a verdict, never an error of the validator, and each rejection names
     where it is."""
-    job = copy.deepcopy(BASE)
-    node = job
-    for part in path[:-1]:
-        node = node[part]
-    node[path[-1]] = value
-    for problem in CRD_VALIDATOR.problems(job):
+    for problem in CRD_VALIDATOR.problems(_with(BASE, path, value)):
         where, _, message = problem.partition(": ")
         assert message, problem
         assert where.startswith(("spec", "metadata", "apiVersion", "kind", "(root)",
