@@ -62,7 +62,7 @@ def run(sizes: Sizes, jobs: int) -> Section:
         "variant as well as in the guards",
         "the first 10 trials (TPE's random start-up) draw the same points in every arm, as "
         "the sampler seed is the same: the arms part where their algorithms do",
-        "(d) is kubetune's ensemble step (`kubetune.ensemble.run_ensemble_step`, the job's "
+        "(d) is kubetune's ensemble step (`kubetune.ensemble.step.run_ensemble_step`, the job's "
         "default ensemble: greedy selection over the top 5 trials) on the study of (c); its "
         "members are chosen on the validation split, so its validation accuracy flatters it "
         "and only its test accuracy compares fairly with the best single trial's",

@@ -110,7 +110,7 @@ def operator_process(url: str, stop: Any, ready: Any) -> None:
 
     from kube_emulator import running_operator
 
-    from kubetune.storage import silence_optuna
+    from kubetune.study.storage import silence_optuna
 
     silence_optuna()
 

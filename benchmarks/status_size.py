@@ -1,6 +1,6 @@
 """4a. Status size: the TuningJob status must not grow with the number of trials.
 
-The job core (``kubetune.controller.JobCore``, the code the operator and the local runner both
+The job core (``kubetune.job.core.JobCore``, the code the operator and the local runner both
 drive) reconciles a study filled with finished trials, complete and pruned, each with a
 20-epoch history; the launcher is a stub. Reported: the bytes of the status as JSON (what is
 written into the custom resource) and how long one reconcile took.
@@ -32,7 +32,7 @@ class StubLauncher:
         return list(self.workers)
 
     def start_worker(self) -> str:
-        from kubetune.controller import WorkerState
+        from kubetune.job.core import WorkerState
 
         worker = WorkerState(f"stub-worker-{len(self.workers)}")
         self.workers.append(worker)
@@ -69,10 +69,10 @@ def measure(trials: int) -> dict[str, Any]:
     from optuna.storages import InMemoryStorage
     from optuna.trial import TrialState, create_trial
 
-    from kubetune.controller import JobCore
-    from kubetune.job_study import create_or_load_study
-    from kubetune.search_space import to_distributions
-    from kubetune.spec import parse_job
+    from kubetune.job.core import JobCore
+    from kubetune.study.schema import create_or_load_study
+    from kubetune.search.space import to_distributions
+    from kubetune.spec.model import parse_job
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     job = parse_job(_job())
@@ -127,7 +127,7 @@ def run(sizes: Sizes, jobs: int) -> Section:
                        f"{result['reconcile_ms']:.0f} ms")
     section = Section(NAME, "4a. Status size at up to 10,000 trials")
     section.settings = [
-        "the job core (`kubetune.controller.JobCore`) reconciles an in-memory study holding "
+        "the job core (`kubetune.job.core.JobCore`) reconciles an in-memory study holding "
         "that many finished trials (about half pruned, each with its per-epoch history), through "
         "a stub launcher; *status* is the status document as JSON, as written to the "
         "TuningJob; *reconcile* is one call of `JobCore.reconcile`",

@@ -3,8 +3,8 @@
 Real worker processes run kubetune's worker loop against a real PostgreSQL server (started
 throwaway, as the tests do) and against a journal file, with the training taken out: each
 trial is chosen under the study lock exactly as ``kubetune worker`` chooses it
-(``kubetune.worker._next_trial``: fail stale trials, count, check the budget, ask), then runs
-through ``kubetune.trial_run.run_trial`` with a trainer that trains nothing. That trainer calls
+(``kubetune.worker.loop._next_trial``: fail stale trials, count, check the budget, ask), then runs
+through ``kubetune.worker.trial.run_trial`` with a trainer that trains nothing. That trainer calls
 ``on_epoch`` for each of the trial's epochs, which is kubetune's per-epoch bookkeeping: write the
 trial's history, check the guards, ``trial.report`` and ``trial.should_prune`` (median pruner).
 At the end the trial saves its (tiny) artifacts and is told complete. On PostgreSQL the trial's
@@ -174,9 +174,9 @@ def _measure(kind: str, trials: int, workers: int, epochs: int) -> dict[str, Any
 
 
 def _create_study(url: str, job_data: dict[str, Any]) -> str:
-    from kubetune.job_study import create_or_load_study
-    from kubetune.spec import parse_job
-    from kubetune.storage import open_storage, silence_optuna
+    from kubetune.study.schema import create_or_load_study
+    from kubetune.spec.model import parse_job
+    from kubetune.study.storage import open_storage, silence_optuna
 
     silence_optuna()
     job = parse_job(job_data)
@@ -221,7 +221,7 @@ class NoTraining:
                     on_epoch(epoch, metrics)
             finally:
                 self.epoch_seconds.append(time.perf_counter() - began)
-        # What run_trial reads of kubetune.mlp.TrainResult (not imported: it pulls in
+        # What run_trial reads of kubetune.builtin.mlp.TrainResult (not imported: it pulls in
         # scikit-learn, seconds of start-up per worker for nothing).
         return SimpleNamespace(model=self.model, history=history, val_proba=self.proba,
                                test_proba=self.proba, epochs_run=epochs)
@@ -240,18 +240,17 @@ def worker_main(url: str, study_name: str, worker_id: str, artifacts: str, barri
 
 def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
                  barrier: Any) -> dict[str, Any]:
-    # The setup of kubetune.worker.run_worker, then its loop with a trainer that trains nothing.
+    # The setup of kubetune.worker.loop.run_worker, then its loop with a trainer that trains nothing.
     import optuna
 
-    from kubetune import budget
-    from kubetune.job_study import load_job, started_at
-    from kubetune.search_space import make_pruner, stage_samplers
-    from kubetune.stage_study import StageAsker
-    from kubetune.storage import (
-        StudyLock, is_rdb, make_artifact_store, open_storage, silence_optuna,
-    )
-    from kubetune.trial_run import run_trial
-    from kubetune.worker import WorkerOptions, _heartbeat, _next_trial
+    from kubetune.search import budget
+    from kubetune.study.schema import load_job, started_at
+    from kubetune.search.space import make_pruner, stage_samplers
+    from kubetune.search.stages import StageAsker
+    from kubetune.study.storage import StudyLock, make_artifact_store, open_storage, silence_optuna
+    from kubetune.study.urls import is_rdb
+    from kubetune.worker.trial import run_trial
+    from kubetune.worker.loop import WorkerOptions, _heartbeat, _next_trial
 
     silence_optuna()
     job = load_job(optuna.load_study(study_name=study_name, storage=open_storage(url)))

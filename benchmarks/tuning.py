@@ -1,6 +1,6 @@
 """The ways of tuning that parts 1 and 2 compare, on the same trainer, data, space and budget.
 
-Every arm trains with ``kubetune.mlp.train`` on the same split, with the same epochs per trial,
+Every arm trains with ``kubetune.builtin.mlp.train`` on the same split, with the same epochs per trial,
 the same seed per trial number and the same number of trials; the arms differ only in sampler,
 pruner and guards:
 
@@ -10,11 +10,11 @@ pruner and guards:
 * ``optuna``: (b) plain Optuna: ``TPESampler`` and ``MedianPruner`` with their defaults, every
   epoch's objective reported (a NaN too) and ``should_prune`` asked after it.
 * ``kubetune``: (c) kubetune's defaults, through kubetune's own code: the TuningJob is parsed by
-  ``kubetune.spec``, the sampler and pruner come from ``make_sampler``/``make_pruner`` and each
-  trial runs in ``kubetune.trial_run.run_trial`` (NaN/divergence guards, then the pruner). It
+  ``kubetune.spec.model``, the sampler and pruner come from ``make_sampler``/``make_pruner`` and each
+  trial runs in ``kubetune.worker.trial.run_trial`` (NaN/divergence guards, then the pruner). It
   runs in process on an in-memory study, artifacts in a temp folder, instead of worker
   processes, so the comparison measures tuning, not process start-up.
-* (d) ``kubetune`` plus the ensemble step (``kubetune.ensemble``) on the finished study of (c);
+* (d) ``kubetune`` plus the ensemble step (``kubetune.ensemble.step``) on the finished study of (c);
   it trains nothing more, so its compute is that of (c).
 
 Compute is counted in epochs actually trained, summed over the trials. Each run also notes, per
@@ -211,7 +211,7 @@ def _init_process() -> None:
 
 
 def run_task(task: Task) -> ArmRun:
-    from kubetune.spec import parse_job
+    from kubetune.spec.model import parse_job
 
     job = parse_job(task.job)
     started = time.perf_counter()
@@ -222,14 +222,14 @@ def run_task(task: Task) -> ArmRun:
 
 
 class Recorder:
-    """Wraps ``kubetune.mlp.train``: counts epochs, notes blow-ups and the test accuracy."""
+    """Wraps ``kubetune.builtin.mlp.train``: counts epochs, notes blow-ups and the test accuracy."""
 
     def __init__(self) -> None:
         self.current = -1
         self.trials: dict[int, dict[str, Any]] = {}
 
     def train(self, params: dict[str, Any], data: Any, **kwargs: Any) -> Any:
-        from kubetune.mlp import train
+        from kubetune.builtin.mlp import train
 
         record = self.trials[self.current] = {"epochs": 0, "blowup": None, "test": None}
         first_loss: list[float] = []
@@ -276,8 +276,8 @@ def _run_stock(task: Task, job: Any) -> ArmRun:
     """(a) and (b): a stock Optuna study and objective, as a user without kubetune writes it."""
     import optuna
 
-    from kubetune.search_space import to_distributions
-    from kubetune.worker import load_data
+    from kubetune.search.space import to_distributions
+    from kubetune.builtin.data import load_data
 
     spec = job.spec
     builtin = spec.trainer.builtin
@@ -319,11 +319,11 @@ def _run_kubetune(task: Task, job: Any) -> ArmRun:
     import optuna
     from optuna.storages import InMemoryStorage
 
-    from kubetune.job_study import create_or_load_study
-    from kubetune.search_space import make_pruner, make_sampler, to_distributions
-    from kubetune.storage import make_artifact_store
-    from kubetune.worker import load_data
-    from kubetune.trial_run import run_trial
+    from kubetune.study.schema import create_or_load_study
+    from kubetune.search.space import make_pruner, make_sampler, to_distributions
+    from kubetune.study.storage import make_artifact_store
+    from kubetune.builtin.data import load_data
+    from kubetune.worker.trial import run_trial
 
     spec = job.spec
     data = load_data(job)
@@ -350,9 +350,9 @@ def _run_kubetune(task: Task, job: Any) -> ArmRun:
 def run_ensemble(study: Any, store: Any) -> tuple[dict[str, float] | None, str | None]:
     """(d): kubetune's ensemble step on a finished study: (values, None) or (None, why not)."""
     try:
-        from kubetune.ensemble import run_ensemble_step
+        from kubetune.ensemble.step import run_ensemble_step
     except ImportError:
-        return None, "not available yet: kubetune.ensemble has no run_ensemble_step"
+        return None, "not available yet: kubetune.ensemble.step has no run_ensemble_step"
     try:
         record = run_ensemble_step(study, store)
     except Exception as err:  # report it in the table rather than lose the whole benchmark

@@ -144,3 +144,54 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+# --------------------------------------------------------------------------
+# A real Kubernetes control plane (tests/control_plane.py)
+# --------------------------------------------------------------------------
+
+def pytest_collection_finish(session):
+    """Build the control plane before the first test that needs it, outside its timeout.
+
+    The first build compiles Kubernetes (many minutes); later runs find it cached.
+    """
+    from control_plane import BUILD_SCRIPT, ControlPlaneError, build
+
+    if not any("control_plane" in item.fixturenames and not item.get_closest_marker("skip")
+               for item in session.items):
+        return
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    try:
+        with capture.global_and_fixture_disabled():
+            build(stream=True)
+    except ControlPlaneError as err:
+        # Not fatal here: the fixture reports it for each test that needs the cluster.
+        print(f"\n{BUILD_SCRIPT.name}: {err}")
+
+
+@pytest.fixture(scope="session")
+def control_plane():
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler, once per session.
+
+    A ``control_plane.ControlPlane``: ``.kubeconfig`` (admin), ``.kubectl(...)``,
+    ``.api(method, path, body)``, ``.create_namespace(prefix, labels)``.
+    """
+    from control_plane import ControlPlane, ControlPlaneError, build
+
+    try:
+        cp = ControlPlane(build())
+        cp.start()
+    except ControlPlaneError as err:
+        pytest.fail(str(err), pytrace=False)
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture
+def cluster_namespace(control_plane):
+    """A fresh namespace on the control plane, deleted after the test."""
+    name = control_plane.create_namespace()
+    yield name
+    control_plane.delete_namespace(name)

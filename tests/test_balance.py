@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from kubetune.data import load_dataset
-from kubetune.mlp import build_mlp, class_weights, resolve_params, train
+from kubetune.builtin.data import load_dataset
+from kubetune.builtin.mlp import build_mlp, class_weights, resolve_params, train
 
 IMBALANCED = {"name": "synthetic", "samples": 400, "features": 6, "informative": 4,
               "classes": 2, "classWeights": [0.9, 0.1], "seed": 3}

@@ -8,12 +8,10 @@ CPU) on code written into the test's folder, which is the job file's folder: tha
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +51,7 @@ def run(folder: Path, job: dict[str, Any], *extra: str) -> tuple[Any, Path]:
 
 
 def study_of(out: Path) -> optuna.Study:
-    from kubetune.storage import open_storage
+    from kubetune.study.storage import open_storage
 
     storage = open_storage(str(out / "study.journal"))
     (name,) = optuna.get_all_study_names(storage)
@@ -372,7 +370,7 @@ def test_missing_code_is_one_clear_error_before_anything_runs(tmp_path):
 
 # ------------------------------------------------------------------------------ unit level
 def test_report_lines_are_parsed_as_the_contract_says(caplog):
-    from kubetune.command_trial import param_env, parse_report
+    from kubetune.worker.command_trainer import param_env, parse_report
 
     assert parse_report('{"epoch": 2, "val_accuracy": 0.9, "train_loss": NaN}', 0)[0] == 2
     epoch, metrics = parse_report('{"epoch": 1, "loss": null, "note": "x", "acc": 1}', 0)
@@ -388,7 +386,7 @@ def test_report_lines_are_parsed_as_the_contract_says(caplog):
 
 
 def test_predictions_that_break_the_contract_are_refused_with_the_reason(tmp_path):
-    from kubetune.sdk import write_predictions
+    from kubetune.worker.entrypoint_trainer import write_predictions
 
     good = [[0.9, 0.1], [0.2, 0.8]]
     write_predictions(tmp_path / "p.npz", good, good, [0, 1], [1, 1])
@@ -401,8 +399,8 @@ def test_predictions_that_break_the_contract_are_refused_with_the_reason(tmp_pat
 
 def _reporter_trial(**spec: Any):
     """A real in-memory study and trial, with the reporter every trainer uses."""
-    from kubetune.spec import parse_job
-    from kubetune.trial_run import EpochReporter
+    from kubetune.spec.model import parse_job
+    from kubetune.worker.contract import EpochReporter
 
     job = parse_job(code_job("unit", {"entrypoint": "m:f", "metrics": ["val_accuracy",
                                                                        "train_loss"]},
@@ -430,7 +428,7 @@ def test_report_checks_what_it_is_given_and_keeps_the_curve():
 
 
 def test_report_prunes_divergence_and_a_nan_final_value():
-    from kubetune.trial_run import TrialPruned
+    from kubetune.worker.contract import TrialPruned
 
     reporter, _ = _reporter_trial(pruning={"divergence": {"factor": 3.0},
                                            "pruner": {"type": "none"}})
@@ -443,7 +441,7 @@ def test_report_prunes_divergence_and_a_nan_final_value():
 
 
 def test_an_entrypoint_returns_metrics_a_number_or_nothing():
-    from kubetune.sdk import _final_metrics
+    from kubetune.worker.entrypoint_trainer import _final_metrics
 
     assert _final_metrics({"val_accuracy": 0.9}, "val_accuracy") == {"val_accuracy": 0.9}
     assert _final_metrics(0.9, "val_accuracy") == {"val_accuracy": 0.9}

@@ -15,11 +15,12 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
 from conftest import fast_job
-from kubetune.controller import MAX_ENSEMBLE_ATTEMPTS, JobCore, WorkerState
-from kubetune.ensemble import ENSEMBLE_ATTR, fingerprint
-from kubetune.job_study import STARTED_ATTR, create_or_load_study
-from kubetune.search_space import to_distributions
-from kubetune.spec import parse_job
+from kubetune.job.core import MAX_ENSEMBLE_ATTEMPTS, JobCore, WorkerState
+from kubetune.study.schema import ENSEMBLE_ATTR
+from kubetune.ensemble.step import fingerprint
+from kubetune.study.schema import STARTED_ATTR, create_or_load_study
+from kubetune.search.space import to_distributions
+from kubetune.spec.model import parse_job
 
 
 class ScriptedLauncher:

@@ -3,7 +3,7 @@
 The agreement tests take every example, every spec that tests/test_spec.py builds (valid or
 not) and a grid of cases around the knobs, samplers and pruners, and check that the CRD (OpenAPI
 schema plus CEL rules, evaluated by tests/crd_validation.py the way the API server does) accepts
-exactly what ``kubetune.spec.parse_job`` accepts. The few specs where that cannot hold are listed
+exactly what ``kubetune.spec.model.parse_job`` accepts. The few specs where that cannot hold are listed
 in ``EXCEPTIONS`` with the reason; the test fails if one of them starts to agree, so the list
 stays true.
 """
@@ -18,9 +18,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from kubetune.knobs import KNOBS
-from kubetune.spec import PRUNERS, SAMPLERS, SpecError, parse_job
-from kubetune.yaml_source import load_yaml
+from kubetune.spec.knobs import KNOBS
+from kubetune.spec.model import PRUNERS, SAMPLERS, SpecError, parse_job
+from kubetune.spec.source import load_yaml
 from kubetune_operator import crd as crd_module
 
 import test_spec as cases  # the specs the spec-model tests build

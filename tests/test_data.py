@@ -1,4 +1,4 @@
-"""Tests for kubetune.data: sources, stratified split, standardization, cache, errors."""
+"""Tests for kubetune.builtin.data: sources, stratified split, standardization, cache, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kubetune.data import DataError, Dataset, load_dataset
+from kubetune.builtin.data import DataError, Dataset, load_dataset
 
 WINE_CSV = Path(__file__).resolve().parent.parent / "examples" / "data" / "wine.csv"
 SPLIT = {"validation": 0.2, "test": 0.2, "seed": 0}
@@ -73,7 +73,7 @@ def test_synthetic_respects_classes_features_and_seed() -> None:
 
 
 def test_synthetic_same_seed_regenerates_identical_data() -> None:
-    from kubetune.data import _load_cached
+    from kubetune.builtin.data import _load_cached
 
     source = {"name": "synthetic", "samples": 300, "features": 5, "seed": 11}
     first = load_dataset(source, SPLIT)

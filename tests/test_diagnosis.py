@@ -7,8 +7,9 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
 from conftest import fast_job
-from kubetune import budget, status as status_module
-from kubetune.diagnosis import (
+from kubetune.search import budget
+from kubetune.job import status as status_module
+from kubetune.builtin.diagnosis import (
     DIVERGED,
     HEALTHY,
     NOT_LEARNING,
@@ -18,10 +19,10 @@ from kubetune.diagnosis import (
     diagnose,
     summarize,
 )
-from kubetune.job_study import create_or_load_study
-from kubetune.search_space import to_distributions
-from kubetune.spec import parse_job
-from kubetune.status import build_status
+from kubetune.study.schema import create_or_load_study
+from kubetune.search.space import to_distributions
+from kubetune.spec.model import parse_job
+from kubetune.job.status import build_status
 
 
 def curve(train_loss, val_loss=None, train_accuracy=None, val_accuracy=None):

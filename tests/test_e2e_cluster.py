@@ -20,7 +20,6 @@ import base64
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 

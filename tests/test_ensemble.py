@@ -15,8 +15,8 @@ from optuna.trial import TrialState
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from conftest import REPO_ROOT, fast_job, kubetune, write_job
-from kubetune.ensemble import (
-    ENSEMBLE_ATTR,
+from kubetune.study.schema import ENSEMBLE_ATTR
+from kubetune.ensemble.step import (
     Member,
     NotEnoughMembers,
     combine,
@@ -26,12 +26,12 @@ from kubetune.ensemble import (
     selection_metric,
     weighted,
 )
-from kubetune.job_study import create_or_load_study
-from kubetune.search_space import to_distributions
-from kubetune.spec import parse_job
-from kubetune.storage import make_artifact_store
-from kubetune.trial_run import run_trial
-from kubetune.worker import load_data
+from kubetune.study.schema import create_or_load_study
+from kubetune.search.space import to_distributions
+from kubetune.spec.model import parse_job
+from kubetune.study.storage import make_artifact_store
+from kubetune.worker.trial import run_trial
+from kubetune.builtin.data import load_data
 
 RECORD_KEYS = {"method", "memberSource", "metric", "direction", "members", "candidates",
                "validationValue", "testValue", "bestSingleTrial", "bestSingleValidationValue",
@@ -214,8 +214,8 @@ def test_snapshot_members_are_earlier_epochs_of_the_top_trials(tmp_path):
 
 
 def test_snapshots_do_not_change_what_a_trial_learns():
-    from kubetune.mlp import train
-    from kubetune.trial_run import Snapshots
+    from kubetune.builtin.mlp import train
+    from kubetune.worker.builtin_trainer import Snapshots
 
     job = parse_job(fast_job())
     data = load_data(job)

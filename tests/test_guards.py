@@ -9,10 +9,10 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import fast_job
-from kubetune.guards import EpochGuard
-from kubetune.search_space import make_pruner, to_distributions
-from kubetune.spec import Pruning, parse_job
-from kubetune.trial_run import run_trial
+from kubetune.search.guards import EpochGuard
+from kubetune.search.space import make_pruner, to_distributions
+from kubetune.spec.model import Pruning, parse_job
+from kubetune.worker.trial import run_trial
 
 HEALTHY = {"train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5,
            "val_f1": 0.5}

@@ -1,4 +1,4 @@
-"""Tests for kubetune.mlp: model building, training loop, divergence and callbacks."""
+"""Tests for kubetune.builtin.mlp: model building, training loop, divergence and callbacks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from kubetune.data import Dataset, load_dataset
-from kubetune.mlp import (
+from kubetune.builtin.data import Dataset, load_dataset
+from kubetune.builtin.mlp import (
     ACTIVATIONS,
     DEFAULT_PARAMS,
     INITS,

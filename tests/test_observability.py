@@ -11,11 +11,11 @@ from optuna.trial import TrialState
 from prometheus_client import generate_latest
 
 from conftest import fast_job
-from kubetune.job_study import create_or_load_study
-from kubetune.metrics import JobMetrics, make_registry, snapshot
-from kubetune.plots import write_plots
-from kubetune.search_space import to_distributions
-from kubetune.spec import parse_job
+from kubetune.study.schema import create_or_load_study
+from kubetune.job.metrics import JobMetrics, make_registry, snapshot
+from kubetune.local.plots import write_plots
+from kubetune.search.space import to_distributions
+from kubetune.spec.model import parse_job
 
 
 def _epoch(epoch, acc, loss):
@@ -129,7 +129,7 @@ def test_plots_are_pngs_with_the_learning_curves(tmp_path):
 
 
 def test_a_trial_with_nan_epochs_still_plots(tmp_path):
-    from kubetune.plots import learning_curve
+    from kubetune.local.plots import learning_curve
 
     job, study, _ = _filled_study()
     pruned = next(t for t in study.trials if t.state == TrialState.PRUNED)

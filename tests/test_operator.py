@@ -25,10 +25,10 @@ from optuna.trial import TrialState
 from conftest import fast_job
 from kube_emulator import EVENTS, PODS, TUNINGJOBS, KubeEmulator, declare_resources, \
     running_operator
-from kubetune.controller import WorkerState
-from kubetune.search_space import to_distributions
-from kubetune.spec import parse_job
-from kubetune.trial_run import PRUNE_REASON_ATTR, WORKER_ATTR
+from kubetune.job.core import WorkerState
+from kubetune.search.space import to_distributions
+from kubetune.spec.model import parse_job
+from kubetune.study.schema import PRUNE_REASON_ATTR, WORKER_ATTR
 from kubernetes.client import ApiClient
 
 from kubetune_operator.handlers import Reconciler, status_patch
@@ -295,9 +295,9 @@ async def test_invalid_spec_fails_without_pods_until_it_is_fixed(cluster, operat
 
 async def test_failed_preflight_fails_the_job_and_stops_its_workers(cluster, operator,
                                                                     postgres_url, tmp_path):
-    from kubetune.job_study import load_job
-    from kubetune.preflight import ensure_verdict
-    from kubetune.storage import StudyLock
+    from kubetune.study.schema import load_job
+    from kubetune.builtin.preflight import ensure_verdict
+    from kubetune.study.storage import StudyLock
 
     flat = tmp_path / "flat.csv"  # features that say nothing about the labels
     flat.write_text("a,b,label\n" + "".join(f"1,2,{i % 2}\n" for i in range(60)))

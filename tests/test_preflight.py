@@ -14,18 +14,18 @@ import pytest
 from optuna.storages import InMemoryStorage
 
 from conftest import fast_job, kubetune, write_job
-from kubetune.data import load_dataset
-from kubetune.job_study import create_or_load_study
-from kubetune.preflight import (
-    PREFLIGHT_ATTR,
+from kubetune.builtin.data import load_dataset
+from kubetune.study.schema import create_or_load_study
+from kubetune.study.schema import PREFLIGHT_ATTR
+from kubetune.builtin.preflight import (
     blind_loss,
     ensure_verdict,
     fit_tiny,
     run_preflight,
     tiny_subset,
 )
-from kubetune.spec import parse_job
-from kubetune.storage import StudyLock
+from kubetune.spec.model import parse_job
+from kubetune.study.storage import StudyLock
 from test_controller import _core
 
 
@@ -195,7 +195,7 @@ def test_run_on_uninformative_data_fails_fast_without_running_a_trial(tmp_path):
     assert len(logs) == 2
     # one worker ran the check under the study lock; the other waited and read its verdict
     # (or was stopped first: the job core stops all workers once it sees the verdict)
-    assert sum("kubetune.preflight: preflight failed" in log for log in logs) == 1
+    assert sum("kubetune.builtin.preflight: preflight failed" in log for log in logs) == 1
     assert any("preflight failed, no trial runs" in log for log in logs)
     assert not any("trial 0 started" in log or "Traceback" in log for log in logs)
     assert "PreflightFailed" in proc.stdout and "Traceback" not in proc.stderr

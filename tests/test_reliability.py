@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from conftest import REPO_ROOT, fast_job, wait_for, write_job
 from fault_checks import assert_job_whole
-from kubetune.storage import open_storage
+from kubetune.study.storage import open_storage
 from pgbouncer import PgBouncer
 
 # Real processes killed and servers restarted: minutes on a busy machine, hence slow and a
@@ -233,7 +233,7 @@ def test_more_workers_than_the_server_allows_share_it_through_pgbouncer(
             conn.close()
 
         workers, max_trials = 3, 8
-        from kubetune.storage import CONNECTIONS_PER_WORKER, POOL_SIZE
+        from kubetune.study.storage import CONNECTIONS_PER_WORKER, POOL_SIZE
 
         assert workers * CONNECTIONS_PER_WORKER + POOL_SIZE > server_limit  # runner + workers
         with PgBouncer(postgres_server, dbname, role, pool_size=pool) as bouncer:

@@ -23,7 +23,7 @@ STATUS_KEYS = {"name", "phase", "objective", "progress", "trials", "pruneReasons
 
 
 def _study(out, name="default/fast") -> optuna.Study:
-    from kubetune.storage import open_storage
+    from kubetune.study.storage import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(str(out / "study.journal")))
 
@@ -223,7 +223,7 @@ def test_second_runner_on_the_same_folder_is_refused(tmp_path):
 
 
 def test_torch_threads_are_shared_between_workers():
-    from kubetune.worker import default_threads
+    from kubetune.local.launcher import default_threads
 
     assert default_threads(1) == (os.cpu_count() or 1)
     assert default_threads(10 * (os.cpu_count() or 1)) == 1
@@ -232,12 +232,12 @@ def test_torch_threads_are_shared_between_workers():
 def test_trial_whose_artifacts_cannot_be_written_fails_with_the_reason_and_job_goes_on(tmp_path):
     from optuna.artifacts import FileSystemArtifactStore
 
-    from kubetune.job_study import create_or_load_study
-    from kubetune.search_space import to_distributions
-    from kubetune.spec import parse_job
-    from kubetune.storage import open_storage
-    from kubetune.trial_run import run_trial
-    from kubetune.worker import load_data
+    from kubetune.study.schema import create_or_load_study
+    from kubetune.search.space import to_distributions
+    from kubetune.spec.model import parse_job
+    from kubetune.study.storage import open_storage
+    from kubetune.worker.trial import run_trial
+    from kubetune.builtin.data import load_data
 
     job = parse_job(fast_job())
     study = create_or_load_study(open_storage(str(tmp_path / "s.journal")), job)

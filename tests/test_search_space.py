@@ -13,7 +13,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from kubetune.search_space import (
+from kubetune.search.space import (
     effective_max_trials,
     grid_size,
     grid_values,
@@ -22,7 +22,7 @@ from kubetune.search_space import (
     to_distributions,
     worker_seed,
 )
-from kubetune.spec import TuningJob, parse_job
+from kubetune.spec.model import TuningJob, parse_job
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.spec import (
+from kubetune.spec.model import (
     CategoricalParam,
     Problem,
     SpecError,
@@ -25,7 +25,7 @@ from kubetune.spec import (
     parse_job_file,
     validate_spec,
 )
-from kubetune.yaml_source import load_yaml
+from kubetune.spec.source import load_yaml
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BASE_FILE = EXAMPLES / "digits-mlp.yaml"
@@ -1189,11 +1189,11 @@ def test_a_preset_expands_and_what_is_stored_is_the_expansion():
     assert parse_job(job.to_dict()).to_dict() == job.to_dict()  # the stored job re-parses
 
 
-@pytest.mark.parametrize("name", sorted(__import__("kubetune.presets").presets.PRESETS))
+@pytest.mark.parametrize("name", sorted(__import__("kubetune.spec.presets").spec.presets.PRESETS))
 def test_every_preset_fits_the_knob_bounds(name):
     job = parse_job(mutated({"spec.searchSpace": {"preset": name},
                              "spec.trainer.builtin.params": {}}))
-    from kubetune.presets import PRESETS
+    from kubetune.spec.presets import PRESETS
 
     assert set(job.spec.search_space) == set(PRESETS[name].space)
 

@@ -12,18 +12,18 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from conftest import fast_job, kubetune, write_job
-from kubetune.job_study import create_or_load_study
-from kubetune.spec import parse_job
-from kubetune.stage_study import (
-    SPACES_ATTR,
+from kubetune.study.schema import create_or_load_study
+from kubetune.spec.model import parse_job
+from kubetune.study.schema import SPACES_ATTR
+from kubetune.search.stages import (
     current_stage,
     stage_for_new_trial,
     stage_space,
     stage_view,
     status_view,
 )
-from kubetune.stages import default_top, describe, narrow
-from kubetune.worker import load_data
+from kubetune.search.narrowing import default_top, describe, narrow
+from kubetune.builtin.data import load_data
 
 LR = FloatDistribution(1e-4, 1e-1, log=True)
 DROPOUT = FloatDistribution(0.0, 0.5)
@@ -135,7 +135,7 @@ def test_data_classes_keeps_the_first_classes_in_every_split():
 
 
 def test_a_stage_epochs_fidelity_overrides_the_epochs():
-    from kubetune.trial_run import trial_params
+    from kubetune.search.stages import trial_params
 
     job = _job(epochs=1)
     coarse = create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs={"stage": 0})
@@ -231,7 +231,7 @@ def test_two_stage_job_ends_with_a_full_fidelity_best_and_ensemble(tmp_path, pos
                     "--storage", postgres_url)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    from kubetune.storage import open_storage
+    from kubetune.study.storage import open_storage
 
     study = optuna.load_study(study_name="default/staged", storage=open_storage(postgres_url))
     trials = study.get_trials()

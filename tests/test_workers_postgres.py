@@ -13,10 +13,10 @@ import optuna
 from optuna.trial import TrialState
 
 from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
-from kubetune.budget import count_trials
-from kubetune.job_study import create_or_load_study
-from kubetune.spec import parse_job
-from kubetune.storage import open_storage
+from kubetune.search.budget import count_trials
+from kubetune.study.schema import create_or_load_study
+from kubetune.spec.model import parse_job
+from kubetune.study.storage import open_storage
 
 
 def _start_worker(url: str, study: str, worker_id: str, artifacts) -> subprocess.Popen:
@@ -137,7 +137,7 @@ def test_a_worker_storage_rides_out_a_database_restart_and_a_lock_through_it(
     import threading
     import time
 
-    from kubetune.storage import StudyLock
+    from kubetune.study.storage import StudyLock
 
     storage = open_storage(postgres_url, retry_for=60)
     study = optuna.create_study(study_name="ns/outage", storage=storage)
@@ -163,7 +163,7 @@ def test_a_worker_storage_rides_out_a_database_restart_and_a_lock_through_it(
     plain = open_storage(postgres_url)  # runner and operator: no retry, they report the outage
     postgres_server.stop("fast")
     try:
-        from kubetune.storage import is_outage
+        from kubetune.study.storage import is_outage
 
         try:
             plain.get_all_studies()
@@ -184,7 +184,7 @@ def test_every_storage_call_optuna_makes_is_retried_through_an_outage():
 
     from optuna.storages import RDBStorage, _cached_storage
 
-    from kubetune.storage import ReconnectingRDBStorage
+    from kubetune.study.storage import ReconnectingRDBStorage
 
     called = set(re.findall(r"_backend\.(\w+)\(", inspect.getsource(_cached_storage)))
     assert {"_get_trials", "_create_new_trial", "set_trial_state_values"} <= called

@@ -1,6 +1,6 @@
 """The TuningJob CustomResourceDefinition, generated from the spec model.
 
-The spec model (``kubetune.spec`` and the knob table ``kubetune.knobs``) is the source of truth
+The spec model (``kubetune.spec.model`` and the knob table ``kubetune.spec.knobs``) is the source of truth
 for what a TuningJob may contain. This module turns it into a *structural* OpenAPI schema (every
 node typed, no ``$ref``, no typed ``anyOf``) plus CEL ``x-kubernetes-validations`` rules for the
 checks that span fields, so that ``kubectl apply`` rejects what ``kubetune validate`` rejects:
@@ -31,10 +31,9 @@ import sys
 from typing import Any
 
 import yaml
-
-from kubetune import spec as model
-from kubetune.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS, Knob
-from kubetune.presets import PRESET_KEY, PRESETS
+from kubetune.spec import model as model
+from kubetune.spec.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS, Knob
+from kubetune.spec.presets import PRESET_KEY, PRESETS
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -878,13 +877,13 @@ def _walk(converter: _Converter, node: dict[str, Any], path: tuple[str, ...]) ->
 
 
 def spec_schema() -> dict[str, Any]:
-    """The structural schema of ``spec``, generated from ``kubetune.spec.JobSpec``."""
+    """The structural schema of ``spec``, generated from ``kubetune.spec.model.JobSpec``."""
     schema, defs = _json_schema(model.JobSpec)
     return _walk(_Converter(defs), schema, ())
 
 
 def status_schema() -> dict[str, Any]:
-    """Written by the operator (kubetune.status.build_status); only what columns read is typed."""
+    """Written by the operator (kubetune.job.status.build_status); only what columns read is typed."""
     counts = {name: {"type": "integer"}
               for name in ("total", "complete", "pruned", "failed", "running")}
     return _open_object(
@@ -898,7 +897,7 @@ def status_schema() -> dict[str, Any]:
         best=_open_object("the best trial so far", trial={"type": "integer"},
                           value={"type": "number"}),
         diagnosis=_open_object(
-            "what the finished trials' learning curves say (kubetune.diagnosis)",
+            "what the finished trials' learning curves say (kubetune.builtin.diagnosis)",
             mostCommon={"type": "string", "description": "the most common label: healthy, "
                                                          "overfit, underfit, not-learning, "
                                                          "diverged or unknown"},

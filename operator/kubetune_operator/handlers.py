@@ -45,22 +45,28 @@ import kopf
 import optuna
 from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.client.exceptions import ApiException
+from kubetune.job.core import JobCore
+from kubetune.job.metrics import Metrics, snapshot
+from kubetune.job.status import (
+    FAILED,
+    PENDING,
+    SUCCEEDED,
+    condition,
+    merge_conditions,
+    now_iso,
+)
+from kubetune.spec.model import Problem, SpecError, TuningJob, parse_job
+from kubetune.study.schema import (
+    JOB_ATTR,
+    JOB_UID_ATTR,
+    StudyMismatch,
+    create_or_load_study,
+    load_job,
+)
+from kubetune.study.storage import is_outage, open_storage, outage_message
+from kubetune.study.urls import is_rdb, normalize_url, redact
 from optuna.storages import BaseStorage
 from sqlalchemy.exc import SQLAlchemyError
-
-from kubetune.controller import JobCore
-from kubetune.job_study import JOB_ATTR, StudyMismatch, create_or_load_study, load_job
-from kubetune.metrics import Metrics, snapshot
-from kubetune.spec import Problem, SpecError, TuningJob, parse_job
-from kubetune.status import FAILED, PENDING, SUCCEEDED, condition, merge_conditions, now_iso
-from kubetune.storage import (
-    is_outage,
-    is_rdb,
-    normalize_url,
-    open_storage,
-    outage_message,
-    redact,
-)
 
 from kubetune_operator.pod_launcher import (
     Owner,
@@ -75,7 +81,6 @@ from kubetune_operator.settings import GROUP, PLURAL, VERSION, Settings
 log = logging.getLogger("kubetune.operator")
 
 FINALIZER = "kubetune.io/finalizer"
-UID_ATTR = "kubetune:jobUid"  # the TuningJob (uid) that the study's stored spec belongs to
 INVALID_SPEC = "InvalidSpec"
 STORAGE_UNAVAILABLE = "StorageUnavailable"
 WORKERS_STARTED = "WorkersStarted"  # a condition present only while pods cannot be created
@@ -200,12 +205,12 @@ class Reconciler:
                                   storage=storage, sampler=optuna.samplers.RandomSampler())
         except KeyError:
             study = None
-        if study is None or study.user_attrs.get(UID_ATTR) != owner.uid:
+        if study is None or study.user_attrs.get(JOB_UID_ATTR) != owner.uid:
             # A new job, or a new TuningJob continuing the study of an earlier one of that name
             if current is None:
                 raise SpecError(problems)
             study = _call_storage(create_or_load_study, storage, current)
-            _call_storage(study.set_user_attr, UID_ATTR, owner.uid)
+            _call_storage(study.set_user_attr, JOB_UID_ATTR, owner.uid)
             return current, [], False
         accepted = load_job(study)
         if current is None:

@@ -32,11 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(sys.argv[1:] if argv is None else argv)
     import kopf
     import kubernetes
+    from kubetune.job.metrics import Metrics
+    from kubetune.study.storage import silence_optuna
 
-    from kubetune.metrics import Metrics
-    from kubetune.storage import silence_optuna
+    from kubetune_operator.client import load_credentials
     from kubetune_operator.handlers import Reconciler, register
-    from kubetune_operator.results import load_credentials
 
     kopf.configure(verbose=settings.verbose)
     silence_optuna()

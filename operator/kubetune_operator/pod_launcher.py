@@ -37,11 +37,10 @@ from typing import Any
 
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
-
-from kubetune import __version__
-from kubetune.cli import STORAGE_ENV
-from kubetune.controller import WorkerState
-from kubetune.spec import Problem, TuningJob
+from kubetune.job.core import WorkerState
+from kubetune.spec.model import Problem, TuningJob
+from kubetune.study.urls import STORAGE_ENV
+from kubetune.version import __version__
 
 from kubetune_operator.settings import Settings
 

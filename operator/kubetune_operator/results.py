@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
+from kubetune_operator.client import current_namespace, load_credentials
+
 EXIT_ERROR = 1
-NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> int:
             namespace = args.namespace or "default"
             status = status_from_storage(args.storage, namespace, name)
         else:
-            namespace = args.namespace or _current_namespace()
+            namespace = args.namespace or current_namespace()
             status = status_from_cluster(namespace, name)
     except LookupError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -61,13 +61,14 @@ def status_from_cluster(namespace: str, name: str) -> dict[str, Any]:
 
 def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
     import optuna
-
-    from kubetune import budget, preflight
-    from kubetune.job_study import load_job
-    from kubetune.search_space import effective_max_trials
-    from kubetune.stage_study import stored_spaces
-    from kubetune.status import RUNNING, build_status
-    from kubetune.storage import open_storage, redact, silence_optuna
+    from kubetune.builtin import preflight
+    from kubetune.job.status import RUNNING, build_status
+    from kubetune.search import budget
+    from kubetune.search.space import effective_max_trials
+    from kubetune.search.stages import stored_spaces
+    from kubetune.study.schema import load_job
+    from kubetune.study.storage import open_storage, silence_optuna
+    from kubetune.study.urls import redact
 
     silence_optuna()
     study_name = f"{namespace}/{name}"
@@ -87,9 +88,8 @@ def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
 
 
 def print_status(status: dict[str, Any]) -> None:
+    from kubetune.local.progress import print_summary
     from rich.console import Console
-
-    from kubetune.progress import print_summary
 
     console = Console(highlight=False)
     if "objective" not in status:  # failed before it started (e.g. an invalid spec)
@@ -108,34 +108,3 @@ def print_status(status: dict[str, Any]) -> None:
     else:
         console.print(f"no complete trial yet ({status.get('progress', '0')} finished, phase "
                       f"{status.get('phase')})")
-
-
-def load_credentials() -> None:
-    """In-cluster service account, else the kubeconfig; LookupError when neither works."""
-    import kubernetes
-
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        try:
-            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-        except (kubernetes.config.ConfigException, OSError) as err:
-            raise LookupError(f"no Kubernetes credentials (in-cluster or kubeconfig): "
-                              f"{err}") from None
-
-
-def _current_namespace() -> str:
-    """The namespace of the kubeconfig's current context, or of the pod, or ``default``."""
-    try:
-        with open(NAMESPACE_FILE) as handle:
-            return handle.read().strip() or "default"
-    except OSError:
-        pass
-    try:
-        import kubernetes
-
-        _, context = kubernetes.config.list_kube_config_contexts(
-            config_file=os.environ.get("KUBECONFIG"))
-        return (context or {}).get("context", {}).get("namespace") or "default"
-    except Exception:  # no kubeconfig: the error comes when loading it
-        return "default"

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune import __version__
-from kubetune.spec import API_VERSION, KIND
+from kubetune.spec.model import API_VERSION, KIND
+from kubetune.version import __version__
 
 GROUP, _, VERSION = API_VERSION.partition("/")
 PLURAL = "tuningjobs"

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kubetune.export import EnsembleModel
-    from kubetune.sdk import Trial
-    from kubetune.trial_run import TrialPruned
+    from kubetune.ensemble.export import EnsembleModel
+    from kubetune.worker.contract import TrialPruned
+    from kubetune.worker.entrypoint_trainer import Trial
 
-__version__ = "0.1.0"
+from kubetune.version import __version__
+
 __all__ = ["Trial", "TrialPruned", "__version__", "load_ensemble"]
 
 
@@ -17,11 +18,11 @@ def __getattr__(name: str) -> Any:
     """``kubetune.Trial`` (the trainer SDK's trial) and ``kubetune.TrialPruned``, imported on
     first use so that ``import kubetune`` stays light."""
     if name == "Trial":
-        from kubetune.sdk import Trial
+        from kubetune.worker.entrypoint_trainer import Trial
 
         return Trial
     if name == "TrialPruned":
-        from kubetune.trial_run import TrialPruned
+        from kubetune.worker.contract import TrialPruned
 
         return TrialPruned
     raise AttributeError(f"module 'kubetune' has no attribute {name!r}")
@@ -37,6 +38,6 @@ def load_ensemble(path: Any) -> EnsembleModel:
         >>> model = kubetune.load_ensemble("digits-model")  # doctest: +SKIP
         >>> model.predict(X)                                 # doctest: +SKIP
     """
-    from kubetune.export import load_ensemble as _load
+    from kubetune.ensemble.export import load_ensemble as _load
 
     return _load(path)

@@ -7,20 +7,20 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kubetune import __version__
-from kubetune.spec import SpecError, parse_job_file
+from kubetune.spec.model import SpecError, parse_job_file
+from kubetune.study.urls import STORAGE_ENV
+from kubetune.version import __version__
 
 EXIT_INVALID = 2
-STORAGE_ENV = "KUBETUNE_STORAGE_URL"
 
 
 # Commands that own their arguments, in the module that implements them. The operator's lives
 # on the operator side, so the trainer side never imports kopf or the Kubernetes client.
 DELEGATED = {
     "operator": ("kubetune_operator.main:main", "run the Kubernetes operator"),
-    "ensemble": ("kubetune.ensemble_cli:ensemble_main",
+    "ensemble": ("kubetune.ensemble.commands:ensemble_main",
                  "build the ensemble of a finished study (started by the runner or operator)"),
-    "export": ("kubetune.ensemble_cli:export_main",
+    "export": ("kubetune.ensemble.commands:export_main",
                "write a job's ensemble as a self-contained model folder"),
 }
 
@@ -148,7 +148,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from kubetune.presets import listing
+    from kubetune.spec.presets import listing
 
     print(listing())
     return 0
@@ -160,8 +160,8 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     from pathlib import Path
 
-    from kubetune.job_study import StudyMismatch
-    from kubetune.runner import RunError, RunOptions, configure_logging, run_job
+    from kubetune.local.runner import RunError, RunOptions, configure_logging, run_job
+    from kubetune.study.schema import StudyMismatch
 
     configure_logging(args.verbose)
     options = RunOptions(workers=args.workers, storage=args.storage, output=args.output,
@@ -179,11 +179,11 @@ def _results(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from kubetune.progress import print_summary
+    from kubetune.local.progress import print_summary
 
     path = Path(args.path)
     if not path.exists() and "/" not in args.path and not args.path.endswith(".json"):
-        from kubetune_operator.results import main as cluster_results  # a TuningJob's name
+        from kubetune_operator.results import main as cluster_results
 
         return cluster_results(args)
     if path.is_dir():
@@ -205,9 +205,9 @@ def _plot(args: argparse.Namespace) -> int:
 
     import optuna
 
-    from kubetune.job_study import load_job
-    from kubetune.plots import write_plots
-    from kubetune.storage import open_storage, silence_optuna
+    from kubetune.local.plots import write_plots
+    from kubetune.study.schema import load_job
+    from kubetune.study.storage import open_storage, silence_optuna
 
     silence_optuna()
     folder = Path(args.target)
@@ -249,7 +249,7 @@ def _delegate(name: str, argv: list[str]) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import logging
 
-    from kubetune.worker import WorkerOptions, run_worker
+    from kubetune.worker.loop import WorkerOptions, run_worker
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

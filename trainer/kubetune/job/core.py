@@ -1,0 +1,367 @@
+"""The job core: given the job, the study and the workers, decide what happens next.
+
+Plain Python with no Kubernetes or process handling of its own: a *launcher* starts and lists
+workers (local processes for ``kubetune run``, pods for the operator). ``reconcile`` is called
+over and over; it keeps no state between calls beyond what it writes into the status, so a
+restarted runner or operator carries on where the last one stopped.
+
+A failed preflight (see ``kubetune.builtin.preflight``; a study user attribute written by the first
+worker) ends the job at once: phase ``Failed``, reason ``PreflightFailed``, no more workers.
+
+When the search succeeds and ``spec.ensemble.enabled``, the job goes through phase
+``Ensembling``: the core starts the ensemble worker once (``launcher.start_ensemble``), tracks
+it in ``status.workers.ensemble``, waits for it, copies the result the step stored in the study
+into ``status.ensemble`` and sets the ``EnsembleReady`` condition. A failed step is started
+again, ``MAX_ENSEMBLE_ATTEMPTS`` times in all; after that, or when there are too few members,
+the job still succeeds, with ``EnsembleReady=False`` and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import optuna
+from optuna.storages import fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+
+from kubetune.builtin import preflight
+from kubetune.ensemble.step import describe, is_reusable, status_view
+from kubetune.job.status import (
+    ENSEMBLING,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    build_status,
+    condition,
+)
+from kubetune.search import budget
+from kubetune.search.space import effective_max_trials
+from kubetune.search.stages import stored_spaces
+from kubetune.spec.model import TuningJob
+from kubetune.study.schema import (
+    ENSEMBLE_ATTR,
+    WORKER_ATTR,
+    started_at,
+)
+from kubetune.study.trials import fail_and_requeue
+
+log = logging.getLogger("kubetune.controller")
+
+MAX_CONSECUTIVE_CRASHES = 5
+NO_COMPLETE_TRIAL = "NoCompleteTrial"
+CRASH_LOOP = "WorkerCrashLoop"
+
+ENSEMBLE_READY = "EnsembleReady"
+ENSEMBLE_BUILT = "EnsembleBuilt"
+ENSEMBLE_RUNNING = "Ensembling"
+ENSEMBLE_FAILED = "EnsembleFailed"
+MAX_ENSEMBLE_ATTEMPTS = 3
+# A just-started ensemble worker may not be listed at once (a pod cache): missing from the list
+# for this long after its start, it is still waited for; after that it counts as a failure.
+ENSEMBLE_LIST_GRACE = 120.0
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """What a launcher knows of one worker; ``exit_code`` is None while it runs."""
+
+    id: str
+    exit_code: int | None = None
+    log_tail: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.exit_code is None
+
+
+class Launcher(Protocol):
+    """Starts and lists the job's workers: processes (``ProcessLauncher``) or pods.
+
+    Every worker runs ``kubetune worker --study NAME --worker-id ID --artifacts DIR`` with the
+    storage URL in the ``KUBETUNE_STORAGE_URL`` environment variable; the ensemble worker runs
+    ``kubetune ensemble --study NAME --artifacts DIR`` the same way. A worker, the ensemble
+    worker included, stays in ``list_workers`` (with its exit code once it ended) until
+    ``forget_worker``. The ensemble step's result is read from the study, not from the worker.
+    """
+
+    def list_workers(self) -> list[WorkerState]: ...
+
+    def start_worker(self) -> str: ...
+
+    def start_ensemble(self) -> str: ...
+
+    def forget_worker(self, worker_id: str) -> None: ...
+
+    def stop_all(self) -> None: ...
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]
+    done: bool
+    # The trials this reconcile read, for callers that also need them (metrics): reading
+    # them again would double the storage queries of every pass.
+    trials: list[FrozenTrial] = field(default_factory=list)
+
+
+class JobCore:
+    """Drives one TuningJob through a launcher; ``reconcile`` is the only entry point."""
+
+    def __init__(self, job: TuningJob, study: optuna.Study, launcher: Launcher,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.job = job
+        self.study = study
+        self.launcher = launcher
+        self.clock = clock
+        self._stage_spaces: dict[str, Any] = {}  # read once per reconcile, for the status
+
+    def reconcile(self, previous: dict[str, Any] | None = None) -> Outcome:
+        previous = previous or {}
+        attrs = self.study.user_attrs
+        outcome = self._reconcile(previous, attrs)
+        outcome.status["preflight"] = preflight.status_view(attrs)
+        return outcome
+
+    def _reconcile(self, previous: dict[str, Any], attrs: dict[str, Any]) -> Outcome:
+        spec = self.job.spec
+        now = self.clock()
+        fail_stale_trials(self.study)
+        if spec.stages and len(spec.stages) > 1:
+            self._stage_spaces = stored_spaces(self.study)
+        tracking = _ensemble_tracking(previous)
+        workers = self.launcher.list_workers()
+        ensemble_worker = next((w for w in workers if tracking and w.id == tracking["id"]), None)
+        workers = [w for w in workers if w is not ensemble_worker]
+        exited = [w for w in workers if not w.running]
+        trials = self.study.get_trials(deepcopy=False)
+        if self._fail_orphans(trials, exited):
+            trials = self.study.get_trials(deepcopy=False)
+        counts = budget.count_trials(trials)
+        crashes, last_crash = self._count_crashes(previous, exited, counts)
+        for worker in exited:
+            self.launcher.forget_worker(worker.id)
+        alive = [w for w in workers if w.running]
+        best = budget.best_value(trials, spec.objective.resolved_direction)
+        reason = budget.stop_reason(spec, counts, best, started_at(attrs), now)
+        max_trials = effective_max_trials(spec)
+
+        failed_check = preflight.failed_verdict(attrs)
+        if failed_check is not None:
+            self.launcher.stop_all()
+            return self._finish(trials, counts, previous, max_trials, FAILED,
+                                preflight.PREFLIGHT_FAILED, failed_check["message"])
+        if crashes > MAX_CONSECUTIVE_CRASHES and tracking is None:
+            self.launcher.stop_all()
+            tail = next((w.log_tail for w in reversed(exited) if w.exit_code), "")
+            return self._finish(trials, counts, previous, max_trials, FAILED, CRASH_LOOP,
+                                f"{crashes} workers in a row exited with an error without "
+                                f"finishing a trial. Last output:\n{tail}".strip())
+        if reason is not None and counts.running == 0:
+            verdict = self._verdict(reason, counts, max_trials, best)
+            if verdict[0] == SUCCEEDED and spec.ensemble.enabled:
+                return self._ensemble(trials, counts, previous, max_trials, verdict, tracking,
+                                      ensemble_worker)
+            self.launcher.stop_all()
+            return self._finish(trials, counts, previous, max_trials, *verdict)
+
+        started = 0
+        if reason is None:
+            open_slots = max(0, max_trials - counts.used) + counts.waiting
+            wanted = min(spec.budget.parallelism, open_slots + counts.running)
+            backoff = min(60.0, 2.0 ** crashes) if crashes else 0.0
+            if last_crash is None or now - last_crash >= backoff:
+                for _ in range(max(0, wanted - len(alive))):
+                    worker_id = self.launcher.start_worker()
+                    log.info("started worker %s", worker_id)
+                    started += 1
+        phase = RUNNING if alive or started or counts.finished else PENDING
+        status = build_status(
+            self.job, trials, counts, phase=phase, previous=previous, max_trials=max_trials,
+            stage_spaces=self._stage_spaces,
+            conditions=[self._ready()])
+        status["workers"] = {"active": len(alive) + started, "consecutiveCrashes": crashes,
+                             "lastCrashTime": last_crash, "finishedTrials": counts.finished,
+                             "restarts": previous.get("workers", {}).get("restarts", 0)
+                             + sum(1 for w in exited if w.exit_code)}
+        return Outcome(status=status, done=False, trials=trials)
+
+    # ------------------------------------------------------------------ the ensemble step
+    def _ensemble(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
+                  previous: dict[str, Any], max_trials: int, verdict: tuple[str, str, str],
+                  tracking: dict[str, Any] | None, worker: WorkerState | None) -> Outcome:
+        """The search succeeded: start, wait for, retry and finally report the ensemble step."""
+        spec = self.job.spec.ensemble
+        args = (trials, counts, previous, max_trials)
+        if tracking is None:  # the search has just ended (or a restarted runner lost track)
+            self.launcher.stop_all()
+            search = {"reason": verdict[1], "message": verdict[2]}
+            record = self.study.user_attrs.get(ENSEMBLE_ATTR)
+            if is_reusable(record, spec, counts.finished):
+                return self._ensemble_done(*args, search, record, reused=True)
+            self.study.set_user_attr(ENSEMBLE_ATTR, None)  # a result now can only be new
+            return self._start_ensemble(*args, {"search": search, "attempts": 0})
+        search = tracking["search"]
+        if worker is not None and worker.running:
+            return self._ensembling(*args, tracking)
+        if worker is None and self.clock() - tracking["startedAt"] < ENSEMBLE_LIST_GRACE:
+            return self._ensembling(*args, tracking)
+        if worker is not None:
+            self.launcher.forget_worker(worker.id)
+        if worker is not None and worker.exit_code == 0:
+            record = self.study.user_attrs.get(ENSEMBLE_ATTR)
+            if record:
+                return self._ensemble_done(*args, search, record)
+            error = "the ensemble step exited without storing a result"
+        elif worker is None:
+            error = f"ensemble worker {tracking['id']} is gone"
+        else:
+            error = f"the ensemble step exited with code {worker.exit_code}"
+            if worker.log_tail:
+                error += f"; last output:\n{worker.log_tail}"
+        log.warning("ensemble attempt %d failed: %s", tracking["attempts"], error)
+        if tracking["attempts"] < MAX_ENSEMBLE_ATTEMPTS:
+            return self._start_ensemble(*args, {**tracking, "lastError": error[:2000]})
+        self.launcher.stop_all()
+        return self._finish(*args, SUCCEEDED, search["reason"], search["message"],
+                            ensemble=condition(ENSEMBLE_READY, False, ENSEMBLE_FAILED,
+                                               f"{tracking['attempts']} attempts failed; "
+                                               f"last: {error}"[:4000]))
+
+    def _start_ensemble(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
+                        previous: dict[str, Any], max_trials: int,
+                        tracking: dict[str, Any]) -> Outcome:
+        worker_id = self.launcher.start_ensemble()
+        tracking = {**tracking, "id": worker_id, "attempts": tracking["attempts"] + 1,
+                    "startedAt": self.clock()}
+        log.info("started ensemble worker %s (attempt %d)", worker_id, tracking["attempts"])
+        return self._ensembling(trials, counts, previous, max_trials, tracking)
+
+    def _ensembling(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
+                    previous: dict[str, Any], max_trials: int,
+                    tracking: dict[str, Any]) -> Outcome:
+        spec = self.job.spec.ensemble
+        source = (f"the {spec.top_k} best trials" if spec.members != "seeds"
+                  else f"the best trial and {spec.seeds - 1} retrained seeds")
+        status = build_status(
+            self.job, trials, counts, phase=ENSEMBLING, previous=previous,
+            max_trials=max_trials, stage_spaces=self._stage_spaces,
+            conditions=[self._ready(),
+                        condition(ENSEMBLE_READY, None, ENSEMBLE_RUNNING,
+                                  f"building a {spec.method} ensemble of {source} "
+                                  f"({spec.members}), attempt {tracking['attempts']} of "
+                                  f"{MAX_ENSEMBLE_ATTEMPTS}")])
+        status["ensemble"] = None
+        status["workers"] = {**previous.get("workers", {}), "active": 1,
+                             "finishedTrials": counts.finished, "ensemble": tracking}
+        return Outcome(status=status, done=False, trials=trials)
+
+    def _ensemble_done(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
+                       previous: dict[str, Any], max_trials: int, search: dict[str, str],
+                       record: dict[str, Any], reused: bool = False) -> Outcome:
+        self.launcher.stop_all()
+        view = status_view(record)
+        if view is None:
+            ready = condition(ENSEMBLE_READY, False, record.get("reason", ENSEMBLE_FAILED),
+                              record.get("message", ""))
+        else:
+            message = describe(record) + (" (built earlier for these trials)" if reused else "")
+            ready = condition(ENSEMBLE_READY, True, ENSEMBLE_BUILT, message)
+        outcome = self._finish(trials, counts, previous, max_trials, SUCCEEDED,
+                               search["reason"], search["message"], ensemble=ready)
+        outcome.status["ensemble"] = view
+        return outcome
+
+    # ------------------------------------------------------------------ helpers
+    def _ready(self) -> dict[str, Any]:
+        return condition("Ready", True, "StudyReady", f"study {self.job.study_name} is open")
+
+    def _finish(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
+                previous: dict[str, Any], max_trials: int, phase: str, reason: str,
+                message: str, ensemble: dict[str, Any] | None = None) -> Outcome:
+        """The job's end; ``ensemble`` is the EnsembleReady condition when the step ran."""
+        kind = "Complete" if phase == SUCCEEDED else "Failed"
+        conditions = [self._ready()]
+        if ensemble is not None:
+            conditions.append(ensemble)
+        conditions.append(condition(kind, True, reason, message))
+        status = build_status(
+            self.job, trials, counts, phase=phase, previous=previous, max_trials=max_trials,
+            stage_spaces=self._stage_spaces,
+            conditions=conditions)
+        workers = {k: v for k, v in previous.get("workers", {}).items() if k != "ensemble"}
+        status["workers"] = {**workers, "active": 0, "finishedTrials": counts.finished}
+        return Outcome(status=status, done=True, trials=trials)
+
+    def _verdict(self, reason: str, counts: budget.TrialCounts, max_trials: int,
+                 best: float | None) -> tuple[str, str, str]:
+        summary = (f"{counts.finished} trials finished: {counts.complete} complete, "
+                   f"{counts.pruned} pruned, {counts.failed} failed")
+        if reason == budget.TOO_MANY_FAILED:
+            return FAILED, reason, (f"{counts.failed} trials failed, more than maxFailedTrials "
+                                    f"({self.job.spec.budget.max_failed_trials}); {summary}")
+        if counts.complete == 0:
+            return FAILED, NO_COMPLETE_TRIAL, f"no trial completed; {summary}"
+        if best is None:
+            return FAILED, NO_COMPLETE_TRIAL, f"no full-fidelity trial completed; {summary}"
+        messages = {
+            budget.MAX_TRIALS: f"budget of {max_trials} trials spent; {summary}",
+            budget.GOAL: f"objective goal {self.job.spec.objective.goal} reached; {summary}",
+            budget.TIMEOUT: f"timeout {self.job.spec.budget.timeout} reached; {summary}",
+        }
+        return SUCCEEDED, reason, messages[reason]
+
+    def _fail_orphans(self, trials: list[FrozenTrial], exited: list[WorkerState]) -> bool:
+        """Fail and requeue the running trials of workers that exited (crash, kill), and those
+        no worker ever claimed.
+
+        A worker claims a trial (its ``worker`` attribute) right after creating it. A trial
+        still unclaimed after the grace period was created by a call whose answer was lost
+        (the database went away mid-call; the worker retried and got another trial): it has no
+        heartbeat either, so nothing else would ever end it.
+        """
+        dead = {w.id: w for w in exited}
+        unclaimed_before = (datetime.fromtimestamp(self.clock())
+                            - timedelta(seconds=self.job.spec.storage.grace_period))
+        changed = False
+        for trial in trials:
+            if trial.state != TrialState.RUNNING:
+                continue
+            owner = trial.user_attrs.get(WORKER_ATTR)
+            if owner in dead:
+                reason = f"worker {owner} exited with code {dead[owner].exit_code}"
+            elif owner is None and trial.datetime_start is not None \
+                    and trial.datetime_start < unclaimed_before:
+                reason = "no worker claimed the trial (its creation was cut off)"
+            else:
+                continue
+            fail_and_requeue(self.study, trial, reason, self.job.spec.budget.max_retries)
+            changed = True
+        return changed
+
+    def _count_crashes(self, previous: dict[str, Any], exited: list[WorkerState],
+                       counts: budget.TrialCounts) -> tuple[int, float | None]:
+        """Consecutive worker crashes since a trial last finished (crash-loop detection)."""
+        workers = previous.get("workers", {})
+        crashes = int(workers.get("consecutiveCrashes", 0))
+        last = workers.get("lastCrashTime")
+        if counts.finished > workers.get("finishedTrials", counts.finished):
+            crashes = 0  # a trial finished since: workers do work, this is no crash loop
+        failed = [w for w in exited if w.exit_code]
+        if failed:
+            crashes += len(failed)
+            last = self.clock()
+        return crashes, last
+
+
+def _ensemble_tracking(previous: dict[str, Any]) -> dict[str, Any] | None:
+    """The ensemble worker the previous status tracks, while the job is Ensembling."""
+    if previous.get("phase") != ENSEMBLING:
+        return None
+    tracking = previous.get("workers", {}).get("ensemble")
+    return tracking if isinstance(tracking, dict) and tracking.get("id") else None

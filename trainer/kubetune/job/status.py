@@ -1,0 +1,121 @@
+"""The TuningJob status (and local result.json): small, bounded, recomputable from the study.
+
+Trial history stays in Optuna storage; the status only counts trials and keeps the top ten,
+so its size does not grow with the number of trials. ``diagnosis`` counts the finished trials'
+learning-curve labels (``kubetune.builtin.diagnosis``) and gives one line of advice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from kubetune.builtin import diagnosis
+from kubetune.search.budget import TrialCounts, ranked
+from kubetune.spec.model import TuningJob
+from kubetune.study.schema import HISTORY_ATTR, PRUNE_REASON_ATTR, is_full_fidelity
+
+LEADERBOARD_SIZE = 10
+DIAGNOSIS_CACHE_SIZE = 100_000
+
+PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+ENSEMBLING = "Ensembling"  # the search is over; the ensemble step runs (then Succeeded)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def condition(type_: str, status: bool | None, reason: str, message: str = "") -> dict[str, Any]:
+    """A status condition; ``status`` None is ``Unknown`` (e.g. while it is being found out)."""
+    text = "Unknown" if status is None else "True" if status else "False"
+    return {"type": type_, "status": text, "reason": reason, "message": message,
+            "lastTransitionTime": now_iso()}
+
+
+def merge_conditions(previous: list[dict[str, Any]] | None,
+                     current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime of conditions whose status did not change (API conventions)."""
+    before = {c["type"]: c for c in previous or []}
+    merged = []
+    for cond in current:
+        old = before.get(cond["type"])
+        if old is not None and old.get("status") == cond["status"]:
+            cond = {**cond, "lastTransitionTime": old.get("lastTransitionTime",
+                                                          cond["lastTransitionTime"])}
+        merged.append(cond)
+    return merged
+
+
+def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts, *,
+                 phase: str, conditions: list[dict[str, Any]],
+                 previous: dict[str, Any] | None = None,
+                 max_trials: int | None = None,
+                 stage_spaces: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status document, in the camelCase shape of ``TuningJob.status``.
+
+    ``stage_spaces``: the narrowed spaces stored in the study (``stage_study.stored_spaces``),
+    for ``stage`` and ``stages``.
+    """
+    from kubetune.search.stages import status_view
+
+    direction = job.spec.objective.resolved_direction
+    top = ranked(trials, direction)
+    reasons = Counter(t.user_attrs.get(PRUNE_REASON_ATTR) or "pruner"
+                      for t in trials if t.state == TrialState.PRUNED)
+    max_trials = max_trials or job.spec.budget.max_trials
+    previous = previous or {}
+    return {
+        "name": job.name,
+        "phase": phase,
+        "objective": {"metric": job.spec.objective.metric, "direction": direction},
+        "progress": f"{counts.finished}/{max_trials}",
+        "trials": {"total": counts.used, "complete": counts.complete, "pruned": counts.pruned,
+                   "failed": counts.failed, "running": counts.running},
+        "pruneReasons": dict(sorted(reasons.items())),
+        "best": _entry(top[0]) if top else None,
+        "leaderboard": [_entry(t) for t in top[:LEADERBOARD_SIZE]],
+        "conditions": merge_conditions(previous.get("conditions"), conditions),
+        "ensemble": previous.get("ensemble"),
+        **dict(zip(("stage", "stages"), status_view(job.spec, trials, stage_spaces or {}))),
+        "diagnosis": _diagnosis(trials),
+    }
+
+
+def _diagnosis(trials: list[FrozenTrial]) -> dict[str, Any] | None:
+    """The labels of the finished trials: the full-fidelity ones once there are any (a reduced
+    stage trains fewer epochs or on less data, and looks underfit by design)."""
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    full = [t for t in finished if is_full_fidelity(t)]
+    return diagnosis.summarize(trial_label(t) for t in (full or finished))
+
+
+# A finished trial's history never changes: its label is computed once per process (the
+# runner or operator rebuilds the status every few seconds, over every trial of the study).
+_labels: dict[tuple[Any, ...], str] = {}
+
+
+def cache_key(trial: FrozenTrial) -> tuple[Any, ...]:
+    """Which trial this is, across the studies and databases one operator serves (a trial id
+    alone repeats across databases)."""
+    return (trial._trial_id, trial.number, trial.datetime_start, trial.datetime_complete)
+
+
+def trial_label(trial: FrozenTrial) -> str:
+    """The diagnosis of a finished trial (``kubetune.builtin.diagnosis``), cached by trial."""
+    key = cache_key(trial)
+    label = _labels.get(key)
+    if label is None:
+        label = diagnosis.diagnose(trial.user_attrs.get(HISTORY_ATTR),
+                                   prune_reason=trial.user_attrs.get(PRUNE_REASON_ATTR))
+        if len(_labels) >= DIAGNOSIS_CACHE_SIZE:
+            _labels.clear()
+        _labels[key] = label
+    return label
+
+
+def _entry(trial: FrozenTrial) -> dict[str, Any]:
+    return {"trial": trial.number, "value": trial.value, "params": dict(trial.params)}

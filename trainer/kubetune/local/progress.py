@@ -1,0 +1,192 @@
+"""What ``kubetune run`` shows: a live progress bar on a terminal, plain lines elsewhere,
+and a leaderboard at the end, with the ensemble against the best single trial."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from kubetune.search.space import effective_max_trials
+from kubetune.spec.model import TuningJob
+
+
+class ProgressView:
+    def __init__(self, job: TuningJob, *, quiet: bool = False,
+                 console: Console | None = None) -> None:
+        self._job = job
+        self._quiet = quiet
+        self._console = console or Console(highlight=False)
+        self._live = self._console.is_terminal and not quiet
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._last_line = ("", 0.0)
+        self._last_phase = ""
+        self._preflight_told = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def intro(self, *, storage: str, output: Path, workers: int, resumed: int,
+              done: int) -> None:
+        if self._quiet:
+            return
+        spec = self._job.spec
+        what = f"continuing study ({done} trials done)" if done else "new study"
+        self._console.print(
+            f"[bold]kubetune run {self._job.name}[/]: {what}, up to "
+            f"{effective_max_trials(spec)} trials, {workers} worker(s), objective "
+            f"{spec.objective.metric} ({spec.objective.resolved_direction})")
+        self._console.print(f"  storage: {storage}\n  output:  {output}")
+        if resumed:
+            self._console.print(f"  {resumed} trial(s) left running by an earlier run were "
+                                "queued again")
+
+    def __enter__(self) -> ProgressView:
+        if self._live:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                console=self._console, transient=False)
+            self._task = self._progress.add_task(
+                "trials", total=self._job.spec.budget.max_trials, detail="")
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    # ------------------------------------------------------------------ updates
+    def update(self, status: dict[str, Any]) -> None:
+        self._tell_preflight(status.get("preflight"))
+        done, _, total = status["progress"].partition("/")
+        detail = self._detail(status)
+        ensembling = status.get("phase") == "Ensembling"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=int(done), total=int(total),
+                                  detail=detail,
+                                  description="ensembling" if ensembling else "trials")
+        elif not self._quiet:
+            line = f"trials {status['progress']}  {detail}"
+            last, when = self._last_line
+            changed = status.get("phase", "") != self._last_phase
+            if line != last and (changed or time.monotonic() - when >= 2.0):
+                self._console.print(line)
+                self._last_line = (line, time.monotonic())
+        self._last_phase = status.get("phase", "")
+
+    def _tell_preflight(self, preflight: dict[str, Any] | None) -> None:
+        """One line once the first worker has run the preflight; a failure is told by the
+        summary at the end."""
+        if self._quiet or self._preflight_told or not preflight:
+            return
+        self._preflight_told = True
+        if preflight.get("result") != "failed":
+            self._console.print(f"preflight {preflight['result']}: {preflight['message']}")
+
+    def _detail(self, status: dict[str, Any]) -> str:
+        trials = status["trials"]
+        best = status.get("best")
+        best_text = f"best {best['value']:.4g} (#{best['trial']})" if best else "best -"
+        if status.get("phase") == "Ensembling":
+            cond = next((c for c in status.get("conditions", [])
+                         if c["type"] == "EnsembleReady"), None)
+            return f"{best_text}  Ensembling: {cond['message'] if cond else ''}".rstrip()
+        stage = f"stage {status['stage']}  " if len(status.get("stages") or ()) > 1 else ""
+        return (f"{stage}{best_text}  running {trials['running']}  pruned {trials['pruned']}  "
+                f"failed {trials['failed']}")
+
+    def interrupted(self, output: Path) -> None:
+        self._console.print(f"interrupted: run the same command again to continue "
+                            f"(results so far in {output})")
+
+    def summary(self, status: dict[str, Any], result_path: Path) -> None:
+        if self._quiet:
+            return
+        print_summary(status, self._console)
+        self._console.print(f"result: {result_path}")
+
+
+def print_summary(status: dict[str, Any], console: Console | None = None) -> None:
+    """Leaderboard, how the job ended, why trials were pruned and what their curves say."""
+    console = console or Console(highlight=False)
+    if status.get("leaderboard"):
+        console.print(leaderboard_table(status))
+    for cond in status.get("conditions", []):
+        if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+            console.print(f"[bold]{status['phase']}[/] ({cond['reason']}): {cond['message']}")
+    reasons = status.get("pruneReasons") or {}
+    if reasons:
+        console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+    _print_stages(status, console)
+    diagnosis = status.get("diagnosis")
+    if diagnosis:
+        counts = ", ".join(f"{k} {v}" for k, v in diagnosis["counts"].items())
+        console.print(f"diagnosis: {counts}\n  advice: {diagnosis['advice']}")
+    _print_ensemble(status, console)
+
+
+def _print_stages(status: dict[str, Any], console: Console) -> None:
+    """Each stage of a staged job: trials, fidelity and the ranges it searched."""
+    stages = status.get("stages") or []
+    if len(stages) < 2:
+        return
+    for stage in stages:
+        cheap = ", ".join(([f"{stage['epochs']} epochs"] if "epochs" in stage else [])
+                          + [f"{k} {v}" for k, v in (stage.get("data") or {}).items()])
+        ranges = "; ".join(f"{k} {v}" for k, v in (stage.get("ranges") or {}).items())
+        console.print(f"stage {stage['name']}: {stage['finished']}/{stage['trials']} trials, "
+                      f"{stage['fidelity']} fidelity{f' ({cheap})' if cheap else ''}"
+                      f"{f': {ranges}' if ranges else ''}", markup=False)
+
+
+def _print_ensemble(status: dict[str, Any], console: Console) -> None:
+    """The ensemble against the best single trial on the test split, or why there is none."""
+    ensemble = status.get("ensemble")
+    if ensemble:
+        members = ", ".join(_member(m) for m in ensemble["members"])
+        console.print(
+            f"[bold]ensemble[/] ({ensemble['method']}, {ensemble['memberSource']}): "
+            f"test {ensemble['metric']} {ensemble['testValue']:.4g} vs best single trial "
+            f"#{ensemble['bestSingleTrial']} {ensemble['bestSingleTestValue']:.4g} "
+            f"(validation {ensemble['validationValue']:.4g} vs "
+            f"{ensemble['bestSingleValidationValue']:.4g})")
+        console.print(f"  members: {members}")
+        if ensemble.get("note"):
+            console.print(f"  note: {ensemble['note']}")
+        return
+    for cond in status.get("conditions", []):
+        if cond["type"] == "EnsembleReady" and cond["status"] == "False":
+            console.print(f"no ensemble ({cond['reason']}): {cond['message']}")
+
+
+def _member(member: dict[str, Any]) -> str:
+    extra = "".join(f" {k} {member[k]}" for k in ("seed", "epoch") if k in member)
+    return f"#{member['trial']}{extra} x{member['weight']:.3g}"
+
+
+def leaderboard_table(status: dict[str, Any]) -> Table:
+    objective = status["objective"]
+    table = Table(title=f"{status['name']}: top trials by {objective['metric']} "
+                        f"({objective['direction']})")
+    table.add_column("#", justify="right")
+    table.add_column("trial", justify="right")
+    table.add_column(objective["metric"], justify="right")
+    table.add_column("params")
+    for rank, entry in enumerate(status.get("leaderboard", []), start=1):
+        params = ", ".join(f"{k}={_short(v)}" for k, v in entry["params"].items())
+        table.add_row(str(rank), str(entry["trial"]), f"{entry['value']:.5g}", params)
+    return table
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

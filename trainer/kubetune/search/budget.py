@@ -1,0 +1,113 @@
+"""Trial accounting and the rules that end a job, shared by workers and the job core.
+
+A trial whose worker died is failed and retried (a new WAITING trial with the same
+parameters). The failed attempt is then *retried*, not *failed*: it does not use a slot of
+the budget nor count against ``maxFailedTrials``; its retry does. So the finished trials
+(complete + pruned + failed) end exactly at ``maxTrials``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from optuna.trial import FrozenTrial, TrialState
+
+from kubetune.search.space import effective_max_trials
+from kubetune.spec.model import JobSpec
+from kubetune.study.schema import is_full_fidelity
+
+MAX_TRIALS = "MaxTrialsReached"
+GOAL = "GoalReached"
+TIMEOUT = "TimeoutReached"
+TOO_MANY_FAILED = "TooManyFailedTrials"
+
+
+@dataclass(frozen=True)
+class TrialCounts:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+    retried: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+    @property
+    def used(self) -> int:
+        """Slots of the budget taken: finished, running and queued trials."""
+        return self.finished + self.running + self.waiting
+
+
+def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that a later trial retries."""
+    numbers: set[int] = set()
+    for trial in trials:
+        numbers.update(trial.system_attrs.get("retry_history", ()))
+    return numbers
+
+
+def count_trials(trials: list[FrozenTrial]) -> TrialCounts:
+    retried = retried_numbers(trials)
+    counts = dict.fromkeys(("complete", "pruned", "failed", "running", "waiting", "retried"), 0)
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE:
+            counts["complete"] += 1
+        elif trial.state == TrialState.PRUNED:
+            counts["pruned"] += 1
+        elif trial.state == TrialState.FAIL:
+            counts["retried" if trial.number in retried else "failed"] += 1
+        elif trial.state == TrialState.RUNNING:
+            counts["running"] += 1
+        elif trial.state == TrialState.WAITING:
+            counts["waiting"] += 1
+    return TrialCounts(**counts)
+
+
+def ranked(trials: list[FrozenTrial], direction: str, *,
+           full_only: bool = True) -> list[FrozenTrial]:
+    """Complete trials with a finite value, best first (ties: earlier trial first).
+
+    Only full-fidelity trials compete (best, leaderboard, ensemble): a reduced-fidelity
+    stage's scores are not comparable. ``full_only=False`` ranks within one stage.
+    """
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and math.isfinite(t.value)
+            and (not full_only or is_full_fidelity(t))]
+    sign = -1.0 if direction == "maximize" else 1.0
+    return sorted(done, key=lambda t: (sign * t.value, t.number))
+
+
+def best_value(trials: Iterable[FrozenTrial], direction: str) -> float | None:
+    """The best value of the complete full-fidelity trials (what the goal is checked on)."""
+    top = ranked(list(trials), direction)
+    return top[0].value if top else None
+
+
+def stop_reason(spec: JobSpec, counts: TrialCounts, best: float | None, started_at: float,
+                now: float) -> str | None:
+    """Why no new trial may start, or None while the search goes on."""
+    if counts.failed > spec.budget.max_failed_trials:
+        return TOO_MANY_FAILED
+    goal = spec.objective.goal
+    if goal is not None and best is not None:
+        maximize = spec.objective.resolved_direction == "maximize"
+        if (best >= goal) if maximize else (best <= goal):
+            return GOAL
+    timeout = spec.budget.timeout_seconds
+    if timeout is not None and now - started_at >= timeout:
+        return TIMEOUT
+    if counts.used >= effective_max_trials(spec) and counts.waiting == 0:
+        return MAX_TRIALS
+    return None
+
+
+def may_start_trial(spec: JobSpec, counts: TrialCounts, reason: str | None) -> bool:
+    """A worker may take a queued retry, or open a new slot while the budget lasts."""
+    if reason is not None:
+        return False
+    return counts.waiting > 0 or counts.used < effective_max_trials(spec)

@@ -1,0 +1,133 @@
+"""Coarse-to-fine stages: how one stage's best trials narrow the next stage's search space.
+
+Pure functions of a search space (parameter name -> Optuna distribution) and trial
+parameters, no Optuna storage: ``stage_study`` stores
+and shares what they compute. The rule (``narrow``):
+
+* a numeric range is re-centred on the values the stage's top trials used: it spans them,
+  widened on each side by a quarter of their spread and at least a tenth of the stage's range,
+  measured on the parameter's scale (``log: true`` ranges in log space), then clipped to the
+  original range. Float bounds are rounded outwards to 4 significant digits; a stepped range
+  keeps its step and grid (the original ``low`` plus whole steps, bounds rounded outwards);
+  an int range stays an int range (bounds at the nearest grid point: each top value is one,
+  so they stay inside) and may shrink to a single value, which is then no longer searched;
+* a categorical keeps the choices the top trials used, in the original order.
+
+Example: ``lr`` 1e-4..1e-1 (log) whose top trials used 1e-3 and 1e-2 spans 10^-3..10^-2
+(a decade), widened by max(1/4, 3/10) decades: 10^-3.3..10^-1.7, i.e. 0.0005011..0.01996.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Any
+
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    distribution_to_json,
+    json_to_distribution,
+)
+
+SPREAD_MARGIN = 0.25   # widen the top trials' span by this part of itself on each side...
+RANGE_MARGIN = 0.10    # ...and by at least this part of the stage's range
+SIGNIFICANT_DIGITS = 4  # bounds of float ranges without a step, rounded outwards
+
+
+def default_top(complete: int) -> int:
+    """How many best trials narrow the next stage: max(3, 20% of the complete trials)."""
+    return max(3, math.ceil(0.2 * complete))
+
+
+def narrow(space: dict[str, Any], original: dict[str, Any],
+           top_params: list[dict[str, Any]]) -> dict[str, Any]:
+    """The next stage's space from this stage's ``space`` and its top trials' params.
+
+    Spaces map parameter names to Optuna distributions. ``original`` is the job's space (stage
+    0): no range ever leaves it. With no top trial the space is kept as it is.
+    """
+    if not top_params:
+        return dict(space)
+    out: dict[str, Any] = {}
+    for name, dist in space.items():
+        values = [p[name] for p in top_params if name in p]
+        if not values or dist.single():
+            out[name] = dist
+        elif isinstance(dist, CategoricalDistribution):
+            used = {(isinstance(v, bool), v) for v in values}
+            kept = [c for c in dist.choices if (isinstance(c, bool), c) in used]
+            out[name] = CategoricalDistribution(kept or list(dist.choices))
+        else:
+            out[name] = _narrow_range(dist, original.get(name, dist), values)
+    return out
+
+
+def _narrow_range(dist: FloatDistribution | IntDistribution,
+                  original: FloatDistribution | IntDistribution,
+                  values: list[float]) -> FloatDistribution | IntDistribution:
+    to_u = math.log if dist.log else float
+    from_u = math.exp if dist.log else float
+    lo, hi = min(to_u(v) for v in values), max(to_u(v) for v in values)
+    width = to_u(dist.high) - to_u(dist.low)
+    margin = max(SPREAD_MARGIN * (hi - lo), RANGE_MARGIN * width)
+    low = max(from_u(lo - margin), original.low)
+    high = min(from_u(hi + margin), original.high)
+    if isinstance(dist, IntDistribution):
+        step = original.step
+        low = max(_on_grid(low, original.low, step), original.low)
+        high = min(_on_grid(high, original.low, step), original.high)
+        return IntDistribution(int(low), int(high), log=dist.log, step=step)
+    if original.step is not None:
+        step = original.step
+        low = max(_float_grid(low, original.low, step, math.floor), original.low)
+        high = min(_float_grid(high, original.low, step, math.ceil), original.high)
+        return FloatDistribution(low, high, step=step)
+    low = max(_round(low, math.floor), original.low)
+    high = min(_round(high, math.ceil), original.high)
+    return FloatDistribution(low, high, log=dist.log)
+
+
+def _on_grid(value: float, origin: int, step: int) -> int:
+    """The grid point (origin + k * step) nearest ``value``: a margin under half a step adds no
+    step. Nearest still keeps the top trials inside: each of them is a grid point."""
+    return origin + math.floor((value - origin) / step + 0.5) * step
+
+
+def _float_grid(value: float, origin: float, step: float, rounding: Any) -> float:
+    k = rounding((value - origin) / step + (1e-9 if rounding is math.floor else -1e-9))
+    return float(Decimal(repr(origin)) + k * Decimal(repr(step)))
+
+
+def _round(value: float, rounding: Any) -> float:
+    """``value`` rounded (down or up) to ``SIGNIFICANT_DIGITS`` significant digits."""
+    if value == 0:
+        return 0.0
+    exponent = math.floor(math.log10(abs(value))) - SIGNIFICANT_DIGITS + 1
+    return float(Decimal(rounding(value / 10.0 ** exponent)).scaleb(exponent))
+
+
+def describe(space: dict[str, Any]) -> dict[str, str]:
+    """Each parameter in a few characters, for the status: ``0.001..1 log``, ``adam | sgd``."""
+    out = {}
+    for name, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            out[name] = " | ".join(str(c) for c in dist.choices)
+        elif dist.single():
+            out[name] = f"{dist.low:g}"
+        else:
+            text = f"{dist.low:g}..{dist.high:g}"
+            text += " int" if isinstance(dist, IntDistribution) else ""
+            text += " log" if dist.log else ""
+            text += f" step {dist.step:g}" if dist.step not in (None, 1) else ""
+            out[name] = text
+    return out
+
+
+def space_to_json(space: dict[str, Any]) -> dict[str, str]:
+    return {name: distribution_to_json(dist) for name, dist in space.items()}
+
+
+def space_from_json(data: dict[str, str]) -> dict[str, Any]:
+    return {name: json_to_distribution(text) for name, text in data.items()}

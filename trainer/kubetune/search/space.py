@@ -1,0 +1,192 @@
+"""Spec to Optuna: distributions, samplers and pruners are built here and nowhere else."""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from kubetune.spec.model import (
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    JobSpec,
+    Pruner,
+    Sampler,
+)
+
+
+def to_distributions(search_space: dict[str, Any]) -> dict[str, BaseDistribution]:
+    """The one mapping of spec parameters onto Optuna distributions."""
+    distributions: dict[str, BaseDistribution] = {}
+    for name, param in search_space.items():
+        if isinstance(param, FloatParam):
+            distributions[name] = FloatDistribution(
+                float(param.low), float(param.high), log=param.log,
+                step=None if param.step is None else float(param.step))
+        elif isinstance(param, IntParam):
+            distributions[name] = IntDistribution(param.low, param.high, log=param.log,
+                                                  step=param.step)
+        elif isinstance(param, CategoricalParam):
+            distributions[name] = CategoricalDistribution(list(param.choices))
+        else:  # pragma: no cover - the spec model admits nothing else
+            raise TypeError(f"unsupported search parameter {name}: {param!r}")
+    return distributions
+
+
+def grid_values(search_space: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every value each parameter takes on a grid (spec validation guarantees it is finite)."""
+    grid: dict[str, list[Any]] = {}
+    for name, param in search_space.items():
+        if isinstance(param, CategoricalParam):
+            grid[name] = list(param.choices)
+        elif isinstance(param, IntParam):
+            if param.log:
+                grid[name] = sorted({int(round(v)) for v in np.geomspace(
+                    param.low, param.high, num=min(param.high - param.low + 1, 16))})
+            else:
+                grid[name] = list(range(param.low, param.high + 1, param.step))
+        elif param.points is not None:
+            space = np.geomspace if param.log else np.linspace
+            grid[name] = [float(v) for v in space(param.low, param.high, num=param.points)]
+        else:
+            count = int(round((param.high - param.low) / param.step)) + 1
+            # In decimal, so the points are the numbers the user wrote: in binary floats
+            # 0.1 + 0.2 > 0.3, which pushed the last point past high, out of the parameter's
+            # distribution. The spec checked that high - low is a multiple of step.
+            low, step = Decimal(repr(param.low)), Decimal(repr(param.step))
+            grid[name] = [float(low + i * step) for i in range(count - 1)] + [float(param.high)]
+    return grid
+
+
+def grid_size(search_space: dict[str, Any]) -> int:
+    return math.prod(len(v) for v in grid_values(search_space).values())
+
+
+def effective_max_trials(spec: JobSpec) -> int:
+    """maxTrials, capped by the grid size: a grid search ends when every point is tried."""
+    if spec.sampler.type == "grid":
+        return min(spec.budget.max_trials, grid_size(spec.search_space))
+    return spec.budget.max_trials
+
+
+def stage_samplers(spec: JobSpec, worker_id: str) -> Callable[[int], optuna.samplers.BaseSampler]:
+    """``sampler(stage)``: a fresh sampler for one worker and stage.
+
+    Samplers cache what they learnt of the study (TPE its intersection search space), so each
+    stage gets its own, seeded from the worker's seed and the stage.
+    """
+    seed = worker_seed(spec.sampler.seed, worker_id)
+
+    def sampler(stage: int = 0) -> optuna.samplers.BaseSampler:
+        return make_sampler(spec, seed=None if seed is None else seed + 104729 * stage,
+                            parallel=spec.budget.parallelism > 1)
+
+    return sampler
+
+
+def worker_seed(seed: int | None, worker_id: str) -> int | None:
+    """Distinct, reproducible seeds per worker, so parallel workers never draw the same points.
+
+    Worker ids end in their slot number (``local-3fa2c1-1``, ``digits-mlp-worker-0``); the
+    seed follows the slot, so the same job with the same parallelism samples the same way.
+    """
+    if seed is None:
+        return None
+    slot = re.search(r"(\d+)$", worker_id)
+    offset = int(slot.group(1)) * 7919 if slot else zlib.crc32(worker_id.encode())
+    return (seed + offset) % (2**31)
+
+
+def make_sampler(spec: JobSpec, *, seed: int | None = None,
+                 parallel: bool = False) -> optuna.samplers.BaseSampler:
+    """Build the configured sampler; ``seed`` overrides ``spec.sampler.seed`` (per worker)."""
+    cfg: Sampler = spec.sampler
+    seed = cfg.seed if seed is None else seed
+    if cfg.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.type == "grid":
+        # GridSampler shuffles its grid by seed and names points by index: every worker must
+        # use the same order, so the grid ignores per-worker seeds (None means 0 to Optuna)
+        return _AskTellGridSampler(grid_values(spec.search_space),
+                                   seed=0 if cfg.seed is None else cfg.seed)
+    if cfg.type == "tpe":
+        kwargs: dict[str, Any] = {"seed": seed,
+                                  # None keeps Optuna's own default (multivariate in Optuna 5)
+                                  "multivariate": cfg.multivariate,
+                                  "constant_liar": parallel if cfg.constant_liar is None
+                                  else cfg.constant_liar}
+        if cfg.n_startup_trials is not None:
+            kwargs["n_startup_trials"] = cfg.n_startup_trials
+        return optuna.samplers.TPESampler(**kwargs)
+    if cfg.type == "cmaes":
+        kwargs = {"seed": seed}
+        if cfg.n_startup_trials is not None:
+            kwargs["n_startup_trials"] = cfg.n_startup_trials
+        return optuna.samplers.CmaEsSampler(**kwargs, warn_independent_sampling=False)
+    if cfg.type == "gp":
+        kwargs = {"seed": seed}
+        if cfg.n_startup_trials is not None:
+            kwargs["n_startup_trials"] = cfg.n_startup_trials
+        return optuna.samplers.GPSampler(**kwargs)
+    if cfg.type == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type=cfg.qmc_type or "sobol", seed=seed,
+                                          warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {cfg.type!r}")  # pragma: no cover
+
+
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for ask/tell workers: the budget ends a grid search (``effective_max_trials``).
+
+    Optuna's ``after_trial`` calls ``study.stop()`` once the grid is used up, which raises
+    RuntimeError outside ``study.optimize``: the ``tell`` of the last grid point would crash
+    the worker.
+    """
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
+def make_pruner(spec: JobSpec, *, epochs: int | None = None) -> optuna.pruners.BasePruner:
+    """Build the configured Optuna pruner; the NaN/divergence guards live in ``guards``.
+
+    ``epochs``: the most epochs the pruned trials train when a stage trains fewer than the
+    job (hyperband's default maxResource).
+    """
+    cfg: Pruner = spec.pruning.pruner
+    if cfg.type == "none":
+        return optuna.pruners.NopPruner()
+    if cfg.type == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=_or(cfg.n_startup_trials, 5),
+            n_warmup_steps=_or(cfg.n_warmup_steps, 0))
+    if cfg.type == "percentile":
+        return optuna.pruners.PercentilePruner(
+            float(cfg.percentile), n_startup_trials=_or(cfg.n_startup_trials, 5),
+            n_warmup_steps=_or(cfg.n_warmup_steps, 0))
+    if cfg.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=_or(cfg.min_resource, 1),
+            max_resource=_or(cfg.max_resource, epochs or _or(spec.epochs, "auto")),
+            reduction_factor=_or(cfg.reduction_factor, 3))
+    if cfg.type == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=_or(cfg.min_resource, 1),
+            reduction_factor=_or(cfg.reduction_factor, 4))
+    raise ValueError(f"unknown pruner {cfg.type!r}")  # pragma: no cover
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value

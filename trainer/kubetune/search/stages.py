@@ -1,0 +1,296 @@
+"""Stages in the study: which stage a trial belongs to, the stored narrowed spaces, and the
+per-stage view of the study that the sampler and the pruner see.
+
+Every trial records its stage (user attr ``stage``, an index) and fidelity (``fidelity``:
+``full`` or ``reduced``). Stage k + 1 starts once every trial of stage k has finished; the
+first worker that finds it so (under the study lock) narrows the space (``stages.narrow``) and
+stores it in the study (user attr ``kubetune:stages``), so workers and the controller read one
+answer. A job without ``stages`` is one stage, stage 0, at full fidelity.
+
+Trials of different stages are not comparable (other ranges, cheaper fidelities), so with
+several stages each stage gets its own view of the study (``stage_view``): its sampler and its
+pruner see the trials of that stage only. Pruning thus compares a trial only with trials of its
+own stage, at its own fidelity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Container, Iterable
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from kubetune.search import budget
+from kubetune.search.narrowing import (
+    default_top,
+    describe,
+    narrow,
+    space_from_json,
+    space_to_json,
+)
+from kubetune.search.space import make_pruner, to_distributions
+from kubetune.spec.model import JobSpec, TuningJob
+from kubetune.study.schema import FIDELITY_ATTR, FULL, REDUCED, SPACES_ATTR, STAGE_ATTR
+
+log = logging.getLogger("kubetune.stages")
+
+_WAIT = -1
+
+
+def stage_of(trial: FrozenTrial) -> int:
+    """A trial's stage (trials from before stages existed are stage 0)."""
+    return int(trial.user_attrs.get(STAGE_ATTR, 0))
+
+
+def fidelity(spec: JobSpec, stage: int) -> str:
+    return REDUCED if spec.stage_list[stage].reduced else FULL
+
+
+def by_stage(trials: Iterable[FrozenTrial], count: int) -> list[list[FrozenTrial]]:
+    groups: list[list[FrozenTrial]] = [[] for _ in range(count)]
+    for trial in trials:
+        groups[min(stage_of(trial), count - 1)].append(trial)
+    return groups
+
+
+def stage_budgets(spec: JobSpec) -> list[int]:
+    """Trials per stage. The last stage takes what ``budget.maxTrials`` leaves: on a cluster
+    a running job adopts a raised maxTrials (the last stage's trials) but keeps its stages."""
+    earlier = [stage.trials for stage in spec.stage_list[:-1]]
+    return earlier + [max(0, spec.budget.max_trials - sum(earlier))]
+
+
+def stage_for_new_trial(spec: JobSpec, trials: list[FrozenTrial]) -> int | None:
+    """The stage a new trial joins, or None while the next stage waits for the current one
+    to finish (or when every stage's trials are taken)."""
+    budgets = stage_budgets(spec)
+    for index, counts in enumerate(_stage_counts(spec, trials)):
+        if counts.used < budgets[index]:
+            return index
+        if counts.running or counts.waiting:
+            return None  # the next stage needs this one finished
+    return None
+
+
+def current_stage(spec: JobSpec, trials: list[FrozenTrial]) -> int:
+    """The first stage that is not finished (the last one once all are)."""
+    budgets = stage_budgets(spec)
+    for index, counts in enumerate(_stage_counts(spec, trials)):
+        if counts.used < budgets[index] or counts.running or counts.waiting:
+            return index
+    return len(spec.stage_list) - 1
+
+
+def _stage_counts(spec: JobSpec, trials: list[FrozenTrial]) -> list[budget.TrialCounts]:
+    return [budget.count_trials(group) for group in by_stage(trials, len(spec.stage_list))]
+
+
+def stored_spaces(study: optuna.Study) -> dict[str, Any]:
+    return dict(study.user_attrs.get(SPACES_ATTR) or {})
+
+
+def stage_space(spec: JobSpec, study: optuna.Study, stage: int,
+                trials: list[FrozenTrial]) -> dict[str, Any]:
+    """The search space (name -> Optuna distribution) of ``stage``: the job's for stage 0; for
+    a later stage the stored narrowed space, computed and stored first if this is the first
+    call after the previous stage finished. Call it under the study lock."""
+    if stage == 0:
+        return to_distributions(spec.search_space)
+    stored = stored_spaces(study)
+    if str(stage) in stored:
+        return space_from_json(stored[str(stage)]["space"])
+    previous = stage_space(spec, study, stage - 1, trials)
+    stored = stored_spaces(study)  # the call above may have stored the previous stage
+    ranking = budget.ranked(by_stage(trials, len(spec.stage_list))[stage - 1],
+                            spec.objective.resolved_direction, full_only=False)
+    top = ranking[:spec.stage_list[stage - 1].top or default_top(len(ranking))]
+    space = narrow(previous, to_distributions(spec.search_space), [dict(t.params) for t in top])
+    stored[str(stage)] = {"space": space_to_json(space), "top": [t.number for t in top]}
+    study.set_user_attr(SPACES_ATTR, stored)
+    log.info("stage %s narrowed by trials %s: %s", spec.stage_name(stage),
+             [t.number for t in top], describe(space))
+    return space
+
+
+def mark_new_trial(trial: optuna.Trial, spec: JobSpec, stage: int) -> None:
+    """Record the stage and fidelity of a new trial (a retry keeps its original's)."""
+    attrs = trial.user_attrs
+    stage = int(attrs.get(STAGE_ATTR, stage))
+    for attr, value in ((STAGE_ATTR, stage), (FIDELITY_ATTR, fidelity(spec, stage))):
+        if attr not in attrs:
+            trial.set_user_attr(attr, value)
+
+
+def stage_epochs(spec: JobSpec, user_attrs: dict[str, Any]) -> int | None:
+    """The epochs fidelity of a trial's stage, or None (full fidelity: the job's epochs)."""
+    if not spec.stages:
+        return None
+    return spec.stage_list[min(int(user_attrs.get(STAGE_ATTR, 0)), len(spec.stages) - 1)].epochs
+
+
+def trial_params(job: TuningJob, trial: optuna.Trial) -> dict[str, Any]:
+    """What the trainer gets: fixed params (and, built in, epochs), then the sampled ones; a
+    stage's epochs fidelity (``spec.stages[].epochs``) overrides the epochs for every trainer."""
+    trainer = job.spec.trainer
+    if trainer.builtin is None:
+        params = {**(trainer.params or {}), **trial.params}
+    else:
+        params = {"epochs": trainer.builtin.epochs, **trainer.builtin.params, **trial.params}
+    epochs = stage_epochs(job.spec, trial.user_attrs)
+    if epochs is not None:
+        params["epochs"] = epochs
+    return params
+
+
+def status_view(spec: JobSpec, trials: list[FrozenTrial], stored: dict[str, Any]
+                ) -> tuple[str, list[dict[str, Any]]]:
+    """``status.stage`` (the current stage's name) and ``status.stages``: per stage its trials,
+    finished count, fidelity and ranges (None until the stage's space is known)."""
+    current = current_stage(spec, trials)
+    groups = by_stage(trials, len(spec.stage_list))
+    budgets = stage_budgets(spec)
+    view = []
+    for index, stage in enumerate(spec.stage_list):
+        if index == 0:
+            space: dict[str, Any] | None = to_distributions(spec.search_space)
+        elif str(index) in stored:
+            space = space_from_json(stored[str(index)]["space"])
+        else:
+            space = None
+        entry: dict[str, Any] = {"name": spec.stage_name(index), "trials": budgets[index],
+                                 "finished": budget.count_trials(groups[index]).finished,
+                                 "fidelity": fidelity(spec, index)}
+        if stage.epochs is not None:
+            entry["epochs"] = stage.epochs
+        if stage.data is not None:
+            entry["data"] = stage.data.model_dump(by_alias=True, exclude_none=True)
+        entry["ranges"] = describe(space) if space is not None else None
+        view.append(entry)
+    return spec.stage_name(current), view
+
+
+# ---------------------------------------------------------------- the per-stage study view
+class StageAsker:
+    """Asks for a worker's trials stage by stage: through the job's study for a one-stage
+    job, else through a view of the study per stage with the stage's space and pruner."""
+
+    def __init__(self, study: optuna.Study, spec: JobSpec,
+                 sampler: Callable[[int], optuna.samplers.BaseSampler]) -> None:
+        """``sampler(stage)``: a new sampler for a stage (a sampler caches what it learnt of
+        the trials it saw, e.g. TPE's intersection search space)."""
+        self.study, self.spec, self.sampler = study, spec, sampler
+        self.views: dict[int, tuple[optuna.Study, dict[str, BaseDistribution]]] = {}
+
+    def ask(self, stage: int, trials: list[FrozenTrial]) -> optuna.Trial:
+        """Under the study lock (the stage's space may be computed and stored here)."""
+        spec = self.spec
+        space = stage_space(spec, self.study, stage, trials)
+        if len(spec.stage_list) == 1:
+            return self.study.ask(fixed_distributions=space)
+        if stage not in self.views:
+            pruner = make_pruner(spec, epochs=spec.stage_list[stage].epochs)
+            self.views[stage] = stage_view(self.study, stage, space,
+                                           to_distributions(spec.search_space),
+                                           self.sampler(stage), pruner)
+        view, distributions = self.views[stage]
+        return view.ask(fixed_distributions=distributions)
+
+
+def stage_view(study: optuna.Study, stage: int, space: dict[str, BaseDistribution],
+               original: dict[str, BaseDistribution], sampler: optuna.samplers.BaseSampler,
+               pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, dict[str, Any]]:
+    """``study`` as the sampler and pruner of one stage see it (trials of that stage only), and
+    the distributions to ask that stage's trials with (``space``, the stage's; ``original``,
+    the job's).
+
+    The filter sits in the storage, beneath everything Optuna builds on a study (Hyperband's
+    bracket studies included); every write goes to the real storage. Optuna stores one set of
+    choices per categorical parameter and study, so a trial is asked with the job's
+    categoricals, and the stage's sampler draws from the narrowed choices.
+    """
+    narrowed = {name: dist for name, dist in space.items()
+                if isinstance(dist, CategoricalDistribution) and dist != original.get(name)}
+    asked = {name: original[name] if name in narrowed else dist for name, dist in space.items()}
+    view = optuna.Study(study_name=study.study_name, storage=_StageStorage(study._storage, stage),
+                        sampler=_NarrowedChoices(sampler, narrowed), pruner=pruner)
+    return view, asked
+
+
+class _NarrowedChoices(optuna.samplers.BaseSampler):
+    """A sampler that draws the given categorical parameters from narrowed choices."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler,
+                 narrowed: dict[str, CategoricalDistribution]) -> None:
+        self._inner, self._narrowed = inner, narrowed
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
+                                    ) -> dict[str, BaseDistribution]:
+        space = self._inner.infer_relative_search_space(study, trial)
+        return {k: v for k, v in space.items() if k not in self._narrowed}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        choices = self._narrowed.get(param_name)
+        if choices is not None and choices.single():
+            return choices.choices[0]
+        return self._inner.sample_independent(study, trial, param_name,
+                                              choices or param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
+class _StageStorage(BaseStorage):
+    """Delegates to ``inner``; ``get_all_trials`` lists the trials of one stage only, and a
+    trial created here (``study.ask``) is of that stage from its first moment. BaseStorage's
+    helpers built on ``get_all_trials`` (``get_n_trials``, ``get_best_trial``) count the
+    stage only, as they should for the sampler and pruner."""
+
+    def __init__(self, inner: BaseStorage, stage: int) -> None:
+        self._inner, self._stage = inner, stage
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return [t for t in self._inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+                if stage_of(t) == self._stage]
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        trial_id = self._inner.create_new_trial(study_id, template_trial)
+        if template_trial is None:
+            self._inner.set_trial_user_attr(trial_id, STAGE_ATTR, self._stage)
+        return trial_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _delegate(name: str) -> Any:
+    def method(self: _StageStorage, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._inner, name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in BaseStorage.__abstractmethods__ - {"get_all_trials", "create_new_trial"}:
+    setattr(_StageStorage, _name, _delegate(_name))
+_StageStorage.__abstractmethods__ = frozenset()
+for _name in ("get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
+              "get_trial_param", "get_trial_params", "get_trial_user_attrs",
+              "get_trial_system_attrs", "check_trial_is_updatable", "remove_session"):
+    setattr(_StageStorage, _name, _delegate(_name))

@@ -1,0 +1,92 @@
+"""The schema of a TuningJob's Optuna study: its name, the attributes kubetune keeps in it, and
+how the job (spec included) is stored in it and read back.
+
+Workers need only the storage URL and the study name: the job is a user attribute of the
+study. Study attributes are prefixed ``kubetune:``; trial attributes are not, so that
+optuna-dashboard shows them as plain names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+
+from kubetune.spec.model import Problem, SpecError, TuningJob, study_name
+
+__all__ = ["study_name"]  # the study's name, with the attribute keys below
+
+# ---------------------------------------------------------------- study user attributes
+JOB_ATTR = "kubetune:job"                  # the resolved job, spec included (TuningJob.to_dict)
+STARTED_ATTR = "kubetune:startedAt"        # when the job first started (epoch seconds)
+JOB_UID_ATTR = "kubetune:jobUid"           # the TuningJob (metadata.uid) the stored job is of
+PREFLIGHT_ATTR = "kubetune:preflight"      # the preflight verdict (builtin.preflight)
+SPACES_ATTR = "kubetune:stages"            # narrowed spaces: {"1": {"space", "top"}, ...}
+ENSEMBLE_ATTR = "kubetune:ensemble"        # the ensemble step's small record
+# study *system* attribute: a copy of the saved ensemble bundle
+MODEL_ATTR = "kubetune:ensemble-model"
+
+# ---------------------------------------------------------------- trial user attributes
+WORKER_ATTR = "worker"                # the worker that runs (ran) the trial
+STAGE_ATTR = "stage"                  # the index of the trial's stage
+FIDELITY_ATTR = "fidelity"            # FULL or REDUCED
+FULL, REDUCED = "full", "reduced"
+HISTORY_ATTR = "history"              # per-epoch metrics: [{"epoch": 1, ...}, ...]
+EPOCHS_ATTR = "epochs"                # the last epoch reported
+METRICS_ATTR = "metrics"              # the final metrics of a complete trial
+PRUNE_REASON_ATTR = "prune_reason"    # why a trial was pruned (search.guards.PRUNE_REASONS)
+FAIL_REASON_ATTR = "fail_reason"      # why a trial failed
+ARTIFACTS_ATTR = "artifacts"          # {"predictions": id, "model": id}: Optuna artifact ids
+CHECKPOINT_ATTR = "checkpoint"        # the artifact a retried trial resumes from
+
+
+def is_full_fidelity(trial: Any) -> bool:
+    """Whether a trial competes for best (trials from before stages existed do)."""
+    return trial.user_attrs.get(FIDELITY_ATTR, FULL) == FULL
+
+
+class StudyMismatch(ValueError):
+    """An existing study cannot continue under the given job (objective changed)."""
+
+
+def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
+    """Create the job's study, or reopen it to continue; refuse a changed objective.
+
+    A start clears the preflight verdict of an earlier start: the data may have been fixed
+    since, so the first worker checks it again (see ``kubetune.builtin.preflight``).
+    """
+    direction = job.spec.objective.resolved_direction
+    study = optuna.create_study(study_name=job.study_name, storage=storage,
+                                direction=direction, load_if_exists=True)
+    stored = study.user_attrs.get(JOB_ATTR)
+    if stored is not None:
+        before = stored["spec"]["objective"]
+        if before.get("metric") != job.spec.objective.metric or (
+                study.direction.name.lower() != direction):
+            raise StudyMismatch(
+                f"study {job.study_name!r} already optimizes {before.get('metric')} "
+                f"({study.direction.name.lower()}); the job now asks for "
+                f"{job.spec.objective.metric} ({direction}). Use a new name or output folder.")
+    else:
+        study.set_user_attr(STARTED_ATTR, time.time())
+    study.set_user_attr(JOB_ATTR, job.to_dict())
+    if study.user_attrs.get(PREFLIGHT_ATTR) is not None:
+        study.set_user_attr(PREFLIGHT_ATTR, None)
+    return study
+
+
+def load_job(study: optuna.Study) -> TuningJob:
+    data = study.user_attrs.get(JOB_ATTR)
+    if data is None:
+        raise SpecError([Problem("study", f"study {study.study_name!r} holds no kubetune job")])
+    return TuningJob.model_validate(data)
+
+
+def started_at(study: optuna.Study | Mapping[str, Any]) -> float:
+    """When the job first started: from the study, or from user attrs already read."""
+    attrs = study if isinstance(study, Mapping) else study.user_attrs
+    value: Any = attrs.get(STARTED_ATTR)
+    return float(value) if value is not None else time.time()

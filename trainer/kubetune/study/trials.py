@@ -1,0 +1,35 @@
+"""Ending a trial from outside its own run: fail it, with the reason, and queue it again.
+
+Whoever finds a trial abandoned (the job core: its worker exited; the runner: an earlier run
+was killed; a worker: it was stopped mid-trial) calls ``fail_and_requeue``. The retry is a new
+WAITING trial with the same parameters (Optuna's retry callback), which the budget counts in
+place of the failed attempt (``search.budget``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from kubetune.study.schema import FAIL_REASON_ATTR
+
+log = logging.getLogger("kubetune.study")
+
+
+def fail_and_requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str,
+                     max_retries: int) -> bool:
+    """Fail a running trial and queue a retry; False if it had finished meanwhile (or was
+    failed by a missed heartbeat, whose callback queues the retry itself)."""
+    storage, trial_id = study._storage, trial._trial_id
+    try:
+        storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    log.warning("trial %d failed: %s; queued again", trial.number, reason)
+    RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(study, storage.get_trial(trial_id))
+    return True

@@ -1,0 +1,34 @@
+"""Storage URLs: which kind of storage a URL names, and how to show one without its password.
+
+Light on purpose (no Optuna): ``kubetune validate`` and the command line read it.
+"""
+
+from __future__ import annotations
+
+# Workers, the ensemble step and commands read the storage URL from here: a URL with a
+# password stays out of the command line (and so out of `ps` and pod specs).
+STORAGE_ENV = "KUBETUNE_STORAGE_URL"
+
+RDB_PREFIXES = ("postgresql", "postgres://", "sqlite://")
+
+
+def is_rdb(url: str) -> bool:
+    return url.startswith(RDB_PREFIXES)
+
+
+def normalize_url(url: str) -> str:
+    """SQLAlchemy needs an explicit driver for libpq URLs written the usual way."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with any password masked, for logs, status and result files."""
+    if not is_rdb(url):
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(normalize_url(url)).render_as_string(hide_password=True)

@@ -1,0 +1,157 @@
+"""The contract between a trial's runner and the three trainer kinds.
+
+Each kind (``builtin_trainer``, ``entrypoint_trainer``, ``command_trainer``) is a function of a
+``TrialContext`` that returns a ``TrainerResult`` and reports every epoch through the trial's
+``EpochReporter``: the history is kept, the NaN and divergence guards look at the metrics, and
+only then is the objective reported to Optuna, the deadline checked and the pruner asked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from kubetune.search import guards
+from kubetune.spec.model import JobSpec, TuningJob
+from kubetune.study.schema import EPOCHS_ATTR, HISTORY_ATTR
+
+
+class TrialPruned(optuna.TrialPruned):
+    """Stops a trial early; ``reason`` is one of ``guards.PRUNE_REASONS``.
+
+    Raised by ``EpochReporter.report`` (and so by the SDK's ``trial.report``); code that catches
+    ``optuna.TrialPruned`` catches it too.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TrialFailed(Exception):
+    """The trial's code failed in a way that needs no traceback (a command's exit code)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class WorkerStopped(BaseException):
+    """The worker was asked to stop (SIGTERM) in the middle of a trial."""
+
+
+def max_epochs(job: TuningJob, params: Mapping[str, Any]) -> int | None:
+    """The last epoch a trial reports, if known: a report there is never cut by the deadline.
+
+    The built-in trainer trains ``params["epochs"]``; code declares ``trainer.epochs``.
+    """
+    if job.spec.trainer.builtin is None:
+        return job.spec.trainer.epochs
+    return int(params["epochs"])
+
+
+class EpochReporter:
+    """The one reporting path of every trainer, one per trial.
+
+    ``report(epoch, metrics)`` records the epoch in ``history``, runs the NaN/divergence guards,
+    reports the objective to Optuna, checks the job's deadline and asks the pruner; it raises
+    ``TrialPruned`` when the trial must stop.
+    """
+
+    def __init__(self, trial: optuna.Trial, spec: JobSpec, *, last_epoch: int | None = None,
+                 deadline: float | None = None) -> None:
+        self.trial = trial
+        self.metric = spec.objective.metric
+        self.history: list[dict[str, Any]] = []
+        self.last: dict[str, float] = {}
+        self._guard = guards.EpochGuard(spec.pruning, self.metric)
+        self._last_epoch = last_epoch
+        self._deadline = deadline
+        trial.set_user_attr(HISTORY_ATTR, self.history)
+
+    def report(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 1:
+            raise ValueError(f"epoch must be an integer >= 1, got {epoch!r}")
+        epoch = int(epoch)
+        values = {name: _number(name, value) for name, value in metrics.items()}
+        if self.metric not in values:
+            raise ValueError(f"epoch {epoch} reports no {self.metric} (the objective metric); "
+                             f"reported: {', '.join(values) or 'nothing'}")
+        self.history.append({"epoch": epoch, **{k: jsonable(v) for k, v in values.items()}})
+        self.last = values
+        self.trial.set_user_attr(HISTORY_ATTR, self.history)
+        self.trial.set_user_attr(EPOCHS_ATTR, epoch)
+        reason = self._guard.check(values)
+        if reason is not None:
+            raise TrialPruned(reason)
+        self.trial.report(values[self.metric], epoch)
+        last = self._last_epoch is not None and epoch >= self._last_epoch
+        if self._deadline is not None and time.time() >= self._deadline and not last:
+            raise TrialPruned(guards.TIMEOUT)
+        if self.trial.should_prune():
+            raise TrialPruned(guards.PRUNER)
+
+    def final(self, metrics: Mapping[str, Any] | None = None) -> tuple[float, dict[str, float]]:
+        """The objective value and metrics a trial ends with: ``metrics`` over the last report.
+
+        A final objective that is not finite prunes the trial (``nan``), as a report would.
+        """
+        final = {**self.last, **{k: _number(k, v) for k, v in (metrics or {}).items()}}
+        if self.metric not in final:
+            raise TrialFailed(f"the trial ended without reporting {self.metric} (the objective "
+                              "metric)")
+        if not math.isfinite(final[self.metric]) or (
+                self._guard.check(final) == guards.NAN):
+            raise TrialPruned(guards.NAN)
+        return final[self.metric], final
+
+
+@dataclass
+class TrainerResult:
+    """How a trainer ended a trial that was not pruned: its final metrics, and the files to
+    keep as artifacts (``{"predictions": path, "model": path}``, each optional)."""
+
+    metrics: dict[str, Any] | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+TrainerRun = Callable[["TrialContext"], TrainerResult]
+
+
+@dataclass
+class TrialContext:
+    """What a trainer gets to run one trial."""
+
+    study: optuna.Study
+    trial: optuna.Trial
+    job: TuningJob
+    params: dict[str, Any]
+    reporter: EpochReporter
+    data: Any
+    artifact_store: Any
+    scratch: Path             # a private temporary folder, removed after the trial
+    workdir: Path | None = None
+    train: Callable[..., Any] | None = None
+
+
+def jsonable(value: float) -> float | str:
+    """JSON has no NaN: keep non-finite values readable as strings in the history."""
+    value = float(value)
+    return value if np.isfinite(value) else str(value)
+
+
+def _number(name: str, value: Any) -> float:
+    """A reported metric as a float (numpy and torch scalars included)."""
+    if isinstance(value, (bool, str)) or value is None:
+        raise TypeError(f"metric {name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {name} must be a number, got {value!r}") from None

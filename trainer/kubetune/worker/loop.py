@@ -1,0 +1,217 @@
+"""The worker: a long-lived process that runs trials of one study until the job's budget is met.
+
+It needs only the storage URL and the study name (``kubetune worker --storage URL --study
+NAME``): the job is read from the study. Locally the runner starts workers as processes; on
+Kubernetes they are pods. A trial runs with the job's trainer (``trial_run.run_trial``): the
+built-in MLP, the user's Python entrypoint or the user's command, whose code is found in the
+``--code`` folders (``kubetune run``: the job file's folder) or the working directory.
+
+Choosing the next trial happens under ``StudyLock`` so that however many workers race, the
+budget is never exceeded. On PostgreSQL a heartbeat thread proves the running trial alive; a
+trial whose worker died is failed by whichever worker next notices it is stale, and retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+from optuna.trial import TrialState
+
+from kubetune.builtin.data import load_data
+from kubetune.builtin.preflight import FAILED, ensure_verdict
+from kubetune.search import budget
+from kubetune.search.space import make_pruner, stage_samplers
+from kubetune.search.stages import (
+    StageAsker,
+    mark_new_trial,
+    stage_for_new_trial,
+    stage_of,
+)
+from kubetune.spec.model import TuningJob
+from kubetune.study.schema import WORKER_ATTR, load_job, started_at
+from kubetune.study.storage import (
+    StudyLock,
+    make_artifact_store,
+    open_storage,
+    silence_optuna,
+    worker_retry_seconds,
+)
+from kubetune.study.trials import fail_and_requeue
+from kubetune.study.urls import is_rdb
+from kubetune.worker.contract import WorkerStopped
+from kubetune.worker.trial import run_trial
+
+log = logging.getLogger("kubetune.worker")
+
+
+@dataclass
+class WorkerOptions:
+    storage: str
+    study: str
+    worker_id: str
+    artifacts: str
+    poll_interval: float = 1.0
+    threads: int | None = None
+    # Folders of the user's code (entrypoint and command trainers): put on sys.path; the
+    # first is the working directory of command trials. None: the working directory.
+    code: list[str] = field(default_factory=list)
+
+
+def run_worker(options: WorkerOptions) -> int:
+    """Run trials until the job needs no more; the exit code is 0 unless setup failed."""
+    silence_optuna()
+    retry_for = worker_retry_seconds()  # a database restart or outage is waited out
+    storage = open_storage(options.storage, retry_for=retry_for, check_schema=False)
+    job = load_job(optuna.load_study(study_name=options.study, storage=storage))
+    spec = job.spec
+    if is_rdb(options.storage):
+        # The heartbeat settings are part of the job: reopen with them, and close the first
+        # engine so that each worker holds one connection pool, not two.
+        storage.engine.dispose()
+        storage = open_storage(options.storage,
+                               heartbeat_interval=spec.storage.heartbeat_interval,
+                               grace_period=spec.storage.grace_period,
+                               max_retries=spec.budget.max_retries, retry_for=retry_for,
+                               check_schema=False)
+    sampler = stage_samplers(spec, options.worker_id)
+    study = optuna.load_study(study_name=options.study, storage=storage, sampler=sampler(),
+                              pruner=make_pruner(spec))
+    if options.threads and spec.trainer.kind != "command":  # a command trial is a program
+        import torch
+
+        torch.set_num_threads(options.threads)
+    # Workers started together wait here while the first runs the preflight. They import
+    # torch and load the data (cached per process) before, not after, so that none starts
+    # the search seconds after the first; bad data is the preflight's to report.
+    with contextlib.suppress(Exception):
+        load_data(job)
+    lock = StudyLock(options.storage, options.study, retry_for=retry_for)
+    verdict = ensure_verdict(study, job, lock)
+    if verdict["result"] == FAILED:  # the job core fails the job; nothing to run
+        log.error("worker %s: preflight failed, no trial runs: %s", options.worker_id,
+                  verdict["message"])
+        lock.close()
+        return 0
+    workdir = Path(options.code[0]).resolve() if options.code else Path.cwd()
+    if not spec.trainer.is_builtin:
+        from kubetune.worker.entrypoint_trainer import add_code_paths
+
+        add_code_paths(options.code or [workdir])
+    store = make_artifact_store(options.artifacts)
+    stages = StageAsker(study, job.spec, sampler)
+    start = started_at(study)
+    deadline = start + spec.budget.timeout_seconds if spec.budget.timeout_seconds else None
+    _stop_on_sigterm()
+    log.info("worker %s started on study %s", options.worker_id, options.study)
+    ran = 0
+    try:
+        while True:
+            trial, counts, reason = _next_trial(study, job, lock, stages, start, options)
+            if trial is not None:
+                data = load_data(job, stage=stage_of(trial))
+                with _heartbeat(storage, trial._trial_id):
+                    try:
+                        run_trial(trial.study, trial, job, data, store, deadline=deadline,
+                                  workdir=workdir)
+                    except (WorkerStopped, KeyboardInterrupt):
+                        _give_back(study, trial, spec.budget.max_retries)
+                        raise
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        # Failed as stale meanwhile (heartbeats lost in a long storage outage)
+                        # and queued again: its retry runs it; this worker moves on.
+                        log.warning("trial %d was failed as stale while running here; its "
+                                    "retry takes over", trial.number)
+                ran += 1
+                continue
+            if counts.running == 0 or reason == budget.TOO_MANY_FAILED:
+                log.info("worker %s done after %d trials (%s)", options.worker_id, ran,
+                         reason or "no work")
+                return 0
+            # Others still run trials that may yet fail and come back as retries: wait.
+            time.sleep(options.poll_interval)
+    except (WorkerStopped, KeyboardInterrupt):
+        log.info("worker %s stopped", options.worker_id)
+        return 0
+    finally:
+        lock.close()
+
+
+def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: StageAsker,
+                start: float, options: WorkerOptions) -> tuple[optuna.Trial | None,
+                                                                budget.TrialCounts, str | None]:
+    """Under the study lock: fail stale trials, count, and ask for a trial if one may start.
+
+    A queued retry runs first, in its own stage; a new trial joins the current stage, and
+    none starts while the next stage waits for the trials of the current one.
+    """
+    with lock:
+        fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        counts = budget.count_trials(trials)
+        best = budget.best_value(trials, job.spec.objective.resolved_direction)
+        reason = budget.stop_reason(job.spec, counts, best, start, time.time())
+        if not budget.may_start_trial(job.spec, counts, reason):
+            return None, counts, reason
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        stage = stage_of(waiting[0]) if waiting else stage_for_new_trial(job.spec, trials)
+        if stage is None:  # the next stage waits for this one's running trials
+            return None, counts, reason
+        stage = min(stage, len(job.spec.stage_list) - 1)  # a job resumed with fewer stages
+        trial = stages.ask(stage, trials)
+        trial.set_user_attr(WORKER_ATTR, options.worker_id)
+        mark_new_trial(trial, job.spec, stage)
+    log.info("trial %d started: %s", trial.number, trial.params)
+    return trial, counts, reason
+
+
+def _give_back(study: optuna.Study, trial: optuna.Trial, max_retries: int) -> None:
+    """Fail the interrupted trial and queue it again, so a resumed job re-runs it."""
+    try:
+        fail_and_requeue(study, trial, "worker stopped during the trial; retried", max_retries)
+    except Exception:  # best effort: the heartbeat or the runner will catch it otherwise
+        log.exception("could not give back trial %d", trial.number)
+
+
+class _heartbeat:
+    """Record the trial's heartbeat in a thread while it runs (RDB storages only)."""
+
+    def __init__(self, storage: Any, trial_id: int) -> None:
+        self._storage, self._trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> None:
+        if isinstance(self._storage, BaseHeartbeat) and is_heartbeat_enabled(self._storage):
+            self._storage.record_heartbeat(self._trial_id)
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        interval = self._storage.get_heartbeat_interval() or 10
+        while not self._stop.wait(interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception:  # storage briefly away: the next beat retries
+                log.warning("heartbeat for trial %d failed", self._trial_id, exc_info=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise WorkerStopped()
+
+    signal.signal(signal.SIGTERM, handler)

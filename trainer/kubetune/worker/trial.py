@@ -1,0 +1,131 @@
+"""Run one trial with the job's trainer, and tell the study how it ended and why.
+
+``run_trial`` clears what a failed attempt left, runs the trainer kind the job names, uploads
+the files it kept (what the ensemble step needs) as Optuna artifacts, and records the
+``prune_reason`` or ``fail_reason``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
+
+from kubetune.search.stages import trial_params
+from kubetune.spec.model import TuningJob
+from kubetune.study.schema import (
+    ARTIFACTS_ATTR,
+    FAIL_REASON_ATTR,
+    METRICS_ATTR,
+    PRUNE_REASON_ATTR,
+)
+from kubetune.worker.contract import (
+    EpochReporter,
+    TrainerRun,
+    TrialContext,
+    TrialFailed,
+    TrialPruned,
+    WorkerStopped,
+    jsonable,
+    max_epochs,
+)
+
+log = logging.getLogger("kubetune.worker")
+
+_REASON_LIMIT = 2000
+# Attributes of one attempt: a retried trial inherits its failed attempt's user attributes
+# (Optuna's retry callback copies them), so they are cleared when the retry starts. The
+# checkpoint is kept on purpose: it is what the retry resumes from.
+_ATTEMPT_ATTRS = (PRUNE_REASON_ATTR, FAIL_REASON_ATTR, ARTIFACTS_ATTR, METRICS_ATTR)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: Any,
+              artifact_store: Any, *, deadline: float | None = None,
+              train: Callable[..., Any] | None = None,
+              workdir: Path | None = None) -> TrialState:
+    """Run one trial to its end with the job's trainer and tell the study how it ended."""
+    spec = job.spec
+    metric = spec.objective.metric
+    params = trial_params(job, trial)
+    for attr in _ATTEMPT_ATTRS:
+        if attr in trial.user_attrs:
+            trial.set_user_attr(attr, None)
+    reporter = EpochReporter(trial, spec, last_epoch=max_epochs(job, params), deadline=deadline)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="kubetune-trial-") as scratch:
+        context = TrialContext(study, trial, job, params, reporter, data, artifact_store,
+                               Path(scratch), workdir, train)
+        try:
+            outcome = _trainer(spec.trainer.kind)(context)
+            value, metrics = reporter.final(outcome.metrics)
+        except TrialPruned as stop:
+            trial.set_user_attr(PRUNE_REASON_ATTR, stop.reason)
+            tell(study, trial, state=TrialState.PRUNED)
+            log.info("trial %d pruned (%s) after %d epochs", trial.number, stop.reason,
+                     len(reporter.history))
+            return TrialState.PRUNED
+        except (WorkerStopped, KeyboardInterrupt):
+            raise
+        except TrialFailed as err:
+            return _fail(study, trial, err.reason, "")
+        except Exception as err:  # a bug or bad data in this trial must not kill the worker
+            return _fail(study, trial, f"{type(err).__name__}: {err}", traceback.format_exc())
+        try:
+            ids = {key: upload_artifact(artifact_store=artifact_store, file_path=str(path),
+                                        study_or_trial=trial)
+                   for key, path in outcome.artifacts.items()}
+        except Exception as err:
+            return _fail(study, trial, f"cannot save artifacts: {type(err).__name__}: {err}",
+                         traceback.format_exc())
+    if ids:
+        trial.set_user_attr(ARTIFACTS_ATTR, ids)
+    trial.set_user_attr(METRICS_ATTR, {k: jsonable(v) for k, v in metrics.items()})
+    tell(study, trial, value)
+    log.info("trial %d complete: %s=%.5g in %.1fs", trial.number, metric, value,
+             time.time() - started)
+    return TrialState.COMPLETE
+
+
+def _trainer(kind: str) -> TrainerRun:
+    """The three trainer kinds, side by side: ``worker/{builtin,entrypoint,command}_trainer``."""
+    if kind == "entrypoint":
+        from kubetune.worker.entrypoint_trainer import run_entrypoint
+
+        return run_entrypoint
+    if kind == "command":
+        from kubetune.worker.command_trainer import run_command
+
+        return run_command
+    from kubetune.worker.builtin_trainer import run_builtin
+
+    return run_builtin
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None,
+         state: TrialState | None = None) -> None:
+    """``study.tell`` outside ``study.optimize``.
+
+    GridSampler calls ``study.stop()`` once the grid is done, which Optuna only allows inside
+    ``optimize`` and otherwise raises *after* the trial is stored. The budget already ends a
+    grid search (see ``effective_max_trials``), so that signal is not needed here.
+    """
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, details: str) -> TrialState:
+    log.warning("trial %d failed: %s\n%s", trial.number, reason, details)
+    trial.set_user_attr(FAIL_REASON_ATTR, reason[:_REASON_LIMIT])
+    tell(study, trial, state=TrialState.FAIL)
+    return TrialState.FAIL
