@@ -109,6 +109,22 @@ def test_every_problem_is_one_stderr_line(tmp_path):
         "kind", "spec.budget.maxTrials", "spec.budget.parallelism", "spec.searchSpace.lr.low"]
 
 
+@pytest.mark.parametrize("command", [["validate"], ["run", "--workers", "1"]],
+                         ids=["validate", "run"])
+def test_a_pod_template_the_operator_rejects_is_rejected_here_too(tmp_path, command):
+    """The spec model checks spec.trainer.template, which only a cluster uses: before, only
+    the operator did, so validate (and run) passed a job the cluster then failed."""
+    text = bad("      epochs: 2\n", "      epochs: 2\n"
+               "    template:\n      securityContext: {runAsUser: 0}\n")
+    proc = kubetune(command[0], write(tmp_path, text), *command[1:], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    [line] = assert_field_lines(proc.stderr)
+    assert line == ("spec.trainer.template.securityContext.runAsUser: workers run as "
+                    "non-root: use a user id other than 0 (line 18)"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
 def test_cross_field_problems_are_listed_too(tmp_path):
     text = bad("    layers: {type: int, low: 1, high: 3}\n",
                "    layers: {type: float, low: 1, high: 3}\n"

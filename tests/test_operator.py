@@ -31,13 +31,12 @@ from kubetune.spec.model import parse_job
 from kubetune.study.schema import PRUNE_REASON_ATTR, WORKER_ATTR
 from kubernetes.client import ApiClient
 
-from kubetune_operator.handlers import Reconciler, status_patch
+from kubetune_operator.handlers import Reconciler, parse_body, status_patch
 from kubetune_operator.main import parse_args
 from kubetune_operator.pod_launcher import (
     Owner,
-    SecretRef,
+    StorageSecret,
     ensemble_pod,
-    template_problems,
     worker_pod,
     worker_state,
 )
@@ -508,7 +507,7 @@ def _job(template: dict[str, Any] | None = None, **spec: Any):
 ], ids=["defaults", "gpu", "shared-volume", "custom-command"])
 def test_every_pod_manifest_validates_against_the_kubernetes_schema(template):
     job = _job(template)
-    secret = SecretRef(SECRET, "url")
+    secret = StorageSecret(SECRET, "url")
     for pod in (worker_pod(OWNER, job, SETTINGS, secret, 3),
                 ensemble_pod(OWNER, job, SETTINGS, secret)):
         kubernetes_validate.validate(copy.deepcopy(pod), latest_version(), strict=True)
@@ -518,7 +517,7 @@ def test_settings_defaults_fill_what_the_template_leaves_out():
     settings = Settings(worker_image="reg/kt:1", node_selector={"pool": "gpu"},
                         tolerations=({"key": "gpu", "operator": "Exists"},),
                         priority_class="tuning", image_pull_policy="Always")
-    pod = worker_pod(OWNER, _job(), settings, SecretRef(SECRET, "url"), 0)
+    pod = worker_pod(OWNER, _job(), settings, StorageSecret(SECRET, "url"), 0)
     spec, (container,) = pod["spec"], pod["spec"]["containers"]
     assert container["image"] == "reg/kt:1" and container["imagePullPolicy"] == "Always"
     assert container["resources"] == settings.worker_resources
@@ -532,7 +531,7 @@ def test_a_shared_volume_at_the_artifacts_path_replaces_the_emptydir():
     template = {"volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "runs"}}],
                 "volumeMounts": [{"name": "runs", "mountPath": "/shared"}]}
     pod = ensemble_pod(OWNER, _job(template, artifacts={"path": "/shared/fast"}), SETTINGS,
-                       SecretRef(SECRET, "url"))
+                       StorageSecret(SECRET, "url"))
     (container,) = pod["spec"]["containers"]
     assert [v["name"] for v in pod["spec"]["volumes"]] == ["runs", "kubetune-tmp"]
     assert container["args"] == ["ensemble", "--study", f"{NS}/fast", "--artifacts",
@@ -543,7 +542,7 @@ def test_a_shared_volume_at_the_artifacts_path_replaces_the_emptydir():
 
 def test_a_custom_command_finds_what_it_needs_in_the_environment():
     pod = worker_pod(OWNER, _job({"command": ["python", "train.py"]}), SETTINGS,
-                     SecretRef(SECRET, "db-url"), 2)
+                     StorageSecret(SECRET, "db-url"), 2)
     (container,) = pod["spec"]["containers"]
     assert container["command"] == ["python", "train.py"] and container["args"] == []
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
@@ -558,7 +557,7 @@ def test_a_code_trainer_runs_its_workers_in_its_own_image():
                                "image": "registry.example.com/team/mymodel:3",
                                "template": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}
     job = parse_job(body)
-    secret = SecretRef(SECRET, "url")
+    secret = StorageSecret(SECRET, "url")
     settings = Settings(worker_image="reg/kubetune:1")
     for pod in (worker_pod(OWNER, job, settings, secret, 0),
                 ensemble_pod(OWNER, job, settings, secret)):
@@ -574,20 +573,17 @@ def test_a_code_trainer_runs_its_workers_in_its_own_image():
     assert container["image"] == "reg/kubetune:1"
 
 
-@pytest.mark.parametrize("template, path, words", [
-    ({"imagee": "x"}, "spec.trainer.template.imagee", "did you mean 'image'"),
-    ({"env": [{"name": "KUBETUNE_STORAGE_URL", "value": "postgresql://u:p@db/x"}]},
-     "spec.trainer.template.env[0].name", "never goes into a pod spec"),
-    ({"securityContext": {"runAsUser": 0}}, "spec.trainer.template.securityContext.runAsUser",
-     "non-root"),
-    ({"securityContext": {"privileged": True}},
-     "spec.trainer.template.securityContext.privileged", "cannot be set"),
-    ({"command": "python"}, "spec.trainer.template.command", "a list of strings"),
-])
-def test_template_problems_name_the_field(template, path, words):
-    problems = template_problems(template)
-    assert [p.path for p in problems] == [path]
-    assert words in problems[0].message
+def test_the_operator_gives_a_pod_template_the_spec_models_verdict():
+    """The spec model checks the template (tests/test_spec.py), for the operator as for
+    kubetune validate: parse_body reports its problems and passes a good one."""
+    body = tuning_job()
+    body["spec"]["trainer"]["template"] = {"imagee": "x"}
+    job, problems = parse_body(body)
+    assert job is None and [p.path for p in problems] == ["spec.trainer.template.imagee"]
+    body["spec"]["trainer"]["template"] = GPU_TEMPLATE
+    job, problems = parse_body(body)
+    assert problems == [] and job is not None
+    assert job.spec.trainer.template == GPU_TEMPLATE
 
 
 @pytest.mark.parametrize("pod_status, deleting, expected", [

@@ -632,6 +632,48 @@ def test_rejection_names_the_field_and_the_problem(changes, path, fragment):
     assert_problem(problems_of(mutated(changes)), path, fragment)
 
 
+# ------------------------------------------------------------------------------ pod template
+# What only a cluster uses, checked everywhere: kubetune validate, run, the operator, workers.
+TEMPLATE_REJECTIONS = [
+    ({"imagee": "x"}, "spec.trainer.template.imagee", "did you mean 'image'"),
+    ({"env": [{"name": "KUBETUNE_STORAGE_URL", "value": "postgresql://u:p@db/x"}]},
+     "spec.trainer.template.env[0].name", "never goes into a pod spec"),
+    ({"securityContext": {"runAsUser": 0}}, "spec.trainer.template.securityContext.runAsUser",
+     "non-root"),
+    ({"securityContext": {"privileged": True}},
+     "spec.trainer.template.securityContext.privileged", "cannot be set"),
+    ({"command": "python"}, "spec.trainer.template.command", "a list of strings"),
+    ({"env": 5}, "spec.trainer.template.env", "must be a list"),
+]
+
+
+@pytest.mark.parametrize("template, path, words", TEMPLATE_REJECTIONS)
+def test_template_problems_name_the_field(template, path, words):
+    problems = problems_of(mutated({"spec.trainer.template": template}))
+    assert [p.path for p in problems] == [path]
+    assert words in problems[0].message
+    # the operator's check (a bare spec), with the same verdict
+    spec = mutated({"spec.trainer.template": template})["spec"]
+    assert [(p.path, p.message) for p in validate_spec(spec)] == [
+        (p.path, p.message) for p in problems]
+
+
+def test_template_problems_come_with_the_other_cross_field_ones():
+    problems = problems_of(mutated({"spec.trainer.template": {"imagee": "x"},
+                                    "spec.objective.metric": "accuracy"}))
+    assert sorted(p.path for p in problems) == ["spec.objective.metric",
+                                                "spec.trainer.template.imagee"]
+
+
+def test_a_template_problem_in_a_file_has_its_line(tmp_path):
+    text = edited("      params: {batch_size: 64, init: he_uniform}\n",
+                  "      params: {batch_size: 64, init: he_uniform}\n"
+                  "    template:\n      env: [{name: KUBETUNE_STUDY, value: x}]\n")
+    problems = file_problems(write(tmp_path, text))
+    assert [str(p) for p in problems] == [
+        "spec.trainer.template.env[0].name: KUBETUNE_STUDY is set by kubetune "
+        f"(line {line_of(text, 'KUBETUNE_STUDY')})"]
+
 TYPE_ERRORS = {
     "spec-str": {"spec": "x"}, "spec-list": {"spec": [1]}, "budget": {"spec.budget": "fast"},
     "objective": {"spec.objective": 3}, "union-member": {"spec.searchSpace.lr.low": "0.1"},

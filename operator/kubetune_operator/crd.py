@@ -32,14 +32,12 @@ from typing import Any
 
 import yaml
 from kubetune.spec import model as model
+from kubetune.spec.api import GROUP, KIND, PLURAL, VERSION
 from kubetune.spec.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS, Knob
 from kubetune.spec.presets import PRESET_KEY, PRESETS
+from kubetune.spec.template import IMAGE_PULL_POLICIES
 
-GROUP = "kubetune.io"
-VERSION = "v1alpha1"
-KIND = "TuningJob"
-PLURAL = "tuningjobs"
-SINGULAR = "tuningjob"
+SINGULAR = KIND.lower()
 SHORT_NAMES = ["tj"]
 CATEGORIES = ["kubetune"]
 NAME = f"{PLURAL}.{GROUP}"
@@ -52,7 +50,6 @@ MAX_ITEMS = 256
 MAX_CLASSES = 1024
 MAX_MAP = 64
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # One duration token is a number and a unit; spaces may stand anywhere (spec.parse_duration drops
 # them); the whole is at least one token. "Positive" is a second rule: some digit is not 0.
 # No backslashes: CEL string literals know no \s or \. escape.
@@ -346,9 +343,8 @@ def _knob_bounds(knob: Knob) -> dict[str, Any]:
 
 
 def _param_types(knob: Knob) -> list[str]:
-    """The search-space types a knob may be searched with (spec._space_problems)."""
-    return {"float": ["float", "int", "categorical"], "int": ["int", "categorical"]}.get(
-        knob.kind, ["categorical"])
+    """The search-space types a knob may be searched with."""
+    return list(model.KNOB_SEARCH_TYPES[knob.kind])
 
 
 _CHOICE_ITEM = {"bool": {"type": "boolean"}, "choice": {"type": "string", "maxLength": MAX_STRING}}
@@ -575,7 +571,7 @@ def pod_template_schema() -> dict[str, Any]:
         "worker pod settings (container and PodSpec fields such as image, resources, "
         "nodeSelector, tolerations); Kubernetes only",
         image=_string(),
-        imagePullPolicy={"type": "string", "enum": ["Always", "IfNotPresent", "Never"]},
+        imagePullPolicy={"type": "string", "enum": list(IMAGE_PULL_POLICIES)},
         command=_string_list(),
         args=_string_list(),
         env=_open_list("an environment variable", ["name"], name=_string(),
@@ -604,20 +600,13 @@ def pod_template_schema() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ cross-field rules
-SAMPLER_OPTIONS = {  # spec.Sampler._check: which sampler uses which option
-    "nStartupTrials": ("tpe", "gp", "cmaes"),
-    "multivariate": ("tpe",),
-    "constantLiar": ("tpe",),
-    "qmcType": ("qmc",),
-}
-PRUNER_OPTIONS = {  # spec.Pruner._check
-    "nStartupTrials": ("median", "percentile"),
-    "nWarmupSteps": ("median", "percentile"),
-    "percentile": ("percentile",),
-    "minResource": ("hyperband", "asha"),
-    "maxResource": ("hyperband",),
-    "reductionFactor": ("hyperband", "asha"),
-}
+def _yaml_names(model_cls: Any, table: dict[str, Any]) -> dict[str, Any]:
+    """A table of the spec model keyed by field name, keyed by the name written in YAML."""
+    return {model_cls.model_fields[name].alias: value for name, value in table.items()}
+
+
+SAMPLER_OPTIONS = _yaml_names(model.Sampler, model.SAMPLER_OPTIONS)
+PRUNER_OPTIONS = _yaml_names(model.Pruner, model.PRUNER_OPTIONS)
 
 
 def _option_rules(options: dict[str, tuple[str, ...]], what: str) -> list[dict[str, Any]]:
@@ -699,9 +688,7 @@ def metrics_schema() -> dict[str, Any]:
             "items": _string(minLength=1)}
 
 
-ENTRYPOINT = ("^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*"
-              ":[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*$")
-CODE_FIELDS = ["params", "metrics", "epochs", "stopGracePeriod", "image"]
+CODE_FIELDS = [model.Trainer.model_fields[name].alias for name in model.CODE_FIELDS]
 
 
 def trainer_rules() -> list[dict[str, Any]]:
@@ -717,7 +704,8 @@ def trainer_rules() -> list[dict[str, Any]]:
              ".metrics"),
         rule("!has(self.stopGracePeriod) || has(self.command)",
              "stopGracePeriod is only used with command", ".stopGracePeriod"),
-        rule(f"!has(self.entrypoint) || self.entrypoint.matches({lit(ENTRYPOINT)})",
+        rule(f"!has(self.entrypoint) || "
+             f"self.entrypoint.matches({lit(model.ENTRYPOINT_PATTERN)})",
              "entrypoint must be 'package.module:function'", ".entrypoint"),
         rule("!has(self.command) || self.command.size() == 0 || self.command[0] != ''",
              "the program (the first item of command) must not be empty", ".command"),
@@ -917,7 +905,7 @@ def openapi_schema() -> dict[str, Any]:
             # The API server honours restrictions on metadata.name (and only on it): the spec
             # model wants a DNS-1123 label, as the study and pod names derive from it.
             "metadata": {"type": "object", "properties": {"name": {
-                "type": "string", "maxLength": 63, "pattern": DNS_LABEL}}},
+                "type": "string", "maxLength": model.NAME_MAX, "pattern": model.NAME_PATTERN}}},
             "spec": spec_schema(),
             "status": status_schema(),
         },

@@ -71,10 +71,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from kubetune_operator.pod_launcher import (
     Owner,
     PodLauncher,
-    SecretRef,
+    StorageSecret,
     TemplateRejected,
     delete_job_pods,
-    template_problems,
 )
 from kubetune_operator.settings import GROUP, PLURAL, VERSION, Settings
 
@@ -247,7 +246,7 @@ class Reconciler:
         return events
 
     # ------------------------------------------------------------------ storage
-    def _storage_url(self, namespace: str, secret: SecretRef) -> str:
+    def _storage_url(self, namespace: str, secret: StorageSecret) -> str:
         try:
             response = self.core.read_namespaced_secret(secret.name, namespace,
                                                         _preload_content=False)
@@ -333,29 +332,28 @@ def needs_sync(body: Mapping[str, Any]) -> bool:
 
 
 def parse_body(body: Mapping[str, Any]) -> tuple[TuningJob | None, list[Problem]]:
-    """The TuningJob of a cluster object, or the problems of its spec."""
+    """The TuningJob of a cluster object, or the problems of its spec (the spec model's
+    verdict, pod template included: the one ``kubetune validate`` gives)."""
     meta = body.get("metadata") or {}
     data = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
             "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
             "spec": _plain(body.get("spec"))}
     try:
-        job = parse_job(data)
+        return parse_job(data), []
     except SpecError as err:
         return None, err.problems
-    problems = template_problems(job.spec.trainer.template)
-    return (None, problems) if problems else (job, [])
 
 
-def secret_ref(body: Mapping[str, Any], settings: Settings) -> SecretRef:
+def secret_ref(body: Mapping[str, Any], settings: Settings) -> StorageSecret:
     """Where the job's storage URL is: pinned in the status once the job started (so neither a
     spec edit nor new operator settings move a running job), else the spec or the default."""
     pinned = ((body.get("status") or {}).get("study") or {}).get("secretRef") or {}
     if pinned.get("name"):
-        return SecretRef(pinned["name"], pinned.get("key") or "url")
+        return StorageSecret(pinned["name"], pinned.get("key") or "url")
     ref = (((body.get("spec") or {}).get("storage") or {}).get("secretRef") or {})
     if isinstance(ref, Mapping) and ref.get("name"):
-        return SecretRef(str(ref["name"]), str(ref.get("key") or "url"))
-    return SecretRef(settings.storage_secret, settings.storage_secret_key)
+        return StorageSecret(str(ref["name"]), str(ref.get("key") or "url"))
+    return StorageSecret(settings.storage_secret, settings.storage_secret_key)
 
 
 def apply_editable(accepted: TuningJob, current: TuningJob) -> tuple[TuningJob, list[Event]]:

@@ -12,11 +12,12 @@ An entrypoint or command trainer runs in ``spec.trainer.image`` when it is set: 
 the user's code and kubetune (``FROM`` the kubetune image, or ``pip install kubetune``), whose
 working directory holds the code (the worker imports from it and runs commands in it).
 
-``spec.trainer.template`` is a flat mix of container and pod fields (``TEMPLATE_FIELDS``).
-What kubetune sets itself cannot be overridden: the storage URL comes only from a Secret
-(``secretKeyRef``), pods run as non-root with a read-only root filesystem (``/tmp`` is a
-writable emptyDir), drop all capabilities, use the RuntimeDefault seccomp profile and mount no
-service account token: workers need no Kubernetes access.
+``spec.trainer.template`` is a flat mix of container and pod fields, checked by the spec model
+(``kubetune.spec.template``) before a job gets here. What kubetune sets itself cannot be
+overridden: the storage URL comes only from a Secret (``secretKeyRef``), pods run as non-root
+with a read-only root filesystem (``/tmp`` is a writable emptyDir), drop all capabilities, use
+the RuntimeDefault seccomp profile and mount no service account token: workers need no
+Kubernetes access.
 
 The artifact folder (``spec.artifacts.path``, or the operator's default) is an emptyDir when
 the template mounts no volume there. Each worker then keeps its own artifacts, which is enough
@@ -26,7 +27,6 @@ shared volume there (a ReadWriteMany PersistentVolumeClaim) when the ensemble is
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -38,7 +38,8 @@ from typing import Any
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from kubetune.job.core import WorkerState
-from kubetune.spec.model import Problem, TuningJob
+from kubetune.spec.model import TuningJob
+from kubetune.spec.template import OWN_ENV
 from kubetune.study.urls import STORAGE_ENV
 from kubetune.version import __version__
 
@@ -53,33 +54,10 @@ WORKER, ENSEMBLE = "worker", "ensemble"
 MAX_POD_NAME = 63
 TMP_VOLUME, ARTIFACTS_VOLUME = "kubetune-tmp", "kubetune-artifacts"
 
-CONTAINER_FIELDS = ("image", "imagePullPolicy", "command", "args", "resources", "env",
-                    "envFrom", "volumeMounts", "workingDir")
-POD_FIELDS = ("nodeSelector", "tolerations", "affinity", "volumes", "serviceAccountName",
-              "imagePullSecrets", "priorityClassName", "runtimeClassName", "schedulerName",
-              "topologySpreadConstraints", "terminationGracePeriodSeconds", "securityContext",
-              "labels", "annotations")
-TEMPLATE_FIELDS = CONTAINER_FIELDS + POD_FIELDS
-_POD_SECURITY_FIELDS = ("runAsUser", "runAsGroup", "fsGroup", "supplementalGroups",
-                        "fsGroupChangePolicy")
-_OWN_ENV = (STORAGE_ENV, "KUBETUNE_STUDY", "KUBETUNE_WORKER_ID", "KUBETUNE_ARTIFACTS")
 # A pod that waits with one of these reasons will not start without a change: count it as a
 # failed worker (with the reason as its output) so a broken image or Secret fails the job.
 STUCK_REASONS = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                  "CreateContainerConfigError", "CreateContainerError")
-_TYPES: dict[str, tuple[type, str]] = {
-    "image": (str, "a string"), "imagePullPolicy": (str, "a string"),
-    "command": (list, "a list of strings"), "args": (list, "a list of strings"),
-    "resources": (dict, "a mapping"), "env": (list, "a list"), "envFrom": (list, "a list"),
-    "volumeMounts": (list, "a list"), "workingDir": (str, "a string"),
-    "nodeSelector": (dict, "a mapping"), "tolerations": (list, "a list"),
-    "affinity": (dict, "a mapping"), "volumes": (list, "a list"),
-    "serviceAccountName": (str, "a string"), "imagePullSecrets": (list, "a list"),
-    "priorityClassName": (str, "a string"), "runtimeClassName": (str, "a string"),
-    "schedulerName": (str, "a string"), "topologySpreadConstraints": (list, "a list"),
-    "terminationGracePeriodSeconds": (int, "an integer"), "securityContext": (dict, "a mapping"),
-    "labels": (dict, "a mapping"), "annotations": (dict, "a mapping"),
-}
 
 
 class TemplateRejected(Exception):
@@ -108,20 +86,14 @@ class Owner:
 
 
 @dataclass(frozen=True)
-class SecretRef:
+class StorageSecret:
+    """The Secret and key holding a job's storage URL (the pods' ``secretKeyRef``)."""
+
     name: str
     key: str
 
     def as_dict(self) -> dict[str, str]:
         return {"name": self.name, "key": self.key}
-
-
-def storage_secret(job: TuningJob, settings: Settings) -> SecretRef:
-    """``spec.storage.secretRef``, or the operator's default Secret in the job's namespace."""
-    ref = job.spec.storage.secret_ref
-    if ref is not None:
-        return SecretRef(ref.name, ref.key)
-    return SecretRef(settings.storage_secret, settings.storage_secret_key)
 
 
 def artifacts_dir(job: TuningJob, settings: Settings) -> str:
@@ -155,46 +127,8 @@ def _pod_name(job_name: str, suffix: str) -> str:
     return f"{job_name[:keep].rstrip('-')}-{digest}-{suffix}"
 
 
-# ---------------------------------------------------------------- template checks
-def template_problems(template: Mapping[str, Any] | None) -> list[Problem]:
-    """What is wrong with ``spec.trainer.template``, as spec problems with field paths."""
-    if not template:
-        return []
-    base = "spec.trainer.template"
-    problems = []
-    for key, value in template.items():
-        path = f"{base}.{key}"
-        if key not in TEMPLATE_FIELDS:
-            close = difflib.get_close_matches(key, TEMPLATE_FIELDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(Problem(path, f"unknown field (known: {', '.join(TEMPLATE_FIELDS)})"
-                                          f"{hint}"))
-            continue
-        kind, words = _TYPES[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            problems.append(Problem(path, f"must be {words}"))
-        elif key in ("command", "args") and not all(isinstance(v, str) for v in value):
-            problems.append(Problem(path, "must be a list of strings"))
-    for i, var in enumerate(template.get("env") or []):
-        if isinstance(var, dict) and var.get("name") in _OWN_ENV:
-            why = ("is set by kubetune from spec.storage.secretRef: the storage URL never goes "
-                   "into a pod spec" if var["name"] == STORAGE_ENV else "is set by kubetune")
-            problems.append(Problem(f"{base}.env[{i}].name", f"{var['name']} {why}"))
-    security = template.get("securityContext")
-    if isinstance(security, dict):
-        for key in security:
-            if key not in _POD_SECURITY_FIELDS:
-                problems.append(Problem(f"{base}.securityContext.{key}",
-                                        "cannot be set: kubetune sets it (allowed: "
-                                        f"{', '.join(_POD_SECURITY_FIELDS)})"))
-        if security.get("runAsUser") == 0:
-            problems.append(Problem(f"{base}.securityContext.runAsUser",
-                                    "workers run as non-root: use a user id other than 0"))
-    return problems
-
-
 # ---------------------------------------------------------------- manifests
-def worker_pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef,
+def worker_pod(owner: Owner, job: TuningJob, settings: Settings, secret: StorageSecret,
                slot: int) -> dict[str, Any]:
     """The pod of worker ``slot``: ``kubetune worker`` unless the template sets command/args."""
     name = worker_name(owner.name, slot)
@@ -208,7 +142,7 @@ def worker_pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretR
                 args=args, slot=slot)
 
 
-def ensemble_pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef,
+def ensemble_pod(owner: Owner, job: TuningJob, settings: Settings, secret: StorageSecret,
                  attempt: int = 0) -> dict[str, Any]:
     """The pod of the ensemble step: ``kubetune ensemble`` with the workers' image."""
     template = job.spec.trainer.template or {}
@@ -232,7 +166,7 @@ def labels(job_name: str, role: str) -> dict[str, str]:
     }
 
 
-def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef, *, name: str,
+def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: StorageSecret, *, name: str,
          role: str, command: list[str], args: list[str], slot: int | None = None
          ) -> dict[str, Any]:
     template = job.spec.trainer.template or {}
@@ -248,7 +182,7 @@ def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: SecretRef, *,
     if not _mounted(mounts, artifacts):
         mounts.append({"name": ARTIFACTS_VOLUME, "mountPath": artifacts})
         volumes.append({"name": ARTIFACTS_VOLUME, "emptyDir": {}})
-    env = [v for v in template.get("env") or [] if v.get("name") not in _OWN_ENV]
+    env = [v for v in template.get("env") or [] if v.get("name") not in OWN_ENV]
     if not any(v.get("name") == "HOME" for v in env):
         env.append({"name": "HOME", "value": "/tmp"})  # the root filesystem is read-only
     env += [
@@ -409,7 +343,7 @@ class PodLauncher:
     """
 
     def __init__(self, api: CoreV1Api, owner: Owner, job: TuningJob, settings: Settings,
-                 secret: SecretRef) -> None:
+                 secret: StorageSecret) -> None:
         self.api, self.owner, self.job, self.settings, self.secret = (
             api, owner, job, settings, secret)
         self.started: list[str] = []

@@ -13,11 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.spec.model import API_VERSION, KIND
+from kubetune.spec.api import GROUP, KIND, PLURAL, VERSION  # re-exported for the operator
+from kubetune.spec.template import IMAGE_PULL_POLICIES
 from kubetune.version import __version__
-
-GROUP, _, VERSION = API_VERSION.partition("/")
-PLURAL = "tuningjobs"
 
 DEFAULT_IMAGE = f"ghcr.io/kubetune/kubetune:{__version__}"
 DEFAULT_ARTIFACTS = "/var/lib/kubetune/artifacts"
@@ -77,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-image", default=env("WORKER_IMAGE", DEFAULT_IMAGE),
                         metavar="IMAGE", help="image of worker pods whose template sets none")
     parser.add_argument("--image-pull-policy", default=env("IMAGE_PULL_POLICY"),
-                        choices=("Always", "IfNotPresent", "Never"))
+                        choices=IMAGE_PULL_POLICIES)
     parser.add_argument("--worker-resources", type=_json_object,
                         default=_json_object(env("WORKER_RESOURCES", json.dumps(
                             DEFAULT_RESOURCES))), metavar="JSON",

@@ -35,21 +35,41 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kubetune.spec.api import API_VERSION, KIND
 from kubetune.spec.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS
 from kubetune.spec.presets import PRESET_KEY, PRESETS, expand
 from kubetune.spec.source import YamlDocument, YamlError, load_yaml
+from kubetune.spec.template import template_problems
 
-API_VERSION = "kubetune.io/v1alpha1"
-KIND = "TuningJob"
 SAMPLERS = ("random", "grid", "tpe", "cmaes", "gp", "qmc")
 PRUNERS = ("median", "percentile", "hyperband", "asha", "none")
+# Which sampler or pruner uses which option (any other rejects it); the CRD's rules too.
+SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "n_startup_trials": ("tpe", "gp", "cmaes"),
+    "multivariate": ("tpe",),
+    "constant_liar": ("tpe",),
+    "qmc_type": ("qmc",),
+}
+PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "n_startup_trials": ("median", "percentile"),
+    "n_warmup_steps": ("median", "percentile"),
+    "percentile": ("percentile",),
+    "min_resource": ("hyperband", "asha"),
+    "max_resource": ("hyperband",),
+    "reduction_factor": ("hyperband", "asha"),
+}
 DATASETS = ("digits", "synthetic", "file")
 PARAM_TYPES = ("float", "int", "categorical")
-ENSEMBLE_METHODS = ("greedy", "average")
-ENSEMBLE_MEMBERS = ("trials", "seeds", "snapshots")
+# The types a builtin knob of each kind may be searched with (a float knob on an int range too).
+KNOB_SEARCH_TYPES: dict[str, tuple[str, ...]] = {
+    "float": ("float", "int", "categorical"), "int": ("int", "categorical"),
+    "choice": ("categorical",), "bool": ("categorical",)}
 MAX_STAGES = 10
 DATASET_CLASSES = {"digits": 10}  # classes of the bundled datasets (synthetic: its ``classes``)
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# A job's name (a DNS-1123 label: study and pod names derive from it).
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+NAME_MAX = 63
+_NAME_RE = re.compile(NAME_PATTERN)
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
@@ -259,14 +279,8 @@ class Sampler(_Model):
     def _check(self) -> Sampler:
         if self.type not in SAMPLERS:
             raise _at("type", _unknown("sampler", self.type, SAMPLERS))
-        allowed = {
-            "tpe": {"n_startup_trials", "multivariate", "constant_liar"},
-            "gp": {"n_startup_trials"},
-            "cmaes": {"n_startup_trials"},
-            "qmc": {"qmc_type"},
-        }.get(self.type, set())
-        for name in ("n_startup_trials", "multivariate", "constant_liar", "qmc_type"):
-            if getattr(self, name) is not None and name not in allowed:
+        for name, users in SAMPLER_OPTIONS.items():
+            if getattr(self, name) is not None and self.type not in users:
                 raise _at(name, f"not used by the {self.type} sampler")
         return self
 
@@ -290,15 +304,8 @@ class Pruner(_Model):
     def _check(self) -> Pruner:
         if self.type not in PRUNERS:
             raise _at("type", _unknown("pruner", self.type, PRUNERS))
-        allowed = {
-            "median": {"n_startup_trials", "n_warmup_steps"},
-            "percentile": {"n_startup_trials", "n_warmup_steps", "percentile"},
-            "hyperband": {"min_resource", "max_resource", "reduction_factor"},
-            "asha": {"min_resource", "reduction_factor"},
-        }.get(self.type, set())
-        for name in ("n_startup_trials", "n_warmup_steps", "percentile", "min_resource",
-                     "max_resource", "reduction_factor"):
-            if getattr(self, name) is not None and name not in allowed:
+        for name, users in PRUNER_OPTIONS.items():
+            if getattr(self, name) is not None and self.type not in users:
                 raise _at(name, f"not used by the {self.type} pruner")
         if self.type == "percentile" and self.percentile is None:
             raise _at("percentile", "required by the percentile pruner (e.g. 25)")
@@ -397,8 +404,10 @@ class Builtin(_Model):
 TRAINER_KINDS = ("builtin", "entrypoint", "command")
 CODE_FIELDS = ("params", "metrics", "epochs", "stop_grace_period", "image")
 DEFAULT_STOP_GRACE_PERIOD = 10
-_ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-                            r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# package.module:function; no backslashes, so that the CRD's CEL rule can use it as written
+ENTRYPOINT_PATTERN = ("^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*"
+                      ":[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*$")
+_ENTRYPOINT_RE = re.compile(ENTRYPOINT_PATTERN)
 PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PARAM_NAME_MAX = 63
 MetricName = Annotated[StrictStr, Field(min_length=1)]
@@ -674,10 +683,10 @@ class Metadata(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if len(value) > 63 or not _NAME_RE.fullmatch(value):
+        if len(value) > NAME_MAX or not _NAME_RE.fullmatch(value):
             raise ValueError(
-                f"{value!r} is not a valid name: at most 63 lowercase letters, digits and '-', "
-                "starting and ending with a letter or digit")
+                f"{value!r} is not a valid name: at most {NAME_MAX} lowercase letters, digits "
+                "and '-', starting and ending with a letter or digit")
         return value
 
 
@@ -688,8 +697,8 @@ def study_name(namespace: str, name: str) -> str:
 
 
 class TuningJob(_Model):
-    api_version: Literal["kubetune.io/v1alpha1"]
-    kind: Literal["TuningJob"]
+    api_version: Literal[API_VERSION]
+    kind: Literal[KIND]
     metadata: Metadata
     spec: JobSpec
     status: dict[str, Any] | None = None  # accepted so `kubectl get -o yaml` output re-applies
@@ -779,6 +788,7 @@ def _resolve_paths(job: TuningJob, base_dir: Path) -> TuningJob:
 def _semantic_problems(spec: JobSpec) -> list[Problem]:
     problems = _trainer_problems(spec)
     trainer = spec.trainer
+    problems += [Problem(path, message) for path, message in template_problems(trainer.template)]
     builtin = trainer.builtin
     metric = spec.objective.metric
     if trainer.is_builtin and metric not in REPORTED_METRICS:
@@ -932,10 +942,10 @@ def _space_problems(name: str, param: Any) -> list[Problem]:
     if isinstance(param, CategoricalParam):
         return [Problem(f"{path}.choices[{i}]", why) for i, choice in enumerate(param.choices)
                 if (why := knob.problem(choice)) is not None]
-    if knob.kind in ("choice", "bool"):
-        return [Problem(f"{path}.type", f"{name} takes {knob.describe()}: use type categorical")]
-    if knob.kind == "int" and isinstance(param, FloatParam):
-        return [Problem(f"{path}.type", f"{name} is an integer: use type int")]
+    if param.type not in KNOB_SEARCH_TYPES[knob.kind]:
+        why = ("is an integer: use type int" if knob.kind == "int"
+               else f"takes {knob.describe()}: use type categorical")
+        return [Problem(f"{path}.type", f"{name} {why}")]
     problems = []
     for bound in ("low", "high"):
         if (why := knob.problem(getattr(param, bound))) is not None:

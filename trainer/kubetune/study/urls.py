@@ -5,9 +5,8 @@ Light on purpose (no Optuna): ``kubetune validate`` and the command line read it
 
 from __future__ import annotations
 
-# Workers, the ensemble step and commands read the storage URL from here: a URL with a
-# password stays out of the command line (and so out of `ps` and pod specs).
-STORAGE_ENV = "KUBETUNE_STORAGE_URL"
+# The variable workers read the storage URL from; defined with the pod's other variables.
+from kubetune.spec.template import STORAGE_ENV  # noqa: F401 (re-exported)
 
 RDB_PREFIXES = ("postgresql", "postgres://", "sqlite://")
 
