@@ -67,6 +67,7 @@ from kubetune.search.budget import count_trials, ranked
 from kubetune.search.stages import trial_params
 from kubetune.spec.model import Ensemble as EnsembleSpec
 from kubetune.spec.model import FileData, TuningJob
+from kubetune.study.optuna_internals import set_study_system_attr
 from kubetune.study.schema import ARTIFACTS_ATTR, ENSEMBLE_ATTR, EPOCHS_ATTR, MODEL_ATTR
 from kubetune.version import __version__
 
@@ -606,7 +607,7 @@ def save_bundle(bundle: dict[str, Any], study: optuna.Study, store: Any, folder:
     data = path.read_bytes()
     copy = ({"artifact": artifact, "data": base64.b64encode(data).decode("ascii")}
             if len(data) <= EMBED_LIMIT else None)
-    study._storage.set_study_system_attr(study._study_id, MODEL_ATTR, copy)
+    set_study_system_attr(study, MODEL_ATTR, copy)
     return artifact
 
 

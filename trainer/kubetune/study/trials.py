@@ -14,6 +14,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from kubetune.study import optuna_internals
 from kubetune.study.schema import FAIL_REASON_ATTR
 
 log = logging.getLogger("kubetune.study")
@@ -23,7 +24,8 @@ def fail_and_requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, rea
                      max_retries: int) -> bool:
     """Fail a running trial and queue a retry; False if it had finished meanwhile (or was
     failed by a missed heartbeat, whose callback queues the retry itself)."""
-    storage, trial_id = study._storage, trial._trial_id
+    storage = optuna_internals.storage_of(study)
+    trial_id = optuna_internals.trial_id(trial)
     try:
         storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
         if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):

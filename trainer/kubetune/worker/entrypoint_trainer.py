@@ -31,6 +31,7 @@ import numpy as np
 import optuna
 from optuna.artifacts import download_artifact, upload_artifact
 
+from kubetune.study import optuna_internals
 from kubetune.study.schema import CHECKPOINT_ATTR
 from kubetune.worker.contract import EpochReporter, TrainerResult, TrialContext
 
@@ -123,13 +124,14 @@ def find_checkpoint(study: optuna.Study, trial: optuna.Trial) -> dict[str, Any] 
     Optuna's retry callback records the earlier attempts' numbers in the ``retry_history``
     system attribute (and copies their user attributes, the checkpoint among them).
     """
-    storage = study._storage
-    frozen = storage.get_trial(trial._trial_id)
+    storage = optuna_internals.storage_of(study)
+    frozen = storage.get_trial(optuna_internals.trial_id(trial))
     own = frozen.user_attrs.get(CHECKPOINT_ATTR)
     if own:
         return own
     for number in reversed(frozen.system_attrs.get("retry_history") or []):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            optuna_internals.study_id(study), number)
         found = storage.get_trial(trial_id).user_attrs.get(CHECKPOINT_ATTR)
         if found:
             return found

@@ -1,0 +1,80 @@
+"""Every use of Optuna's private names, in one place.
+
+Optuna has no public way to reach a study's storage, a study's or a trial's id, or the
+heartbeat machinery of its RDB storage, and kubetune needs all of them (trials failed from
+outside their run, the study system attribute with the ensemble, worker heartbeats, storage
+calls retried through an outage). Every other module goes through the functions here, so an
+Optuna upgrade that renames one is a change to this file only; tests/test_layout.py fails on
+a private name used anywhere else. Each one says which behaviour of Optuna (4.5 to 5.x, what
+pyproject.toml allows) it relies on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+# Optuna 4.5-5.x: what BaseStorage.get_all_studies returns; optuna.study does not export it
+# (re-exported for the annotations of a storage wrapper).
+from optuna.study._frozen import FrozenStudy as FrozenStudy
+from optuna.trial import FrozenTrial
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The storage the study reads and writes (for an RDB storage, Optuna's cache before it)."""
+    # Optuna 4.5-5.x: Study._storage, set from get_storage(storage) in Study.__init__.
+    return study._storage
+
+
+def study_id(study: optuna.Study) -> int:
+    """The study's id in its storage."""
+    # Optuna 4.5-5.x: Study._study_id, set from get_study_id_from_name in Study.__init__.
+    return study._study_id
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The trial's id in its storage (unlike its number, unique across the storage's studies)."""
+    # Optuna 4.5-5.x: both Trial and FrozenTrial keep the id as _trial_id.
+    return trial._trial_id
+
+
+def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
+    """The study's system attributes (``Study.system_attrs`` is deprecated)."""
+    # Optuna 4.5-5.x: public BaseStorage call, reached through the private storage and id.
+    return storage_of(study).get_study_system_attrs(study_id(study))
+
+
+def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    """Set a study system attribute (``Study.set_system_attr`` is deprecated)."""
+    # Optuna 4.5-5.x: public BaseStorage call, reached through the private storage and id.
+    storage_of(study).set_study_system_attr(study_id(study), key, value)
+
+
+class Heartbeat(Protocol):
+    """What a storage that records heartbeats offers (Optuna's private ``BaseHeartbeat``)."""
+
+    def record_heartbeat(self, trial_id: int) -> None: ...
+
+    def get_heartbeat_interval(self) -> int | None: ...
+
+
+def heartbeat_storage(storage: BaseStorage) -> Heartbeat | None:
+    """``storage`` if it records trial heartbeats (an RDB storage opened with a heartbeat
+    interval, or Optuna's cache before one), else None."""
+    # Optuna 4.5-5.x: the mixin optuna.storages._heartbeat.BaseHeartbeat and its
+    # is_heartbeat_enabled (interval not None); fail_stale_trials checks the same two.
+    if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
+        return storage
+    return None
+
+
+# Optuna 4.5-5.x: the private RDBStorage methods that Optuna calls on it directly, past its
+# public ones: _CachedStorage (in front of every RDB study) calls the last four on its backend,
+# fail_stale_trials calls _get_stale_trial_ids. A storage wrapping RDBStorage's calls (the
+# retries of study.storage.ReconnectingRDBStorage) must wrap these too. Not every version has
+# every one (4.5 has no _set_trial_param or _get_best_trial_id).
+RDB_PRIVATE_METHODS: tuple[str, ...] = ("_get_stale_trial_ids", "_create_new_trial",
+                                        "_set_trial_param", "_get_best_trial_id", "_get_trials")
