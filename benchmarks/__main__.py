@@ -18,7 +18,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks import (
-    divergence, efficiency, operator_overhead, postgres, status_size, storage, tuning,
+    divergence,
+    efficiency,
+    operator_overhead,
+    postgres,
+    status_size,
+    storage,
+    tuning,
 )
 from benchmarks.report import Section, machine_info, progress, python_command, render
 from benchmarks.sizes import SIZES

@@ -18,7 +18,13 @@ from pathlib import Path
 from benchmarks.report import Section, Table, median_or_inf, progress, spread, times
 from benchmarks.sizes import Sizes
 from benchmarks.tuning import (
-    ARM_LABELS, ARMS, FIXED_PARAMS, ArmRun, Task, job_dict, prepare_datasets,
+    ARM_LABELS,
+    ARMS,
+    FIXED_PARAMS,
+    ArmRun,
+    Task,
+    job_dict,
+    prepare_datasets,
     run_tasks,
 )
 

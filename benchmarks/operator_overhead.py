@@ -108,9 +108,9 @@ def operator_process(url: str, stop: Any, ready: Any) -> None:
     _tests_on_path()
     from types import SimpleNamespace
 
-    from kube_emulator import running_operator
-
     from kubetune.study.storage import silence_optuna
+
+    from kube_emulator import running_operator
 
     silence_optuna()
 
@@ -140,6 +140,7 @@ async def _measure(counts: tuple[int, ...], settle_s: float,
     import multiprocessing
 
     import kmock
+
     from kube_emulator import PODS, TUNINGJOBS, KubeEmulator, declare_resources
 
     async with KubeEmulator() as emulator, kmock.Server(emulator) as api:

@@ -41,6 +41,9 @@ class StubLauncher:
     def start_ensemble(self) -> str:
         return "stub-ensemble"
 
+    def stop_worker(self, worker_id: str) -> None:
+        self.forget_worker(worker_id)
+
     def forget_worker(self, worker_id: str) -> None:
         self.workers = [w for w in self.workers if w.id != worker_id]
 
@@ -70,9 +73,9 @@ def measure(trials: int) -> dict[str, Any]:
     from optuna.trial import TrialState, create_trial
 
     from kubetune.job.core import JobCore
-    from kubetune.study.schema import create_or_load_study
     from kubetune.search.space import to_distributions
     from kubetune.spec.model import parse_job
+    from kubetune.study.schema import create_or_load_study
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     job = parse_job(_job())

@@ -174,8 +174,8 @@ def _measure(kind: str, trials: int, workers: int, epochs: int) -> dict[str, Any
 
 
 def _create_study(url: str, job_data: dict[str, Any]) -> str:
-    from kubetune.study.schema import create_or_load_study
     from kubetune.spec.model import parse_job
+    from kubetune.study.schema import create_or_load_study
     from kubetune.study.storage import open_storage, silence_optuna
 
     silence_optuna()
@@ -244,21 +244,24 @@ def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
     import optuna
 
     from kubetune.search import budget
-    from kubetune.study.schema import load_job, started_at
     from kubetune.search.space import make_pruner, stage_samplers
     from kubetune.search.stages import StageAsker
-    from kubetune.study.storage import StudyLock, make_artifact_store, open_storage, silence_optuna
-    from kubetune.study.urls import is_rdb
-    from kubetune.worker.trial import run_trial
+    from kubetune.study.optuna_internals import trial_id
+    from kubetune.study.schema import load_job, started_at
+    from kubetune.study.storage import (
+        StudyLock,
+        make_artifact_store,
+        open_job_storage,
+        open_storage,
+        silence_optuna,
+    )
     from kubetune.worker.loop import WorkerOptions, _heartbeat, _next_trial
+    from kubetune.worker.trial import run_trial
 
     silence_optuna()
     job = load_job(optuna.load_study(study_name=study_name, storage=open_storage(url)))
     spec = job.spec
-    storage = open_storage(url, heartbeat_interval=spec.storage.heartbeat_interval
-                           if is_rdb(url) else None,
-                           grace_period=spec.storage.grace_period,
-                           max_retries=spec.budget.max_retries)
+    storage = open_job_storage(url, spec)
     sampler = stage_samplers(spec, worker_id)
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler(),
                               pruner=make_pruner(spec))
@@ -276,14 +279,14 @@ def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
     try:
         while True:
             t0 = time.perf_counter()
-            trial, counts, reason = _next_trial(study, job, lock, stages, start, options)
+            trial, check = _next_trial(study, job, lock, stages, start, options)
             if trial is None:
-                if counts.running == 0 or reason == budget.TOO_MANY_FAILED:
+                if check.counts.running == 0 or check.stop == budget.TOO_MANY_FAILED:
                     break
                 time.sleep(0.01)  # others finish the last trials
                 continue
             choose.append(time.perf_counter() - t0)
-            with _heartbeat(storage, trial._trial_id):
+            with _heartbeat(storage, trial_id(trial)):
                 run_trial(trial.study, trial, job, trainer.data, store, train=trainer)
             done += 1
             end = time.time()

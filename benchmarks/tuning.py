@@ -276,8 +276,8 @@ def _run_stock(task: Task, job: Any) -> ArmRun:
     """(a) and (b): a stock Optuna study and objective, as a user without kubetune writes it."""
     import optuna
 
-    from kubetune.search.space import to_distributions
     from kubetune.builtin.data import load_data
+    from kubetune.search.space import to_distributions
 
     spec = job.spec
     builtin = spec.trainer.builtin
@@ -319,10 +319,10 @@ def _run_kubetune(task: Task, job: Any) -> ArmRun:
     import optuna
     from optuna.storages import InMemoryStorage
 
-    from kubetune.study.schema import create_or_load_study
-    from kubetune.search.space import make_pruner, make_sampler, to_distributions
-    from kubetune.study.storage import make_artifact_store
     from kubetune.builtin.data import load_data
+    from kubetune.search.space import make_pruner, make_sampler, to_distributions
+    from kubetune.study.schema import create_or_load_study
+    from kubetune.study.storage import make_artifact_store
     from kubetune.worker.trial import run_trial
 
     spec = job.spec

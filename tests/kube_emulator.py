@@ -32,7 +32,8 @@ import kmock
 import kopf
 from kubernetes.client import ApiClient, Configuration
 
-from kubetune_operator.handlers import Reconciler, SyncResult, register
+from kubetune_operator.handlers import register
+from kubetune_operator.reconciler import Reconciler, SyncResult
 from kubetune_operator.settings import Settings
 
 TUNINGJOBS = "kubetune.io/v1alpha1/tuningjobs"

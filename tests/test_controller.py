@@ -14,13 +14,13 @@ from optuna.distributions import FloatDistribution
 from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
-from conftest import fast_job
-from kubetune.job.core import MAX_ENSEMBLE_ATTEMPTS, JobCore, WorkerState
-from kubetune.study.schema import ENSEMBLE_ATTR
 from kubetune.ensemble.step import fingerprint
-from kubetune.study.schema import STARTED_ATTR, create_or_load_study
+from kubetune.job.core import MAX_ENSEMBLE_ATTEMPTS, JobCore, WorkerState
 from kubetune.search.space import to_distributions
 from kubetune.spec.model import parse_job
+from kubetune.study.schema import ENSEMBLE_ATTR, STARTED_ATTR, create_or_load_study
+
+from conftest import fast_job
 
 
 class ScriptedLauncher:
@@ -44,6 +44,10 @@ class ScriptedLauncher:
         worker_id = f"e{self.ensembles}"
         self.workers[worker_id] = WorkerState(worker_id)
         return worker_id
+
+    def stop_worker(self, worker_id):
+        state = self.workers[worker_id]
+        self.workers[worker_id] = WorkerState(worker_id, state.exit_code, stopping=True)
 
     def forget_worker(self, worker_id):
         self.workers.pop(worker_id, None)
@@ -100,6 +104,56 @@ def test_never_starts_more_workers_than_trials_left():
     core, study, launcher, _ = _core(budget={"maxTrials": 3, "parallelism": 8})
     core.reconcile()
     assert launcher.started == 3
+
+
+def _with_budget(core, **budget):
+    """The core of the same job after a budget edit (as the operator applies one)."""
+    data = core.job.to_dict()
+    data["spec"]["budget"].update(budget)
+    return JobCore(parse_job(data), core.study, core.launcher, clock=core.clock)
+
+
+def test_lowered_parallelism_stops_the_newest_workers_and_replaces_none_until_they_exit():
+    core, study, launcher, _ = _core(budget={"maxTrials": 10, "parallelism": 3})
+    status = core.reconcile().status
+    core = _with_budget(core, parallelism=1)
+    status = core.reconcile(status).status
+    stopping = sorted(w.id for w in launcher.workers.values() if w.stopping)
+    assert stopping == ["w2", "w3"] and status["workers"]["active"] == 1
+    status = core.reconcile(status).status
+    assert launcher.started == 3  # the stopping ones are not replaced
+    for worker_id in stopping:
+        launcher.exit(worker_id, 0)
+    status = core.reconcile(status).status
+    assert launcher.started == 3 and sorted(launcher.workers) == ["w1"]
+
+
+def test_raised_parallelism_starts_more_workers():
+    core, study, launcher, _ = _core(budget={"maxTrials": 10, "parallelism": 1})
+    status = core.reconcile().status
+    _with_budget(core, parallelism=3).reconcile(status)
+    assert launcher.started == 3
+
+
+def test_lowered_max_trials_restarts_the_running_workers_on_the_new_budget():
+    core, study, launcher, _ = _core(budget={"maxTrials": 10, "parallelism": 2})
+    status = core.reconcile().status
+    assert status["workers"]["maxTrials"] == 10
+    status = _with_budget(core, maxTrials=8).reconcile(status).status
+    assert all(w.stopping for w in launcher.workers.values()) and launcher.started == 2
+    status = _with_budget(core, maxTrials=8).reconcile(status).status
+    assert launcher.started == 2  # told once; new workers only once the old ones exit
+    for worker_id in list(launcher.workers):
+        launcher.exit(worker_id, 0)
+    _with_budget(core, maxTrials=8).reconcile(status)
+    assert launcher.started == 4
+
+
+def test_raised_max_trials_keeps_the_running_workers():
+    core, study, launcher, _ = _core(budget={"maxTrials": 10, "parallelism": 2})
+    status = core.reconcile().status
+    _with_budget(core, maxTrials=12).reconcile(status)
+    assert not any(w.stopping for w in launcher.workers.values()) and launcher.started == 2
 
 
 def test_budget_spent_means_succeeded_with_the_best_trial():

@@ -17,13 +17,13 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import test_spec as cases  # the specs the spec-model tests build
 
 from kubetune.spec.knobs import KNOBS
 from kubetune.spec.model import PRUNERS, SAMPLERS, SpecError, parse_job
 from kubetune.spec.source import load_yaml
 from kubetune_operator import crd as crd_module
 
-import test_spec as cases  # the specs the spec-model tests build
 from crd_validation import (  # the API server's checks, without a cluster
     CrdValidator,
     Draft4,

@@ -6,9 +6,6 @@ import pytest
 from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
-from conftest import fast_job
-from kubetune.search import budget
-from kubetune.job import status as status_module
 from kubetune.builtin.diagnosis import (
     DIVERGED,
     HEALTHY,
@@ -19,10 +16,14 @@ from kubetune.builtin.diagnosis import (
     diagnose,
     summarize,
 )
-from kubetune.study.schema import create_or_load_study
+from kubetune.job import status as status_module
+from kubetune.job.status import build_status
+from kubetune.search import budget
 from kubetune.search.space import to_distributions
 from kubetune.spec.model import parse_job
-from kubetune.job.status import build_status
+from kubetune.study.schema import create_or_load_study
+
+from conftest import fast_job
 
 
 def curve(train_loss, val_loss=None, train_accuracy=None, val_accuracy=None):

@@ -14,8 +14,7 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
-from conftest import REPO_ROOT, fast_job, kubetune, write_job
-from kubetune.study.schema import ENSEMBLE_ATTR
+from kubetune.builtin.data import load_data
 from kubetune.ensemble.step import (
     Member,
     NotEnoughMembers,
@@ -26,12 +25,13 @@ from kubetune.ensemble.step import (
     selection_metric,
     weighted,
 )
-from kubetune.study.schema import create_or_load_study
 from kubetune.search.space import to_distributions
 from kubetune.spec.model import parse_job
+from kubetune.study.schema import ENSEMBLE_ATTR, create_or_load_study
 from kubetune.study.storage import make_artifact_store
 from kubetune.worker.trial import run_trial
-from kubetune.builtin.data import load_data
+
+from conftest import REPO_ROOT, fast_job, kubetune, write_job
 
 RECORD_KEYS = {"method", "memberSource", "metric", "direction", "members", "candidates",
                "validationValue", "testValue", "bestSingleTrial", "bestSingleValidationValue",

@@ -8,11 +8,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import fast_job
 from kubetune.search.guards import EpochGuard
 from kubetune.search.space import make_pruner, to_distributions
 from kubetune.spec.model import Pruning, parse_job
 from kubetune.worker.trial import run_trial
+
+from conftest import fast_job
 
 HEALTHY = {"train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5,
            "val_f1": 0.5}

@@ -10,11 +10,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO_ROOT
-from crd_validation import CrdValidator
-from kubetune_operator.crd import build_crd
 from kubetune.spec.model import SpecError, parse_job
 from kubetune.spec.source import YamlError, load_yaml
+from kubetune_operator.crd import build_crd
+
+from conftest import REPO_ROOT
+from crd_validation import CrdValidator
 
 BASE = yaml.safe_load((REPO_ROOT / "examples" / "digits-mlp.yaml").read_text())
 

@@ -10,12 +10,13 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 from prometheus_client import generate_latest
 
-from conftest import fast_job
-from kubetune.study.schema import create_or_load_study
 from kubetune.job.metrics import JobMetrics, make_registry, snapshot
 from kubetune.local.plots import write_plots
 from kubetune.search.space import to_distributions
 from kubetune.spec.model import parse_job
+from kubetune.study.schema import create_or_load_study
+
+from conftest import fast_job
 
 
 def _epoch(epoch, acc, loss):

@@ -10,28 +10,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
-import json
-
 import kubernetes_validate
 import optuna
 import pytest
+from kubernetes.client import ApiClient
 from kubernetes_validate.utils import latest_version
 from optuna.trial import TrialState
 
-from conftest import fast_job
-from kube_emulator import EVENTS, PODS, TUNINGJOBS, KubeEmulator, declare_resources, \
-    running_operator
 from kubetune.job.core import WorkerState
 from kubetune.search.space import to_distributions
 from kubetune.spec.model import parse_job
 from kubetune.study.schema import PRUNE_REASON_ATTR, WORKER_ATTR
-from kubernetes.client import ApiClient
-
-from kubetune_operator.handlers import Reconciler, parse_body, status_patch
 from kubetune_operator.main import parse_args
 from kubetune_operator.pod_launcher import (
     Owner,
@@ -40,7 +34,18 @@ from kubetune_operator.pod_launcher import (
     worker_pod,
     worker_state,
 )
+from kubetune_operator.reconciler import Reconciler, parse_body, status_patch
 from kubetune_operator.settings import Settings
+
+from conftest import fast_job
+from kube_emulator import (
+    EVENTS,
+    PODS,
+    TUNINGJOBS,
+    KubeEmulator,
+    declare_resources,
+    running_operator,
+)
 
 pytestmark = [pytest.mark.kmock(cls=KubeEmulator),
               pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning")]
@@ -294,8 +299,8 @@ async def test_invalid_spec_fails_without_pods_until_it_is_fixed(cluster, operat
 
 async def test_failed_preflight_fails_the_job_and_stops_its_workers(cluster, operator,
                                                                     postgres_url, tmp_path):
-    from kubetune.study.schema import load_job
     from kubetune.builtin.preflight import ensure_verdict
+    from kubetune.study.schema import load_job
     from kubetune.study.storage import StudyLock
 
     flat = tmp_path / "flat.csv"  # features that say nothing about the labels
@@ -588,7 +593,7 @@ def test_the_operator_gives_a_pod_template_the_spec_models_verdict():
 
 @pytest.mark.parametrize("pod_status, deleting, expected", [
     ({}, False, WorkerState("p")),
-    ({"phase": "Running"}, True, WorkerState("p")),  # stopping: still busy
+    ({"phase": "Running"}, True, WorkerState("p", stopping=True)),  # still busy, told to stop
     ({"phase": "Succeeded"}, False, WorkerState("p", 0)),
     ({"phase": "Succeeded"}, True, None),  # forgotten already
     ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {

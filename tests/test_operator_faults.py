@@ -26,10 +26,6 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
-
-from conftest import REPO_ROOT
-from fault_checks import FINISHED, assert_job_whole
-from kube_emulator import PODS, KubeEmulator
 from test_hostile_input import values
 from test_operator import (  # noqa: F401 - fixtures
     NS,
@@ -43,8 +39,13 @@ from test_operator import (  # noqa: F401 - fixtures
     status,
     tuning_job,
 )
-from kubetune_operator.handlers import parse_body
+
 from kubetune_operator.pod_launcher import MAX_POD_NAME
+from kubetune_operator.reconciler import parse_body
+
+from conftest import REPO_ROOT
+from fault_checks import FINISHED, assert_job_whole
+from kube_emulator import PODS, KubeEmulator
 
 pytestmark = [pytest.mark.kmock(cls=KubeEmulator),
               pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning")]

@@ -12,11 +12,9 @@ import time
 import numpy as np
 import pytest
 from optuna.storages import InMemoryStorage
+from test_controller import _core
 
-from conftest import fast_job, kubetune, write_job
 from kubetune.builtin.data import load_dataset
-from kubetune.study.schema import create_or_load_study
-from kubetune.study.schema import PREFLIGHT_ATTR
 from kubetune.builtin.preflight import (
     blind_loss,
     ensure_verdict,
@@ -25,8 +23,11 @@ from kubetune.builtin.preflight import (
     tiny_subset,
 )
 from kubetune.spec.model import parse_job
+from kubetune.study.optuna_internals import storage_of
+from kubetune.study.schema import PREFLIGHT_ATTR, create_or_load_study
 from kubetune.study.storage import StudyLock
-from test_controller import _core
+
+from conftest import fast_job, kubetune, write_job
 
 
 def _job(dataset: dict, **spec) -> object:
@@ -141,7 +142,7 @@ def test_the_verdict_is_computed_once_and_stored_in_the_study(tmp_path):
 
     assert first == stored == second
     assert time.monotonic() - started < 0.5  # read, not trained again
-    create_or_load_study(study._storage, job)  # the job starts again: check again
+    create_or_load_study(storage_of(study), job)  # the job starts again: check again
     assert study.user_attrs.get(PREFLIGHT_ATTR) is None
 
 
@@ -195,7 +196,7 @@ def test_run_on_uninformative_data_fails_fast_without_running_a_trial(tmp_path):
     assert len(logs) == 2
     # one worker ran the check under the study lock; the other waited and read its verdict
     # (or was stopped first: the job core stops all workers once it sees the verdict)
-    assert sum("kubetune.builtin.preflight: preflight failed" in log for log in logs) == 1
+    assert sum("kubetune.preflight: preflight failed" in log for log in logs) == 1
     assert any("preflight failed, no trial runs" in log for log in logs)
     assert not any("trial 0 started" in log or "Traceback" in log for log in logs)
     assert "PreflightFailed" in proc.stdout and "Traceback" not in proc.stderr

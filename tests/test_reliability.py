@@ -21,9 +21,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from kubetune.study.storage import open_storage
+
 from conftest import REPO_ROOT, fast_job, wait_for, write_job
 from fault_checks import assert_job_whole
-from kubetune.study.storage import open_storage
 from pgbouncer import PgBouncer
 
 # Real processes killed and servers restarted: minutes on a busy machine, hence slow and a

@@ -232,12 +232,12 @@ def test_torch_threads_are_shared_between_workers():
 def test_trial_whose_artifacts_cannot_be_written_fails_with_the_reason_and_job_goes_on(tmp_path):
     from optuna.artifacts import FileSystemArtifactStore
 
-    from kubetune.study.schema import create_or_load_study
+    from kubetune.builtin.data import load_data
     from kubetune.search.space import to_distributions
     from kubetune.spec.model import parse_job
+    from kubetune.study.schema import create_or_load_study
     from kubetune.study.storage import open_storage
     from kubetune.worker.trial import run_trial
-    from kubetune.builtin.data import load_data
 
     job = parse_job(fast_job())
     study = create_or_load_study(open_storage(str(tmp_path / "s.journal")), job)

@@ -8,13 +8,15 @@ import json
 import numpy as np
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.trial import TrialState, create_trial
 
-from conftest import fast_job, kubetune, write_job
-from kubetune.study.schema import create_or_load_study
-from kubetune.spec.model import parse_job
-from kubetune.study.schema import SPACES_ATTR
+from kubetune.builtin.data import load_data
+from kubetune.search.narrowing import default_top, describe, narrow
 from kubetune.search.stages import (
     current_stage,
     stage_for_new_trial,
@@ -22,8 +24,10 @@ from kubetune.search.stages import (
     stage_view,
     status_view,
 )
-from kubetune.search.narrowing import default_top, describe, narrow
-from kubetune.builtin.data import load_data
+from kubetune.spec.model import parse_job
+from kubetune.study.schema import SPACES_ATTR, create_or_load_study
+
+from conftest import fast_job, kubetune, write_job
 
 LR = FloatDistribution(1e-4, 1e-1, log=True)
 DROPOUT = FloatDistribution(0.0, 0.5)

@@ -12,11 +12,12 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
 from kubetune.search.budget import count_trials
-from kubetune.study.schema import create_or_load_study
 from kubetune.spec.model import parse_job
+from kubetune.study.schema import create_or_load_study
 from kubetune.study.storage import open_storage
+
+from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
 
 
 def _start_worker(url: str, study: str, worker_id: str, artifacts) -> subprocess.Popen:

@@ -1,12 +1,13 @@
 """The TuningJob CustomResourceDefinition, generated from the spec model.
 
-The spec model (``kubetune.spec.model`` and the knob table ``kubetune.spec.knobs``) is the source of truth
-for what a TuningJob may contain. This module turns it into a *structural* OpenAPI schema (every
-node typed, no ``$ref``, no typed ``anyOf``) plus CEL ``x-kubernetes-validations`` rules for the
-checks that span fields, so that ``kubectl apply`` rejects what ``kubetune validate`` rejects:
+The spec model (``kubetune.spec.model`` and the knob table ``kubetune.spec.knobs``) is the
+source of truth for what a TuningJob may contain. This module turns it into a *structural*
+OpenAPI schema (every node typed, no ``$ref``, no typed ``anyOf``) plus CEL
+``x-kubernetes-validations`` rules for the checks that span fields, so that ``kubectl apply``
+rejects what ``kubetune validate`` rejects:
 
 - plain fields (types, bounds, enums, defaults) come from the pydantic JSON schema, so a field
-  added to spec.py appears here without a hand edit;
+  added to the spec model appears here without a hand edit;
 - tagged unions (a search-space entry by ``type``, a dataset by ``name``) are merged into one
   object with rules saying which fields belong to which tag;
 - ``trainer.builtin.params`` gets one property per built-in knob, typed and bounded by the
@@ -31,6 +32,7 @@ import sys
 from typing import Any
 
 import yaml
+
 from kubetune.spec import model as model
 from kubetune.spec.api import GROUP, KIND, PLURAL, VERSION
 from kubetune.spec.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS, Knob
@@ -59,7 +61,7 @@ QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
 
 HEADER = """\
 # Generated from the spec model by operator/kubetune_operator/crd.py: do not edit by hand.
-# Regenerate after changing trainer/kubetune/spec.py or knobs.py:
+# Regenerate after changing the spec wing (trainer/kubetune/spec/):
 #   python -m kubetune_operator.crd > crds/tuningjob.yaml
 """
 
@@ -820,7 +822,7 @@ ENUMS = {  # plain strings in the model, checked against these names by its vali
 }
 
 DESCRIPTIONS = {
-    (): "what to tune, how, and with which budget (see the kubetune README)",
+    (): "what to tune, how, and with which budget (see the kubetune docs)",
     ("objective",): "the metric to optimize",
     ("objective", "metric"): "a metric the trainer reports (builtin: "
                              f"{', '.join(REPORTED_METRICS)}; your code: one of trainer.metrics)",

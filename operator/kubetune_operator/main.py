@@ -32,11 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(sys.argv[1:] if argv is None else argv)
     import kopf
     import kubernetes
+
     from kubetune.job.metrics import Metrics
     from kubetune.study.storage import silence_optuna
-
     from kubetune_operator.client import load_credentials
-    from kubetune_operator.handlers import Reconciler, register
+    from kubetune_operator.handlers import register
+    from kubetune_operator.reconciler import Reconciler
 
     kopf.configure(verbose=settings.verbose)
     silence_optuna()

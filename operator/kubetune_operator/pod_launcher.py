@@ -37,12 +37,12 @@ from typing import Any
 
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
+
 from kubetune.job.core import WorkerState
 from kubetune.spec.model import TuningJob
 from kubetune.spec.template import OWN_ENV
 from kubetune.study.urls import STORAGE_ENV
 from kubetune.version import __version__
-
 from kubetune_operator.settings import Settings
 
 log = logging.getLogger("kubetune.operator.pods")
@@ -306,7 +306,7 @@ def worker_state(pod: Mapping[str, Any]) -> WorkerState | None:
     stuck = _stuck(status)
     if stuck and not deleting:
         return WorkerState(name, 1, stuck)
-    return WorkerState(name)  # Pending, Running, Unknown; or stopping after a delete
+    return WorkerState(name, stopping=deleting)  # Pending, Running, Unknown
 
 
 def _failure(status: Mapping[str, Any]) -> tuple[int, str]:
@@ -355,7 +355,9 @@ class PodLauncher:
 
     # -- Launcher protocol
     def list_workers(self) -> list[WorkerState]:
-        states = [s for pod in self._list() if (s := worker_state(pod)) is not None]
+        """The job's pods, workers oldest (lowest slot) first."""
+        pods = sorted(self._list(), key=lambda p: (role_of(p) != WORKER, slot_of(p) or 0))
+        states = [s for pod in pods if (s := worker_state(pod)) is not None]
         self._states = {s.id: s for s in states}
         return states
 
@@ -378,6 +380,12 @@ class PodLauncher:
                 return pod["metadata"]["name"]
         raise RuntimeError(f"no free ensemble pod name for {self.owner.name}")
 
+    def stop_worker(self, worker_id: str) -> None:
+        """Delete the pod: the worker gets SIGTERM and gives its running trial back."""
+        self._delete(worker_id)
+        self._pods = None  # listed again before a start: a stopping pod keeps its slot
+        self.stopped.append(worker_id)
+
     def forget_worker(self, worker_id: str) -> None:
         state = self._states.pop(worker_id, None)
         if state is not None and state.exit_code:
@@ -390,21 +398,6 @@ class PodLauncher:
             if role_of(pod) == WORKER and not pod["metadata"].get("deletionTimestamp"):
                 self._delete(pod["metadata"]["name"])
                 self.stopped.append(pod["metadata"]["name"])
-
-    # -- beyond the protocol
-    def scale_down(self, parallelism: int) -> list[str]:
-        """Stop the running workers in the highest slots beyond ``parallelism``."""
-        live = [p for p in self._list() if role_of(p) == WORKER
-                and not p["metadata"].get("deletionTimestamp")
-                and (worker_state(p) or WorkerState("")).running]
-        live.sort(key=lambda p: slot_of(p) or 0)
-        extra = [p["metadata"]["name"] for p in live[parallelism:]]
-        for name in extra:
-            self._delete(name)
-            self.stopped.append(name)
-        if extra:
-            self._pods = None
-        return extra
 
     # -- API calls
     def _list(self) -> list[dict[str, Any]]:

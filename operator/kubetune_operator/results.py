@@ -61,21 +61,22 @@ def status_from_cluster(namespace: str, name: str) -> dict[str, Any]:
 
 def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
     import optuna
+
     from kubetune.builtin import preflight
     from kubetune.job.status import RUNNING, build_status
     from kubetune.search import budget
     from kubetune.search.space import effective_max_trials
     from kubetune.search.stages import stored_spaces
-    from kubetune.study.schema import load_job
+    from kubetune.study.schema import load_job, study_name
     from kubetune.study.storage import open_storage, silence_optuna
     from kubetune.study.urls import redact
 
     silence_optuna()
-    study_name = f"{namespace}/{name}"
+    name_of_study = study_name(namespace, name)
     try:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+        study = optuna.load_study(study_name=name_of_study, storage=open_storage(url))
     except KeyError:
-        raise LookupError(f"no study {study_name!r} in {redact(url)}") from None
+        raise LookupError(f"no study {name_of_study!r} in {redact(url)}") from None
     job = load_job(study)
     trials = study.get_trials(deepcopy=False)
     counts = budget.count_trials(trials)
@@ -88,8 +89,9 @@ def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
 
 
 def print_status(status: dict[str, Any]) -> None:
-    from kubetune.local.progress import print_summary
     from rich.console import Console
+
+    from kubetune.local.progress import print_summary
 
     console = Console(highlight=False)
     if "objective" not in status:  # failed before it started (e.g. an invalid spec)

@@ -13,7 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.spec.api import GROUP, KIND, PLURAL, VERSION  # re-exported for the operator
+from kubetune.spec.api import (  # re-exported for the operator
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+)
 from kubetune.spec.template import IMAGE_PULL_POLICIES
 from kubetune.version import __version__
 

@@ -207,6 +207,7 @@ def _plot(args: argparse.Namespace) -> int:
 
     from kubetune.local.plots import write_plots
     from kubetune.study.schema import load_job
+    from kubetune.study.schema import study_name as study_of
     from kubetune.study.storage import open_storage, silence_optuna
 
     silence_optuna()
@@ -220,8 +221,8 @@ def _plot(args: argparse.Namespace) -> int:
         study_name = names[0] if len(names) == 1 else None
     else:
         storage_url = args.storage or os.environ.get(STORAGE_ENV)
-        study_name, output = f"{args.namespace}/{args.target}", args.output or Path(
-            f"{args.target}-plots")
+        study_name = study_of(args.namespace, args.target)
+        output = args.output or Path(f"{args.target}-plots")
         if not storage_url:
             print(f"error: give --storage or set {STORAGE_ENV}", file=sys.stderr)
             return EXIT_INVALID

@@ -26,7 +26,7 @@ labels, checked in this order:
 A *score* is an accuracy-like metric in [0, 1] reported for both splits: ``accuracy``, ``f1``
 or ``auc`` (the first pair found, at the last epoch). A *loss* is ``train_loss`` /
 ``val_loss``. The thresholds are absolute, for scores in [0, 1]; they are rules of thumb for
-classification, documented in the README, not tuned per dataset.
+classification, documented in docs/tuning.md, not tuned per dataset.
 """
 
 from __future__ import annotations

@@ -51,7 +51,6 @@ class TrainResult:
     history: list[dict[str, float]]
     val_proba: np.ndarray
     test_proba: np.ndarray
-    epochs_run: int
 
 
 def resolve_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +218,7 @@ def _train(
             on_snapshot(epoch, model)
     val_proba = predict_proba(model, data.X_val, device=dev)
     test_proba = predict_proba(model, data.X_test, device=dev)
-    return TrainResult(model.cpu().eval(), history, val_proba, test_proba, epochs_run=len(history))
+    return TrainResult(model.cpu().eval(), history, val_proba, test_proba)
 
 
 def _make_scheduler(

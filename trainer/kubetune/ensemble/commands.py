@@ -92,6 +92,7 @@ def _find_bundle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
     import optuna
 
     from kubetune.ensemble.export import ExportError
+    from kubetune.study.optuna_internals import study_system_attrs
     from kubetune.study.schema import ENSEMBLE_ATTR, MODEL_ATTR, load_job
     from kubetune.study.storage import open_storage, silence_optuna
     from kubetune.study.urls import redact
@@ -135,7 +136,7 @@ def _find_bundle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
         path = Path(folder) / artifact
         if path.is_file():
             return _read(path.read_bytes(), str(path)), record
-    copy = study._storage.get_study_system_attrs(study._study_id).get(MODEL_ATTR)
+    copy = study_system_attrs(study).get(MODEL_ATTR)
     if copy and copy.get("artifact") == artifact:
         return _read(base64.b64decode(copy["data"]), "the copy in the study storage"), record
     tried = ", ".join(str(f) for f in filter(None, folders)) or "none"
@@ -149,13 +150,14 @@ def _study_name(storage: Any, args: argparse.Namespace, run_dir: Path | None) ->
     import optuna
 
     from kubetune.ensemble.export import ExportError
+    from kubetune.study.schema import study_name
 
     if run_dir is None:
-        return f"{args.namespace or 'default'}/{args.source}"
+        return study_name(args.namespace or 'default', args.source)
     names = optuna.get_all_study_names(storage)
     job_name = _result_name(run_dir)
     if args.namespace and job_name:
-        wanted = [f"{args.namespace}/{job_name}"]
+        wanted = [study_name(args.namespace, job_name)]
     elif job_name:
         wanted = [n for n in names if n.rpartition("/")[2] == job_name]
     else:

@@ -1,19 +1,13 @@
 """The job core: given the job, the study and the workers, decide what happens next.
 
-Plain Python with no Kubernetes or process handling of its own: a *launcher* starts and lists
-workers (local processes for ``kubetune run``, pods for the operator). ``reconcile`` is called
-over and over; it keeps no state between calls beyond what it writes into the status, so a
-restarted runner or operator carries on where the last one stopped.
-
-A failed preflight (see ``kubetune.builtin.preflight``; a study user attribute written by the first
-worker) ends the job at once: phase ``Failed``, reason ``PreflightFailed``, no more workers.
-
-When the search succeeds and ``spec.ensemble.enabled``, the job goes through phase
-``Ensembling``: the core starts the ensemble worker once (``launcher.start_ensemble``), tracks
-it in ``status.workers.ensemble``, waits for it, copies the result the step stored in the study
-into ``status.ensemble`` and sets the ``EnsembleReady`` condition. A failed step is started
-again, ``MAX_ENSEMBLE_ATTEMPTS`` times in all; after that, or when there are too few members,
-the job still succeeds, with ``EnsembleReady=False`` and the reason.
+Every decision about a job is made here, for the local runner and the operator alike: how
+many workers run (started up to ``parallelism``, the extra ones stopped when it is lowered),
+restarting the workers when ``maxTrials`` is lowered under them, failing and requeueing the
+trials of workers that are gone, ending the search, the crash loop, the preflight's verdict
+and the ensemble step. A *launcher* only starts, stops and lists workers (local processes for
+``kubetune run``, pods for the operator). ``reconcile`` keeps no state between calls beyond
+what it writes into the status, so a restarted runner or operator carries on where the last
+one stopped.
 """
 
 from __future__ import annotations
@@ -41,14 +35,9 @@ from kubetune.job.status import (
     condition,
 )
 from kubetune.search import budget
-from kubetune.search.space import effective_max_trials
 from kubetune.search.stages import stored_spaces
 from kubetune.spec.model import TuningJob
-from kubetune.study.schema import (
-    ENSEMBLE_ATTR,
-    WORKER_ATTR,
-    started_at,
-)
+from kubetune.study.schema import ENSEMBLE_ATTR, WORKER_ATTR, started_at
 from kubetune.study.trials import fail_and_requeue
 
 log = logging.getLogger("kubetune.controller")
@@ -69,11 +58,13 @@ ENSEMBLE_LIST_GRACE = 120.0
 
 @dataclass(frozen=True)
 class WorkerState:
-    """What a launcher knows of one worker; ``exit_code`` is None while it runs."""
+    """What a launcher knows of one worker; ``exit_code`` is None while it runs. A worker that
+    was told to stop and has not exited yet is ``stopping``."""
 
     id: str
     exit_code: int | None = None
     log_tail: str = ""
+    stopping: bool = False
 
     @property
     def running(self) -> bool:
@@ -81,13 +72,15 @@ class WorkerState:
 
 
 class Launcher(Protocol):
-    """Starts and lists the job's workers: processes (``ProcessLauncher``) or pods.
+    """Starts, stops and lists the job's workers: processes (``ProcessLauncher``) or pods.
 
     Every worker runs ``kubetune worker --study NAME --worker-id ID --artifacts DIR`` with the
     storage URL in the ``KUBETUNE_STORAGE_URL`` environment variable; the ensemble worker runs
     ``kubetune ensemble --study NAME --artifacts DIR`` the same way. A worker, the ensemble
     worker included, stays in ``list_workers`` (with its exit code once it ended) until
-    ``forget_worker``. The ensemble step's result is read from the study, not from the worker.
+    ``forget_worker``; the search workers are listed oldest first. A stopped worker gets
+    SIGTERM and gives its running trial back. The ensemble step's result is read from the
+    study, not from the worker.
     """
 
     def list_workers(self) -> list[WorkerState]: ...
@@ -95,6 +88,8 @@ class Launcher(Protocol):
     def start_worker(self) -> str: ...
 
     def start_ensemble(self) -> str: ...
+
+    def stop_worker(self, worker_id: str) -> None: ...
 
     def forget_worker(self, worker_id: str) -> None: ...
 
@@ -108,6 +103,19 @@ class Outcome:
     # The trials this reconcile read, for callers that also need them (metrics): reading
     # them again would double the storage queries of every pass.
     trials: list[FrozenTrial] = field(default_factory=list)
+
+
+@dataclass
+class _Pass:
+    """What one reconcile read: the previous status, the trials and the budget they leave."""
+
+    previous: dict[str, Any]
+    trials: list[FrozenTrial]
+    budget: budget.BudgetPass
+
+    @property
+    def counts(self) -> budget.TrialCounts:
+        return self.budget.counts
 
 
 class JobCore:
@@ -142,81 +150,104 @@ class JobCore:
         trials = self.study.get_trials(deepcopy=False)
         if self._fail_orphans(trials, exited):
             trials = self.study.get_trials(deepcopy=False)
-        counts = budget.count_trials(trials)
-        crashes, last_crash = self._count_crashes(previous, exited, counts)
+        check = budget.check_budget(spec, trials, started_at(attrs), now)
+        now_pass = _Pass(previous, trials, check)
+        crashes, last_crash = self._count_crashes(previous, exited, check.counts)
         for worker in exited:
             self.launcher.forget_worker(worker.id)
-        alive = [w for w in workers if w.running]
-        best = budget.best_value(trials, spec.objective.resolved_direction)
-        reason = budget.stop_reason(spec, counts, best, started_at(attrs), now)
-        max_trials = effective_max_trials(spec)
+        running = [w for w in workers if w.running]
 
         failed_check = preflight.failed_verdict(attrs)
         if failed_check is not None:
             self.launcher.stop_all()
-            return self._finish(trials, counts, previous, max_trials, FAILED,
-                                preflight.PREFLIGHT_FAILED, failed_check["message"])
+            return self._finish(now_pass, FAILED, preflight.PREFLIGHT_FAILED,
+                                failed_check["message"])
         if crashes > MAX_CONSECUTIVE_CRASHES and tracking is None:
             self.launcher.stop_all()
             tail = next((w.log_tail for w in reversed(exited) if w.exit_code), "")
-            return self._finish(trials, counts, previous, max_trials, FAILED, CRASH_LOOP,
+            return self._finish(now_pass, FAILED, CRASH_LOOP,
                                 f"{crashes} workers in a row exited with an error without "
                                 f"finishing a trial. Last output:\n{tail}".strip())
-        if reason is not None and counts.running == 0:
-            verdict = self._verdict(reason, counts, max_trials, best)
+        if check.stop is not None and check.counts.running == 0:
+            verdict = self._verdict(check)
             if verdict[0] == SUCCEEDED and spec.ensemble.enabled:
-                return self._ensemble(trials, counts, previous, max_trials, verdict, tracking,
-                                      ensemble_worker)
+                return self._ensemble(now_pass, verdict, tracking, ensemble_worker)
             self.launcher.stop_all()
-            return self._finish(trials, counts, previous, max_trials, *verdict)
+            return self._finish(now_pass, *verdict)
 
+        running = self._fit_workers(previous, running, check.max_trials)
         started = 0
-        if reason is None:
-            open_slots = max(0, max_trials - counts.used) + counts.waiting
-            wanted = min(spec.budget.parallelism, open_slots + counts.running)
+        if check.stop is None:
+            wanted = min(spec.budget.parallelism, check.open_slots + check.counts.running)
             backoff = min(60.0, 2.0 ** crashes) if crashes else 0.0
             if last_crash is None or now - last_crash >= backoff:
-                for _ in range(max(0, wanted - len(alive))):
+                for _ in range(max(0, wanted - len(running))):
                     worker_id = self.launcher.start_worker()
                     log.info("started worker %s", worker_id)
                     started += 1
-        phase = RUNNING if alive or started or counts.finished else PENDING
-        status = build_status(
-            self.job, trials, counts, phase=phase, previous=previous, max_trials=max_trials,
-            stage_spaces=self._stage_spaces,
-            conditions=[self._ready()])
-        status["workers"] = {"active": len(alive) + started, "consecutiveCrashes": crashes,
-                             "lastCrashTime": last_crash, "finishedTrials": counts.finished,
+        active = [w for w in running if not w.stopping]
+        phase = RUNNING if running or started or check.counts.finished else PENDING
+        status = self._status(now_pass, phase, [self._ready()])
+        status["workers"] = {"active": len(active) + started, "consecutiveCrashes": crashes,
+                             "lastCrashTime": last_crash,
+                             "finishedTrials": check.counts.finished,
+                             "maxTrials": check.max_trials,
                              "restarts": previous.get("workers", {}).get("restarts", 0)
                              + sum(1 for w in exited if w.exit_code)}
         return Outcome(status=status, done=False, trials=trials)
 
+    def _fit_workers(self, previous: dict[str, Any], running: list[WorkerState],
+                     max_trials: int) -> list[WorkerState]:
+        """Stop the workers the job no longer wants; returns the running ones (a stopping
+        worker still counts until it exits, so none is replaced before it is gone).
+
+        A worker reads the budget when it starts: when maxTrials was lowered under running
+        workers, they all restart on the new one. Beyond a lowered parallelism, the newest
+        workers stop.
+        """
+        active = [w for w in running if not w.stopping]
+        before = previous.get("workers", {}).get("maxTrials")
+        if active and before is not None and max_trials < before:
+            log.info("maxTrials lowered from %s to %s: restarting the workers", before,
+                     max_trials)
+            stop = active
+        else:
+            stop = active[self.job.spec.budget.parallelism:]
+        for worker in stop:
+            self.launcher.stop_worker(worker.id)
+        stopped = {w.id for w in stop}
+        return [WorkerState(w.id, w.exit_code, w.log_tail, stopping=True) if w.id in stopped
+                else w for w in running]
+
     # ------------------------------------------------------------------ the ensemble step
-    def _ensemble(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
-                  previous: dict[str, Any], max_trials: int, verdict: tuple[str, str, str],
+    def _ensemble(self, now: _Pass, verdict: tuple[str, str, str],
                   tracking: dict[str, Any] | None, worker: WorkerState | None) -> Outcome:
-        """The search succeeded: start, wait for, retry and finally report the ensemble step."""
+        """The search succeeded: start, wait for, retry and finally report the ensemble step.
+
+        The ensemble worker is tracked in ``status.workers.ensemble``; a failed step is
+        started again, ``MAX_ENSEMBLE_ATTEMPTS`` times in all. After that, or with too few
+        members, the job still succeeds, with ``EnsembleReady=False`` and the reason.
+        """
         spec = self.job.spec.ensemble
-        args = (trials, counts, previous, max_trials)
         if tracking is None:  # the search has just ended (or a restarted runner lost track)
             self.launcher.stop_all()
             search = {"reason": verdict[1], "message": verdict[2]}
             record = self.study.user_attrs.get(ENSEMBLE_ATTR)
-            if is_reusable(record, spec, counts.finished):
-                return self._ensemble_done(*args, search, record, reused=True)
+            if is_reusable(record, spec, now.counts.finished):
+                return self._ensemble_done(now, search, record, reused=True)
             self.study.set_user_attr(ENSEMBLE_ATTR, None)  # a result now can only be new
-            return self._start_ensemble(*args, {"search": search, "attempts": 0})
+            return self._start_ensemble(now, {"search": search, "attempts": 0})
         search = tracking["search"]
         if worker is not None and worker.running:
-            return self._ensembling(*args, tracking)
+            return self._ensembling(now, tracking)
         if worker is None and self.clock() - tracking["startedAt"] < ENSEMBLE_LIST_GRACE:
-            return self._ensembling(*args, tracking)
+            return self._ensembling(now, tracking)
         if worker is not None:
             self.launcher.forget_worker(worker.id)
         if worker is not None and worker.exit_code == 0:
             record = self.study.user_attrs.get(ENSEMBLE_ATTR)
             if record:
-                return self._ensemble_done(*args, search, record)
+                return self._ensemble_done(now, search, record)
             error = "the ensemble step exited without storing a result"
         elif worker is None:
             error = f"ensemble worker {tracking['id']} is gone"
@@ -226,44 +257,36 @@ class JobCore:
                 error += f"; last output:\n{worker.log_tail}"
         log.warning("ensemble attempt %d failed: %s", tracking["attempts"], error)
         if tracking["attempts"] < MAX_ENSEMBLE_ATTEMPTS:
-            return self._start_ensemble(*args, {**tracking, "lastError": error[:2000]})
+            return self._start_ensemble(now, {**tracking, "lastError": error[:2000]})
         self.launcher.stop_all()
-        return self._finish(*args, SUCCEEDED, search["reason"], search["message"],
+        return self._finish(now, SUCCEEDED, search["reason"], search["message"],
                             ensemble=condition(ENSEMBLE_READY, False, ENSEMBLE_FAILED,
                                                f"{tracking['attempts']} attempts failed; "
                                                f"last: {error}"[:4000]))
 
-    def _start_ensemble(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
-                        previous: dict[str, Any], max_trials: int,
-                        tracking: dict[str, Any]) -> Outcome:
+    def _start_ensemble(self, now: _Pass, tracking: dict[str, Any]) -> Outcome:
         worker_id = self.launcher.start_ensemble()
         tracking = {**tracking, "id": worker_id, "attempts": tracking["attempts"] + 1,
                     "startedAt": self.clock()}
         log.info("started ensemble worker %s (attempt %d)", worker_id, tracking["attempts"])
-        return self._ensembling(trials, counts, previous, max_trials, tracking)
+        return self._ensembling(now, tracking)
 
-    def _ensembling(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
-                    previous: dict[str, Any], max_trials: int,
-                    tracking: dict[str, Any]) -> Outcome:
+    def _ensembling(self, now: _Pass, tracking: dict[str, Any]) -> Outcome:
         spec = self.job.spec.ensemble
         source = (f"the {spec.top_k} best trials" if spec.members != "seeds"
                   else f"the best trial and {spec.seeds - 1} retrained seeds")
-        status = build_status(
-            self.job, trials, counts, phase=ENSEMBLING, previous=previous,
-            max_trials=max_trials, stage_spaces=self._stage_spaces,
-            conditions=[self._ready(),
-                        condition(ENSEMBLE_READY, None, ENSEMBLE_RUNNING,
-                                  f"building a {spec.method} ensemble of {source} "
-                                  f"({spec.members}), attempt {tracking['attempts']} of "
-                                  f"{MAX_ENSEMBLE_ATTEMPTS}")])
+        status = self._status(now, ENSEMBLING, [
+            self._ready(),
+            condition(ENSEMBLE_READY, None, ENSEMBLE_RUNNING,
+                      f"building a {spec.method} ensemble of {source} ({spec.members}), "
+                      f"attempt {tracking['attempts']} of {MAX_ENSEMBLE_ATTEMPTS}")])
         status["ensemble"] = None
-        status["workers"] = {**previous.get("workers", {}), "active": 1,
-                             "finishedTrials": counts.finished, "ensemble": tracking}
-        return Outcome(status=status, done=False, trials=trials)
+        status["workers"] = {**now.previous.get("workers", {}), "active": 1,
+                             "finishedTrials": now.counts.finished, "ensemble": tracking}
+        return Outcome(status=status, done=False, trials=now.trials)
 
-    def _ensemble_done(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
-                       previous: dict[str, Any], max_trials: int, search: dict[str, str],
-                       record: dict[str, Any], reused: bool = False) -> Outcome:
+    def _ensemble_done(self, now: _Pass, search: dict[str, str], record: dict[str, Any],
+                       reused: bool = False) -> Outcome:
         self.launcher.stop_all()
         view = status_view(record)
         if view is None:
@@ -272,8 +295,8 @@ class JobCore:
         else:
             message = describe(record) + (" (built earlier for these trials)" if reused else "")
             ready = condition(ENSEMBLE_READY, True, ENSEMBLE_BUILT, message)
-        outcome = self._finish(trials, counts, previous, max_trials, SUCCEEDED,
-                               search["reason"], search["message"], ensemble=ready)
+        outcome = self._finish(now, SUCCEEDED, search["reason"], search["message"],
+                               ensemble=ready)
         outcome.status["ensemble"] = view
         return outcome
 
@@ -281,40 +304,43 @@ class JobCore:
     def _ready(self) -> dict[str, Any]:
         return condition("Ready", True, "StudyReady", f"study {self.job.study_name} is open")
 
-    def _finish(self, trials: list[FrozenTrial], counts: budget.TrialCounts,
-                previous: dict[str, Any], max_trials: int, phase: str, reason: str,
-                message: str, ensemble: dict[str, Any] | None = None) -> Outcome:
+    def _status(self, now: _Pass, phase: str, conditions: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+        return build_status(self.job, now.trials, now.counts, phase=phase,
+                            previous=now.previous, max_trials=now.budget.max_trials,
+                            stage_spaces=self._stage_spaces, conditions=conditions)
+
+    def _finish(self, now: _Pass, phase: str, reason: str, message: str,
+                ensemble: dict[str, Any] | None = None) -> Outcome:
         """The job's end; ``ensemble`` is the EnsembleReady condition when the step ran."""
         kind = "Complete" if phase == SUCCEEDED else "Failed"
         conditions = [self._ready()]
         if ensemble is not None:
             conditions.append(ensemble)
         conditions.append(condition(kind, True, reason, message))
-        status = build_status(
-            self.job, trials, counts, phase=phase, previous=previous, max_trials=max_trials,
-            stage_spaces=self._stage_spaces,
-            conditions=conditions)
-        workers = {k: v for k, v in previous.get("workers", {}).items() if k != "ensemble"}
-        status["workers"] = {**workers, "active": 0, "finishedTrials": counts.finished}
-        return Outcome(status=status, done=True, trials=trials)
+        status = self._status(now, phase, conditions)
+        workers = {k: v for k, v in now.previous.get("workers", {}).items() if k != "ensemble"}
+        status["workers"] = {**workers, "active": 0, "finishedTrials": now.counts.finished}
+        return Outcome(status=status, done=True, trials=now.trials)
 
-    def _verdict(self, reason: str, counts: budget.TrialCounts, max_trials: int,
-                 best: float | None) -> tuple[str, str, str]:
+    def _verdict(self, check: budget.BudgetPass) -> tuple[str, str, str]:
+        counts = check.counts
         summary = (f"{counts.finished} trials finished: {counts.complete} complete, "
                    f"{counts.pruned} pruned, {counts.failed} failed")
-        if reason == budget.TOO_MANY_FAILED:
-            return FAILED, reason, (f"{counts.failed} trials failed, more than maxFailedTrials "
-                                    f"({self.job.spec.budget.max_failed_trials}); {summary}")
+        if check.stop == budget.TOO_MANY_FAILED:
+            return FAILED, check.stop, (
+                f"{counts.failed} trials failed, more than maxFailedTrials "
+                f"({self.job.spec.budget.max_failed_trials}); {summary}")
         if counts.complete == 0:
             return FAILED, NO_COMPLETE_TRIAL, f"no trial completed; {summary}"
-        if best is None:
+        if check.best is None:
             return FAILED, NO_COMPLETE_TRIAL, f"no full-fidelity trial completed; {summary}"
         messages = {
-            budget.MAX_TRIALS: f"budget of {max_trials} trials spent; {summary}",
+            budget.MAX_TRIALS: f"budget of {check.max_trials} trials spent; {summary}",
             budget.GOAL: f"objective goal {self.job.spec.objective.goal} reached; {summary}",
             budget.TIMEOUT: f"timeout {self.job.spec.budget.timeout} reached; {summary}",
         }
-        return SUCCEEDED, reason, messages[reason]
+        return SUCCEEDED, check.stop, messages[check.stop]
 
     def _fail_orphans(self, trials: list[FrozenTrial], exited: list[WorkerState]) -> bool:
         """Fail and requeue the running trials of workers that exited (crash, kill), and those

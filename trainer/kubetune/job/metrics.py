@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
@@ -59,7 +59,6 @@ class JobSnapshot:
     durations: list[float]
     running: dict[int, tuple[float | None, int]]  # trial number -> (latest value, epoch)
     worker_restarts: int
-    taken_at: float = field(default_factory=time.time)
 
 
 def snapshot(namespace: str, job: str, trials: list[FrozenTrial],

@@ -15,7 +15,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kubetune.builtin import diagnosis
 from kubetune.search.budget import TrialCounts, ranked
+from kubetune.search.space import effective_max_trials
 from kubetune.spec.model import TuningJob
+from kubetune.study.optuna_internals import trial_id
 from kubetune.study.schema import HISTORY_ATTR, PRUNE_REASON_ATTR, is_full_fidelity
 
 LEADERBOARD_SIZE = 10
@@ -23,6 +25,7 @@ DIAGNOSIS_CACHE_SIZE = 100_000
 
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 ENSEMBLING = "Ensembling"  # the search is over; the ensemble step runs (then Succeeded)
+STORAGE_UNAVAILABLE = "StorageUnavailable"
 
 
 def now_iso() -> str:
@@ -50,6 +53,18 @@ def merge_conditions(previous: list[dict[str, Any]] | None,
     return merged
 
 
+def storage_unavailable(status: dict[str, Any], message: str) -> tuple[dict[str, Any], bool]:
+    """``status`` during a storage outage: ``Ready=False StorageUnavailable`` (its transition
+    time is when the outage began), the rest as last seen. Also returns whether the outage is
+    new, so that the runner and the operator say so once."""
+    before = {c.get("type"): c for c in status.get("conditions") or []}
+    new = before.get("Ready", {}).get("reason") != STORAGE_UNAVAILABLE
+    ready = merge_conditions(status.get("conditions"),
+                             [condition("Ready", False, STORAGE_UNAVAILABLE, message)])
+    conditions = [c for t, c in before.items() if t != "Ready"] + ready
+    return {**status, "phase": status.get("phase") or PENDING, "conditions": conditions}, new
+
+
 def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts, *,
                  phase: str, conditions: list[dict[str, Any]],
                  previous: dict[str, Any] | None = None,
@@ -66,7 +81,7 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
     top = ranked(trials, direction)
     reasons = Counter(t.user_attrs.get(PRUNE_REASON_ATTR) or "pruner"
                       for t in trials if t.state == TrialState.PRUNED)
-    max_trials = max_trials or job.spec.budget.max_trials
+    max_trials = max_trials or effective_max_trials(job.spec)
     previous = previous or {}
     return {
         "name": job.name,
@@ -101,7 +116,7 @@ _labels: dict[tuple[Any, ...], str] = {}
 def cache_key(trial: FrozenTrial) -> tuple[Any, ...]:
     """Which trial this is, across the studies and databases one operator serves (a trial id
     alone repeats across databases)."""
-    return (trial._trial_id, trial.number, trial.datetime_start, trial.datetime_complete)
+    return (trial_id(trial), trial.number, trial.datetime_start, trial.datetime_complete)
 
 
 def trial_label(trial: FrozenTrial) -> str:

@@ -29,7 +29,8 @@ class ProcessLauncher:
         self._code = list(code or [])
         self._session = uuid.uuid4().hex[:6]
         self._count = 0
-        self._procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self._procs: dict[str, tuple[subprocess.Popen, Path]] = {}  # oldest first
+        self._stopping: set[str] = set()
 
     def start_worker(self) -> str:
         self._count += 1
@@ -68,11 +69,20 @@ class ProcessLauncher:
 
     def list_workers(self) -> list[WorkerState]:
         return [WorkerState(worker_id, proc.poll(),
-                            _tail(path) if proc.poll() not in (None, 0) else "")
+                            _tail(path) if proc.poll() not in (None, 0) else "",
+                            stopping=worker_id in self._stopping)
                 for worker_id, (proc, path) in self._procs.items()]
+
+    def stop_worker(self, worker_id: str) -> None:
+        """SIGTERM: the worker gives its trial back and exits (listed until forgotten)."""
+        proc, _ = self._procs[worker_id]
+        if proc.poll() is None:
+            proc.terminate()
+        self._stopping.add(worker_id)
 
     def forget_worker(self, worker_id: str) -> None:
         self._procs.pop(worker_id, None)
+        self._stopping.discard(worker_id)
 
     def stop_all(self, timeout: float = 30.0) -> None:
         """SIGTERM (the worker gives its trial back), then SIGKILL after ``timeout``."""

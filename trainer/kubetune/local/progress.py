@@ -57,7 +57,7 @@ class ProgressView:
                 TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
                 console=self._console, transient=False)
             self._task = self._progress.add_task(
-                "trials", total=self._job.spec.budget.max_trials, detail="")
+                "trials", total=effective_max_trials(self._job.spec), detail="")
             self._progress.start()
         return self
 

@@ -16,25 +16,24 @@ import optuna
 from optuna.trial import TrialState
 
 from kubetune.job.core import JobCore
-from kubetune.job.status import condition, merge_conditions
+from kubetune.job.status import STORAGE_UNAVAILABLE, storage_unavailable
 from kubetune.local.launcher import LOCAL_PREFIX, ProcessLauncher, default_threads
 from kubetune.local.progress import ProgressView
 from kubetune.spec.model import TuningJob
 from kubetune.study.schema import WORKER_ATTR, create_or_load_study
 from kubetune.study.storage import (
     is_outage,
-    open_storage,
+    open_job_storage,
     outage_message,
     silence_optuna,
 )
 from kubetune.study.trials import fail_and_requeue
-from kubetune.study.urls import is_rdb, redact
+from kubetune.study.urls import redact
 
 log = logging.getLogger("kubetune.run")
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 RESULT_FILE = "result.json"
-STORAGE_UNAVAILABLE = "StorageUnavailable"
 MAX_OUTAGE_POLL_S = 10.0
 
 
@@ -131,11 +130,7 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
 def _open_study(storage_url: str, job: TuningJob) -> tuple[optuna.Study, int]:
     """Open (or create) the job's study and requeue what an earlier run left running."""
     spec = job.spec
-    storage = open_storage(storage_url,
-                           heartbeat_interval=spec.storage.heartbeat_interval
-                           if is_rdb(storage_url) else None,
-                           grace_period=spec.storage.grace_period,
-                           max_retries=spec.budget.max_retries)
+    storage = open_job_storage(storage_url, spec)
     try:
         study = create_or_load_study(storage, job)
     except ValueError as err:
@@ -179,14 +174,8 @@ class _Outage:
         elif self.failures % 10 == 0:
             log.warning("%s for %.0f s: %s; still waiting", STORAGE_UNAVAILABLE,
                         time.monotonic() - self.since, message)
-        before = {c.get("type"): c for c in status.get("conditions") or []}
-        if before.get("Ready", {}).get("reason") == STORAGE_UNAVAILABLE:
-            return status
-        merged = merge_conditions(status.get("conditions"), [
-            condition("Ready", False, STORAGE_UNAVAILABLE, message)])
-        status = {**status, "conditions": [c for t, c in before.items() if t != "Ready"]
-                  + merged}
-        if out is not None and "progress" in status:
+        status, new = storage_unavailable(status, message)
+        if new and out is not None and "progress" in status:
             write_result(out, {**status, "phase": "Running"})
         return status
 

@@ -88,9 +88,33 @@ def best_value(trials: Iterable[FrozenTrial], direction: str) -> float | None:
     return top[0].value if top else None
 
 
-def stop_reason(spec: JobSpec, counts: TrialCounts, best: float | None, started_at: float,
-                now: float) -> str | None:
-    """Why no new trial may start, or None while the search goes on."""
+@dataclass(frozen=True)
+class BudgetPass:
+    """The budget as one pass sees it (a reconcile, a worker choosing its next trial): worked
+    out once from the trials, then only read."""
+
+    max_trials: int             # the budget's total (a grid search: at most the grid's size)
+    counts: TrialCounts
+    best: float | None          # the best full-fidelity value, what the goal is checked on
+    stop: str | None            # why no new trial may start; None while the search goes on
+
+    @property
+    def open_slots(self) -> int:
+        """Trials that may still start: unused slots of the budget, and queued retries."""
+        return max(0, self.max_trials - self.counts.used) + self.counts.waiting
+
+
+def check_budget(spec: JobSpec, trials: list[FrozenTrial], started_at: float,
+                 now: float) -> BudgetPass:
+    counts = count_trials(trials)
+    best = best_value(trials, spec.objective.resolved_direction)
+    max_trials = effective_max_trials(spec)
+    return BudgetPass(max_trials, counts, best,
+                      _stop_reason(spec, counts, best, max_trials, started_at, now))
+
+
+def _stop_reason(spec: JobSpec, counts: TrialCounts, best: float | None, max_trials: int,
+                 started_at: float, now: float) -> str | None:
     if counts.failed > spec.budget.max_failed_trials:
         return TOO_MANY_FAILED
     goal = spec.objective.goal
@@ -101,13 +125,7 @@ def stop_reason(spec: JobSpec, counts: TrialCounts, best: float | None, started_
     timeout = spec.budget.timeout_seconds
     if timeout is not None and now - started_at >= timeout:
         return TIMEOUT
-    if counts.used >= effective_max_trials(spec) and counts.waiting == 0:
+    # Queued retries still run once the budget's slots are all used.
+    if counts.used >= max_trials and counts.waiting == 0:
         return MAX_TRIALS
     return None
-
-
-def may_start_trial(spec: JobSpec, counts: TrialCounts, reason: str | None) -> bool:
-    """A worker may take a queued retry, or open a new slot while the budget lasts."""
-    if reason is not None:
-        return False
-    return counts.waiting > 0 or counts.used < effective_max_trials(spec)

@@ -16,12 +16,13 @@ own stage, at its own fidelity.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.storages import BaseStorage
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from kubetune.search import budget
@@ -34,11 +35,11 @@ from kubetune.search.narrowing import (
 )
 from kubetune.search.space import make_pruner, to_distributions
 from kubetune.spec.model import JobSpec, TuningJob
+from kubetune.study.optuna_internals import FrozenStudy, storage_of
 from kubetune.study.schema import FIDELITY_ATTR, FULL, REDUCED, SPACES_ATTR, STAGE_ATTR
 
 log = logging.getLogger("kubetune.stages")
 
-_WAIT = -1
 
 
 def stage_of(trial: FrozenTrial) -> int:
@@ -215,7 +216,8 @@ def stage_view(study: optuna.Study, stage: int, space: dict[str, BaseDistributio
     narrowed = {name: dist for name, dist in space.items()
                 if isinstance(dist, CategoricalDistribution) and dist != original.get(name)}
     asked = {name: original[name] if name in narrowed else dist for name, dist in space.items()}
-    view = optuna.Study(study_name=study.study_name, storage=_StageStorage(study._storage, stage),
+    view = optuna.Study(study_name=study.study_name,
+                        storage=_StageStorage(storage_of(study), stage),
                         sampler=_NarrowedChoices(sampler, narrowed), pruner=pruner)
     return view, asked
 
@@ -256,14 +258,20 @@ class _NarrowedChoices(optuna.samplers.BaseSampler):
 
 
 class _StageStorage(BaseStorage):
-    """Delegates to ``inner``; ``get_all_trials`` lists the trials of one stage only, and a
-    trial created here (``study.ask``) is of that stage from its first moment. BaseStorage's
-    helpers built on ``get_all_trials`` (``get_n_trials``, ``get_best_trial``) count the
-    stage only, as they should for the sampler and pruner."""
+    """A storage wrapper (Optuna's public ``BaseStorage``, implemented by delegation to
+    ``inner``) that shows one stage: ``get_all_trials`` lists the trials of that stage only,
+    and a trial created here (``study.ask``) is of that stage from its first moment.
+
+    Everything else goes to ``inner`` unchanged, trial look-ups by id or number included (a
+    retry's checkpoint may be in an attempt of any stage). ``get_n_trials`` and
+    ``get_best_trial`` are BaseStorage's own, built on ``get_all_trials``: they count the
+    stage only, as they should for the sampler and pruner.
+    """
 
     def __init__(self, inner: BaseStorage, stage: int) -> None:
         self._inner, self._stage = inner, stage
 
+    # -- the stage's view
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         return [t for t in self._inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
@@ -275,22 +283,82 @@ class _StageStorage(BaseStorage):
             self._inner.set_trial_user_attr(trial_id, STAGE_ATTR, self._stage)
         return trial_id
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    # -- studies, as they are
+    def create_new_study(self, directions: Sequence[StudyDirection],
+                         study_name: str | None = None) -> int:
+        return self._inner.create_new_study(directions, study_name)
 
+    def delete_study(self, study_id: int) -> None:
+        self._inner.delete_study(study_id)
 
-def _delegate(name: str) -> Any:
-    def method(self: _StageStorage, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self._inner, name)(*args, **kwargs)
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._inner.set_study_user_attr(study_id, key, value)
 
-    method.__name__ = name
-    return method
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._inner.set_study_system_attr(study_id, key, value)
 
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._inner.get_study_id_from_name(study_name)
 
-for _name in BaseStorage.__abstractmethods__ - {"get_all_trials", "create_new_trial"}:
-    setattr(_StageStorage, _name, _delegate(_name))
-_StageStorage.__abstractmethods__ = frozenset()
-for _name in ("get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
-              "get_trial_param", "get_trial_params", "get_trial_user_attrs",
-              "get_trial_system_attrs", "check_trial_is_updatable", "remove_session"):
-    setattr(_StageStorage, _name, _delegate(_name))
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._inner.get_study_name_from_id(study_id)
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return self._inner.get_study_directions(study_id)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._inner.get_study_user_attrs(study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._inner.get_study_system_attrs(study_id)
+
+    def get_all_studies(self) -> list[FrozenStudy]:
+        return self._inner.get_all_studies()
+
+    # -- trials, as they are
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: BaseDistribution) -> None:
+        self._inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Sequence[float] | None = None) -> bool:
+        return self._inner.set_trial_state_values(trial_id, state, values)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int,
+                                     intermediate_value: float) -> None:
+        self._inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._inner.set_trial_user_attr(trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._inner.set_trial_system_attr(trial_id, key, value)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return self._inner.get_trial(trial_id)
+
+    # BaseStorage's defaults for these go through get_all_trials: the inner storage's own
+    # answer finds a trial of any stage (and is cheaper).
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return self._inner.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+
+    def get_trial_number_from_id(self, trial_id: int) -> int:
+        return self._inner.get_trial_number_from_id(trial_id)
+
+    def get_trial_param(self, trial_id: int, param_name: str) -> float:
+        return self._inner.get_trial_param(trial_id, param_name)
+
+    def get_trial_params(self, trial_id: int) -> dict[str, Any]:
+        return self._inner.get_trial_params(trial_id)
+
+    def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
+        return self._inner.get_trial_user_attrs(trial_id)
+
+    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
+        return self._inner.get_trial_system_attrs(trial_id)
+
+    def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
+        self._inner.check_trial_is_updatable(trial_id, trial_state)
+
+    def remove_session(self) -> None:
+        self._inner.remove_session()

@@ -36,7 +36,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
@@ -48,7 +48,11 @@ from optuna.storages import (
 )
 from optuna.storages.journal import JournalFileBackend
 
+from kubetune.study.optuna_internals import RDB_PRIVATE_METHODS
 from kubetune.study.urls import is_rdb, normalize_url
+
+if TYPE_CHECKING:
+    from kubetune.spec.model import JobSpec
 
 # Heartbeats and the stale-trial retry callback are "experimental" in Optuna since 2.8 and
 # stable in practice; the warning would print on every reconcile.
@@ -82,7 +86,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
         engine_kwargs: dict = {"pool_pre_ping": True}
         if url.startswith("postgresql"):
             # A hard bound, no overflow: a fleet of N workers needs N x CONNECTIONS_PER_WORKER
-            # server connections at most (README "Guarantees"). A dead host must not
+            # server connections at most (docs/guarantees.md). A dead host must not
             # block a call forever: connect timeout and TCP keepalives.
             engine_kwargs.update(
                 pool_size=POOL_SIZE, max_overflow=0, pool_timeout=60, pool_recycle=300,
@@ -103,6 +107,19 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     path = Path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_job_storage(url: str, spec: JobSpec | None, *, retry_for: float = 0.0,
+                     check_schema: bool = True) -> BaseStorage:
+    """The storage of a job's study, with the job's heartbeat, grace period and retries: what
+    the runner, the operator and the workers must agree on. ``spec`` None: before the job is
+    known (a worker reads it from the study first)."""
+    if spec is None:
+        return open_storage(url, retry_for=retry_for, check_schema=check_schema)
+    return open_storage(url, heartbeat_interval=spec.storage.heartbeat_interval,
+                        grace_period=spec.storage.grace_period,
+                        max_retries=spec.budget.max_retries, retry_for=retry_for,
+                        check_schema=check_schema)
 
 
 def worker_retry_seconds() -> float:
@@ -241,9 +258,10 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr",
               "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
               "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials",
               "get_trial_user_attrs", "get_trial_system_attrs", "get_best_trial",
-              "get_n_trials", "record_heartbeat", "_get_stale_trial_ids",
-              # What Optuna's _CachedStorage (in front of every RDB study) calls directly:
-              "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials"):
+              "get_n_trials", "record_heartbeat",
+              # The private ones Optuna calls on an RDB storage directly (its cache before
+              # every RDB study, fail_stale_trials): named by the one module that may.
+              *RDB_PRIVATE_METHODS):
     if hasattr(RDBStorage, _name):
         setattr(ReconnectingRDBStorage, _name, _retried(_name))
 

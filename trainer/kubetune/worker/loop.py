@@ -24,7 +24,6 @@ from typing import Any
 
 import optuna
 from optuna.storages import fail_stale_trials
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from kubetune.builtin.data import load_data
@@ -38,11 +37,12 @@ from kubetune.search.stages import (
     stage_of,
 )
 from kubetune.spec.model import TuningJob
+from kubetune.study.optuna_internals import heartbeat_storage, trial_id
 from kubetune.study.schema import WORKER_ATTR, load_job, started_at
 from kubetune.study.storage import (
     StudyLock,
     make_artifact_store,
-    open_storage,
+    open_job_storage,
     silence_optuna,
     worker_retry_seconds,
 )
@@ -71,18 +71,15 @@ def run_worker(options: WorkerOptions) -> int:
     """Run trials until the job needs no more; the exit code is 0 unless setup failed."""
     silence_optuna()
     retry_for = worker_retry_seconds()  # a database restart or outage is waited out
-    storage = open_storage(options.storage, retry_for=retry_for, check_schema=False)
+    storage = open_job_storage(options.storage, None, retry_for=retry_for, check_schema=False)
     job = load_job(optuna.load_study(study_name=options.study, storage=storage))
     spec = job.spec
     if is_rdb(options.storage):
         # The heartbeat settings are part of the job: reopen with them, and close the first
         # engine so that each worker holds one connection pool, not two.
         storage.engine.dispose()
-        storage = open_storage(options.storage,
-                               heartbeat_interval=spec.storage.heartbeat_interval,
-                               grace_period=spec.storage.grace_period,
-                               max_retries=spec.budget.max_retries, retry_for=retry_for,
-                               check_schema=False)
+        storage = open_job_storage(options.storage, spec, retry_for=retry_for,
+                                   check_schema=False)
     sampler = stage_samplers(spec, options.worker_id)
     study = optuna.load_study(study_name=options.study, storage=storage, sampler=sampler(),
                               pruner=make_pruner(spec))
@@ -116,10 +113,10 @@ def run_worker(options: WorkerOptions) -> int:
     ran = 0
     try:
         while True:
-            trial, counts, reason = _next_trial(study, job, lock, stages, start, options)
+            trial, check = _next_trial(study, job, lock, stages, start, options)
             if trial is not None:
                 data = load_data(job, stage=stage_of(trial))
-                with _heartbeat(storage, trial._trial_id):
+                with _heartbeat(storage, trial_id(trial)):
                     try:
                         run_trial(trial.study, trial, job, data, store, deadline=deadline,
                                   workdir=workdir)
@@ -133,9 +130,9 @@ def run_worker(options: WorkerOptions) -> int:
                                     "retry takes over", trial.number)
                 ran += 1
                 continue
-            if counts.running == 0 or reason == budget.TOO_MANY_FAILED:
+            if check.counts.running == 0 or check.stop == budget.TOO_MANY_FAILED:
                 log.info("worker %s done after %d trials (%s)", options.worker_id, ran,
-                         reason or "no work")
+                         check.stop or "no work")
                 return 0
             # Others still run trials that may yet fail and come back as retries: wait.
             time.sleep(options.poll_interval)
@@ -147,8 +144,8 @@ def run_worker(options: WorkerOptions) -> int:
 
 
 def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: StageAsker,
-                start: float, options: WorkerOptions) -> tuple[optuna.Trial | None,
-                                                                budget.TrialCounts, str | None]:
+                start: float, options: WorkerOptions
+                ) -> tuple[optuna.Trial | None, budget.BudgetPass]:
     """Under the study lock: fail stale trials, count, and ask for a trial if one may start.
 
     A queued retry runs first, in its own stage; a new trial joins the current stage, and
@@ -157,21 +154,19 @@ def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: St
     with lock:
         fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
-        counts = budget.count_trials(trials)
-        best = budget.best_value(trials, job.spec.objective.resolved_direction)
-        reason = budget.stop_reason(job.spec, counts, best, start, time.time())
-        if not budget.may_start_trial(job.spec, counts, reason):
-            return None, counts, reason
+        check = budget.check_budget(job.spec, trials, start, time.time())
+        if check.stop is not None:
+            return None, check
         waiting = [t for t in trials if t.state == TrialState.WAITING]
         stage = stage_of(waiting[0]) if waiting else stage_for_new_trial(job.spec, trials)
         if stage is None:  # the next stage waits for this one's running trials
-            return None, counts, reason
+            return None, check
         stage = min(stage, len(job.spec.stage_list) - 1)  # a job resumed with fewer stages
         trial = stages.ask(stage, trials)
         trial.set_user_attr(WORKER_ATTR, options.worker_id)
         mark_new_trial(trial, job.spec, stage)
     log.info("trial %d started: %s", trial.number, trial.params)
-    return trial, counts, reason
+    return trial, check
 
 
 def _give_back(study: optuna.Study, trial: optuna.Trial, max_retries: int) -> None:
@@ -186,23 +181,24 @@ class _heartbeat:
     """Record the trial's heartbeat in a thread while it runs (RDB storages only)."""
 
     def __init__(self, storage: Any, trial_id: int) -> None:
-        self._storage, self._trial_id = storage, trial_id
+        self._beating, self._trial = heartbeat_storage(storage), trial_id
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> None:
-        if isinstance(self._storage, BaseHeartbeat) and is_heartbeat_enabled(self._storage):
-            self._storage.record_heartbeat(self._trial_id)
+        if self._beating is not None:
+            self._beating.record_heartbeat(self._trial)
             self._thread = threading.Thread(target=self._beat, daemon=True)
             self._thread.start()
 
     def _beat(self) -> None:
-        interval = self._storage.get_heartbeat_interval() or 10
+        assert self._beating is not None
+        interval = self._beating.get_heartbeat_interval() or 10
         while not self._stop.wait(interval):
             try:
-                self._storage.record_heartbeat(self._trial_id)
+                self._beating.record_heartbeat(self._trial)
             except Exception:  # storage briefly away: the next beat retries
-                log.warning("heartbeat for trial %d failed", self._trial_id, exc_info=True)
+                log.warning("heartbeat for trial %d failed", self._trial, exc_info=True)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

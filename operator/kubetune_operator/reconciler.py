@@ -1,0 +1,460 @@
+"""The operator's reconcile of one TuningJob: read it, its pods and its study, drive the job
+core, and say what changed (status fields, events, a retry).
+
+Nothing that matters lives in memory: each reconcile reads the TuningJob (spec and status),
+its pods and the storage, and writes the status back. The spec a job runs with is the one
+stored in its study when it started; of later edits only ``spec.budget.maxTrials``,
+``spec.budget.parallelism`` and ``spec.cleanup`` apply (the job core adapts the workers), the
+others are ignored with a ``SpecChangeIgnored`` Warning. Beyond what the job core writes, the
+status gets ``observedGeneration``, ``startTime``, ``completionTime`` and ``study`` (its name
+and the Secret holding the storage URL, pinned when the job starts).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import optuna
+from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client.exceptions import ApiException
+from optuna.storages import BaseStorage
+from sqlalchemy.exc import SQLAlchemyError
+
+from kubetune.job.core import JobCore
+from kubetune.job.metrics import Metrics, snapshot
+from kubetune.job.status import (
+    FAILED,
+    STORAGE_UNAVAILABLE,
+    SUCCEEDED,
+    condition,
+    merge_conditions,
+    now_iso,
+    storage_unavailable,
+)
+from kubetune.spec.model import Problem, SpecError, TuningJob, parse_job
+from kubetune.study.schema import (
+    JOB_ATTR,
+    JOB_UID_ATTR,
+    StudyMismatch,
+    create_or_load_study,
+    load_job,
+    study_name,
+)
+from kubetune.study.storage import is_outage, open_job_storage, outage_message
+from kubetune.study.urls import is_rdb, normalize_url, redact
+from kubetune_operator.pod_launcher import (
+    Owner,
+    PodLauncher,
+    StorageSecret,
+    TemplateRejected,
+    delete_job_pods,
+)
+from kubetune_operator.settings import Settings
+
+log = logging.getLogger("kubetune.operator")
+
+FINALIZER = "kubetune.io/finalizer"
+INVALID_SPEC = "InvalidSpec"
+WORKERS_STARTED = "WorkersStarted"  # a condition present only while pods cannot be created
+POD_CREATION_FAILED = "PodCreationFailed"
+EDITABLE_BUDGET = ("maxTrials", "parallelism")
+EVENT_MESSAGE_LIMIT = 1000
+# A condition message stays small whatever the spec held (a problem may quote a huge value).
+PROBLEM_MESSAGE_LIMIT = 500
+CONDITION_MESSAGE_LIMIT = 4000
+MAX_RETRY_DELAY_S = 300.0
+CONNECT_TIMEOUT_S = 10
+
+
+class StorageUnavailable(Exception):
+    """The job's storage cannot be reached now (Secret missing, database down): retry later."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class SyncResult:
+    """What one reconcile found: the status fields that changed, events, and whether to retry."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    retry: str | None = None
+    retry_delay: float | None = None
+
+
+class Reconciler:
+    """Reconciles TuningJobs given as plain dicts; holds only the API client, the settings and
+    a cache of open storages (connection pools, not state)."""
+
+    def __init__(self, api_client: ApiClient, settings: Settings,
+                 metrics: Metrics | None = None) -> None:
+        self.core = CoreV1Api(api_client)
+        self.settings = settings
+        self.metrics = metrics
+        self._storages: dict[tuple[Any, ...], BaseStorage] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the database connections of the cached storages."""
+        with self._lock:
+            storages, self._storages = list(self._storages.values()), {}
+        for storage in storages:
+            engine = getattr(storage, "engine", None)
+            if engine is not None:
+                engine.dispose()
+
+    # ------------------------------------------------------------------ sync
+    def sync(self, body: Mapping[str, Any]) -> SyncResult:
+        if not needs_sync(body):
+            return SyncResult()
+        observed = _plain(body.get("status") or {})
+        # A failed job synced again had an invalid spec, edited since: it starts afresh.
+        previous = {} if observed.get("phase") == FAILED else observed
+        generation = body["metadata"].get("generation")
+        edited = bool(previous) and generation != previous.get("observedGeneration")
+        current, problems = parse_body(body)
+        if problems and not previous.get("study"):
+            return self._invalid(previous, generation, problems)
+        owner = Owner.of(body)
+        secret = secret_ref(body, self.settings)
+        try:
+            url = self._storage_url(owner.namespace, secret)
+            job, events = self._accept(url, owner, current, problems, edited)
+            study = _call_storage(optuna.Study, study_name=job.study_name,
+                                  storage=self._storage(url, job),
+                                  sampler=optuna.samplers.RandomSampler())
+        except StorageUnavailable as err:
+            return self._unavailable(previous, generation, str(err))
+        except StudyMismatch as err:
+            return self._failed(previous, generation, "StudyMismatch", str(err))
+        except SpecError as err:
+            return self._invalid(previous, generation, err.problems)
+        launcher = PodLauncher(self.core, owner, job, self.settings, secret)
+        try:
+            outcome = JobCore(job, study, launcher).reconcile(previous)
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+            if not isinstance(err, SQLAlchemyError) and not is_outage(err):
+                raise
+            return self._unavailable(previous, generation, _db_error(err))
+        except TemplateRejected as err:
+            delete_job_pods(self.core, owner.namespace, owner.name)
+            return self._failed(previous, generation, "InvalidPodTemplate",
+                                f"the API server refused a worker pod: {err}")
+        status = dict(outcome.status)
+        if launcher.errors:
+            status["conditions"] = status["conditions"] + merge_conditions(
+                previous.get("conditions"), [condition(
+                    WORKERS_STARTED, False, POD_CREATION_FAILED, "; ".join(launcher.errors))])
+        status.update(
+            observedGeneration=generation,
+            conditions=_with_generation(status["conditions"], generation),
+            study={"name": job.study_name, "secretRef": secret.as_dict()},
+            startTime=previous.get("startTime") or now_iso(),
+            completionTime=(previous.get("completionTime") or now_iso()) if outcome.done
+            else None,
+        )
+        events += worker_events(launcher, previous) + phase_events(previous, status)
+        if self.metrics is not None:
+            self.metrics.jobs.update(snapshot(owner.namespace, owner.name, outcome.trials,
+                                              status))
+        return SyncResult(status=status_patch(observed, status), events=events)
+
+    def _accept(self, url: str, owner: Owner, current: TuningJob | None,
+                problems: list[Problem], edited: bool) -> tuple[TuningJob, list[Event]]:
+        """The spec to run: the one stored in the study when the job started, plus the
+        editable fields of the current spec; and the events to post."""
+        storage = self._storage(url, None)
+        try:
+            study = _call_storage(optuna.load_study,
+                                  study_name=study_name(owner.namespace, owner.name),
+                                  storage=storage, sampler=optuna.samplers.RandomSampler())
+        except KeyError:
+            study = None
+        if study is None or study.user_attrs.get(JOB_UID_ATTR) != owner.uid:
+            # A new job, or a new TuningJob continuing the study of an earlier one of that name
+            if current is None:
+                raise SpecError(problems)
+            study = _call_storage(create_or_load_study, storage, current)
+            _call_storage(study.set_user_attr, JOB_UID_ATTR, owner.uid)
+            return current, []
+        accepted = load_job(study)
+        if current is None:
+            return accepted, [Event(
+                "Warning", "SpecChangeIgnored", "the edited spec is invalid; the job goes on "
+                "with the spec it started with:\n" + "\n".join(map(str, problems)))] \
+                if edited else []
+        effective, events = apply_editable(accepted, current)
+        if edited:
+            events += ignored_edit_events(effective, current)
+        if effective.to_dict() != study.user_attrs.get(JOB_ATTR):
+            _call_storage(study.set_user_attr, JOB_ATTR, effective.to_dict())
+        return effective, events
+
+    # ------------------------------------------------------------------ delete
+    def delete(self, body: Mapping[str, Any]) -> list[Event]:
+        """Delete the job's pods; and its study when ``spec.cleanup.deleteStudy`` is true."""
+        owner = Owner.of(body)
+        if self.metrics is not None:
+            self.metrics.jobs.forget(owner.namespace, owner.name)
+        count = delete_job_pods(self.core, owner.namespace, owner.name)
+        events = [Event("Normal", "PodsDeleted", f"deleted {count} pod(s)")] if count else []
+        if ((body.get("spec") or {}).get("cleanup") or {}).get("deleteStudy") is True:
+            secret = secret_ref(body, self.settings)
+            name = study_name(owner.namespace, owner.name)
+            try:
+                url = self._storage_url(owner.namespace, secret)
+                _call_storage(optuna.delete_study, study_name=name,
+                              storage=self._storage(url, None))
+                events.append(Event("Normal", "StudyDeleted", f"deleted study {name}"))
+            except KeyError:
+                pass  # never created, or deleted already
+        return events
+
+    # ------------------------------------------------------------------ storage
+    def _storage_url(self, namespace: str, secret: StorageSecret) -> str:
+        try:
+            response = self.core.read_namespaced_secret(secret.name, namespace,
+                                                        _preload_content=False)
+        except ApiException as err:
+            what = (f"not found: create it with the storage URL under key {secret.key!r}, or set "
+                    "spec.storage.secretRef") if err.status == 404 else \
+                f"unreadable ({err.status} {err.reason})"
+            raise StorageUnavailable(f"storage Secret {namespace}/{secret.name} {what}") from None
+        data = json.loads(response.data).get("data") or {}
+        if secret.key not in data:
+            raise StorageUnavailable(f"storage Secret {namespace}/{secret.name} has no key "
+                                     f"{secret.key!r}")
+        return base64.b64decode(data[secret.key]).decode().strip()
+
+    def _storage(self, url: str, job: TuningJob | None) -> BaseStorage:
+        """An open storage per URL and heartbeat settings, kept for the next reconciles."""
+        if not is_rdb(url):
+            raise StorageUnavailable(f"the storage URL ({redact(url)}) is no database URL: "
+                                     "the operator needs postgresql://... shared with the pods")
+        spec = job.spec if job is not None else None
+        key = (url, spec and spec.storage.heartbeat_interval, spec and spec.storage.grace_period,
+               spec and spec.budget.max_retries)
+        with self._lock:
+            storage = self._storages.get(key)
+        if storage is None:
+            storage = _call_storage(open_job_storage, _with_connect_timeout(url), spec)
+            with self._lock:
+                storage = self._storages.setdefault(key, storage)
+        return storage
+
+    # ------------------------------------------------------------------ status shapes
+    def _invalid(self, previous: dict[str, Any], generation: Any,
+                 problems: list[Problem]) -> SyncResult:
+        message = "\n".join(_clip(str(p), PROBLEM_MESSAGE_LIMIT) for p in problems)
+        return self._failed(previous, generation, INVALID_SPEC, message, ready=False)
+
+    def _failed(self, previous: dict[str, Any], generation: Any, reason: str, message: str,
+                ready: bool | None = None) -> SyncResult:
+        message = _clip(message, CONDITION_MESSAGE_LIMIT)
+        conditions = [condition("Ready", False, reason, message)] if ready is False else []
+        conditions.append(condition("Failed", True, reason, message))
+        status = {
+            "phase": FAILED, "observedGeneration": generation,
+            "conditions": _with_generation(
+                merge_conditions(previous.get("conditions"), conditions), generation),
+            "completionTime": previous.get("completionTime") or now_iso(),
+        }
+        events = [Event("Warning", reason, message)]
+        return SyncResult(status=status_patch(previous, status), events=events)
+
+    def _unavailable(self, previous: dict[str, Any], generation: Any,
+                     message: str) -> SyncResult:
+        down, new = storage_unavailable(previous, message)
+        status = {"phase": down["phase"],
+                  "conditions": _with_generation(down["conditions"],
+                                                 previous.get("observedGeneration"))}
+        events = [Event("Warning", STORAGE_UNAVAILABLE, f"{message}; retrying")] if new else []
+        # Back off as the outage lasts (half its length so far, up to MAX_RETRY_DELAY_S): the
+        # start of the outage is in the status, so the operator needs no memory of its own.
+        down_for = time.time() - _timestamp(down["conditions"][-1].get("lastTransitionTime"))
+        delay = min(MAX_RETRY_DELAY_S, max(self.settings.retry_delay, down_for / 2))
+        return SyncResult(status=status_patch(previous, status), events=events, retry=message,
+                          retry_delay=delay)
+
+
+# ---------------------------------------------------------------------- plain functions
+def needs_sync(body: Mapping[str, Any]) -> bool:
+    """Unfinished jobs, and failed jobs with an invalid spec that was edited since."""
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if phase == SUCCEEDED:
+        return False
+    if phase == FAILED:
+        edited = body["metadata"].get("generation") != status.get("observedGeneration")
+        return edited and _reason(status, "Failed") == INVALID_SPEC
+    return True
+
+
+def parse_body(body: Mapping[str, Any]) -> tuple[TuningJob | None, list[Problem]]:
+    """The TuningJob of a cluster object, or the problems of its spec (the spec model's
+    verdict, pod template included: the one ``kubetune validate`` gives)."""
+    meta = body.get("metadata") or {}
+    data = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
+            "spec": _plain(body.get("spec"))}
+    try:
+        return parse_job(data), []
+    except SpecError as err:
+        return None, err.problems
+
+
+def secret_ref(body: Mapping[str, Any], settings: Settings) -> StorageSecret:
+    """Where the job's storage URL is: pinned in the status once the job started (so neither a
+    spec edit nor new operator settings move a running job), else the spec or the default."""
+    pinned = ((body.get("status") or {}).get("study") or {}).get("secretRef") or {}
+    if pinned.get("name"):
+        return StorageSecret(pinned["name"], pinned.get("key") or "url")
+    ref = (((body.get("spec") or {}).get("storage") or {}).get("secretRef") or {})
+    if isinstance(ref, Mapping) and ref.get("name"):
+        return StorageSecret(str(ref["name"]), str(ref.get("key") or "url"))
+    return StorageSecret(settings.storage_secret, settings.storage_secret_key)
+
+
+def apply_editable(accepted: TuningJob, current: TuningJob) -> tuple[TuningJob, list[Event]]:
+    """The accepted job with the editable fields of the current spec, and what changed."""
+    data = accepted.to_dict()
+    now = current.to_dict()["spec"]
+    changes = []
+    for key in EDITABLE_BUDGET:
+        if data["spec"]["budget"].get(key) != now["budget"].get(key):
+            changes.append(f"{key} {data['spec']['budget'].get(key)} -> {now['budget'][key]}")
+            data["spec"]["budget"][key] = now["budget"][key]
+    data["spec"]["cleanup"] = now.get("cleanup", {})
+    events = [Event("Normal", "BudgetChanged", "budget " + ", ".join(changes))] if changes else []
+    return TuningJob.model_validate(data), events
+
+
+def ignored_edit_events(accepted: TuningJob, current: TuningJob) -> list[Event]:
+    """A Warning for spec edits that a running job does not apply."""
+    before, after = accepted.to_dict()["spec"], current.to_dict()["spec"]
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        if key == "cleanup":
+            continue
+        old, new = before.get(key), after.get(key)
+        if key == "budget":
+            old = {k: v for k, v in (old or {}).items() if k not in EDITABLE_BUDGET}
+            new = {k: v for k, v in (new or {}).items() if k not in EDITABLE_BUDGET}
+            changed += [f"spec.budget.{k}" for k in sorted(set(old) | set(new))
+                        if old.get(k) != new.get(k)]
+        elif old != new:
+            changed.append(f"spec.{key}")
+    if not changed:
+        return []
+    return [Event("Warning", "SpecChangeIgnored",
+                  f"a running job applies edits of spec.budget.maxTrials and "
+                  f"spec.budget.parallelism only; ignored: {', '.join(changed)}. Create a new "
+                  "TuningJob to change the others.")]
+
+
+def worker_events(launcher: PodLauncher, previous: Mapping[str, Any]) -> list[Event]:
+    events = []
+    if launcher.errors:
+        message = "; ".join(launcher.errors)
+        before = next((c for c in previous.get("conditions") or []
+                       if c.get("type") == WORKERS_STARTED), {})
+        if before.get("message") != message:  # once per distinct refusal, not every reconcile
+            events.append(Event("Warning", POD_CREATION_FAILED, f"{message}; retrying"))
+    for worker in launcher.failed:
+        tail = worker.log_tail.strip().splitlines()
+        detail = f": {tail[-1]}" if tail else ""
+        events.append(Event("Warning", "WorkerFailed",
+                            f"worker pod {worker.id} failed with exit code {worker.exit_code}"
+                            f"{detail}; it is replaced while the budget lasts"))
+    events += [Event("Normal", "WorkerStarted", f"started worker pod {name}")
+               for name in launcher.started]
+    events += [Event("Normal", "WorkerStopped", f"stopped worker pod {name}")
+               for name in launcher.stopped]
+    return events
+
+
+def phase_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
+    before, after = previous.get("phase"), status["phase"]
+    if before == after:
+        return []
+    for kind, type_ in (("Complete", "Normal"), ("Failed", "Warning")):
+        if _reason(status, kind):
+            cond = next(c for c in status["conditions"] if c["type"] == kind)
+            return [Event(type_, cond["reason"], f"{after}: {cond.get('message', '')}")]
+    return [Event("Normal", after, f"{after}: {status.get('progress', '')} trials finished")]
+
+
+def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the top-level fields that changed (None deletes a field)."""
+    return {k: v for k, v in status.items() if previous.get(k) != v}
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 16] + f"... ({len(text)} chars)"
+
+
+def _reason(status: Mapping[str, Any], kind: str) -> str | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond.get("reason")
+    return None
+
+
+def _timestamp(text: str | None) -> float:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
+def _with_generation(conditions: list[dict[str, Any]], generation: Any) -> list[dict[str, Any]]:
+    return [{**c, "observedGeneration": generation} if generation is not None else c
+            for c in conditions]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _call_storage(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+        if not isinstance(err, SQLAlchemyError) and not is_outage(err):
+            raise
+        raise StorageUnavailable(_db_error(err)) from None
+
+
+def _db_error(err: Exception) -> str:
+    """One line; Optuna wraps a lost connection in StorageInternalError: name the cause."""
+    return outage_message(err) if is_outage(err) else \
+        "storage error: " + (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _with_connect_timeout(url: str) -> str:
+    """PostgreSQL URLs get a connect timeout: an unreachable host must not block a thread."""
+    if not url.startswith(("postgres://", "postgresql")):
+        return url
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(normalize_url(url))
+    if "connect_timeout" not in parsed.query:
+        parsed = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_S)})
+    return parsed.render_as_string(hide_password=False)
