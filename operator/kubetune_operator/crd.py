@@ -789,17 +789,18 @@ RULES: dict[tuple[str, ...], list[dict[str, Any]]] = {
         "a loss is minimized: use direction minimize", ".direction")],
     ("sampler",): _option_rules(SAMPLER_OPTIONS, "sampler"),
     ("pruning", "pruner"): _option_rules(PRUNER_OPTIONS, "pruner") + [
-        rule("self.type != 'percentile' || has(self.percentile)",
+        rule("!has(self.type) || self.type != 'percentile' || has(self.percentile)",
              "percentile is required by the percentile pruner (e.g. 25)", ".percentile"),
         rule("!has(self.minResource) || !has(self.maxResource) || "
              "self.minResource < self.maxResource",
              "minResource must be < maxResource", ".minResource"),
     ],
-    ("storage",): [rule("self.gracePeriod >= 2 * self.heartbeatInterval",
+    ("storage",): [rule("!has(self.gracePeriod) || !has(self.heartbeatInterval) || "
+                        "self.gracePeriod >= 2 * self.heartbeatInterval",
                         "gracePeriod must be at least twice heartbeatInterval", ".gracePeriod")],
     ("trainer",): trainer_rules(),
     ("trainer", "builtin", "split"): [rule(
-        "self.validation + self.test < 0.9",
+        "!has(self.validation) || !has(self.test) || self.validation + self.test < 0.9",
         "validation + test must leave at least 10% for training", ".test")],
 }
 
