@@ -2,8 +2,9 @@
 # Set up the kubetune development environment (idempotent).
 #
 #   bash scripts/setup.sh          # venv + kubetune (runtime deps only)
-#   bash scripts/setup.sh --test   # also test extras + Debian packages
-#                                  # needed by the tests (postgresql, prometheus, pgbouncer)
+#   bash scripts/setup.sh --test   # also test extras, the Debian packages the tests need
+#                                  # (postgresql, prometheus, pgbouncer) and the test
+#                                  # Kubernetes control plane (built with Go, cached)
 #
 # Environment:
 #   KUBETUNE_VENV=DIR          virtualenv location (default: <repo>/.venv)
@@ -26,7 +27,7 @@ done
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 VENV="${KUBETUNE_VENV:-$REPO_ROOT/.venv}"
-TORCH_VERSION="2.13.0"   # a CPU wheel of exactly this version is provided locally
+TORCH_VERSION="2.13.0"   # the exact pin: pip's cache keeps the one build it downloaded
 
 step() { echo "==> $*"; }
 die() { echo "setup.sh: error: $*" >&2; exit 1; }
@@ -71,6 +72,10 @@ ensure_debian_packages() {
 
 if [ "$WITH_TEST" -eq 1 ]; then
     ensure_debian_packages postgresql prometheus pgbouncer
+    # Kubernetes' own binaries, built from its Go modules once per version (minutes the
+    # first time, nothing after): see scripts/control-plane/build.sh.
+    step "test control plane"
+    bash scripts/control-plane/build.sh >/dev/null
 fi
 
 # --- virtualenv --------------------------------------------------------------
@@ -113,10 +118,10 @@ if stamp_ok; then
 fi
 rm -f "$stamp_file"
 
-# torch first: any other torch requirement would pull a multi-GB CUDA build,
-# whereas the exact pin resolves to the local CPU wheel. pip does not
-# reinstall it when it is already present.
-step "installing torch==$TORCH_VERSION (CPU)"
+# torch first, at the exact pin: pyproject.toml only says torch>=2.4, which would
+# otherwise resolve to whatever is newest and download a second multi-GB build.
+# pip does not reinstall it when it is already present.
+step "installing torch==$TORCH_VERSION"
 "$PY" -m pip install -q "torch==$TORCH_VERSION"
 
 step "installing kubetune${extras} (editable)"
