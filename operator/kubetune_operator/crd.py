@@ -1,27 +1,19 @@
 """The TuningJob CustomResourceDefinition, generated from the spec model.
 
-The spec model (``kubetune.spec.model`` and the knob table ``kubetune.spec.knobs``) is the
-source of truth for what a TuningJob may contain. This module turns it into a *structural*
-OpenAPI schema (every node typed, no ``$ref``, no typed ``anyOf``) plus CEL
-``x-kubernetes-validations`` rules for the checks that span fields, so that ``kubectl apply``
-rejects what ``kubetune validate`` rejects:
+The spec model (``kubetune.spec.model``, ``kubetune.spec.knobs``) is the source of truth. This
+module turns it into a *structural* OpenAPI schema (every node typed, no ``$ref``, no typed
+``anyOf``) plus CEL ``x-kubernetes-validations``, so that ``kubectl apply`` rejects what
+``kubetune validate`` rejects. Plain fields come from the pydantic JSON schema (a new field needs
+no edit here); tagged unions (search-space entry by ``type``, dataset by ``name``) become one
+object with rules per tag; a knob's domain is a rule that holds for the builtin trainer only,
+since other trainers may name their own params like a knob. Other ``searchSpace`` names stay
+untyped (a structural schema cannot type a list of mixed scalars): the operator's spec model
+checks them. Each cross-field check of the model is one rule in ``RULES``: add one with it.
+The API server checks each default (``{}`` for several objects) against that field's rules when
+the CRD is created, so a rule of an object with a default reads its fields only behind ``has()``.
 
-- plain fields (types, bounds, enums, defaults) come from the pydantic JSON schema, so a field
-  added to the spec model appears here without a hand edit;
-- tagged unions (a search-space entry by ``type``, a dataset by ``name``) are merged into one
-  object with rules saying which fields belong to which tag;
-- ``trainer.builtin.params`` gets one property per built-in knob, typed and bounded by the
-  knob's domain. ``searchSpace`` gets one property per knob too, a distribution whose choices
-  have the knob's value type; the knob's domain (types, bounds, legal choices) is a CEL rule
-  that holds only for the builtin trainer, because an entrypoint or command trainer searches
-  params of its own, which may share a knob's name. ``searchSpace`` also keeps other names as
-  written: a structural schema cannot type a list of mixed scalars such as their choices, so
-  the operator's spec model checks those entries (and an unknown name with the builtin
-  trainer);
-- the model validators' cross-field checks are CEL rules written below, one per check.
-
-Print it with ``python -m kubetune_operator.crd > crds/tuningjob.yaml``; tests/test_crd.py checks
-that the committed file is current and that the CRD gives every spec the spec model's verdict.
+Regenerate with ``python -m kubetune_operator.crd > crds/tuningjob.yaml``; tests/test_crd.py
+fails when the committed file is stale or the CRD and the spec model disagree on a spec.
 """
 
 from __future__ import annotations
@@ -874,7 +866,8 @@ def spec_schema() -> dict[str, Any]:
 
 
 def status_schema() -> dict[str, Any]:
-    """Written by the operator (kubetune.job.status.build_status); only what columns read is typed."""
+    """Written by the operator (``kubetune.job.status.build_status``); only what columns read
+    is typed."""
     counts = {name: {"type": "integer"}
               for name in ("total", "complete", "pruned", "failed", "running")}
     return _open_object(

@@ -1,8 +1,5 @@
-"""``kubetune operator``: run the TuningJob operator (kopf) against the current cluster.
-
-Credentials come from the pod's service account inside a cluster, else from the kubeconfig
-(``$KUBECONFIG`` or ``~/.kube/config``), for both kopf and the Kubernetes client.
-"""
+"""``kubetune operator``: run the TuningJob operator (kopf) against the current cluster, with the
+credentials of ``kubetune_operator.client`` for both kopf and the Kubernetes client."""
 
 from __future__ import annotations
 

@@ -1,28 +1,12 @@
 """Workers as pods: the launcher the operator gives the job core.
 
-The pod manifests are built by plain functions of the job and the settings (``worker_pod``,
-``ensemble_pod``), so tests can check them without a cluster; ``PodLauncher`` only creates,
-lists and deletes them with the Kubernetes client.
-
-Pods are named per slot (``<job>-worker-0``, ``-1``...): creating a pod whose name exists
-answers 409 Conflict, so a retried or restarted operator never runs two workers in one slot.
-The slot is also the end of the worker id, which the worker's sampler seed follows.
-
-An entrypoint or command trainer runs in ``spec.trainer.image`` when it is set: an image with
-the user's code and kubetune (``FROM`` the kubetune image, or ``pip install kubetune``), whose
-working directory holds the code (the worker imports from it and runs commands in it).
-
-``spec.trainer.template`` is a flat mix of container and pod fields, checked by the spec model
-(``kubetune.spec.template``) before a job gets here. What kubetune sets itself cannot be
-overridden: the storage URL comes only from a Secret (``secretKeyRef``), pods run as non-root
-with a read-only root filesystem (``/tmp`` is a writable emptyDir), drop all capabilities, use
-the RuntimeDefault seccomp profile and mount no service account token: workers need no
-Kubernetes access.
-
-The artifact folder (``spec.artifacts.path``, or the operator's default) is an emptyDir when
-the template mounts no volume there. Each worker then keeps its own artifacts, which is enough
-for the search; the ensemble step reads the artifacts of all trials, so give the template a
-shared volume there (a ReadWriteMany PersistentVolumeClaim) when the ensemble is enabled.
+The manifests are plain functions of the job and the settings (``worker_pod``,
+``ensemble_pod``), so tests check them without a cluster; ``PodLauncher`` only creates, lists
+and deletes pods. Pods are named per slot (``<job>-worker-0``, ``-1``...): creating a name that
+exists answers 409 Conflict, which is what keeps a retried or restarted operator from running
+two workers in one slot. The slot also ends the worker id, which the sampler seed follows.
+``_pod`` lays kubetune's own settings (``OWN_ENV``, the security context) over the template,
+which the spec model (``kubetune.spec.template``) checked before.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """The operator's reconcile of one TuningJob: read it, its pods and its study, drive the job
 core, and say what changed (status fields, events, a retry).
 
-Nothing that matters lives in memory: each reconcile reads the TuningJob (spec and status),
-its pods and the storage, and writes the status back. The spec a job runs with is the one
-stored in its study when it started; of later edits only ``spec.budget.maxTrials``,
-``spec.budget.parallelism`` and ``spec.cleanup`` apply (the job core adapts the workers), the
-others are ignored with a ``SpecChangeIgnored`` Warning. Beyond what the job core writes, the
-status gets ``observedGeneration``, ``startTime``, ``completionTime`` and ``study`` (its name
-and the Secret holding the storage URL, pinned when the job starts).
+Nothing that matters lives in memory: each reconcile reads the TuningJob, its pods and the
+storage, and writes the status back. The job runs with the spec stored in its study when it
+started; only the edits in ``apply_editable`` reach it. The storage Secret is pinned in
+``status.study`` at the start, so neither a spec edit nor new operator settings move a job.
 """
 
 from __future__ import annotations

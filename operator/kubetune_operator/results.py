@@ -1,8 +1,5 @@
-"""``kubetune results NAME [-n NS] [--storage URL] [--json]``: a TuningJob's leaderboard.
-
-By default from the TuningJob's status on the cluster (what the operator wrote); with
-``--storage`` from the study itself, for when the cluster is out of reach or the job is gone.
-"""
+"""``kubetune results NAME``: a TuningJob's leaderboard, from its status on the cluster, or from
+the study itself with ``--storage`` (for when the cluster is out of reach or the job is gone)."""
 
 from __future__ import annotations
 

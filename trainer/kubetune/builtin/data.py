@@ -1,8 +1,7 @@
 """Load a dataset for the built-in trainer and split/standardize it reproducibly.
 
-Every trial of a study must see exactly the same train/validation/test rows,
-so the split is stratified with a fixed seed and the result is cached per
-process: a worker running many trials reads and splits the data only once.
+Every trial of a study must see the same train/validation/test rows, so the split is stratified
+with a fixed seed, and the result is cached per process: a worker reads and splits it once.
 """
 
 from __future__ import annotations

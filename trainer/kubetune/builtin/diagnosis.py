@@ -1,32 +1,9 @@
 """Read a trial's learning curve the way a practitioner does: one label per finished trial.
 
-Pure functions over the ``history`` user attribute (one dict of metrics per epoch), so they
-work for any trainer that reports per-epoch metrics named ``train_<x>`` and ``val_<x>``. The
-labels, checked in this order:
-
-``diverged``
-    pruned with ``prune_reason`` ``nan`` or ``diverged``, or a loss that is not finite or grew
-    past ``DIVERGE_FACTOR`` times its first epoch's value (pruning switched off).
-``not-learning``
-    the loss is flat from the start: over at least 2 epochs it never fell ``FLAT_DROP`` (5%)
-    below the first epoch's, and the training score (when there is one) is low.
-``overfit``
-    the training score is high (``>= LOW_SCORE``) and the validation score is at least ``GAP``
-    lower; or the validation loss ended ``VAL_RISE`` (20%) above its lowest value while the
-    training loss kept falling.
-``underfit``
-    the training score is below ``LOW_SCORE`` (the model does not even fit the training data,
-    so the validation score is low too).
-``healthy``
-    none of the above, with both a training and a validation score.
-``unknown``
-    the history lacks a metric a rule needs (no training score, or a high training score and
-    no validation score, and no overfitting signal in the losses; or no history at all).
-
-A *score* is an accuracy-like metric in [0, 1] reported for both splits: ``accuracy``, ``f1``
-or ``auc`` (the first pair found, at the last epoch). A *loss* is ``train_loss`` /
-``val_loss``. The thresholds are absolute, for scores in [0, 1]; they are rules of thumb for
-classification, documented in docs/tuning.md, not tuned per dataset.
+Pure functions of the ``history`` user attribute, so they work for any trainer that reports
+``train_<x>`` / ``val_<x>`` metrics. The rules, their order and their thresholds (the constants
+below) are documented in docs/tuning.md (Diagnosis): change the two together. Labels are never
+stored; ``kubetune.job.status`` computes and caches them.
 """
 
 from __future__ import annotations

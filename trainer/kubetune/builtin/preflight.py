@@ -1,32 +1,10 @@
 """Preflight: before the search, check that the data is usable and that the model can learn.
 
-A search of hundreds of trials on data that cannot be learned (NaN values, one label, features
-that say nothing about the labels, a broken model) spends the whole budget and then blames the
-hyperparameters. The preflight costs well under a second with the built-in trainer:
-
-1. **Data checks** (always): the dataset loads (``kubetune.builtin.data`` rejects non-numeric and
-   non-finite values, fewer than 2 classes, a class with fewer than 3 rows...) and every
-   standardized feature is finite.
-2. **Learning check** (``spec.preflight.enabled``, on by default): the built-in MLP, with the
-   fixed settings of ``FIT_PARAMS`` whatever the search space says, trains full-batch for
-   ``steps`` steps on a class-balanced subset of ``samples`` training rows (at least one per
-   class). A working pipeline memorises so few rows; the check passes when the final training
-   loss is at most ``MAX_LOSS_RATIO`` (half) of the *blind loss*, the loss of the best model
-   that ignores the features (the entropy of the subset's labels). Measuring against the blind
-   loss rather than the first loss means a model cannot pass by learning the class
-   frequencies alone. It proves that the pipeline can learn, not that the features predict the
-   labels on new rows (random labels can be memorised too).
-
-The verdict is a study user attribute (``kubetune:preflight``), so it is computed once per job
-start, however many workers there are: the first worker to start computes it under the study
-lock (locally and on Kubernetes alike: the runner and the operator never train), the others
-wait for it and read it. The job core reads it and fails the job with reason
-``PreflightFailed`` (phase Failed, no further workers). Each start of a job
-(``create_or_load_study``) clears the verdict, so a job started again after the data was fixed
-checks it again.
-
-Only the built-in trainer has a preflight: a custom trainer (``trainer.entrypoint`` or
-``trainer.command``) loads its own data, and its verdict is ``skipped``.
+What it checks, and why against the blind loss: docs/tuning.md (Preflight). The verdict is
+computed once per job start by the first worker, under the study lock (the runner and the
+operator never train), and stored in the study (``PREFLIGHT_ATTR``); the other workers wait for
+it. ``kubetune.study.schema.create_or_load_study`` clears it at each start, so a job started
+again after the data was fixed checks again.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """The exported ensemble: a self-contained model folder, and the one call that loads it.
 
-``kubetune export`` writes two files into a folder:
-
-* ``ensemble.json``: the manifest - classes, number of input features, method, metric, each
-  member's trial, weight and training params (the architecture is rebuilt from them), and the
-  validation and test scores the ensemble step measured;
-* ``weights.pt``: the standardization (``mean``, ``std`` of the training split) and each
-  member's weights, tensors only, read with ``torch.load(..., weights_only=True)``.
-
-``load_ensemble(folder)`` returns an ``EnsembleModel`` that predicts on raw (not standardized)
-features, on the CPU; it needs kubetune and PyTorch, nothing of the study or the run.
-
-Example:
-    >>> import kubetune
-    >>> model = kubetune.load_ensemble("digits-model")          # doctest: +SKIP
-    >>> model.predict(X[:5]), model.predict_proba(X[:5]).shape  # doctest: +SKIP
+The folder (``ensemble.json``, ``weights.pt``) is described for users in docs/ensemble.md.
+``weights.pt`` holds tensors only, read with ``torch.load(weights_only=True)``: loading runs no
+pickled code and needs nothing of the study or the run. The manifest's ``format``
+(``BUNDLE_FORMAT``) versions the folder: change it with the layout.
 """
 
 from __future__ import annotations

@@ -1,50 +1,13 @@
 """The ensemble step: combine the best models of a finished search, scored on unseen data.
 
-After the search, ``run_ensemble_step`` (``kubetune ensemble``, a local process or a pod) reads
-the study, builds candidate *members*, selects and weights them on the validation split, scores
-the ensemble and the best single trial on the test split, saves the ensemble as an artifact and
-stores a small record in the study (``ENSEMBLE_ATTR``), which the job core copies into
-``status.ensemble``.
-
-Members (``spec.ensemble.members``):
-
-* ``trials``: the final models of the ``topK`` best complete trials. Walking down the ranking,
-  a trial whose predictions are missing or not finite is skipped and the next one is taken;
-  failed and pruned trials are never candidates.
-* ``seeds``: the best trial's configuration trained again with other seeds, ``seeds`` models in
-  all, the best trial itself being the first. The retraining happens in the ensemble step, one
-  model after the other, with seed ``trainer.builtin.seed + trial + i * SEED_STRIDE`` for
-  ``i = 1 .. seeds - 1``, so no retrained model repeats a trial's seed.
-* ``snapshots``: for each of the ``topK`` best trials its final model plus the models of a few
-  earlier epochs (``trial_run.snapshot_epochs``), which the trials recorded while training
-  because the job asked for snapshots. A trial without recorded snapshots (e.g. from a run
-  with another setting) contributes its final model only.
-
-Selection (``spec.ensemble.method``):
-
-* ``greedy``: ensemble selection with replacement (Caruana et al., ICML 2004). It starts from
-  the member that is best on the validation split, then adds ``GREEDY_ROUNDS - 1`` times the
-  member (possibly one already in) whose addition gives the best validation score, and keeps
-  the best prefix of that sequence: it is never worse than its best member on validation. A
-  member's weight is how often it was picked divided by the prefix length.
-* ``average``: every member with the same weight: the plain mean of their probabilities.
-
-Selection uses the objective's validation metric (``val_accuracy``, ``val_f1`` - macro - or
-``val_loss`` - log loss of the probabilities; a ``train_*`` objective is replaced by its
-``val_*`` counterpart, and the record says so) in the objective's direction. It reads the
-validation predictions only; the test predictions are read once at the end, to score the chosen
-ensemble and the best single trial (the top-ranked trial whose predictions are usable): an
-honest comparison on data that neither the trials nor the selection have seen.
-
-Only numpy is needed for selection and scoring; PyTorch is imported to read weights, to retrain
-(``seeds``) and to save the ensemble.
-
-Example:
-    >>> import numpy as np
-    >>> y = np.array([0, 1])
-    >>> a, b = np.array([[0.9, 0.1], [0.6, 0.4]]), np.array([[0.4, 0.6], [0.2, 0.8]])
-    >>> greedy_selection([a, b], y, "val_loss", "minimize", rounds=2).picks
-    (0, 1)
+``run_ensemble_step`` (``kubetune ensemble``, one more process or pod) stores its record in the
+study (``ENSEMBLE_ATTR``); the job core decides when to run it, reuses a record whose
+``fingerprint`` still holds, and copies it into ``status.ensemble``. Members and methods:
+docs/ensemble.md. Invariants: selection reads the validation predictions only, and the test
+predictions are scored once, at the end; every member predicts the best trial's rows
+(``_usable``); a retrained seed is ``trainer.builtin.seed + trial + i * SEED_STRIDE``, so none
+repeats a trial's seed. Selection and scoring need numpy only; torch is imported where weights
+are read, retrained or saved.
 """
 
 from __future__ import annotations

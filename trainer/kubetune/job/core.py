@@ -1,13 +1,11 @@
 """The job core: given the job, the study and the workers, decide what happens next.
 
-Every decision about a job is made here, for the local runner and the operator alike: how
-many workers run (started up to ``parallelism``, the extra ones stopped when it is lowered),
-restarting the workers when ``maxTrials`` is lowered under them, failing and requeueing the
-trials of workers that are gone, ending the search, the crash loop, the preflight's verdict
-and the ensemble step. A *launcher* only starts, stops and lists workers (local processes for
-``kubetune run``, pods for the operator). ``reconcile`` keeps no state between calls beyond
-what it writes into the status, so a restarted runner or operator carries on where the last
-one stopped.
+Every decision about a job is made here, for the local runner and the operator alike: how many
+workers run, requeueing the trials of workers that are gone, ending the search, the crash loop,
+the preflight's verdict and the ensemble step. A *launcher* only starts, stops and lists
+workers (local processes for ``kubetune run``, pods for the operator). ``reconcile`` keeps no
+state between calls beyond what it writes into the status, so a restarted runner or operator
+carries on where the last one stopped.
 """
 
 from __future__ import annotations

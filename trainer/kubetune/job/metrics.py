@@ -1,14 +1,10 @@
 """Prometheus metrics that show how a search is going, for the runner and the operator alike.
 
-One ``prometheus_client`` registry holds a ``JobMetrics`` collector. Whoever reconciles a job
-(the local runner or the operator) hands it a fresh ``JobSnapshot`` after each pass; a scrape
-renders the latest snapshot of every job. Counters are totals read from the study, so they
-survive a restart of the process that exports them and never double count.
-
-Labels stay bounded: ``namespace``, ``tuningjob``, ``state``, ``outcome``, ``reason``; a
-``trial`` label appears only on the series of running trials and disappears when the trial
-ends. The job label is ``tuningjob``, not ``job``: Prometheus owns ``job`` (the scrape job),
-and the operator-down alert needs it.
+Whoever reconciles a job hands the ``JobMetrics`` collector a fresh ``JobSnapshot`` after each
+pass; a scrape renders the latest snapshot of every job. Counters are totals read from the
+study, so they survive a restart of the exporting process and never double count. Labels stay
+bounded (a ``trial`` label only on running trials); the job label is ``tuningjob`` because
+Prometheus owns ``job`` (the scrape job), which the operator-down alert needs.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The TuningJob status (and local result.json): small, bounded, recomputable from the study.
 
-Trial history stays in Optuna storage; the status only counts trials and keeps the top ten,
-so its size does not grow with the number of trials. ``diagnosis`` counts the finished trials'
-learning-curve labels (``kubetune.builtin.diagnosis``) and gives one line of advice.
+Trial history stays in Optuna storage; the status counts trials and keeps the top ten, so its
+size does not grow with the number of trials. docs/reference.md documents every field.
 """
 
 from __future__ import annotations
@@ -72,8 +71,8 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
                  stage_spaces: dict[str, Any] | None = None) -> dict[str, Any]:
     """The status document, in the camelCase shape of ``TuningJob.status``.
 
-    ``stage_spaces``: the narrowed spaces stored in the study (``stage_study.stored_spaces``),
-    for ``stage`` and ``stages``.
+    ``stage_spaces``: the narrowed spaces stored in the study
+    (``kubetune.search.stages.stored_spaces``), for ``stage`` and ``stages``.
     """
     from kubetune.search.stages import status_view
 

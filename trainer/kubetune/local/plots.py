@@ -1,10 +1,4 @@
-"""Learning curves and search plots, written after every job.
-
-The tuning method we follow reads learning curves to tell underfitting (both losses high) from
-overfitting (validation loss rising while training loss falls), so each top trial gets its
-training and validation loss and accuracy on one chart. An overview shows every trial's
-objective per epoch, and Optuna's history and parameter-importance plots complete the set.
-"""
+"""Learning curves and search plots, written after every job (docs/observability.md, Plots)."""
 
 from __future__ import annotations
 

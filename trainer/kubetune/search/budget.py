@@ -1,9 +1,8 @@
 """Trial accounting and the rules that end a job, shared by workers and the job core.
 
-A trial whose worker died is failed and retried (a new WAITING trial with the same
-parameters). The failed attempt is then *retried*, not *failed*: it does not use a slot of
-the budget nor count against ``maxFailedTrials``; its retry does. So the finished trials
-(complete + pruned + failed) end exactly at ``maxTrials``.
+A retried attempt (its worker died: ``kubetune.study.trials``) uses no slot of the budget and
+does not count against ``maxFailedTrials``; its retry does. So the finished trials (complete +
+pruned + failed) end exactly at ``maxTrials``.
 """
 
 from __future__ import annotations

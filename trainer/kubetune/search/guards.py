@@ -1,9 +1,8 @@
 """NaN and divergence guards: the checks Optuna's pruners do not make.
 
-Optuna's median pruner compares a trial against others, and a NaN compares false with
-everything, so a trial that turns NaN after finite epochs keeps training. These guards look at
-the trial alone, every epoch, before any value is reported to Optuna: a NaN never reaches the
-study.
+A NaN compares false with everything, so Optuna's median pruner keeps a trial that turns NaN
+after finite epochs. These guards look at the trial alone, every epoch, before any value is
+reported to Optuna: a NaN never reaches the study.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """Coarse-to-fine stages: how one stage's best trials narrow the next stage's search space.
 
-Pure functions of a search space (parameter name -> Optuna distribution) and trial
-parameters, no Optuna storage: ``stage_study`` stores
-and shares what they compute. The rule (``narrow``):
-
-* a numeric range is re-centred on the values the stage's top trials used: it spans them,
-  widened on each side by a quarter of their spread and at least a tenth of the stage's range,
-  measured on the parameter's scale (``log: true`` ranges in log space), then clipped to the
-  original range. Float bounds are rounded outwards to 4 significant digits; a stepped range
-  keeps its step and grid (the original ``low`` plus whole steps, bounds rounded outwards);
-  an int range stays an int range (bounds at the nearest grid point: each top value is one,
-  so they stay inside) and may shrink to a single value, which is then no longer searched;
-* a categorical keeps the choices the top trials used, in the original order.
-
-Example: ``lr`` 1e-4..1e-1 (log) whose top trials used 1e-3 and 1e-2 spans 10^-3..10^-2
-(a decade), widened by max(1/4, 3/10) decades: 10^-3.3..10^-1.7, i.e. 0.0005011..0.01996.
+Pure functions of a search space (name -> Optuna distribution) and trial parameters, no storage:
+``kubetune.search.stages`` decides when to narrow and stores the result. The rule (``narrow``)
+and a worked example are in docs/tuning.md (How a stage narrows the next one): change the two
+together. A narrowed range never leaves the original one, and a stepped range keeps its grid.
 """
 
 from __future__ import annotations

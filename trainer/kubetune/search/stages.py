@@ -1,16 +1,10 @@
-"""Stages in the study: which stage a trial belongs to, the stored narrowed spaces, and the
-per-stage view of the study that the sampler and the pruner see.
+"""Stages in the study: a trial's stage, the stored narrowed spaces, and per-stage views.
 
-Every trial records its stage (user attr ``stage``, an index) and fidelity (``fidelity``:
-``full`` or ``reduced``). Stage k + 1 starts once every trial of stage k has finished; the
-first worker that finds it so (under the study lock) narrows the space (``stages.narrow``) and
-stores it in the study (user attr ``kubetune:stages``), so workers and the controller read one
-answer. A job without ``stages`` is one stage, stage 0, at full fidelity.
-
-Trials of different stages are not comparable (other ranges, cheaper fidelities), so with
-several stages each stage gets its own view of the study (``stage_view``): its sampler and its
-pruner see the trials of that stage only. Pruning thus compares a trial only with trials of its
-own stage, at its own fidelity.
+Stage k + 1 starts once every trial of stage k has finished; the first worker that finds it so
+(under the study lock) narrows the space (``kubetune.search.narrowing.narrow``) and stores it in
+the study (``kubetune:stages``), so the workers and the job core read one answer. Trials of
+different stages are not comparable (other ranges, cheaper fidelities), so with several stages
+the sampler and the pruner get a ``stage_view`` that holds the trials of one stage only.
 """
 
 from __future__ import annotations

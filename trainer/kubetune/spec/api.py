@@ -1,8 +1,7 @@
 """The TuningJob's names in the Kubernetes API: group, version, kind and plural.
 
 Defined once: the spec model checks ``apiVersion`` and ``kind`` against them, and the operator
-builds its CRD (``kubetune_operator.crd``) and its watches (``kubetune_operator.settings``) from
-them.
+builds its CRD and its watches from them.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """The TuningJob spec model: one place that parses and checks what a user wrote.
 
-``parse_job`` / ``parse_job_file`` turn YAML or a dict into typed objects or a list of
-``Problem``s, each naming the field path (``spec.searchSpace.lr.low``) and what is wrong. The
-local runner, the worker and the operator all go through here, so a spec means one thing
-everywhere.
-
-Checks run in two passes: pydantic checks shapes and types (unknown fields, wrong types,
-bounds of single fields), then ``_semantic_problems`` checks what spans fields (a metric the
-trainer never reports, a knob that is both fixed and searched, grid needs).
+The local runner, the worker and the operator all go through ``parse_job`` /
+``parse_job_file``, so a spec means one thing everywhere. Checks run in two passes: pydantic
+checks shapes and types, then ``_semantic_problems`` checks what spans fields; each problem
+names its field path. ``kubetune_operator.crd`` generates the CRD from these classes.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Search-space presets: the empirical starting ranges of the tuning method, by name.
 
-``searchSpace: {preset: mlp-classic}`` expands to the preset's entries; an entry named next to
-``preset`` replaces the preset's entry of that name, and a knob fixed in
-``trainer.builtin.params`` is not searched. Torch-free: the spec model, the CRD generator and
-``kubetune presets`` read this table.
+Torch-free: the spec model (which expands ``searchSpace: {preset: ...}``), the CRD generator and
+``kubetune presets`` read this table; docs/tuning.md shows it and says why each range.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Load a TuningJob YAML file the way Kubernetes reads it.
 
-PyYAML follows YAML 1.1, where ``1e-4`` is a *string*; kubectl (YAML 1.2 via JSON) reads it
-as a number. We teach the loader 1.2 floats so the same file means the same thing locally and
-on the cluster. Duplicate keys, which PyYAML silently collapses, are reported, and every
-problem carries the line it came from.
+PyYAML follows YAML 1.1, where ``1e-4`` is a *string*; kubectl (YAML 1.2 via JSON) reads a
+number. The loader reads 1.2 floats so one file means the same locally and on the cluster, and
+reports the duplicate keys PyYAML silently collapses, each problem with its line.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """``spec.trainer.template``: the worker pod settings a TuningJob may give, and their checks.
 
-The template is a flat mix of container and pod fields (``TEMPLATE_FIELDS``) that the operator
-copies into the worker pods (``kubetune_operator.pod_launcher``). What kubetune sets itself
-cannot be overridden: its environment variables (``OWN_ENV``; the storage URL comes only from a
-Secret) and the pod's security context beyond the user and group ids (``POD_SECURITY_FIELDS``;
-workers run as non-root).
-
 The spec model runs ``template_problems`` with its other checks, so ``kubetune validate``,
-``kubetune run``, the operator and the workers give a template one verdict. Plain data and no
-Kubernetes client: the trainer side never imports one.
+``kubetune run``, the operator and the workers give a template one verdict; the operator builds
+the pods from it (``kubetune_operator.pod_launcher``). Plain data and no Kubernetes client: the
+trainer side never imports one.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """Every use of Optuna's private names, in one place.
 
 Optuna has no public way to reach a study's storage, a study's or a trial's id, or the
-heartbeat machinery of its RDB storage, and kubetune needs all of them (trials failed from
-outside their run, the study system attribute with the ensemble, worker heartbeats, storage
-calls retried through an outage). Every other module goes through the functions here, so an
-Optuna upgrade that renames one is a change to this file only; tests/test_layout.py fails on
-a private name used anywhere else. Each one says which behaviour of Optuna (4.5 to 5.x, what
-pyproject.toml allows) it relies on.
+heartbeat machinery of its RDB storage, and kubetune needs all of them. Every other module goes
+through the functions here, so an Optuna upgrade that renames one is a change to this file only;
+tests/test_layout.py fails on a private name used anywhere else. Each one says which behaviour
+of Optuna (4.5 to 5.x, what pyproject.toml allows) it relies on.
 """
 
 from __future__ import annotations

@@ -1,26 +1,13 @@
 """Where studies live: Optuna storages, the study lock and the artifact store.
 
-Two kinds of storage URL are accepted:
+An RDB URL (``kubetune.study.urls.is_rdb``) opens an ``RDBStorage``, anything else a
+``JournalStorage`` file. ``StudyLock`` serialises the moments where a worker chooses a trial,
+which is what keeps the budget exact however many workers race for the last slot.
 
-* ``postgresql://user:pass@host/db`` (or ``sqlite:///file.db``): an Optuna ``RDBStorage`` with
-  connection pre-ping and, for workers, Optuna's heartbeat so the trial of a dead worker is
-  failed and retried;
-* anything else is a path to an Optuna ``JournalStorage`` file: nothing to install, the
-  default for local runs.
-
-``StudyLock`` serialises the few moments where workers decide to start a trial, so the number
-of trials never exceeds the budget however many workers race for the last slot.
-
-**Outages.** Every connection is pre-pinged, so a restarted database is reconnected to on the
-next call. A storage opened with ``retry_for`` (workers) also retries each call that fails for
-want of a connection, with backoff, for that many seconds: a trial in progress survives a
-database restart or outage. The runner and the operator open theirs without: they report the
-outage (a ``StorageUnavailable`` condition) and try again on their next pass.
-
-**Connection budget.** One storage holds at most ``POOL_SIZE`` connections (no overflow), so
-a worker holds at most ``POOL_SIZE + 1`` (its pool and the study lock's connection). The lock
-is a transaction-scoped advisory lock held only while a trial is being chosen, so the workers
-can share a few server connections through PgBouncer in transaction pooling mode.
+Outages: connections are pre-pinged, and only workers open their storage with ``retry_for``
+(each call that fails for want of a connection is retried with backoff, so a trial survives a
+database restart); the runner and the operator report ``StorageUnavailable`` and try again on
+their next pass. A storage pools at most ``POOL_SIZE`` connections (no overflow).
 """
 
 from __future__ import annotations

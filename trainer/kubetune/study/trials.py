@@ -1,9 +1,8 @@
 """Ending a trial from outside its own run: fail it, with the reason, and queue it again.
 
-Whoever finds a trial abandoned (the job core: its worker exited; the runner: an earlier run
-was killed; a worker: it was stopped mid-trial) calls ``fail_and_requeue``. The retry is a new
-WAITING trial with the same parameters (Optuna's retry callback), which the budget counts in
-place of the failed attempt (``search.budget``).
+Whoever finds a trial abandoned (the job core, the runner, a stopped worker) calls
+``fail_and_requeue``. The retry is a new WAITING trial with the same parameters, which the
+budget counts in place of the failed attempt (``kubetune.search.budget``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """The built-in trainer: the MLP of ``kubetune.builtin.mlp``, reporting every epoch.
 
-A complete trial keeps ``model.pt`` (weights, the full training params, classes,
-standardization) and ``predictions.npz`` (validation and test class probabilities and labels)
-for the ensemble step. Only a job that ensembles snapshots (``spec.ensemble.members:
-snapshots``) also keeps the models of a few earlier epochs; other jobs pay nothing for them.
+A complete trial keeps ``model.pt`` and ``predictions.npz`` for the ensemble step. Only a job
+that ensembles snapshots keeps the models of earlier epochs too; other jobs pay nothing for them.
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
 """Command trials (``spec.trainer.command``): any program, in any language, runs one trial.
 
-The contract with the program:
-
-* in: ``KUBETUNE_PARAM_<NAME>`` for every param (the name upper-cased; strings as they are,
-  other values as JSON: ``0.001``, ``64``, ``true``, ``[1, 2]``), ``KUBETUNE_PARAMS_FILE`` (a JSON
-  file with all params, names as written), ``KUBETUNE_TRIAL_NUMBER`` and
-  ``KUBETUNE_OUTPUT_DIR`` (an empty folder of its own). The storage URL is not passed on.
-* out: one JSON object per line on stdout per epoch, with ``epoch`` (an integer >= 1) and the
-  metrics, e.g. ``{"epoch": 3, "val_accuracy": 0.91, "train_loss": 0.3}``. ``NaN``,
-  ``Infinity`` and ``null`` (what JavaScript writes for NaN) count as not finite. Other lines
-  (stderr too) pass through to the worker's log; a line that starts with ``{`` but is no JSON
-  object, or a report whose epoch or metrics are unusable, is ignored with a warning.
-* optional: ``predictions.npz`` (``val_proba``, ``test_proba``, ``y_val``, ``y_test``) or
-  ``predictions.json`` (the same keys, as lists) in ``KUBETUNE_OUTPUT_DIR`` makes a complete
-  trial a candidate for the ensemble.
-* exit code 0: the trial completes with its last report; anything else fails it, with the tail
-  of the output as ``fail_reason``.
-
-The program runs in its own process group, in the job file's folder (``kubetune run``) or the
-worker's working directory (a pod). A pruned trial's program gets SIGTERM, and SIGKILL after
-``spec.trainer.stopGracePeriod`` seconds; the same happens when the worker itself is stopped,
-and the program gets SIGTERM if the worker dies. What the program started and left running
-when it exited is killed with its process group.
+The contract with the program is user-facing, spelt out in docs/own-code.md (Any program):
+change the two together. The storage URL is never passed on. The program runs in its own
+process group, so stopping a trial signals the whole group, and what the program left running
+when it exited dies with the group.
 """
 
 from __future__ import annotations

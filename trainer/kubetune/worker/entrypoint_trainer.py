@@ -1,21 +1,9 @@
-"""The trainer SDK: what a Python entrypoint (``spec.trainer.entrypoint``) gets to run a trial.
+"""The trainer SDK: the ``Trial`` a Python entrypoint (``spec.trainer.entrypoint``) runs with.
 
-The worker imports ``package.module:function`` and calls it with a ``Trial``. The function
-trains with ``trial.params``, calls ``trial.report(epoch, **metrics)`` after each epoch (the
-same NaN/divergence guards, Optuna pruner and deadline as the built-in trainer, through
-``trial_run.EpochReporter``) and returns its final metrics. ``report`` raises
-``kubetune.TrialPruned`` when the trial must stop: let it propagate.
-
-Example:
-    >>> def train(trial):                                          # doctest: +SKIP
-    ...     model = make_model(hidden=trial.params["hidden"])
-    ...     state = trial.restore() or {"epoch": 0}
-    ...     for epoch in range(state["epoch"] + 1, 21):
-    ...         loss, acc = fit_one_epoch(model, lr=trial.params["lr"])
-    ...         trial.report(epoch, val_accuracy=acc, train_loss=loss)
-    ...         trial.checkpoint({"epoch": epoch, "model": model.state_dict()})
-    ...     trial.save_predictions(validation=p_val, test=p_test, labels=(y_val, y_test))
-    ...     return {"val_accuracy": acc}
+Its user-facing contract, with an example, is docs/own-code.md (A Python function): change the
+two together. ``Trial.report`` goes through the built-in trainer's ``EpochReporter``
+(``kubetune.worker.contract``: guards, Optuna, deadline, pruner) and raises
+``kubetune.TrialPruned``, which the user's function must let propagate.
 """
 
 from __future__ import annotations

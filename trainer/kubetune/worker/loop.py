@@ -1,14 +1,9 @@
 """The worker: a long-lived process that runs trials of one study until the job's budget is met.
 
-It needs only the storage URL and the study name (``kubetune worker --storage URL --study
-NAME``): the job is read from the study. Locally the runner starts workers as processes; on
-Kubernetes they are pods. A trial runs with the job's trainer (``trial_run.run_trial``): the
-built-in MLP, the user's Python entrypoint or the user's command, whose code is found in the
-``--code`` folders (``kubetune run``: the job file's folder) or the working directory.
-
-Choosing the next trial happens under ``StudyLock`` so that however many workers race, the
-budget is never exceeded. On PostgreSQL a heartbeat thread proves the running trial alive; a
-trial whose worker died is failed by whichever worker next notices it is stale, and retried.
+It needs only the storage URL and the study name: the job is read from the study. Choosing the
+next trial happens under ``StudyLock``, after failing stale trials (an RDB heartbeat that
+stopped), so however many workers race the budget is never exceeded. A trial runs through
+``kubetune.worker.trial.run_trial``.
 """
 
 from __future__ import annotations
