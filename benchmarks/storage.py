@@ -224,7 +224,7 @@ class NoTraining:
         # What run_trial reads of kubetune.builtin.mlp.TrainResult (not imported: it pulls in
         # scikit-learn, seconds of start-up per worker for nothing).
         return SimpleNamespace(model=self.model, history=history, val_proba=self.proba,
-                               test_proba=self.proba, epochs_run=epochs)
+                               test_proba=self.proba)
 
 
 def worker_main(url: str, study_name: str, worker_id: str, artifacts: str, barrier: Any,
