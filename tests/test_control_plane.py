@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fast_job
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD = REPO_ROOT / "crds" / "tuningjob.yaml"
 CRD_NAME = "tuningjobs.kubetune.io"
@@ -70,34 +72,14 @@ def test_tuningjob_crd_is_established_and_explained(control_plane):
     # search space has low > high is refused with the rule's message.
     ns = control_plane.create_namespace("crd")
     try:
-        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(tuning_job("good")))
-        bad = tuning_job("bad")
+        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(fast_job("good")))
+        bad = fast_job("bad")
         bad["spec"]["searchSpace"]["lr"].update(low=0.1, high=0.01)
         proc = control_plane.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(bad),
                                      check=False)
         assert proc.returncode != 0 and "low must be < high" in proc.stderr, proc.stderr
     finally:
         control_plane.delete_namespace(ns)
-
-
-def tuning_job(name: str) -> dict:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "TuningJob", "metadata": {"name": name},
-        "spec": {
-            "objective": {"metric": "val_accuracy", "direction": "maximize"},
-            "searchSpace": {
-                "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
-                "hidden": {"type": "categorical", "choices": [16, 32]},
-            },
-            "budget": {"maxTrials": 6, "parallelism": 2},
-            "sampler": {"type": "random", "seed": 0},
-            "trainer": {"builtin": {
-                "dataset": {"name": "synthetic", "samples": 400, "features": 10,
-                            "informative": 6, "classes": 3},
-                "epochs": 3,
-            }},
-        },
-    }
 
 
 def test_service_account_token_needs_rbac_to_list_pods(control_plane, cluster_namespace,
