@@ -539,6 +539,13 @@ class ControlPlane:
         except ValueError:
             return status, {"raw": raw.decode(errors="replace")}
 
+    def connection(self, timeout: float = 30) -> http.client.HTTPSConnection:
+        """A keep-alive HTTPS connection to the API server as the admin, for many requests in
+        a row (``api()`` opens a new one for each)."""
+        host, _, port = self.server.removeprefix("https://").rpartition(":")
+        return http.client.HTTPSConnection(host, int(port), timeout=timeout,
+                                           context=self._client_ssl())
+
     def kubeconfig_for(self, user: str, groups: tuple[str, ...] = (), *,
                        name: str | None = None) -> Path:
         """Write a kubeconfig for a new client certificate (CN=user, O=groups); return its path.
