@@ -10,6 +10,7 @@ one job never race over its status.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Any
 
@@ -28,6 +29,11 @@ from kubetune_operator.settings import GROUP, PLURAL, VERSION
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     """kopf's own bookkeeping in annotations, so the status holds only what users read."""
+    settings.peering.priority = peering_priority()
+    # Serve the namespaces named (or all) and the CRDs there at start: no cluster-wide
+    # list/watch of CRDs and namespaces, which the chart's RBAC does not grant (kopf would
+    # retry each 403 for a minute, and a namespaced operator would wait that long to start).
+    settings.scanning.disabled = True
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -35,6 +41,20 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING  # our own events are posted explicitly
     # A deleted job waits for its timer to stop; kopf re-checks a busy timer only after this.
     settings.background.cancellation_polling = 1.0
+
+
+def peering_priority(started: float | None = None) -> int:
+    """This replica's kopf peering priority (``--peering``): the earlier started, the higher.
+
+    kopf lets only the live replica of the highest priority work, and pauses ALL replicas of
+    equal priority; with the default (0 for every replica of the Deployment) no replica ever
+    worked. Ranking by start time keeps the working replica working when another starts, and
+    a standby takes over once the working one is gone (at once on a clean exit, after the
+    peering lifetime when it was killed). The random last three digits part two replicas
+    started in the same millisecond. Below 2**53 in size: exact in any JSON reader.
+    """
+    started_ms = int((time.time() if started is None else started) * 1000)
+    return -(started_ms * 1000 + random.randrange(1000))
 
 
 # ---------------------------------------------------------------------- kopf wiring
