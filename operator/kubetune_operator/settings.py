@@ -81,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="IMAGE", help="image of worker pods whose template sets none")
     parser.add_argument("--image-pull-policy", default=env("IMAGE_PULL_POLICY"),
                         choices=IMAGE_PULL_POLICIES)
-    parser.add_argument("--worker-resources", type=_json_object,
-                        default=_json_object(env("WORKER_RESOURCES", json.dumps(
+    parser.add_argument("--worker-resources", type=_resources,
+                        default=_resources(env("WORKER_RESOURCES", json.dumps(
                             DEFAULT_RESOURCES))), metavar="JSON",
                         help="default resources of worker containers")
     parser.add_argument("--node-selector", type=_json_object,
@@ -143,6 +143,15 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
+
+
+def _resources(text: str) -> dict[str, Any]:
+    """A resources object; a null quantity means none. ``helm upgrade --reuse-values`` keeps
+    the ``nvidia.com/gpu: null`` that removes the chart's GPU limit as a JSON null."""
+    value = _json_object(text)
+    return {kind: {name: amount for name, amount in amounts.items() if amount is not None}
+            if isinstance(amounts, dict) else amounts
+            for kind, amounts in value.items() if amounts is not None}
 
 
 def _json_list(text: str) -> list[Any]:
