@@ -100,6 +100,27 @@ def test_starts_parallelism_workers_and_reports_running():
     assert launcher.started == 3  # no more while they live
 
 
+def test_workers_the_cluster_cannot_place_keep_the_job_pending_and_say_why():
+    core, study, launcher, _ = _core(budget={"maxTrials": 10, "parallelism": 2})
+    status = core.reconcile().status
+    assert status["phase"] == "Running" and _condition(status, "WorkersScheduled") is None
+    why = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    for worker_id in list(launcher.workers):  # the scheduler's verdict, through the launcher
+        launcher.workers[worker_id] = WorkerState(worker_id, unschedulable=why)
+    status = core.reconcile(status).status
+    waiting = _condition(status, "WorkersScheduled")
+    assert status["phase"] == "Pending" and launcher.started == 2  # none replaced: they wait
+    assert (waiting["status"], waiting["reason"]) == ("False", "Unschedulable")
+    assert waiting["message"] == f"2 of 2 pods cannot be scheduled: w1, w2: {why}"
+    launcher.workers["w1"] = WorkerState("w1")  # placed on a node
+    status = core.reconcile(status).status
+    assert status["phase"] == "Running"
+    assert _condition(status, "WorkersScheduled")["message"].startswith("1 of 2 pods")
+    launcher.workers["w2"] = WorkerState("w2")
+    status = core.reconcile(status).status
+    assert _condition(status, "WorkersScheduled") is None
+
+
 def test_never_starts_more_workers_than_trials_left():
     core, study, launcher, _ = _core(budget={"maxTrials": 3, "parallelism": 8})
     core.reconcile()

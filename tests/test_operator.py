@@ -34,7 +34,14 @@ from kubetune_operator.pod_launcher import (
     worker_pod,
     worker_state,
 )
-from kubetune_operator.reconciler import Reconciler, parse_body, status_patch
+from kubetune_operator.reconciler import (
+    Event,
+    Reconciler,
+    needs_sync,
+    parse_body,
+    scheduling_events,
+    status_patch,
+)
 from kubetune_operator.settings import Settings
 
 from conftest import fast_job
@@ -605,10 +612,57 @@ def test_the_operator_gives_a_pod_template_the_spec_models_verdict():
      WorkerState("p", 1, "ImagePullBackOff: Back-off pulling image \"x\"")),
     ({"phase": "Pending", "containerStatuses": [{"state": {"waiting": {
         "reason": "ContainerCreating"}}}]}, False, WorkerState("p")),
+    ({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                          "reason": "Unschedulable", "message": "0/1 nodes"}]},
+     False, WorkerState("p", unschedulable="0/1 nodes")),  # the scheduler's verdict
 ])
 def test_pod_phases_map_to_worker_states(pod_status, deleting, expected):
     meta = {"name": "p", **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})}
     assert worker_state({"metadata": meta, "status": pod_status}) == expected
+
+
+def test_pods_that_start_waiting_for_a_node_are_reported_once():
+    waiting = {"conditions": [{"type": "WorkersScheduled", "status": "False",
+                               "reason": "Unschedulable", "message": "2 of 2 pods ..."}]}
+    assert scheduling_events({}, waiting) == [Event("Warning", "Unschedulable", "2 of 2 pods ...")]
+    assert scheduling_events(waiting, waiting) == []  # still waiting: said already
+    assert scheduling_events(waiting, {"conditions": []}) == []
+
+
+def test_a_job_being_deleted_is_not_synced_any_more():
+    body = {"metadata": {"name": "j", "generation": 1}, "status": {"phase": "Running"}}
+    assert needs_sync(body)
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert not needs_sync(body)
+
+
+def test_jobs_starting_together_open_their_database_one_at_a_time(monkeypatch):
+    """Optuna creates its tables when a storage first opens a database: two at once raced."""
+    import threading
+
+    import kubetune_operator.reconciler as reconciler_module
+
+    busy, most, calls = [0], [0], []
+
+    def slow_open(url, spec):
+        busy[0] += 1
+        most[0] = max(most[0], busy[0])
+        time.sleep(0.2)
+        busy[0] -= 1
+        calls.append(url)
+        return object()
+
+    monkeypatch.setattr(reconciler_module, "open_job_storage", slow_open)
+    reconciler = Reconciler(ApiClient(), Settings())
+    url = "postgresql://u@127.0.0.1:1/db"
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(reconciler._storage(url, None)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1 and len(calls) == 1 and len({id(s) for s in got}) == 1
 
 
 def test_operator_settings_come_from_flags_then_environment(monkeypatch):

@@ -290,7 +290,8 @@ def worker_state(pod: Mapping[str, Any]) -> WorkerState | None:
     stuck = _stuck(status)
     if stuck and not deleting:
         return WorkerState(name, 1, stuck)
-    return WorkerState(name, stopping=deleting)  # Pending, Running, Unknown
+    # Pending, Running, Unknown
+    return WorkerState(name, stopping=deleting, unschedulable=_unschedulable(pod))
 
 
 def _failure(status: Mapping[str, Any]) -> tuple[int, str]:
@@ -308,6 +309,18 @@ def _failure(status: Mapping[str, Any]) -> tuple[int, str]:
             break
     return (code if isinstance(code, int) and code != 0 else 1), \
         "\n".join(line for line in lines if line).strip()
+
+
+def _unschedulable(pod: Mapping[str, Any]) -> str:
+    """The scheduler's message for a pod it cannot place on any node (``PodScheduled=False``,
+    reason ``Unschedulable``); empty once the pod is bound to a node."""
+    if (pod.get("spec") or {}).get("nodeName"):
+        return ""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                and cond.get("reason") == "Unschedulable":
+            return cond.get("message") or "Unschedulable"
+    return ""
 
 
 def _stuck(status: Mapping[str, Any]) -> str:
@@ -409,8 +422,11 @@ class PodLauncher:
                 return True
             existing = self._read(name)
             state = worker_state(existing) if existing else None
-            if existing is None or state is None or not state.running:
-                return False  # an ended pod still being deleted: use another slot
+            if existing is None or state is None or not state.running \
+                    or not _owned_by(existing, self.owner):
+                # An ended pod still being deleted, or a pod that is not this job's (another
+                # object's, or left by a deleted job of the same name): use another slot.
+                return False
             log.info("pod %s exists already: not creating a second one", name)
             pod = existing
         else:
@@ -434,6 +450,11 @@ class PodLauncher:
         delete_pod(self.api, self.owner.namespace, name)
         if self._pods is not None:
             self._pods.pop(name, None)
+
+
+def _owned_by(pod: Mapping[str, Any], owner: Owner) -> bool:
+    return any(ref.get("uid") == owner.uid
+               for ref in pod.get("metadata", {}).get("ownerReferences") or [])
 
 
 def list_job_pods(api: CoreV1Api, namespace: str, job_name: str) -> list[dict[str, Any]]:

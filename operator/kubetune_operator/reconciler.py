@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from optuna.storages import BaseStorage
 from sqlalchemy.exc import SQLAlchemyError
 
-from kubetune.job.core import JobCore
+from kubetune.job.core import WORKERS_SCHEDULED, JobCore
 from kubetune.job.metrics import Metrics, snapshot
 from kubetune.job.status import (
     FAILED,
@@ -53,6 +53,7 @@ from kubetune_operator.pod_launcher import (
     StorageSecret,
     TemplateRejected,
     delete_job_pods,
+    list_job_pods,
 )
 from kubetune_operator.settings import Settings
 
@@ -68,11 +69,18 @@ EVENT_MESSAGE_LIMIT = 1000
 PROBLEM_MESSAGE_LIMIT = 500
 CONDITION_MESSAGE_LIMIT = 4000
 MAX_RETRY_DELAY_S = 300.0
+# A deleted job with cleanup.deleteStudy waits this long for its pods to exit before its
+# deletion handler is retried (kopf: up to 5 times, 10 s apart with the default settings).
+STUDY_DELETE_WAIT_S = 20.0
 CONNECT_TIMEOUT_S = 10
 
 
 class StorageUnavailable(Exception):
     """The job's storage cannot be reached now (Secret missing, database down): retry later."""
+
+
+class StudyInUse(StorageUnavailable):
+    """The study cannot be deleted yet: the job's pods still write to it. Retry later."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,8 @@ class Reconciler:
         self.settings = settings
         self.metrics = metrics
         self._storages: dict[tuple[Any, ...], BaseStorage] = {}
+        self._opening: dict[str, threading.Lock] = {}  # per storage URL
+        self._jobs: dict[str, threading.Lock] = {}  # per TuningJob uid
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -114,9 +124,21 @@ class Reconciler:
                 engine.dispose()
 
     # ------------------------------------------------------------------ sync
+    def _job_lock(self, body: Mapping[str, Any]) -> threading.Lock:
+        with self._lock:
+            return self._jobs.setdefault(body["metadata"]["uid"], threading.Lock())
+
     def sync(self, body: Mapping[str, Any]) -> SyncResult:
-        if not needs_sync(body):
-            return SyncResult()
+        """One reconcile. Never while the job's deletion runs: kopf starts the deletion handler
+        while a timer tick may still be running, and that tick would recreate a deleted study
+        or start pods after the finalizer deleted them. ``body`` is kopf's live view, so a
+        tick that waited for the lock sees the deletion."""
+        with self._job_lock(body):
+            if not needs_sync(body):
+                return SyncResult()
+            return self._sync(body)
+
+    def _sync(self, body: Mapping[str, Any]) -> SyncResult:
         observed = _plain(body.get("status") or {})
         # A failed job synced again had an invalid spec, edited since: it starts afresh.
         previous = {} if observed.get("phase") == FAILED else observed
@@ -163,7 +185,8 @@ class Reconciler:
             completionTime=(previous.get("completionTime") or now_iso()) if outcome.done
             else None,
         )
-        events += worker_events(launcher, previous) + phase_events(previous, status)
+        events += (worker_events(launcher, previous) + scheduling_events(previous, status)
+                   + phase_events(previous, status))
         if self.metrics is not None:
             self.metrics.jobs.update(snapshot(owner.namespace, owner.name, outcome.trials,
                                               status))
@@ -203,22 +226,45 @@ class Reconciler:
     # ------------------------------------------------------------------ delete
     def delete(self, body: Mapping[str, Any]) -> list[Event]:
         """Delete the job's pods; and its study when ``spec.cleanup.deleteStudy`` is true."""
+        with self._job_lock(body):
+            events = self._delete(body)
+        with self._lock:
+            self._jobs.pop(body["metadata"]["uid"], None)
+        return events
+
+    def _delete(self, body: Mapping[str, Any]) -> list[Event]:
         owner = Owner.of(body)
         if self.metrics is not None:
             self.metrics.jobs.forget(owner.namespace, owner.name)
         count = delete_job_pods(self.core, owner.namespace, owner.name)
         events = [Event("Normal", "PodsDeleted", f"deleted {count} pod(s)")] if count else []
         if ((body.get("spec") or {}).get("cleanup") or {}).get("deleteStudy") is True:
-            secret = secret_ref(body, self.settings)
+            # A stopping worker still writes to the study (it gives its running trial back):
+            # deleted under it, the study stays (Optuna ignores the integrity error of a
+            # delete that lost the race). So first wait for the pods to be gone.
+            self._wait_for_no_pods(owner)
             name = study_name(owner.namespace, owner.name)
+            url = self._storage_url(owner.namespace, secret_ref(body, self.settings))
+            storage = self._storage(url, None)
             try:
-                url = self._storage_url(owner.namespace, secret)
-                _call_storage(optuna.delete_study, study_name=name,
-                              storage=self._storage(url, None))
-                events.append(Event("Normal", "StudyDeleted", f"deleted study {name}"))
+                _call_storage(optuna.delete_study, study_name=name, storage=storage)
             except KeyError:
-                pass  # never created, or deleted already
+                return events  # never created, or deleted already
+            try:
+                _call_storage(storage.get_study_id_from_name, name)
+            except KeyError:
+                events.append(Event("Normal", "StudyDeleted", f"deleted study {name}"))
+                return events
+            raise StudyInUse(f"study {name} was written to while being deleted")
         return events
+
+    def _wait_for_no_pods(self, owner: Owner) -> None:
+        deadline = time.monotonic() + STUDY_DELETE_WAIT_S
+        while pods := list_job_pods(self.core, owner.namespace, owner.name):
+            if time.monotonic() > deadline:
+                raise StudyInUse(f"{len(pods)} pod(s) of the job are still stopping; the study "
+                                 "is deleted once they are gone")
+            time.sleep(0.5)
 
     # ------------------------------------------------------------------ storage
     def _storage_url(self, namespace: str, secret: StorageSecret) -> str:
@@ -246,10 +292,18 @@ class Reconciler:
                spec and spec.budget.max_retries)
         with self._lock:
             storage = self._storages.get(key)
+            opening = self._opening.setdefault(url, threading.Lock())
         if storage is None:
-            storage = _call_storage(open_job_storage, _with_connect_timeout(url), spec)
-            with self._lock:
-                storage = self._storages.setdefault(key, storage)
+            # One at a time per database: Optuna creates its tables when a storage first
+            # opens it, and two jobs starting together on a new database raced to create
+            # them (PostgreSQL: UniqueViolation on pg_type_typname_nsp_index).
+            with opening:
+                with self._lock:
+                    storage = self._storages.get(key)
+                if storage is None:
+                    storage = _call_storage(open_job_storage, _with_connect_timeout(url), spec)
+                    with self._lock:
+                        self._storages[key] = storage
         return storage
 
     # ------------------------------------------------------------------ status shapes
@@ -289,7 +343,10 @@ class Reconciler:
 
 # ---------------------------------------------------------------------- plain functions
 def needs_sync(body: Mapping[str, Any]) -> bool:
-    """Unfinished jobs, and failed jobs with an invalid spec that was edited since."""
+    """Unfinished jobs, and failed jobs with an invalid spec that was edited since; never a
+    job being deleted."""
+    if (body.get("metadata") or {}).get("deletionTimestamp"):
+        return False
     status = body.get("status") or {}
     phase = status.get("phase")
     if phase == SUCCEEDED:
@@ -381,6 +438,19 @@ def worker_events(launcher: PodLauncher, previous: Mapping[str, Any]) -> list[Ev
     events += [Event("Normal", "WorkerStopped", f"stopped worker pod {name}")
                for name in launcher.stopped]
     return events
+
+
+def scheduling_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:
+    """A Warning when pods start waiting for a node (``WorkersScheduled=False``): once, not
+    every reconcile while they wait."""
+    def waiting(conditions: Any) -> dict[str, Any] | None:
+        return next((c for c in conditions or [] if c.get("type") == WORKERS_SCHEDULED
+                     and c.get("status") == "False"), None)
+
+    now = waiting(status.get("conditions"))
+    if now is None or waiting(previous.get("conditions")) is not None:
+        return []
+    return [Event("Warning", now["reason"], now["message"])]
 
 
 def phase_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Event]:

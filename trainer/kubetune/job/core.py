@@ -44,6 +44,10 @@ MAX_CONSECUTIVE_CRASHES = 5
 NO_COMPLETE_TRIAL = "NoCompleteTrial"
 CRASH_LOOP = "WorkerCrashLoop"
 
+# Present only while the cluster cannot place a worker (the scheduler's PodScheduled=False).
+WORKERS_SCHEDULED = "WorkersScheduled"
+UNSCHEDULABLE = "Unschedulable"
+
 ENSEMBLE_READY = "EnsembleReady"
 ENSEMBLE_BUILT = "EnsembleBuilt"
 ENSEMBLE_RUNNING = "Ensembling"
@@ -57,12 +61,14 @@ ENSEMBLE_LIST_GRACE = 120.0
 @dataclass(frozen=True)
 class WorkerState:
     """What a launcher knows of one worker; ``exit_code`` is None while it runs. A worker that
-    was told to stop and has not exited yet is ``stopping``."""
+    was told to stop and has not exited yet is ``stopping``. A worker the cluster cannot place
+    on a node waits, not running yet: ``unschedulable`` holds the scheduler's message."""
 
     id: str
     exit_code: int | None = None
     log_tail: str = ""
     stopping: bool = False
+    unschedulable: str = ""
 
     @property
     def running(self) -> bool:
@@ -184,8 +190,9 @@ class JobCore:
                     log.info("started worker %s", worker_id)
                     started += 1
         active = [w for w in running if not w.stopping]
-        phase = RUNNING if running or started or check.counts.finished else PENDING
-        status = self._status(now_pass, phase, [self._ready()])
+        placed = [w for w in running if not w.unschedulable]
+        phase = RUNNING if placed or started or check.counts.finished else PENDING
+        status = self._status(now_pass, phase, [self._ready(), *_scheduling(active)])
         status["workers"] = {"active": len(active) + started, "consecutiveCrashes": crashes,
                              "lastCrashTime": last_crash,
                              "finishedTrials": check.counts.finished,
@@ -214,7 +221,8 @@ class JobCore:
         for worker in stop:
             self.launcher.stop_worker(worker.id)
         stopped = {w.id for w in stop}
-        return [WorkerState(w.id, w.exit_code, w.log_tail, stopping=True) if w.id in stopped
+        return [WorkerState(w.id, w.exit_code, w.log_tail, stopping=True,
+                            unschedulable=w.unschedulable) if w.id in stopped
                 else w for w in running]
 
     # ------------------------------------------------------------------ the ensemble step
@@ -237,7 +245,7 @@ class JobCore:
             return self._start_ensemble(now, {"search": search, "attempts": 0})
         search = tracking["search"]
         if worker is not None and worker.running:
-            return self._ensembling(now, tracking)
+            return self._ensembling(now, tracking, worker)
         if worker is None and self.clock() - tracking["startedAt"] < ENSEMBLE_LIST_GRACE:
             return self._ensembling(now, tracking)
         if worker is not None:
@@ -269,7 +277,8 @@ class JobCore:
         log.info("started ensemble worker %s (attempt %d)", worker_id, tracking["attempts"])
         return self._ensembling(now, tracking)
 
-    def _ensembling(self, now: _Pass, tracking: dict[str, Any]) -> Outcome:
+    def _ensembling(self, now: _Pass, tracking: dict[str, Any],
+                    worker: WorkerState | None = None) -> Outcome:
         spec = self.job.spec.ensemble
         source = (f"the {spec.top_k} best trials" if spec.members != "seeds"
                   else f"the best trial and {spec.seeds - 1} retrained seeds")
@@ -277,7 +286,8 @@ class JobCore:
             self._ready(),
             condition(ENSEMBLE_READY, None, ENSEMBLE_RUNNING,
                       f"building a {spec.method} ensemble of {source} ({spec.members}), "
-                      f"attempt {tracking['attempts']} of {MAX_ENSEMBLE_ATTEMPTS}")])
+                      f"attempt {tracking['attempts']} of {MAX_ENSEMBLE_ATTEMPTS}"),
+            *_scheduling([worker] if worker is not None else [])])
         status["ensemble"] = None
         status["workers"] = {**now.previous.get("workers", {}), "active": 1,
                              "finishedTrials": now.counts.finished, "ensemble": tracking}
@@ -381,6 +391,21 @@ class JobCore:
             crashes += len(failed)
             last = self.clock()
         return crashes, last
+
+
+def _scheduling(workers: list[WorkerState]) -> list[dict[str, Any]]:
+    """``WorkersScheduled=False`` while some of ``workers`` wait for a node, with the
+    scheduler's message (grouped: two pods asking for the same usually hear the same)."""
+    waiting: dict[str, list[str]] = {}
+    for worker in workers:
+        if worker.unschedulable:
+            waiting.setdefault(worker.unschedulable, []).append(worker.id)
+    if not waiting:
+        return []
+    count = sum(len(ids) for ids in waiting.values())
+    message = "; ".join(f"{', '.join(ids)}: {why}" for why, ids in waiting.items())
+    return [condition(WORKERS_SCHEDULED, False, UNSCHEDULABLE,
+                      f"{count} of {len(workers)} pods cannot be scheduled: {message}"[:4000])]
 
 
 def _ensemble_tracking(previous: dict[str, Any]) -> dict[str, Any] | None:
