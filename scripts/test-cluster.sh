@@ -18,7 +18,12 @@
 #                                  (default: <repo>/.venv; else python3)
 #   KUBETUNE_CONTROL_PLANE_TIMEOUT start-up deadline in seconds (default 300)
 #   KUBETUNE_TEST_CLUSTER_NODE_CMD shell command started once the control plane
-#                                  is ready and stopped with it (node agent hook)
+#                                  is ready and stopped with it (node agent hook).
+#                                  Unset: as root, the stand-in kubelet
+#                                  (tests/kubelet.py) with Node gpu-node: 8 CPUs,
+#                                  32Gi, 2 nvidia.com/gpu; its pods run as local
+#                                  processes, its log is in run/kubelet/. Empty: no
+#                                  node agent (pods stay Pending)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,15 +46,33 @@ supervisor_pid() {
 }
 
 # --- node agents ---------------------------------------------------------------
-# Hook for a stand-in kubelet (to be added): commands listed here are started by
-# the supervisor once the control plane is ready, with KUBECONFIG set to the admin
-# kubeconfig and KUBETUNE_CONTROL_PLANE_DIR to its run folder (certificates,
-# logs), and are stopped with the control plane; each logs to run/after-ready-N.log.
-# A node agent that needs its own credentials can mint them in Python with
-# ControlPlane.kubeconfig_for("system:node:NAME", ("system:nodes",)).
+# Commands started by the supervisor once the control plane is ready, with
+# KUBECONFIG set to the admin kubeconfig and KUBETUNE_CONTROL_PLANE_DIR to its run
+# folder (certificates, logs), and stopped with the control plane; each logs to
+# run/after-ready-N.log. A node agent that needs its own credentials can mint them
+# in Python with ControlPlane.kubeconfig_for("system:node:NAME", ("system:nodes",)).
+NODE_NAME=gpu-node
+
+# The stand-in kubelet: it needs root (mount namespaces, bind mounts, pod users).
+default_node_cmd() {
+    [ "$(id -u)" = 0 ] || return 0
+    printf 'exec %q %q --kubeconfig "$KUBECONFIG" --node %q --cpu 8 --memory 32Gi --gpus 2 --state-dir "$KUBETUNE_CONTROL_PLANE_DIR/kubelet"' \
+        "$PY" "$REPO_ROOT/tests/kubelet.py" "$NODE_NAME"
+}
+
+node_cmd() {
+    if [ -n "${KUBETUNE_TEST_CLUSTER_NODE_CMD+set}" ]; then
+        printf '%s' "$KUBETUNE_TEST_CLUSTER_NODE_CMD"
+    else
+        default_node_cmd
+    fi
+}
+
 node_agent_args() {
-    if [ -n "${KUBETUNE_TEST_CLUSTER_NODE_CMD:-}" ]; then
-        printf '%s\0' --after-ready "$KUBETUNE_TEST_CLUSTER_NODE_CMD"
+    local cmd
+    cmd="$(node_cmd)"
+    if [ -n "$cmd" ]; then
+        printf '%s\0' --after-ready "$cmd"
     fi
 }
 
@@ -94,6 +117,22 @@ cmd_up() {
         fi
         sleep 0.5
     done
+    if [ -z "${KUBETUNE_TEST_CLUSTER_NODE_CMD+set}" ]; then
+        if [ -z "$(default_node_cmd)" ]; then
+            say "not root: no stand-in kubelet, so no node (pods stay Pending)"
+        else
+            # The stand-in kubelet writes run/kubelet/ready once its Node is registered.
+            until [ -f "$STATE/run/kubelet/ready" ]; do
+                if ! kill -0 "$pid" 2>/dev/null || [ "$(date +%s)" -gt "$deadline" ]; then
+                    tail -n 40 "$STATE/run/after-ready-0.log" "$STATE/run/kubelet/kubelet.log" >&2 || true
+                    cmd_down >/dev/null 2>&1 || true
+                    die "the stand-in kubelet did not register node $NODE_NAME"
+                fi
+                sleep 0.5
+            done
+            say "node $NODE_NAME ready (stand-in kubelet, log $STATE/run/kubelet/kubelet.log)"
+        fi
+    fi
     say "ready"
     cat "$STATE/ready"
 }
@@ -146,6 +185,6 @@ case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    -h|--help|help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
-    *) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    -h|--help|help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
+    *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -195,3 +195,53 @@ def cluster_namespace(control_plane):
     name = control_plane.create_namespace()
     yield name
     control_plane.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def kubelet(control_plane, tmp_path_factory):
+    """A stand-in kubelet (tests/kubelet.py) for the session: Node ``gpu-node`` with 8 CPUs,
+    32Gi and 2 ``nvidia.com/gpu``, whose pods run as local processes. A
+    ``kubelet.KubeletProcess``: ``.log``, ``.pod_logs(ns, pod)``, ``.tail()``."""
+    from kubelet import KubeletError, KubeletProcess
+
+    node = KubeletProcess(control_plane.kubeconfig, "gpu-node",
+                          tmp_path_factory.mktemp("kubelet"), cpu="8", memory="32Gi", gpus=2)
+    try:
+        node.start()
+    except KubeletError as err:
+        pytest.fail(str(err), pytrace=False)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def tuningjob_crd(control_plane):
+    """crds/tuningjob.yaml applied with kubectl and Established, once per session."""
+    name = "tuningjobs.kubetune.io"
+    control_plane.kubectl("apply", "-f", REPO_ROOT / "crds" / "tuningjob.yaml")
+    control_plane.kubectl("wait", "--for=condition=Established", f"crd/{name}",
+                          "--timeout=120s", timeout=150)
+    return name
+
+
+@pytest.fixture
+def cluster_operator(control_plane, tmp_path):
+    """Factory: ``start(namespace, ..., kubeconfig=None, flags=...)`` runs ``kubetune
+    operator`` as a local process watching those namespaces (with the admin kubeconfig unless
+    given one); every operator started is stopped after the test. A
+    ``cluster_operator.ClusterOperator``: ``.log``, ``.tail()``, ``.alive()``."""
+    from cluster_operator import DEFAULT_FLAGS, ClusterOperator
+
+    started: list[ClusterOperator] = []
+
+    def start(*namespaces: str, kubeconfig=None, flags=DEFAULT_FLAGS) -> ClusterOperator:
+        operator = ClusterOperator(kubeconfig or control_plane.kubeconfig, list(namespaces),
+                                   tmp_path / f"operator-{len(started)}.log", flags)
+        started.append(operator.start())
+        return operator
+
+    yield start
+    for operator in started:
+        operator.stop()
