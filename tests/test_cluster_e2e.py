@@ -19,8 +19,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import fast_job, kubetune, write_job
 from kubetune.study.schema import study_name
+
+from conftest import fast_job, kubetune, write_job
 
 pytestmark = pytest.mark.timeout(420)
 

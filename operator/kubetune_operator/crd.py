@@ -822,6 +822,8 @@ DESCRIPTIONS = {
     ("objective", "direction"): "maximize or minimize (default: minimize for losses, "
                                 "else maximize)",
     ("budget",): "how many trials, how many at once, and for how long",
+    ("budget", "parallelism"): "trials run at once, one worker pod each",
+    ("budget", "maxFailedTrials"): "the job fails once more trials than this have failed",
     ("sampler",): "how Optuna picks the next parameters",
     ("pruning",): "stopping bad trials early: NaN/Inf and divergence guards, and a pruner",
     ("trainer",): "what trains one trial: exactly one of builtin, entrypoint (your Python "
@@ -880,6 +882,10 @@ def status_schema() -> dict[str, Any]:
         trials=_open_object("trial counts", **counts),
         best=_open_object("the best trial so far", trial={"type": "integer"},
                           value={"type": "number"}),
+        conditions={"type": "array", "description": "Kubernetes-style conditions",
+                    "items": _open_object("a condition", **{
+                        key: {"type": "string"} for key in ("type", "status", "reason",
+                                                            "message")})},
         diagnosis=_open_object(
             "what the finished trials' learning curves say (kubetune.builtin.diagnosis)",
             mostCommon={"type": "string", "description": "the most common label: healthy, "
@@ -915,6 +921,10 @@ PRINTER_COLUMNS = [
      "description": "finished trials / maxTrials"},
     {"name": "Best", "type": "number", "jsonPath": ".status.best.value",
      "description": "the best objective value so far"},
+    {"name": "Waiting", "type": "string",
+     "jsonPath": '.status.conditions[?(@.type=="WorkersScheduled")].reason',
+     "description": "why pods wait: Unschedulable while the cluster cannot place them (kubectl "
+                    "describe shows the scheduler's message)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Metric", "type": "string", "jsonPath": ".spec.objective.metric", "priority": 1,
      "description": "the objective metric"},
