@@ -88,6 +88,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 KUBELET_VERSION = "v1.37.2"
 HOST_IP = "127.0.0.1"
 LEASE_NAMESPACE = "kube-node-lease"
@@ -912,6 +913,11 @@ class Kubelet:
         return {
             "argv": argv, "env": env, "cwd": spec.get("workingDir") or "/",
             "expose": self.expose if uid else [], "mounts": mounts,
+            # What an image would hold: this Python and kubetune's source (an editable
+            # install). A volume mounted over one of them (an emptyDir at /tmp, when the
+            # repository or the venv lives under /tmp) must not hide it.
+            "keep": sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix,
+                                                          REPO_ROOT)}),
             "readOnlyRoot": bool(sc.get("readOnlyRootFilesystem")),
             "uid": uid, "gid": gid if gid is not None else uid, "groups": groups,
             "noNewPrivs": sc.get("allowPrivilegeEscalation") is False,
@@ -1231,6 +1237,7 @@ def run_container(plan_path: str) -> None:
     # Open every source first: a mount may hide another's source (a volume under /tmp
     # when /tmp is mounted over).
     fds = [os.open(m["source"], os.O_PATH) for m in plan["mounts"]]
+    keep = [(os.open(p, os.O_PATH), p) for p in plan.get("keep", []) if os.path.isdir(p)]
     for entry in plan["expose"]:
         kept = [(os.open(p, os.O_PATH), p) for p in entry["paths"]]
         check(libc.mount(b"tmpfs", entry["hide"].encode(), b"tmpfs", ctypes.c_ulong(0),
@@ -1250,6 +1257,12 @@ def run_container(plan_path: str) -> None:
         mount(f"/proc/self/fd/{fd}", target, MS_BIND | MS_REC)
         if m["readOnly"]:
             mount(None, target, MS_BIND | MS_REMOUNT | MS_RDONLY)
+    targets = [m["target"].rstrip("/") or "/" for m in plan["mounts"]]
+    for fd, path in keep:
+        if any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets):
+            os.makedirs(path, exist_ok=True)
+            mount(f"/proc/self/fd/{fd}", path, MS_BIND | MS_REC)
+        os.close(fd)
     for fd in fds:
         os.close(fd)
     cwd = plan["cwd"]
