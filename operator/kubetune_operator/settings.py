@@ -28,6 +28,8 @@ DEFAULT_RESOURCES: dict[str, Any] = {"requests": {"cpu": "1", "memory": "1Gi"},
                                      "limits": {"memory": "4Gi"}}
 
 ENV_PREFIX = "KUBETUNE_"
+# `projected` without serviceAccountToken sources: a token would defeat the unmounted one.
+DEFAULT_VOLUME_TYPES = ("emptyDir", "configMap", "secret", "persistentVolumeClaim", "projected")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,20 @@ class Settings:
     peering: str | None = None
     liveness_endpoint: str | None = None
     verbose: bool = False
+    # --- tenancy and policy (the admin's; a TuningJob cannot change any of it)
+    operator_namespace: str | None = None  # jobs there are refused
+    # A Secret in operator_namespace with an admin PostgreSQL URL. Set: every namespace gets
+    # its own database and role, and the Secret storage_secret in it is the operator's.
+    admin_storage_secret: str | None = None
+    admin_storage_secret_key: str = "url"
+    allowed_storage_hosts: tuple[str, ...] = ()  # empty: any host
+    allowed_volume_types: tuple[str, ...] = DEFAULT_VOLUME_TYPES
+    allowed_service_accounts: tuple[str, ...] = ()  # beyond worker_service_account
+    allowed_runtime_classes: tuple[str, ...] = ()
+    max_parallelism: int | None = None
+    max_trials: int | None = None
+    empty_dir_size_limit: str = "10Gi"
+    ephemeral_storage_limit: str = "20Gi"
 
     @property
     def clusterwide(self) -> bool:
@@ -107,6 +123,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness-endpoint", default=env("LIVENESS_ENDPOINT"), metavar="URL",
                         help="e.g. http://0.0.0.0:8081/healthz")
     parser.add_argument("--verbose", action="store_true")
+    policy = parser.add_argument_group("tenancy and policy")
+    policy.add_argument("--operator-namespace",
+                        default=env("OPERATOR_NAMESPACE", os.environ.get("POD_NAMESPACE")),
+                        metavar="NS", help="the operator's own namespace: TuningJobs there "
+                                           "are refused (default: $POD_NAMESPACE)")
+    policy.add_argument("--admin-storage-secret", default=env("ADMIN_STORAGE_SECRET"),
+                        metavar="NAME",
+                        help="Secret in the operator's namespace with an admin PostgreSQL URL: "
+                             "each namespace then gets its own database and role")
+    policy.add_argument("--admin-storage-secret-key",
+                        default=env("ADMIN_STORAGE_SECRET_KEY", "url"), metavar="KEY")
+    policy.add_argument("--allowed-storage-host", dest="allowed_storage_hosts",
+                        action="append", metavar="HOST",
+                        help="a database host jobs may name (repeatable; default: any; "
+                             f"${ENV_PREFIX}ALLOWED_STORAGE_HOSTS, comma-separated)")
+    policy.add_argument("--allowed-volume-type", dest="allowed_volume_types", action="append",
+                        metavar="TYPE", help="a volume type templates may use (repeatable; "
+                                             f"default: {', '.join(DEFAULT_VOLUME_TYPES)})")
+    policy.add_argument("--allowed-service-account", dest="allowed_service_accounts",
+                        action="append", metavar="NAME",
+                        help="a service account templates may name (repeatable)")
+    policy.add_argument("--allowed-runtime-class", dest="allowed_runtime_classes",
+                        action="append", metavar="NAME",
+                        help="a runtimeClassName templates may name (repeatable)")
+    policy.add_argument("--max-parallelism", type=_positive_int,
+                        default=_optional_int(env("MAX_PARALLELISM")), metavar="N",
+                        help="the largest spec.budget.parallelism a job may ask for")
+    policy.add_argument("--max-trials", type=_positive_int,
+                        default=_optional_int(env("MAX_TRIALS")), metavar="N",
+                        help="the largest spec.budget.maxTrials a job may ask for")
+    policy.add_argument("--empty-dir-size-limit", default=env("EMPTY_DIR_SIZE_LIMIT", "10Gi"),
+                        metavar="QUANTITY", help="sizeLimit of every emptyDir in worker pods")
+    policy.add_argument("--ephemeral-storage-limit",
+                        default=env("EPHEMERAL_STORAGE_LIMIT", "20Gi"), metavar="QUANTITY",
+                        help="ephemeral-storage limit of worker containers")
 
 
 def from_args(args: argparse.Namespace) -> Settings:
@@ -123,19 +174,52 @@ def from_args(args: argparse.Namespace) -> Settings:
         tolerations=tuple(args.tolerations),
         priority_class=args.priority_class,
         worker_service_account=args.worker_service_account,
-        image_pull_secrets=tuple(args.image_pull_secrets or [
-            n.strip() for n in _env("IMAGE_PULL_SECRETS", "").split(",") if n.strip()]),
+        image_pull_secrets=tuple(args.image_pull_secrets or _env_list("IMAGE_PULL_SECRETS")),
         artifacts_path=args.artifacts_path,
         sync_interval=args.sync_interval,
         standalone=args.peering is None,
         peering=args.peering,
         liveness_endpoint=args.liveness_endpoint,
         verbose=args.verbose,
+        operator_namespace=args.operator_namespace or None,
+        admin_storage_secret=args.admin_storage_secret or None,
+        admin_storage_secret_key=args.admin_storage_secret_key,
+        allowed_storage_hosts=tuple(args.allowed_storage_hosts
+                                    or _env_list("ALLOWED_STORAGE_HOSTS")),
+        allowed_volume_types=tuple(args.allowed_volume_types
+                                   or _env_list("ALLOWED_VOLUME_TYPES")
+                                   or DEFAULT_VOLUME_TYPES),
+        allowed_service_accounts=tuple(args.allowed_service_accounts
+                                       or _env_list("ALLOWED_SERVICE_ACCOUNTS")),
+        allowed_runtime_classes=tuple(args.allowed_runtime_classes
+                                      or _env_list("ALLOWED_RUNTIME_CLASSES")),
+        max_parallelism=args.max_parallelism,
+        max_trials=args.max_trials,
+        empty_dir_size_limit=args.empty_dir_size_limit,
+        ephemeral_storage_limit=args.ephemeral_storage_limit,
     )
 
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _env_list(name: str) -> list[str]:
+    return [n.strip() for n in (_env(name, "") or "").split(",") if n.strip()]
+
+
+def _optional_int(text: str | None) -> int | None:
+    return _positive_int(text) if text else None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -178,4 +262,4 @@ def _positive_float(text: str) -> float:
     return value
 
 
-__all__ = ["GROUP", "VERSION", "PLURAL", "KIND", "Settings", "add_arguments", "from_args"]
+__all__ = ["GROUP", "KIND", "PLURAL", "VERSION", "Settings", "add_arguments", "from_args"]
