@@ -245,3 +245,13 @@ def cluster_operator(control_plane, tmp_path):
     yield start
     for operator in started:
         operator.stop()
+
+
+@pytest.fixture
+def tenant(control_plane):
+    """Factory: ``tenant(namespace)`` gives the path of a kubeconfig for a user who may only
+    create TuningJobs, read pods, logs and events, and manage Secrets in that namespace
+    (tests/tenant.py): the attacker of the tenancy tests."""
+    from tenant import tenant_kubeconfig
+
+    return lambda namespace, user=None: tenant_kubeconfig(control_plane, namespace, user)
