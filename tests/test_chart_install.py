@@ -83,6 +83,8 @@ class Operator:
                 env[var["name"]] = var["value"]
             elif var.get("valueFrom") == {"fieldRef": {"fieldPath": "metadata.name"}}:
                 env[var["name"]] = pod_name  # the downward API
+            elif var.get("valueFrom") == {"fieldRef": {"fieldPath": "metadata.namespace"}}:
+                env[var["name"]] = namespace
             else:
                 raise AssertionError(f"teach the test the Deployment's env source: {var}")
         env["KUBECONFIG"] = str(self.kubeconfig)
