@@ -90,9 +90,15 @@ class Operator:
         env["KUBECONFIG"] = str(self.kubeconfig)
         # Replicas share this host: each gets a port of its own for the probes' /metrics.
         self.metrics_port = free_port()
-        args = [f"--metrics-port={self.metrics_port}" if a.startswith("--metrics-port=") else a
+        self.health_port = free_port()
+        args = [f"--metrics-port={self.metrics_port}" if a.startswith("--metrics-port=") else
+                f"--liveness-endpoint=http://127.0.0.1:{self.health_port}/healthz"
+                if a.startswith("--liveness-endpoint=") else a
                 for a in container["args"]]
         assert args[0] == "operator" and any(a.startswith("--metrics-port=") for a in args)
+        probe = container["livenessProbe"]["httpGet"]
+        assert any(a.startswith("--liveness-endpoint=") and a.endswith(probe["path"])
+                   for a in container["args"]), "the liveness probe asks kopf's endpoint"
         self.args = args
         self.name = pod_name
         self.log = folder / f"{pod_name}.log"
@@ -121,6 +127,16 @@ class Operator:
             return 0  # not serving yet
         match = re.search(r'^kubetune_reconcile_total\{result="success"\} (\S+)$', text, re.M)
         return int(float(match.group(1))) if match else 0
+
+    def healthy(self) -> bool:
+        """What the liveness probe asks: kopf's /healthz answers 200."""
+        self.check_alive()
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    f"http://127.0.0.1:{self.health_port}/healthz", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
 
     def assert_no_forbidden(self) -> None:
         refused = [line for line in self.text().splitlines() if FORBIDDEN.search(line)]
@@ -435,6 +451,8 @@ def test_two_replicas_one_works_and_the_other_takes_over(control_plane, stack):
     assert_served(cp, jobs_ns, "before", both)
     until(lambda: first.reconciles() >= 3, "a few reconciles by the first replica", both)
     assert second.reconciles() == 0, "the standby replica reconciled too"
+    # The liveness probe passes on both: a standby is alive, and must not be restarted.
+    assert first.healthy() and second.healthy()
 
     first.stop(signal.SIGKILL)
     apply_job(cp, jobs_ns, "after")
