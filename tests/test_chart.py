@@ -154,7 +154,10 @@ def test_cluster_role_without_namespaces_roles_per_namespace_with_them():
     cluster = {d["kind"] for d in _render({})}
     assert {"ClusterRole", "ClusterRoleBinding"} <= cluster
     scoped = _render(TOGGLES["namespaces"][0])
-    assert not {"ClusterRole", "ClusterRoleBinding"} & {d["kind"] for d in scoped}
+    # The operator gets no ClusterRole; the only ones are the user roles for `edit`/`view`.
+    assert not {"ClusterRoleBinding"} & {d["kind"] for d in scoped}
+    assert {d["metadata"]["name"] for d in scoped if d["kind"] == "ClusterRole"} == \
+        {"kubetune-edit", "kubetune-view"}
     roles = {d["metadata"]["namespace"] for d in scoped if d["kind"] == "Role"}
     assert roles == {"ml-team", "research"}
 

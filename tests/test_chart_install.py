@@ -339,6 +339,28 @@ def instance_objects(cp, kind: str, release: str) -> list[dict]:
     return get(cp, kind, "-A", "-l", f"app.kubernetes.io/instance={release}")["items"]
 
 
+def assert_user_roles_aggregate(cp, namespace: str) -> None:
+    """Whoever the built-in ``edit`` role is granted to in a namespace may create TuningJobs
+    there but not write their status; ``view`` may read them only (the chart's kubetune-edit
+    and kubetune-view, aggregated by the controller manager)."""
+    for user, role in (("maria", "edit"), ("viktor", "view")):
+        cp.kubectl("create", "rolebinding", f"{user}-{role}", f"--clusterrole={role}",
+                   f"--user={user}", "-n", namespace)
+
+    def can(user: str, verb: str, resource: str, *extra: str) -> bool:
+        proc = cp.kubectl("auth", "can-i", verb, resource, *extra, "-n", namespace,
+                          f"--as={user}", check=False)
+        return proc.stdout.strip() == "yes"
+
+    wait_for(lambda: can("maria", "create", "tuningjobs.kubetune.io"), timeout=WAIT,
+             message="edit aggregating kubetune-edit")
+    assert can("maria", "delete", "tuningjobs.kubetune.io")
+    assert not can("maria", "patch", "tuningjobs.kubetune.io", "--subresource=status")
+    wait_for(lambda: can("viktor", "list", "tuningjobs.kubetune.io"), timeout=WAIT,
+             message="view aggregating kubetune-view")
+    assert not can("viktor", "create", "tuningjobs.kubetune.io")
+
+
 # ---------------------------------------------------------------- the tests
 def test_cluster_wide_install_serves_every_namespace(control_plane, stack):
     cp = control_plane
@@ -354,6 +376,8 @@ def test_cluster_wide_install_serves_every_namespace(control_plane, stack):
     assert binding["roleRef"]["name"] == "kubetune"
     assert binding_subject(binding) == ("ServiceAccount", account, release_ns)
     assert not instance_objects(cp, "roles", "kubetune")
+    assert get(cp, "networkpolicy", "kubetune-operator", "-n", release_ns) is not None
+    assert_user_roles_aggregate(cp, jobs_ns)
 
     # A pod that holds the name of the job's first slot but is not the job's: the operator
     # reads it by name (409 on create), a call the emulator tests never make.
