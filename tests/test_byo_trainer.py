@@ -373,8 +373,9 @@ def test_report_lines_are_parsed_as_the_contract_says(caplog):
     from kubetune.worker.command_trainer import param_env, parse_report
 
     assert parse_report('{"epoch": 2, "val_accuracy": 0.9, "train_loss": NaN}', 0)[0] == 2
-    epoch, metrics = parse_report('{"epoch": 1, "loss": null, "note": "x", "acc": 1}', 0)
-    assert epoch == 1 and set(metrics) == {"loss", "acc"} and metrics["loss"] != metrics["loss"]
+    epoch, metrics = parse_report('{"epoch": 1, "loss": null, "acc": 1, "f1": "NaN"}', 0)
+    assert epoch == 1 and metrics["acc"] == 1 and metrics["loss"] != metrics["loss"]
+    assert metrics["f1"] == "NaN"  # the reporter decides: see metric_value
     assert parse_report("plain text", 0) is None
     assert parse_report('{"message": "json log"}', 0) is None
     assert parse_report('{"epoch": 0, "acc": 1}', 0) is None
@@ -414,17 +415,101 @@ def test_report_checks_what_it_is_given_and_keeps_the_curve():
     import numpy as np
     import torch
 
+    from kubetune.worker.contract import TrialFailed
+
     reporter, trial = _reporter_trial()
     with pytest.raises(ValueError, match="epoch must be an integer >= 1, got 0"):
         reporter.report(0, {"val_accuracy": 0.5})
     with pytest.raises(ValueError, match="epoch 1 reports no val_accuracy .*reported: acc"):
         reporter.report(1, {"acc": 0.5})
-    with pytest.raises(TypeError, match="metric val_accuracy must be a number, got 'high'"):
+    with pytest.raises(TrialFailed, match="metric val_accuracy of epoch 1 is not a number: 'high'"):
         reporter.report(1, {"val_accuracy": "high"})
     reporter.report(1, {"val_accuracy": np.float32(0.5), "train_loss": torch.tensor(2.0)})
     assert trial.user_attrs["history"] == [{"epoch": 1, "val_accuracy": 0.5, "train_loss": 2.0}]
     assert reporter.final({"val_accuracy": 0.75}) == (0.75, {"val_accuracy": 0.75,
                                                              "train_loss": 2.0})
+
+
+@pytest.mark.parametrize("spelling", ["NaN", "nan", "NAN", "-nan", "Infinity", "-Infinity",
+                                      "inf", "+Inf", "-inf", " Infinity "])
+def test_a_non_finite_number_spelt_as_a_string_prunes_the_trial(spelling):
+    from kubetune.worker.contract import TrialPruned
+
+    reporter, trial = _reporter_trial()
+    reporter.report(1, {"val_accuracy": 0.5, "train_loss": 1.0})
+    with pytest.raises(TrialPruned) as stop:
+        reporter.report(2, {"val_accuracy": 0.6, "train_loss": spelling})
+    assert stop.value.reason == "nan"
+    assert trial.user_attrs["history"][-1]["train_loss"] in ("nan", "inf", "-inf")
+    reporter, _ = _reporter_trial(pruning={"nan": False, "pruner": {"type": "none"}})
+    with pytest.raises(TrialPruned, match="nan"):  # the objective itself is never told NaN
+        reporter.report(1, {"val_accuracy": spelling})
+
+
+def test_sdk_values_are_numbers_or_fail_the_trial_naming_metric_epoch_and_value():
+    from decimal import Decimal
+
+    import numpy as np
+    import torch
+
+    from kubetune.worker.contract import TrialFailed, TrialPruned
+
+    reporter, trial = _reporter_trial()
+    reporter.report(1, {"val_accuracy": np.float64(0.5), "train_loss": torch.tensor(2.0)})
+    reporter.report(2, {"val_accuracy": torch.tensor([[0.75]]).squeeze(),
+                        "train_loss": Decimal("1.5")})
+    reporter.report(3, {"val_accuracy": np.array(0.8), "train_loss": np.int64(1)})
+    assert [h["train_loss"] for h in trial.user_attrs["history"]] == [2.0, 1.5, 1.0]
+    for value, words in ((torch.tensor([0.5, 0.6]), "an array of shape (2,)"),
+                         (np.zeros(3), "an array of shape (3,)"),
+                         (True, "True (bool)"), (None, "None (NoneType)"),
+                         ({"mean": 0.5}, "{'mean': 0.5} (dict)"),
+                         ("0.5", "'0.5' (a string; report a number"),
+                         (object, "(type)")):
+        reporter, _ = _reporter_trial()
+        with pytest.raises(TrialFailed) as failed:
+            reporter.report(4, {"val_accuracy": 0.5, "train_loss": value})
+        assert failed.value.reason.startswith("metric train_loss of epoch 4 is not a number: ")
+        assert words in failed.value.reason
+    reporter, _ = _reporter_trial()
+    with pytest.raises(TrialPruned, match="nan"):
+        reporter.report(1, {"val_accuracy": 0.5, "train_loss": Decimal("NaN")})
+    with pytest.raises(TrialFailed, match="metric f1 of the final metrics is not a number: 'x'"):
+        reporter.final({"val_accuracy": 0.5, "f1": "x"})
+
+
+STRING_METRICS_CODE = '''
+import json
+import os
+
+mode = os.environ["KUBETUNE_PARAM_MODE"]
+for epoch in (1, 2, 3):
+    loss = "NaN" if mode == "nan-string" and epoch == 2 else 1.0 / epoch
+    accuracy = "high" if mode == "word" and epoch == 2 else 0.5 + epoch / 10
+    print(json.dumps({"epoch": epoch, "val_accuracy": accuracy, "train_loss": loss}),
+          flush=True)
+'''
+
+
+def test_a_command_reporting_nan_as_a_string_is_pruned_and_a_word_fails_it_visibly(tmp_path):
+    (tmp_path / "train.py").write_text(STRING_METRICS_CODE)
+    job = code_job("strings", {"command": [sys.executable, "train.py"],
+                               "metrics": ["val_accuracy", "train_loss"]},
+                   {"mode": {"type": "categorical", "choices": ["ok", "nan-string", "word"]}},
+                   budget={"maxTrials": 3, "parallelism": 1, "maxFailedTrials": 1})
+    _, out = run(tmp_path, job)
+    trials = by_param(study_of(out), "mode")
+    assert trials["ok"].state == TrialState.COMPLETE
+    nan = trials["nan-string"]
+    assert nan.state == TrialState.PRUNED and nan.user_attrs["prune_reason"] == "nan"
+    word = trials["word"]
+    reason = ("metric val_accuracy of epoch 2 is not a number: 'high' (a string; report a "
+              "number, or \"NaN\" / \"Infinity\" for a non-finite one)")
+    assert word.state == TrialState.FAIL and word.user_attrs["fail_reason"] == reason
+    status = json.loads((out / "result.json").read_text())
+    assert status["failures"] == [{"trial": word.number, "reason": reason}]
+    shown = kubetune("results", out)
+    assert shown.returncode == 0 and f"#{word.number}: {reason}" in shown.stdout
 
 
 def test_report_prunes_divergence_and_a_nan_final_value():

@@ -72,11 +72,31 @@ CURVES = {
     "no-history": ([], None, UNKNOWN),
     "no-metric-it-can-read": ([{"epoch": 1, "reward": 3.0}, {"epoch": 2, "reward": 5.0}],
                               None, UNKNOWN),
-    "training-score-but-no-validation-score": (
-        curve([1.0, 0.5, 0.3], train_accuracy=[0.8, 0.9, 0.95]), None, UNKNOWN),
-    "score-not-in-0-1-is-ignored": (
+    "training-score-but-no-validation-score": (  # healthy as far as it tells
+        curve([1.0, 0.5, 0.3], train_accuracy=[0.8, 0.9, 0.95]), None, HEALTHY),
+    "score-not-in-0-1-is-ignored": (  # read from the losses, which fall
         curve([1.0, 0.5, 0.3], [1.0, 0.6, 0.5], [80.0, 90.0, 95.0], [80.0, 85.0, 88.0]),
-        None, UNKNOWN),
+        None, HEALTHY),
+    # Some metrics only: a loss tells divergence and stalls, a validation score its plateau and
+    # the onset of overfitting.
+    "train-loss-and-val-accuracy": (
+        curve([1.2, 0.6, 0.35, 0.3], val_accuracy=[0.6, 0.84, 0.9, 0.91]), None, HEALTHY),
+    "train-loss-and-val-accuracy-diverged": (
+        curve([1.0, 4.0, 30.0], val_accuracy=[0.5, 0.3, 0.1]), None, DIVERGED),
+    "train-loss-and-val-accuracy-stalled": (
+        curve([2.30, 2.29, 2.30], val_accuracy=[0.1, 0.12, 0.1]), None, NOT_LEARNING),
+    "train-loss-and-val-accuracy-overfit-onset": (
+        curve([1.0, 0.5, 0.2, 0.1, 0.05], val_accuracy=[0.7, 0.86, 0.88, 0.82, 0.8]), None,
+        OVERFIT),
+    "val-accuracy-alone-plateau-from-the-start": (
+        [{"epoch": e, "val_accuracy": v} for e, v in enumerate([0.1, 0.104, 0.1], 1)], None,
+        NOT_LEARNING),
+    "val-accuracy-alone-overfit-onset": (
+        [{"epoch": e, "val_accuracy": v} for e, v in enumerate([0.7, 0.85, 0.88, 0.8], 1)],
+        None, OVERFIT),
+    "val-accuracy-alone-late-plateau": (
+        [{"epoch": e, "val_accuracy": v} for e, v in enumerate([0.5, 0.8, 0.85, 0.85], 1)],
+        None, HEALTHY),
 }
 
 
@@ -103,6 +123,48 @@ def test_summary_counts_labels_and_advises_on_the_most_common():
     assert tie["mostCommon"] == DIVERGED and tie["advice"].startswith("1 of 2 trials diverged")
     assert summarize([UNDERFIT])["advice"].startswith("the trial underfits: use a bigger network")
     assert "learning rate" in summarize([NOT_LEARNING])["advice"]
+
+
+def test_the_summary_says_which_metric_would_tell_more():
+    from kubetune.builtin.diagnosis import missing_metrics
+
+    assert missing_metrics({"train_loss", "val_accuracy"}) == (
+        "report train_accuracy next to val_accuracy to tell underfitting and the "
+        "train/validation gap")
+    assert missing_metrics({"train_loss", "train_f1"}) == (
+        "report val_f1 next to train_f1 to tell overfitting")
+    assert missing_metrics({"train_accuracy", "val_accuracy"}) == (
+        "report train_loss to tell divergence")
+    assert missing_metrics({"reward"}) == (
+        "report train_accuracy and val_accuracy (or f1, auc) to tell underfitting and "
+        "overfitting, and train_loss to tell divergence")
+    assert missing_metrics({"train_loss", "val_loss", "train_accuracy", "val_accuracy"}) is None
+    summary = summarize([HEALTHY] * 3, metrics={"train_loss", "val_accuracy"})
+    assert summary["advice"] == (
+        "3 of 3 trials are healthy: spend more trials, or narrow the ranges around the best "
+        "trials; report train_accuracy next to val_accuracy to tell underfitting and the "
+        "train/validation gap")
+    assert "no metrics" not in summary["advice"]
+
+
+def test_pruned_trials_get_their_own_line_and_the_advice_follows_from_the_counts():
+    # The demo's shape: 18 trials ran to the end, 82 were pruned, 56 of them after 3 epochs.
+    summary = summarize([HEALTHY] * 15 + [OVERFIT] * 3,
+                        pruned_epochs=[3] * 56 + [6] * 20 + [9] * 6)
+    assert summary["counts"] == {OVERFIT: 3, HEALTHY: 15}  # the pruned are not healthy
+    assert summary["pruned"] == {"trials": 82, "epoch": 3, "atEpoch": 56}
+    assert summary["advice"] == (
+        "15 of 18 trials are healthy: spend more trials, or narrow the ranges around the best "
+        "trials; 82 of 100 trials were pruned, 56 after 3 epochs: much of the search space is "
+        "poor; narrow the ranges around the best trials (or search in stages)")
+    # A problem one trial in five has comes before "healthy"; few pruned trials go unmentioned.
+    summary = summarize([HEALTHY] * 6 + [DIVERGED] * 2, pruned_epochs=[2])
+    assert summary["mostCommon"] == HEALTHY
+    assert summary["advice"] == ("2 of 8 trials diverged: lower the learning rate (range), add "
+                                 "grad_clip or batch_norm")
+    only_pruned = summarize([], pruned_epochs=[1, 1])
+    assert only_pruned["counts"] == {} and "mostCommon" not in only_pruned
+    assert only_pruned["advice"].startswith("2 of 2 trials were pruned, 2 after 1 epoch:")
 
 
 def test_status_summarises_the_finished_trials_and_caches_their_labels(monkeypatch):
@@ -171,3 +233,29 @@ def test_with_stages_the_summary_reads_the_full_fidelity_trials_once_there_are_a
     assert summary()["counts"] == {UNDERFIT: 3}  # all there is, so far
     finish("healthy", "full")
     assert summary()["counts"] == {HEALTHY: 1}
+
+
+def test_status_counts_trials_the_pruner_stopped_apart_from_the_labels():
+    job = parse_job(fast_job())
+    study = create_or_load_study(InMemoryStorage(), job)
+    distributions = to_distributions(job.spec.search_space)
+    for name, reason in (("healthy", None), ("train-loss-and-val-accuracy", None),
+                         ("pruned-by-the-pruner-read-from-its-curve", "pruner"),
+                         ("pruned-by-the-pruner-read-from-its-curve", "pruner"),
+                         ("diverged-pruned-nan", "nan")):
+        history = CURVES[name][0]
+        trial = study.ask(fixed_distributions=distributions)
+        trial.set_user_attr("history", history)
+        trial.set_user_attr("epochs", len(history))
+        if reason:
+            trial.set_user_attr("prune_reason", reason)
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, 0.8)
+    trials = study.get_trials(deepcopy=False)
+    diagnosis = build_status(job, trials, budget.count_trials(trials), phase="Running",
+                             conditions=[])["diagnosis"]
+    # The NaN guard's trial is diverged; the pruner's are not underfit, they were cut short.
+    assert diagnosis["counts"] == {DIVERGED: 1, HEALTHY: 2}
+    assert diagnosis["pruned"] == {"trials": 2, "epoch": 2, "atEpoch": 2}
+    assert UNDERFIT not in diagnosis["counts"]

@@ -86,11 +86,9 @@ def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
 
 
 def print_status(status: dict[str, Any]) -> None:
-    from rich.console import Console
+    from kubetune.local.progress import make_console, print_summary
 
-    from kubetune.local.progress import print_summary
-
-    console = Console(highlight=False)
+    console = make_console()
     if "objective" not in status:  # failed before it started (e.g. an invalid spec)
         console.print(f"{status.get('name', '')}: {status.get('phase', 'Unknown')}")
         for cond in status.get("conditions") or []:

@@ -17,11 +17,21 @@ from kubetune.search.budget import TrialCounts, ranked
 from kubetune.search.space import effective_max_trials
 from kubetune.spec.model import TuningJob
 from kubetune.study.optuna_internals import trial_id
-from kubetune.study.schema import HISTORY_ATTR, PRUNE_REASON_ATTR, is_full_fidelity
+from kubetune.study.schema import (
+    EPOCHS_ATTR,
+    FAIL_REASON_ATTR,
+    HISTORY_ATTR,
+    PRUNE_REASON_ATTR,
+    is_full_fidelity,
+)
 
 LEADERBOARD_SIZE = 10
+FAILURES_SIZE = 5       # the latest failed trials, with their reasons
+FAILURE_CHARS = 500     # of each reason (a command's reason ends with its last output)
 DIAGNOSIS_CACHE_SIZE = 100_000
 
+# A condition's message stays small whatever it quotes (a spec's value, an API error, output).
+CONDITION_MESSAGE_LIMIT = 4000
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 ENSEMBLING = "Ensembling"  # the search is over; the ensemble step runs (then Succeeded)
 STORAGE_UNAVAILABLE = "StorageUnavailable"
@@ -31,11 +41,17 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else text[:limit - 16] + f"... ({len(text)} chars)"
+
+
 def condition(type_: str, status: bool | None, reason: str, message: str = "") -> dict[str, Any]:
-    """A status condition; ``status`` None is ``Unknown`` (e.g. while it is being found out)."""
+    """A status condition; ``status`` None is ``Unknown`` (e.g. while it is being found out).
+    The message is clipped to ``CONDITION_MESSAGE_LIMIT``."""
     text = "Unknown" if status is None else "True" if status else "False"
-    return {"type": type_, "status": text, "reason": reason, "message": message,
-            "lastTransitionTime": now_iso()}
+    return {"type": type_, "status": text, "reason": reason,
+            "message": clip(message, CONDITION_MESSAGE_LIMIT), "lastTransitionTime": now_iso()}
 
 
 def merge_conditions(previous: list[dict[str, Any]] | None,
@@ -90,6 +106,7 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
         "trials": {"total": counts.used, "complete": counts.complete, "pruned": counts.pruned,
                    "failed": counts.failed, "running": counts.running},
         "pruneReasons": dict(sorted(reasons.items())),
+        "failures": failures(trials),
         "best": _entry(top[0]) if top else None,
         "leaderboard": [_entry(t) for t in top[:LEADERBOARD_SIZE]],
         "conditions": merge_conditions(previous.get("conditions"), conditions),
@@ -99,12 +116,39 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
     }
 
 
+def failures(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
+    """The latest failed trials and why, newest first (a retried attempt is listed too)."""
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    return [{"trial": t.number,
+             "reason": str(t.user_attrs.get(FAIL_REASON_ATTR) or "unknown")[:FAILURE_CHARS]}
+            for t in sorted(failed, key=lambda t: t.number, reverse=True)[:FAILURES_SIZE]]
+
+
 def _diagnosis(trials: list[FrozenTrial]) -> dict[str, Any] | None:
     """The labels of the finished trials: the full-fidelity ones once there are any (a reduced
-    stage trains fewer epochs or on less data, and looks underfit by design)."""
+    stage trains fewer epochs or on less data, and looks underfit by design). A trial the
+    pruner (or the deadline) stopped early is counted apart, by the epochs it ran: its curve
+    is cut short, and would read as underfit or healthy."""
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    full = [t for t in finished if is_full_fidelity(t)]
-    return diagnosis.summarize(trial_label(t) for t in (full or finished))
+    chosen = [t for t in finished if is_full_fidelity(t)] or finished
+    cut = [t for t in chosen if t.state == TrialState.PRUNED
+           and t.user_attrs.get(PRUNE_REASON_ATTR) not in diagnosis.DIVERGED_REASONS]
+    ran = [t for t in chosen if t not in cut]
+    history = next((t.user_attrs.get(HISTORY_ATTR) for t in reversed(ran or chosen)
+                    if t.user_attrs.get(HISTORY_ATTR)), None)
+    metrics = ({name for epoch in history[-1:] if isinstance(epoch, dict) for name in epoch}
+               if isinstance(history, list) else set())
+    return diagnosis.summarize((trial_label(t) for t in ran),
+                               pruned_epochs=(_epochs(t) for t in cut),
+                               metrics=metrics - {"epoch"})
+
+
+def _epochs(trial: FrozenTrial) -> int:
+    """The epochs a trial ran: its last report."""
+    epochs = trial.user_attrs.get(EPOCHS_ATTR)
+    if isinstance(epochs, int):
+        return epochs
+    return trial.last_step if trial.last_step is not None else 0
 
 
 # A finished trial's history never changes: its label is computed once per process (the

@@ -21,12 +21,20 @@ from kubetune.search.space import effective_max_trials
 from kubetune.spec.model import TuningJob
 
 
+def make_console() -> Console:
+    """Rich's console for kubetune's output: on a terminal, lines wrap at its width; elsewhere
+    (a file, a pipe, a CI log) a line stays whole, as grep and a wider window want it."""
+    console = Console(highlight=False)
+    console.soft_wrap = not console.is_terminal
+    return console
+
+
 class ProgressView:
     def __init__(self, job: TuningJob, *, quiet: bool = False,
                  console: Console | None = None) -> None:
         self._job = job
         self._quiet = quiet
-        self._console = console or Console(highlight=False)
+        self._console = console or make_console()
         self._live = self._console.is_terminal and not quiet
         self._progress: Progress | None = None
         self._task: Any = None
@@ -118,7 +126,7 @@ class ProgressView:
 
 def print_summary(status: dict[str, Any], console: Console | None = None) -> None:
     """Leaderboard, how the job ended, why trials were pruned and what their curves say."""
-    console = console or Console(highlight=False)
+    console = console or make_console()
     if status.get("leaderboard"):
         console.print(leaderboard_table(status))
     for cond in status.get("conditions", []):
@@ -127,12 +135,29 @@ def print_summary(status: dict[str, Any], console: Console | None = None) -> Non
     reasons = status.get("pruneReasons") or {}
     if reasons:
         console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+    _print_failures(status, console)
     _print_stages(status, console)
     diagnosis = status.get("diagnosis")
     if diagnosis:
         counts = ", ".join(f"{k} {v}" for k, v in diagnosis["counts"].items())
-        console.print(f"diagnosis: {counts}\n  advice: {diagnosis['advice']}")
+        pruned = diagnosis.get("pruned")
+        console.print(f"diagnosis: {counts or 'no trial ran to its end'}", markup=False)
+        if pruned:
+            console.print(f"  pruned early (not labelled): {pruned['trials']}, "
+                          f"{pruned['atEpoch']} of them after {pruned['epoch']} epoch"
+                          f"{'s' if pruned['epoch'] != 1 else ''}", markup=False)
+        console.print(f"  advice: {diagnosis['advice']}", markup=False)
     _print_ensemble(status, console)
+
+
+def _print_failures(status: dict[str, Any], console: Console) -> None:
+    """Why the latest trials failed: the first line of each reason."""
+    failures = status.get("failures") or []
+    if failures:
+        console.print(f"failed ({status['trials']['failed']}), latest first:", markup=False)
+    for failure in failures:
+        first = failure["reason"].splitlines()[0] if failure["reason"] else ""
+        console.print(f"  #{failure['trial']}: {first}", markup=False)
 
 
 def _print_stages(status: dict[str, Any], console: Console) -> None:

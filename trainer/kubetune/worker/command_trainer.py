@@ -136,7 +136,7 @@ def param_env(params: dict[str, Any]) -> dict[str, str]:
             else json.dumps(value) for name, value in params.items()}
 
 
-def parse_report(line: str, trial_number: int) -> tuple[int, dict[str, float]] | None:
+def parse_report(line: str, trial_number: int) -> tuple[int, dict[str, Any]] | None:
     """``(epoch, metrics)`` of a report line, None for any other line (warned about when it
     looks like a report but is not usable)."""
     text = line.strip()
@@ -157,15 +157,11 @@ def parse_report(line: str, trial_number: int) -> tuple[int, dict[str, float]] |
         log.warning("trial %d: ignored a report whose epoch is not an integer >= 1: %.200s",
                     trial_number, text)
         return None
-    metrics: dict[str, float] = {}
-    for name, value in data.items():
-        if value is None:
-            metrics[name] = math.nan  # JSON.stringify(NaN) is null
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics[name] = float(value)
-        else:
-            log.warning("trial %d: ignored metric %s of epoch %d: not a number (%.50r)",
-                        trial_number, name, epoch, value)
+    # Values are checked by the reporter (kubetune.worker.contract.metric_value): "NaN" and
+    # "Infinity" as strings are not finite; any other value that is not a number fails the
+    # trial, naming the metric, the epoch and the value.
+    metrics = {name: math.nan if value is None else value  # JSON.stringify(NaN) is null
+               for name, value in data.items()}
     return epoch, metrics
 
 

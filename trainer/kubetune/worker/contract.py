@@ -9,9 +9,11 @@ only then is the objective reported to Optuna, the deadline checked and the prun
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +82,7 @@ class EpochReporter:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 1:
             raise ValueError(f"epoch must be an integer >= 1, got {epoch!r}")
         epoch = int(epoch)
-        values = {name: _number(name, value) for name, value in metrics.items()}
+        values = {name: metric_value(name, value, epoch) for name, value in metrics.items()}
         if self.metric not in values:
             raise ValueError(f"epoch {epoch} reports no {self.metric} (the objective metric); "
                              f"reported: {', '.join(values) or 'nothing'}")
@@ -103,7 +105,7 @@ class EpochReporter:
 
         A final objective that is not finite prunes the trial (``nan``), as a report would.
         """
-        final = {**self.last, **{k: _number(k, v) for k, v in (metrics or {}).items()}}
+        final = {**self.last, **{k: metric_value(k, v) for k, v in (metrics or {}).items()}}
         if self.metric not in final:
             raise TrialFailed(f"the trial ended without reporting {self.metric} (the objective "
                               "metric)")
@@ -147,11 +149,40 @@ def jsonable(value: float) -> float | str:
     return value if np.isfinite(value) else str(value)
 
 
-def _number(name: str, value: Any) -> float:
-    """A reported metric as a float (numpy and torch scalars included)."""
-    if isinstance(value, (bool, str)) or value is None:
-        raise TypeError(f"metric {name} must be a number, got {value!r}")
+# How programs without NaN in their JSON spell a non-finite number: "NaN", "nan", "Infinity",
+# "-Infinity", "inf", "+Inf"... (case-insensitive, with or without a sign).
+_NON_FINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def metric_value(name: str, value: Any, epoch: int | None = None) -> float:
+    """A reported metric as a float, the one conversion of every trainer kind.
+
+    Numbers, numpy and torch scalars, 0-d arrays and tensors and ``Decimal`` convert; a string
+    that spells a non-finite number is that number (the guards see it). Anything else fails
+    the trial (``TrialFailed``), naming the metric, the epoch and the value.
+    """
+    if isinstance(value, str):
+        if _NON_FINITE.fullmatch(value.strip()):
+            return float(value.strip())
+        return _not_a_number(name, value, epoch, "a string; report a number, or \"NaN\" / "
+                                                 "\"Infinity\" for a non-finite one")
+    if isinstance(value, Decimal):
+        return math.nan if value.is_nan() else float(value)
+    if isinstance(value, bool) or value is None:
+        return _not_a_number(name, value, epoch)
+    shape = getattr(value, "shape", ())
+    if tuple(shape) != ():
+        return _not_a_number(name, value, epoch, f"an array of shape {tuple(shape)}; report "
+                                                 "one number, e.g. tensor.item()")
     try:
         return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"metric {name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        return _not_a_number(name, value, epoch)
+
+
+def _not_a_number(name: str, value: Any, epoch: int | None, why: str = "") -> float:
+    where = f"epoch {epoch}" if epoch is not None else "the final metrics"
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise TrialFailed(f"metric {name} of {where} is not a number: {shown} "
+                      f"({why or type(value).__name__})")
