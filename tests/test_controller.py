@@ -412,10 +412,16 @@ def test_too_few_members_is_no_ensemble_with_the_reason_and_the_job_still_succee
 def test_failed_ensemble_step_is_retried_a_bounded_number_of_times_then_the_job_succeeds():
     core, study, launcher, _, status = _searched()
     outcome = _again(core, status)
+    messages = []
     for attempt in range(1, MAX_ENSEMBLE_ATTEMPTS + 1):
         assert not outcome.done and launcher.ensembles == attempt
+        messages.append(_condition(outcome.status, "EnsembleReady")["message"])
         launcher.exit(f"e{attempt}", 1, "RuntimeError: disk full")
         outcome = _again(core, outcome.status)
+    # The progress line names what is built once, and attempts only on a retry.
+    assert messages[0] == "building a greedy ensemble of the 5 best trials"
+    assert messages[1] == f"building a greedy ensemble of the 5 best trials, attempt 2 of " \
+                          f"{MAX_ENSEMBLE_ATTEMPTS}"
 
     assert outcome.done and outcome.status["phase"] == "Succeeded"
     assert launcher.ensembles == MAX_ENSEMBLE_ATTEMPTS

@@ -23,6 +23,7 @@ from kubetune.ensemble.step import (
     run_ensemble_step,
     score,
     selection_metric,
+    status_view,
     weighted,
 )
 from kubetune.search.space import to_distributions
@@ -199,6 +200,42 @@ def test_one_usable_trial_is_no_ensemble_and_says_why(tmp_path):
     assert "found 1" in record["message"]
 
 
+def test_when_no_combination_beats_the_best_model_there_is_no_one_member_ensemble(tmp_path):
+    """The demo's case: greedy selection keeps the best trial alone. That is no ensemble, and
+    the reason says so (not EnsembleBuilt with one member)."""
+    from optuna.artifacts import upload_artifact
+
+    from kubetune.worker.entrypoint_trainer import write_predictions
+
+    job = parse_job({"apiVersion": "kubetune.io/v1alpha1", "kind": "TuningJob",
+                     "metadata": {"name": "alone"},
+                     "spec": {"objective": {"metric": "val_accuracy", "direction": "maximize"},
+                              "searchSpace": {"x": {"type": "float", "low": 0, "high": 1}},
+                              "trainer": {"entrypoint": "m:f", "metrics": ["val_accuracy"]}}})
+    study = create_or_load_study(InMemoryStorage(), job)
+    store = make_artifact_store(tmp_path / "artifacts")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    perfect = np.eye(3)[y] * 0.9 + 0.05
+    for number, proba in enumerate([perfect, rng.dirichlet(np.ones(3), 60),
+                                    rng.dirichlet(np.ones(3), 60)]):
+        trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+        path = tmp_path / f"p{number}.npz"
+        write_predictions(path, proba, proba, y, y)
+        artifact = upload_artifact(artifact_store=store, file_path=str(path),
+                                   study_or_trial=trial)
+        trial.set_user_attr("artifacts", {"predictions": artifact})
+        study.tell(trial, score("val_accuracy", proba, y))
+
+    record = run_ensemble_step(study, store)
+
+    assert record["reason"] == "NoBetterCombination"
+    assert record["message"] == (
+        "no combination of the 3 candidates beat the best single model, trial #0, on "
+        "validation (accuracy 1; test 1): use that trial's model")
+    assert status_view(record) is None  # status.ensemble stays null: no ensemble was built
+
+
 def test_snapshot_members_are_earlier_epochs_of_the_top_trials(tmp_path):
     study, job, store, data = _trained_study(
         tmp_path, 2, ensemble={"members": "snapshots", "method": "average"},
@@ -260,7 +297,9 @@ def test_local_job_carries_its_ensemble_and_the_export_reproduces_its_test_value
     assert ensemble["bestSingleTrial"] == result["best"]["trial"]
     ready = next(c for c in result["conditions"] if c["type"] == "EnsembleReady")
     assert ready["status"] == "True"
-    assert "ensemble (greedy, trials): test val_accuracy" in " ".join(proc.stdout.split())
+    shown = " ".join(proc.stdout.split())
+    assert "ensemble (greedy, trials): test accuracy" in shown
+    assert "test val_accuracy" not in shown
 
     model_dir = tmp_path / "model"
     exported = kubetune("export", out, "--output", model_dir)

@@ -41,6 +41,7 @@ GREEDY_ROUNDS = 25
 SEED_STRIDE = 1_000_003                    # larger than any trial number: seeds never repeat
 EMBED_LIMIT = 8 << 20                      # bytes of ensemble copied into the study storage
 NOT_ENOUGH_MEMBERS = "NotEnoughMembers"
+NO_BETTER_COMBINATION = "NoBetterCombination"
 NO_ENSEMBLE_METRIC = "NoEnsembleMetric"
 _LOG_EPS = 1e-15
 
@@ -428,7 +429,9 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
     """Build, score and save the ensemble of a finished study; store and return the record.
 
     With fewer than two usable members the record is ``{"reason": "NotEnoughMembers",
-    "message": ...}`` and nothing is saved: not an error, the job still succeeds.
+    "message": ...}``, and when no combination beats the best single model on validation
+    ``{"reason": "NoBetterCombination", ...}``; nothing is saved then: not an error, the job
+    still succeeds.
     """
     from kubetune.study.schema import load_job
 
@@ -457,6 +460,11 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
             return record
         assert candidates.best_trial is not None
         artifact = None  # code trainers leave predictions, not models kubetune can rebuild
+        if len(result.members) < 2:  # greedy selection kept the best single model alone
+            record = {"reason": NO_BETTER_COMBINATION,
+                      "message": _no_better_message(result), "builtFrom": built_from}
+            study.set_user_attr(ENSEMBLE_ATTR, record)
+            return record
         if spec.trainer.is_builtin:
             bundle = build_bundle(result, job, reader.model(candidates.best_trial),
                                   source=spec.ensemble.members)
@@ -472,6 +480,21 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
 
 
 def _not_enough_message(base: str, candidates: Candidates, ensemble: EnsembleSpec) -> str:
+def _no_better_message(result: EnsembleResult) -> str:
+    best = result.best_single
+    which = f"trial #{best.trial}" + (f" (epoch {best.epoch})" if best.epoch is not None else "")
+    return (f"no combination of the {result.candidates} candidates beat the best single model, "
+            f"{which}, on validation ({metric_name(result.metric)} "
+            f"{_fmt(result.best_single_validation_value)}; test "
+            f"{_fmt(result.best_single_test_value)}): use that trial's model")
+
+
+def metric_name(metric: str) -> str:
+    """The metric without its split: ``val_accuracy`` scores the test split too, as
+    ``accuracy`` (``test val_accuracy`` reads as nonsense)."""
+    return metric.removeprefix("val_")
+
+
     if ensemble.members == "seeds":
         base += (" (the best trial and its retrained seeds)" if candidates.members
                  else " (no complete trial with stored predictions)")
@@ -608,7 +631,7 @@ def describe(record: dict[str, Any]) -> str:
         return f"no ensemble ({record['reason']}): {record['message']}"
     return (f"{record['method']} ensemble of {len(record['members'])} member(s) "
             f"({record['memberSource']}, {record['candidates']} candidates): test "
-            f"{record['metric']} {_fmt(record['testValue'])} vs best single trial "
+            f"{metric_name(record['metric'])} {_fmt(record['testValue'])} vs best single trial "
             f"#{record['bestSingleTrial']} {_fmt(record['bestSingleTestValue'])} "
             f"(validation {_fmt(record['validationValue'])} vs "
             f"{_fmt(record['bestSingleValidationValue'])})")

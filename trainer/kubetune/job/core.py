@@ -280,13 +280,15 @@ class JobCore:
     def _ensembling(self, now: _Pass, tracking: dict[str, Any],
                     worker: WorkerState | None = None) -> Outcome:
         spec = self.job.spec.ensemble
-        source = (f"the {spec.top_k} best trials" if spec.members != "seeds"
-                  else f"the best trial and {spec.seeds - 1} retrained seeds")
+        source = {"trials": f"the {spec.top_k} best trials",
+                  "snapshots": f"the {spec.top_k} best trials and their snapshots",
+                  "seeds": f"the best trial and {spec.seeds - 1} retrained seeds"}[spec.members]
+        attempt = tracking["attempts"]
+        retry = f", attempt {attempt} of {MAX_ENSEMBLE_ATTEMPTS}" if attempt > 1 else ""
         status = self._status(now, ENSEMBLING, [
             self._ready(),
             condition(ENSEMBLE_READY, None, ENSEMBLE_RUNNING,
-                      f"building a {spec.method} ensemble of {source} ({spec.members}), "
-                      f"attempt {tracking['attempts']} of {MAX_ENSEMBLE_ATTEMPTS}"),
+                      f"building a {spec.method} ensemble of {source}{retry}"),
             *_scheduling([worker] if worker is not None else [])])
         status["ensemble"] = None
         status["workers"] = {**now.previous.get("workers", {}), "active": 1,

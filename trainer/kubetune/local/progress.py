@@ -181,7 +181,8 @@ def _print_ensemble(status: dict[str, Any], console: Console) -> None:
         members = ", ".join(_member(m) for m in ensemble["members"])
         console.print(
             f"[bold]ensemble[/] ({ensemble['method']}, {ensemble['memberSource']}): "
-            f"test {ensemble['metric']} {ensemble['testValue']:.4g} vs best single trial "
+            f"test {ensemble['metric'].removeprefix('val_')} {ensemble['testValue']:.4g} vs "
+            f"best single trial "
             f"#{ensemble['bestSingleTrial']} {ensemble['bestSingleTestValue']:.4g} "
             f"(validation {ensemble['validationValue']:.4g} vs "
             f"{ensemble['bestSingleValidationValue']:.4g})")
