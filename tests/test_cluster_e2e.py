@@ -277,7 +277,9 @@ def test_a_restricted_namespace_admits_the_worker_and_ensemble_pods(cluster, tmp
         c.kubectl("wait", "--for=jsonpath={.status.phase}=Bound", "pvc/artifacts",
                   "--timeout=60s", timeout=90)
         job = fast_job("restricted", budget={"maxTrials": 3, "parallelism": 2},
-                       ensemble={"enabled": True, "topK": 2})
+                       # average: always two members (greedy may keep the best alone,
+                       # which is EnsembleReady=False/NoBetterCombination)
+                       ensemble={"enabled": True, "topK": 2, "method": "average"})
         job["spec"]["trainer"]["template"] = {
             "volumes": [{"name": "artifacts",
                          "persistentVolumeClaim": {"claimName": "artifacts"}}],
