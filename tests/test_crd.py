@@ -170,3 +170,54 @@ def test_every_field_path_names_a_field_of_its_node():
         for part in rule["fieldPath"].lstrip(".").split("."):
             assert part in target.get("properties", {}), (path, rule["fieldPath"])
             target = target["properties"][part]
+
+
+def test_every_schema_node_is_described():
+    """`kubectl explain` has something to say about every field, its items and map values
+    (but metadata: the API server describes it and refuses a CRD that does)."""
+    undescribed = [path or "(root)" for path, node in walk_schema(SCHEMA)
+                   if not str(node.get("description") or "").strip() and path != ".metadata"]
+    assert not undescribed, f"no description: {', '.join(undescribed)}"
+
+
+def test_status_conditions_are_declared_as_metav1_conditions():
+    item = SCHEMA["properties"]["status"]["properties"]["conditions"]["items"]
+    assert set(item["properties"]) == {"type", "status", "reason", "message",
+                                       "lastTransitionTime", "observedGeneration"}
+    assert item["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
+    assert item["properties"]["lastTransitionTime"]["format"] == "date-time"
+
+
+def _transition_rules() -> dict[str, list[str]]:
+    return {path: [r["rule"] for r in node.get("x-kubernetes-validations", [])
+                   if "oldSelf" in r["rule"]]
+            for path, node in walk_schema(SCHEMA)}
+
+
+def test_only_the_editable_fields_may_change_after_creation():
+    """``self == oldSelf`` on each largest subtree of the spec without an editable field
+    (budget.maxTrials, budget.parallelism, cleanup), and the optional fields beside the
+    editable ones may not come or go."""
+    rules = _transition_rules()
+    frozen = {path for path, found in rules.items() if "self == oldSelf" in found}
+    spec = SCHEMA["properties"]["spec"]["properties"]
+    assert frozen == ({f".spec.{name}" for name in spec} - {".spec.budget", ".spec.cleanup"}) | {
+        f".spec.budget.{name}" for name in spec["budget"]["properties"]
+        if name not in ("maxTrials", "parallelism")}
+    assert rules[".spec"] == ["has(self.stages) == has(oldSelf.stages)"]
+    assert rules[".spec.budget"] == ["has(self.timeout) == has(oldSelf.timeout)"]
+    editable = [".spec.budget.maxTrials", ".spec.budget.parallelism", ".spec.cleanup",
+                ".spec.cleanup.deleteStudy"]
+    assert not any(rules[path] for path in editable)
+    assert not any(rules[path] for path in rules if path.startswith(".status"))
+
+
+def test_budget_ceilings_and_an_absolute_artifacts_path():
+    from kubetune.spec.model import MAX_PARALLELISM, MAX_TRIALS
+
+    budget = SCHEMA["properties"]["spec"]["properties"]["budget"]["properties"]
+    assert budget["parallelism"]["maximum"] == MAX_PARALLELISM
+    assert budget["maxTrials"]["maximum"] == MAX_TRIALS
+    artifacts = SCHEMA["properties"]["spec"]["properties"]["artifacts"]
+    assert [r["fieldPath"] for r in artifacts["x-kubernetes-validations"]
+            if "startsWith('/')" in r["rule"] or 'startsWith("/")' in r["rule"]] == [".path"]

@@ -786,3 +786,69 @@ def test_the_server_judges_any_value_anywhere_and_names_the_field(tuningjobs, pa
         assert named and verdict.message, verdict
         assert all(n.startswith(("spec", "metadata", "apiVersion", "kind", "(root)"))
                    for n in named), verdict
+
+
+# ------------------------------------------------------------------------------ updates
+FIXED_EDITS = {  # a change of a field fixed at creation, and the path the server names
+    "sampler-seed": ({"spec": {"sampler": {"seed": 7}}}, "spec.sampler"),
+    "objective": ({"spec": {"objective": {"metric": "val_loss", "direction": "minimize"}}},
+                  "spec.objective"),
+    "search-range": ({"spec": {"searchSpace": {"lr": {"high": 0.5}}}}, "spec.searchSpace"),
+    "template-added": ({"spec": {"trainer": {"template": {"serviceAccountName": "ops"}}}},
+                       "spec.trainer"),
+    "template-volume-added": ({"spec": {"trainer": {"template": {"volumes": [
+        {"name": "host", "hostPath": {"path": "/"}}]}}}}, "spec.trainer"),
+    "max-retries": ({"spec": {"budget": {"maxRetries": 9}}}, "spec.budget.maxRetries"),
+    "timeout-removed": ({"spec": {"budget": {"timeout": None}}}, "spec.budget.timeout"),
+    "storage-secret": ({"spec": {"storage": {"secretRef": {"name": "other"}}}},
+                       "spec.storage"),
+    "artifacts": ({"spec": {"artifacts": {"path": "/elsewhere"}}}, "spec.artifacts"),
+    "stages-added": ({"spec": {"stages": [{"trials": 40}]}}, "spec.stages"),
+}
+EDITS = {  # what a running job may change
+    "budget": {"spec": {"budget": {"parallelism": 4, "maxTrials": 80}}},
+    "cleanup": {"spec": {"cleanup": {"deleteStudy": True}}},
+}
+
+
+@pytest.fixture(scope="module")
+def created_job(control_plane, tuningjobs):
+    """A TuningJob that exists (an update needs one): the spec tests' base job."""
+    job = cases.mutated({"metadata.name": "created"})
+    assert "timeout" in job["spec"]["budget"] and "stages" not in job["spec"]
+    control_plane.kubectl("create", "-n", tuningjobs.namespace, "-f", "-", input=json.dumps(job))
+    return tuningjobs.namespace, job["metadata"]["name"]
+
+
+def _update(control_plane, created_job, patch: dict[str, Any]):
+    namespace, name = created_job
+    return control_plane.kubectl("patch", "tuningjob", name, "-n", namespace, "--type=merge",
+                                 "--dry-run=server", "-p", json.dumps(patch), check=False)
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_EDITS))
+def test_an_update_of_a_field_fixed_at_creation_is_refused_with_its_path(
+        control_plane, created_job, name):
+    patch, path = FIXED_EDITS[name]
+    proc = _update(control_plane, created_job, patch)
+    assert proc.returncode != 0, f"the API server accepts the update {patch}"
+    assert re.search(rf"\b{re.escape(path)}: Invalid value: .*(cannot change|cannot be added "
+                     r"or removed) once the job exists", proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_an_update_of_an_editable_field_is_accepted(control_plane, created_job, name):
+    proc = _update(control_plane, created_job, EDITS[name])
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_explain_describes_the_conditions(control_plane, tuningjobs):
+    def explained():
+        proc = control_plane.kubectl("explain", "tuningjob.status.conditions", check=False)
+        assert proc.returncode == 0, proc.stderr
+        for field in ("lastTransitionTime", "observedGeneration", "reason", "message"):
+            assert re.search(rf"^  {field}\t", proc.stdout, re.M), proc.stdout
+        assert "<no description>" not in proc.stdout, proc.stdout
+        return proc.stdout
+
+    eventually(explained)

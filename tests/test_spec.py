@@ -240,6 +240,16 @@ REJECTIONS = [
      "must be >= 1"),
     ("parallelism-zero", {"spec.budget.parallelism": 0}, "spec.budget.parallelism",
      "must be >= 1"),
+    # hard ceilings (an admin may set lower ones in the operator)
+    ("parallelism-past-the-ceiling", {"spec.budget.parallelism": 10_001},
+     "spec.budget.parallelism", "must be <= 10000"),
+    ("maxTrials-past-the-ceiling", {"spec.budget.maxTrials": 10_000_001},
+     "spec.budget.maxTrials", "must be <= 10000000"),
+    # a cluster job's artifacts folder (a relative one only means something in a job file)
+    ("artifacts-path-relative", {"spec.artifacts": {"path": "artifacts"}}, "spec.artifacts.path",
+     "must be an absolute path"),
+    ("artifacts-path-empty", {"spec.artifacts": {"path": ""}}, "spec.artifacts.path",
+     "must be an absolute path"),
     ("maxFailedTrials-negative", {"spec.budget.maxFailedTrials": -1},
      "spec.budget.maxFailedTrials", "must be >= 0"),
     ("maxRetries-negative", {"spec.budget.maxRetries": -1}, "spec.budget.maxRetries",
@@ -753,6 +763,8 @@ def test_problem_renders_as_path_colon_message():
 
 # ------------------------------------------------------------------------------ acceptances
 VALID_VARIATIONS = [
+    {"spec.budget.parallelism": 10_000, "spec.budget.maxTrials": 10_000_000},
+    {"spec.artifacts": {"path": "/mnt/shared/artifacts"}},
     {"spec.searchSpace.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True,
                              "points": 4}},
     {"spec.searchSpace.dropout.step": 0.1},

@@ -385,6 +385,7 @@ def knob_param_schema(name: str, knob: Knob) -> dict[str, Any]:
         f"({ratio} - {nearest} < {tolerance} && {nearest} - {ratio} < {tolerance})",
         "high - low must be a multiple of step", ".step"))
     choices = props["choices"]
+    choices["items"]["description"] = "one value to choose from"
     choices.update({"minItems": 1, "maxItems": MAX_ITEMS,
                     "x-kubernetes-list-type": "set",
                     "description": f"the values to choose from (builtin trainer: each one a "
@@ -459,8 +460,9 @@ def stages_schema() -> dict[str, Any]:
 
 def max_trials_schema() -> dict[str, Any]:
     """No default in the CRD: the spec model defaults it to 100, or to the stages' trials."""
-    return {"type": "integer", "minimum": 1,
-            "description": "trials in all (default 100, or the sum of spec.stages[].trials)"}
+    return {"type": "integer", "minimum": 1, "maximum": model.MAX_TRIALS,
+            "description": "trials in all (default 100, or the sum of spec.stages[].trials); "
+                           "may be edited while the job runs"}
 
 
 def params_schema() -> dict[str, Any]:
@@ -521,9 +523,10 @@ def duration_schema() -> dict[str, Any]:
     }
 
 
-def _string_list(max_length: int = MAX_LONG_STRING) -> dict[str, Any]:
-    return {"type": "array", "maxItems": MAX_ITEMS,
-            "items": {"type": "string", "maxLength": max_length}}
+def _string_list(description: str, item: str, max_length: int = MAX_LONG_STRING
+                 ) -> dict[str, Any]:
+    return {"type": "array", "maxItems": MAX_ITEMS, "description": description,
+            "items": _string(max_length, description=item)}
 
 
 def _open_object(description: str, **properties: Any) -> dict[str, Any]:
@@ -534,25 +537,26 @@ def _open_object(description: str, **properties: Any) -> dict[str, Any]:
     return out
 
 
-def _open_list(description: str, required: list[str], **properties: Any) -> dict[str, Any]:
-    item = _open_object(description, **properties)
-    item["required"] = required
-    return {"type": "array", "maxItems": MAX_ITEMS, "items": item}
+def _open_list(description: str, item: str, required: list[str], **properties: Any
+               ) -> dict[str, Any]:
+    out = _open_object(item, **properties)
+    out["required"] = required
+    return {"type": "array", "maxItems": MAX_ITEMS, "description": description, "items": out}
 
 
 def _string(max_length: int = MAX_STRING, **extra: Any) -> dict[str, Any]:
     return {"type": "string", "maxLength": max_length, **extra}
 
 
-def _string_map() -> dict[str, Any]:
-    return {"type": "object", "maxProperties": MAX_MAP,
-            "additionalProperties": _string()}
+def _string_map(description: str, value: str) -> dict[str, Any]:
+    return {"type": "object", "maxProperties": MAX_MAP, "description": description,
+            "additionalProperties": _string(description=value)}
 
 
-def _quantities() -> dict[str, Any]:
-    return {"type": "object", "maxProperties": MAX_MAP,
-            "additionalProperties": {"x-kubernetes-int-or-string": True,
-                                     "pattern": QUANTITY}}
+def _quantities(description: str) -> dict[str, Any]:
+    return {"type": "object", "maxProperties": MAX_MAP, "description": description,
+            "additionalProperties": {"x-kubernetes-int-or-string": True, "pattern": QUANTITY,
+                                     "description": "a quantity, e.g. 2, 500m, 8Gi"}}
 
 
 def pod_template_schema() -> dict[str, Any]:
@@ -564,32 +568,54 @@ def pod_template_schema() -> dict[str, Any]:
     return _open_object(
         "worker pod settings (container and PodSpec fields such as image, resources, "
         "nodeSelector, tolerations); Kubernetes only",
-        image=_string(),
-        imagePullPolicy={"type": "string", "enum": list(IMAGE_PULL_POLICIES)},
-        command=_string_list(),
-        args=_string_list(),
-        env=_open_list("an environment variable", ["name"], name=_string(),
-                       value=_string(MAX_LONG_STRING),
+        image=_string(description="the image of the worker and ensemble pods"),
+        imagePullPolicy={"type": "string", "enum": list(IMAGE_PULL_POLICIES),
+                         "description": "Always, IfNotPresent or Never"},
+        command=_string_list("the container's command (default: kubetune)", "one word"),
+        args=_string_list("the command's arguments (default: kubetune worker's)",
+                          "one argument"),
+        env=_open_list("environment variables of the trainer container",
+                       "an environment variable", ["name"],
+                       name=_string(description="the variable's name"),
+                       value=_string(MAX_LONG_STRING, description="the variable's value"),
                        valueFrom=_open_object("a source for the value")),
         resources={"type": "object", "description": "compute resources of the trainer container",
-                   "properties": {"limits": _quantities(), "requests": _quantities()},
+                   "properties": {
+                       "limits": _quantities("the most the container may use, by resource "
+                                             "(e.g. nvidia.com/gpu: 1)"),
+                       "requests": _quantities("what the scheduler reserves, by resource")},
                    "x-kubernetes-preserve-unknown-fields": True},
-        nodeSelector=_string_map(),
+        nodeSelector=_string_map("node labels a worker pod's node must have", "a label value"),
         tolerations=_open_list(
-            "a toleration", [], key=_string(), value=_string(),
-            operator={"type": "string", "enum": ["Exists", "Equal"]},
-            effect={"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
-            tolerationSeconds={"type": "integer"}),
+            "taints the worker pods tolerate", "a toleration", [],
+            key=_string(description="the taint's key"),
+            value=_string(description="the taint's value (operator Equal)"),
+            operator={"type": "string", "enum": ["Exists", "Equal"],
+                      "description": "Exists or Equal (default)"},
+            effect={"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"],
+                    "description": "the taint effect tolerated (default: all)"},
+            tolerationSeconds={"type": "integer", "description": "how long a NoExecute taint "
+                                                                 "is tolerated"}),
         affinity=_open_object("node, pod and pod-anti affinity (core/v1 Affinity)"),
-        volumes=_open_list("a pod volume (core/v1 Volume)", ["name"], name=_string()),
-        volumeMounts=_open_list("a volume mount of the trainer container", ["name", "mountPath"],
-                                name=_string(), mountPath=_string(MAX_LONG_STRING),
-                                subPath=_string(MAX_LONG_STRING), readOnly={"type": "boolean"}),
-        serviceAccountName=_string(),
-        imagePullSecrets=_open_list("a secret to pull the image with", ["name"], name=_string()),
-        priorityClassName=_string(),
-        labels=_string_map(),
-        annotations=_string_map(),
+        volumes=_open_list("volumes of the worker pods (the types the admin allows)",
+                           "a pod volume (core/v1 Volume)", ["name"],
+                           name=_string(description="the volume's name")),
+        volumeMounts=_open_list("where the trainer container mounts the volumes",
+                                "a volume mount of the trainer container", ["name", "mountPath"],
+                                name=_string(description="the volume mounted"),
+                                mountPath=_string(MAX_LONG_STRING,
+                                                  description="where, an absolute path"),
+                                subPath=_string(MAX_LONG_STRING,
+                                                description="a path inside the volume"),
+                                readOnly={"type": "boolean", "description": "mount read-only"}),
+        serviceAccountName=_string(description="the pods' ServiceAccount (one the admin "
+                                               "allows)"),
+        imagePullSecrets=_open_list("Secrets to pull the image with",
+                                    "a secret to pull the image with", ["name"],
+                                    name=_string(description="the Secret's name")),
+        priorityClassName=_string(description="the pods' PriorityClass"),
+        labels=_string_map("labels added to the pods", "a label value"),
+        annotations=_string_map("annotations added to the pods", "an annotation value"),
     )
 
 
@@ -679,7 +705,7 @@ def metrics_schema() -> dict[str, Any]:
             "x-kubernetes-list-type": "set",
             "description": "the metrics your code reports (required with entrypoint or "
                            "command); the objective metric is one of them",
-            "items": _string(minLength=1)}
+            "items": _string(minLength=1, description="a metric's name")}
 
 
 CODE_FIELDS = [model.Trainer.model_fields[name].alias for name in model.CODE_FIELDS]
@@ -787,6 +813,9 @@ RULES: dict[tuple[str, ...], list[dict[str, Any]]] = {
              "self.minResource < self.maxResource",
              "minResource must be < maxResource", ".minResource"),
     ],
+    ("artifacts",): [rule("!has(self.path) || self.path.startsWith('/')",
+                          "path must be an absolute path (the folder the worker pods share, "
+                          "e.g. /artifacts)", ".path")],
     ("storage",): [rule("!has(self.gracePeriod) || !has(self.heartbeatInterval) || "
                         "self.gracePeriod >= 2 * self.heartbeatInterval",
                         "gracePeriod must be at least twice heartbeatInterval", ".gracePeriod")],
@@ -822,7 +851,8 @@ DESCRIPTIONS = {
     ("objective", "direction"): "maximize or minimize (default: minimize for losses, "
                                 "else maximize)",
     ("budget",): "how many trials, how many at once, and for how long",
-    ("budget", "parallelism"): "trials run at once, one worker pod each",
+    ("budget", "parallelism"): "trials run at once, one worker pod each; may be edited while "
+                               "the job runs",
     ("budget", "maxFailedTrials"): "the job fails once more trials than this have failed",
     ("sampler",): "how Optuna picks the next parameters",
     ("pruning",): "stopping bad trials early: NaN/Inf and divergence guards, and a pruner",
@@ -833,6 +863,34 @@ DESCRIPTIONS = {
     ("artifacts",): "where workers keep model weights and predictions",
     ("ensemble",): "combining the best trials after the search",
 }
+
+
+EDITABLE = [tuple(path) for path in model.EDITABLE_FIELDS]
+EDITABLE_WORDS = words([".".join(path) for path in EDITABLE])
+
+
+def _holds_editable(path: tuple[str, ...]) -> bool:
+    return any(len(e) > len(path) and e[:len(path)] == path for e in EDITABLE)
+
+
+def transition_rules(path: tuple[str, ...], node: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rules that keep a running job's spec as created, its editable fields aside: ``self ==
+    oldSelf`` on each largest subtree without an editable field, and, on a node holding
+    editable fields, that its optional fields (no default) are neither added nor removed (a
+    transition rule only runs where both the old and the new value exist)."""
+    if any(path[:len(e)] == e for e in EDITABLE):
+        return []
+    if _holds_editable(path):
+        return [rule(f"has(self.{name}) == has(oldSelf.{name})",
+                     f"{name} cannot be added or removed once the job exists (only "
+                     f"{EDITABLE_WORDS} can change): create a new TuningJob", f".{name}")
+                for name, sub in node.get("properties", {}).items()
+                if "default" not in sub and path + (name,) not in EDITABLE
+                and not _holds_editable(path + (name,)) and name not in node.get("required", ())]
+    if not _holds_editable(path[:-1]):
+        return []  # a subtree of one that has the rule
+    return [rule("self == oldSelf", f"cannot change once the job exists (only {EDITABLE_WORDS} "
+                                    "can): create a new TuningJob")]
 
 
 def _walk(converter: _Converter, node: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
@@ -856,8 +914,9 @@ def _walk(converter: _Converter, node: dict[str, Any], path: tuple[str, ...]) ->
         out.pop("maxLength", None)
     if path in DESCRIPTIONS:
         out["description"] = DESCRIPTIONS[path]
-    if path in RULES:
-        out["x-kubernetes-validations"] = out.get("x-kubernetes-validations", []) + RULES[path]
+    rules = RULES.get(path, []) + transition_rules(path, out)
+    if rules:
+        out["x-kubernetes-validations"] = out.get("x-kubernetes-validations", []) + rules
     return out
 
 
@@ -868,24 +927,41 @@ def spec_schema() -> dict[str, Any]:
 
 
 def status_schema() -> dict[str, Any]:
-    """Written by the operator (``kubetune.job.status.build_status``); only what columns read
-    is typed."""
-    counts = {name: {"type": "integer"}
+    """Written by the operator (``kubetune.job.status.build_status``); what columns and
+    ``kubectl explain`` read is typed, the rest kept as written."""
+    counts = {name: {"type": "integer", "description": f"{name} trials"}
               for name in ("total", "complete", "pruned", "failed", "running")}
+    counts["running"]["description"] = "trials running now"
+    counts["total"]["description"] = "trials in the study"
     return _open_object(
         "observed state, written by the operator: phase, trial counts, best trial, "
         "leaderboard, conditions",
         phase={"type": "string", "description": "Pending | Running | Ensembling | Succeeded | "
                                                 "Failed"},
         progress={"type": "string", "description": "finished trials / maxTrials, e.g. 25/100"},
-        observedGeneration={"type": "integer"},
+        observedGeneration={"type": "integer", "format": "int64",
+                            "description": "the metadata.generation of the spec this status "
+                                           "is of"},
         trials=_open_object("trial counts", **counts),
-        best=_open_object("the best trial so far", trial={"type": "integer"},
-                          value={"type": "number"}),
-        conditions={"type": "array", "description": "Kubernetes-style conditions",
-                    "items": _open_object("a condition", **{
-                        key: {"type": "string"} for key in ("type", "status", "reason",
-                                                            "message")})},
+        best=_open_object("the best trial so far",
+                          trial={"type": "integer", "description": "its number"},
+                          value={"type": "number", "description": "its objective value"}),
+        conditions={"type": "array", "description": "the job's conditions (Ready, Complete, "
+                                                    "Failed, WorkersScheduled, EnsembleReady...)",
+                    "items": _open_object(
+                        "a condition (the shape of metav1.Condition)",
+                        type={"type": "string", "description": "the condition's type, e.g. "
+                                                               "Ready or Failed"},
+                        status={"type": "string", "enum": ["True", "False", "Unknown"],
+                                "description": "True, False or Unknown"},
+                        reason={"type": "string", "description": "why, in one CamelCase word"},
+                        message={"type": "string", "description": "why, for people (at most a "
+                                                                  "few thousand characters)"},
+                        lastTransitionTime={"type": "string", "format": "date-time",
+                                            "description": "when the status last changed"},
+                        observedGeneration={"type": "integer", "format": "int64",
+                                            "description": "the metadata.generation the "
+                                                           "condition is of"})},
         diagnosis=_open_object(
             "what the finished trials' learning curves say (kubetune.builtin.diagnosis)",
             mostCommon={"type": "string", "description": "the most common label: healthy, "
@@ -902,12 +978,16 @@ def openapi_schema() -> dict[str, Any]:
                        "study, bad trials are pruned early, and the best trials are ensembled.",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
+            "apiVersion": {"type": "string", "description": f"{GROUP}/{VERSION}"},
+            "kind": {"type": "string", "description": KIND},
             # The API server honours restrictions on metadata.name (and only on it): the spec
-            # model wants a DNS-1123 label, as the study and pod names derive from it.
+            # model wants a DNS-1123 label, as the study and pod names derive from it. It
+            # refuses a description of metadata itself.
             "metadata": {"type": "object", "properties": {"name": {
-                "type": "string", "maxLength": model.NAME_MAX, "pattern": model.NAME_PATTERN}}},
+                             "type": "string", "maxLength": model.NAME_MAX,
+                             "pattern": model.NAME_PATTERN,
+                             "description": "the job's name: a DNS label (its study and pods "
+                                            "are named after it)"}}},
             "spec": spec_schema(),
             "status": status_schema(),
         },

@@ -61,6 +61,12 @@ KNOB_SEARCH_TYPES: dict[str, tuple[str, ...]] = {
     "float": ("float", "int", "categorical"), "int": ("int", "categorical"),
     "choice": ("categorical",), "bool": ("categorical",)}
 MAX_STAGES = 10
+# Hard ceilings of any job (the CRD's too); an admin may set lower ones in the operator.
+MAX_PARALLELISM = 10_000
+MAX_TRIALS = 10_000_000
+# What a running job may change: the CRD refuses edits of any other field, and the operator
+# compares the rest with the copy stored in the study (paths under ``spec``).
+EDITABLE_FIELDS = (("budget", "maxTrials"), ("budget", "parallelism"), ("cleanup",))
 DATASET_CLASSES = {"digits": 10}  # classes of the bundled datasets (synthetic: its ``classes``)
 # A job's name (a DNS-1123 label: study and pod names derive from it).
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -244,8 +250,8 @@ class Objective(_Model):
 
 
 class Budget(_Model):
-    max_trials: StrictInt = Field(default=100, ge=1)
-    parallelism: StrictInt = Field(default=1, ge=1)
+    max_trials: StrictInt = Field(default=100, ge=1, le=MAX_TRIALS)
+    parallelism: StrictInt = Field(default=1, ge=1, le=MAX_PARALLELISM)
     max_failed_trials: StrictInt = Field(default=10, ge=0)
     max_retries: StrictInt = Field(
         default=3, ge=0, description="times a trial whose worker died is retried")
@@ -264,12 +270,20 @@ class Budget(_Model):
 
 
 class Sampler(_Model):
-    type: StrictStr = "tpe"
-    seed: StrictInt | None = None
-    n_startup_trials: StrictInt | None = Field(default=None, ge=0)
-    multivariate: StrictBool | None = None
-    constant_liar: StrictBool | None = None
-    qmc_type: Literal["sobol", "halton"] | None = None
+    type: StrictStr = Field(default="tpe", description=f"the Optuna sampler: "
+                                                        f"{' | '.join(SAMPLERS)}")
+    seed: StrictInt | None = Field(
+        default=None, description="seed of the sampler (each worker adds its slot number)")
+    n_startup_trials: StrictInt | None = Field(
+        default=None, ge=0, description="random trials before the model-based search starts "
+                                        "(tpe, gp, cmaes)")
+    multivariate: StrictBool | None = Field(
+        default=None, description="model the parameters jointly (tpe)")
+    constant_liar: StrictBool | None = Field(
+        default=None, description="treat running trials as bad ones, so that parallel "
+                                  "workers spread out (tpe)")
+    qmc_type: Literal["sobol", "halton"] | None = Field(
+        default=None, description="the low-discrepancy sequence (qmc): sobol or halton")
 
     @model_validator(mode="after")
     def _check(self) -> Sampler:
@@ -283,18 +297,36 @@ class Sampler(_Model):
 
 # ---------------------------------------------------------------- pruning
 class Divergence(_Model):
-    enabled: StrictBool = True
-    factor: Number = Field(default=10.0, gt=1.0)
+    """Prune a trial whose loss grows far beyond its best."""
+
+    enabled: StrictBool = Field(default=True, description="prune diverging trials")
+    factor: Number = Field(default=10.0, gt=1.0,
+                           description="a trial diverges once its loss exceeds its best loss "
+                                       "times this")
 
 
 class Pruner(_Model):
-    type: StrictStr = "median"
-    n_startup_trials: StrictInt | None = Field(default=None, ge=0)
-    n_warmup_steps: StrictInt | None = Field(default=None, ge=0)
-    percentile: Number | None = Field(default=None, gt=0, lt=100)
-    min_resource: StrictInt | None = Field(default=None, ge=1)
-    max_resource: StrictInt | None = Field(default=None, ge=1)
-    reduction_factor: StrictInt | None = Field(default=None, ge=2)
+    """The Optuna pruner that stops trials worse than others at the same epoch."""
+
+    type: StrictStr = Field(default="median", description=f"the Optuna pruner: "
+                                                          f"{' | '.join(PRUNERS)}")
+    n_startup_trials: StrictInt | None = Field(
+        default=None, ge=0, description="trials that finish before any is pruned (median, "
+                                        "percentile)")
+    n_warmup_steps: StrictInt | None = Field(
+        default=None, ge=0, description="epochs of a trial before it can be pruned (median, "
+                                        "percentile)")
+    percentile: Number | None = Field(
+        default=None, gt=0, lt=100, description="prune below this percentile of the other "
+                                                "trials (percentile; e.g. 25)")
+    min_resource: StrictInt | None = Field(
+        default=None, ge=1, description="epochs of the first rung (hyperband, asha)")
+    max_resource: StrictInt | None = Field(
+        default=None, ge=1, description="epochs of the last rung, at most the epochs a trial "
+                                        "trains (hyperband)")
+    reduction_factor: StrictInt | None = Field(
+        default=None, ge=2, description="the fraction kept at each rung is 1/this "
+                                        "(hyperband, asha)")
 
     @model_validator(mode="after")
     def _check(self) -> Pruner:
@@ -312,7 +344,7 @@ class Pruner(_Model):
 
 
 class Pruning(_Model):
-    nan: StrictBool = True
+    nan: StrictBool = Field(default=True, description="prune a trial that reports NaN or Inf")
     divergence: Divergence = Divergence()
     pruner: Pruner = Pruner()
 
@@ -324,13 +356,18 @@ class DigitsData(_Model):
 
 class SyntheticData(_Model):
     name: Literal["synthetic"]
-    samples: StrictInt = Field(default=2000, ge=20)
-    features: StrictInt = Field(default=20, ge=1)
-    informative: StrictInt = Field(default=10, ge=1)
-    classes: StrictInt = Field(default=2, ge=2)
-    class_weights: list[Number] | None = None
-    class_sep: Number = Field(default=1.0, gt=0)
-    seed: StrictInt = 0
+    samples: StrictInt = Field(default=2000, ge=20, description="rows to generate (synthetic)")
+    features: StrictInt = Field(default=20, ge=1, description="feature columns (synthetic)")
+    informative: StrictInt = Field(default=10, ge=1,
+                                   description="features that carry the label (synthetic)")
+    classes: StrictInt = Field(default=2, ge=2, description="label classes (synthetic)")
+    class_weights: list[Annotated[Number, Field(description="one class's share of the rows")]
+                        ] | None = Field(
+        default=None, description="the share of each class, one weight per class (synthetic; "
+                                  "default: balanced)")
+    class_sep: Number = Field(default=1.0, gt=0, description="how far apart the classes lie: "
+                                                             "larger is easier (synthetic)")
+    seed: StrictInt = Field(default=0, description="seed of the generator (synthetic)")
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticData:
@@ -349,8 +386,10 @@ class SyntheticData(_Model):
 
 class FileData(_Model):
     name: Literal["file"]
-    path: StrictStr = Field(min_length=1)
-    label_column: StrictStr = "label"
+    path: StrictStr = Field(min_length=1, description="a .csv or .npz file the workers can read "
+                                                      "(file)")
+    label_column: StrictStr = Field(default="label",
+                                    description="the CSV column with the labels (file)")
 
     @field_validator("path")
     @classmethod
@@ -366,9 +405,13 @@ DatasetSpec = _tagged_union("name", DATASET_MODELS)
 
 
 class Split(_Model):
-    validation: Number = Field(default=0.2, gt=0, lt=1)
-    test: Number = Field(default=0.2, gt=0, lt=1)
-    seed: StrictInt = 0
+    """How the data is split into training, validation and test rows (stratified)."""
+
+    validation: Number = Field(default=0.2, gt=0, lt=1,
+                               description="fraction of the rows the objective is measured on")
+    test: Number = Field(default=0.2, gt=0, lt=1,
+                         description="fraction of the rows held out for the final scores")
+    seed: StrictInt = Field(default=0, description="seed of the split")
 
     @model_validator(mode="after")
     def _check(self) -> Split:
@@ -378,13 +421,17 @@ class Split(_Model):
 
 
 class Builtin(_Model):
-    model: StrictStr = "mlp"
+    model: StrictStr = Field(default="mlp", description="the model to train: "
+                                                        f"{' | '.join(MODELS)}")
     dataset: DatasetSpec
     split: Split = Split()
-    epochs: StrictInt = Field(default=20, ge=1)
+    epochs: StrictInt = Field(default=20, ge=1, description="epochs a trial trains (unless "
+                                                            "searched or fixed in params)")
     params: dict[str, Any] = Field(default_factory=dict)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: StrictInt = 0
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where trials train: auto (a GPU when there is one), cpu "
+                                    "or cuda")
+    seed: StrictInt = Field(default=0, description="seed of the model's initialisation")
     balance: Literal["none", "oversample", "weighted"] = Field(
         default="none", description="class imbalance: none; oversample (class-balanced "
                                     "batches); weighted (inverse-frequency class weights in "
@@ -415,7 +462,8 @@ class Trainer(_Model):
     builtin: Builtin | None = None
     entrypoint: StrictStr | None = Field(
         default=None, description="package.module:function taking the kubetune SDK trial")
-    command: list[StrictStr] | None = Field(
+    command: list[Annotated[StrictStr, Field(description="the program, then its arguments")]
+                  ] | None = Field(
         default=None, min_length=1,
         description="a program run per trial: params in KUBETUNE_PARAM_* variables, metrics "
                     "as JSON lines on stdout")
@@ -481,12 +529,15 @@ class Trainer(_Model):
 
 # ---------------------------------------------------------------- storage, artifacts, ensemble
 class SecretRef(_Model):
-    name: StrictStr = Field(min_length=1)
-    key: StrictStr = "url"
+    """The Secret, in the job's namespace, holding the postgresql:// URL of the study."""
+
+    name: StrictStr = Field(min_length=1, description="the Secret's name")
+    key: StrictStr = Field(default="url", description="the key holding the URL")
 
 
 class Storage(_Model):
-    secret_ref: SecretRef | None = None
+    secret_ref: SecretRef | None = Field(
+        default=None, description="the Secret with the storage URL (default: the operator's)")
     heartbeat_interval: StrictInt = Field(
         default=10, ge=1, description="seconds between a running trial's heartbeats")
     grace_period: StrictInt = Field(
@@ -502,7 +553,9 @@ class Storage(_Model):
 
 class Artifacts(_Model):
     path: StrictStr | None = Field(
-        default=None, description="folder shared by the workers (a mounted volume on a cluster)")
+        default=None, description="absolute path of the folder shared by the workers (a mounted "
+                                  "volume on a cluster; in a job file run locally, a relative "
+                                  "path is relative to the file's folder)")
 
 
 class Ensemble(_Model):
@@ -525,6 +578,8 @@ class Ensemble(_Model):
 
 
 class Preflight(_Model):
+    """Checks of the data and the model before the search spends its budget."""
+
     enabled: StrictBool = Field(
         default=True, description="before the search, check that the model can fit a tiny "
                                   "subset of the training data (the data checks always run)")
@@ -536,6 +591,8 @@ class Preflight(_Model):
 
 
 class Cleanup(_Model):
+    """What happens to the job's study when the TuningJob is deleted."""
+
     delete_study: StrictBool = Field(
         default=False, description="delete the Optuna study when the TuningJob is deleted "
                                    "(Kubernetes only; kept by default)")
@@ -558,6 +615,8 @@ class StageData(_Model):
 
 
 class Stage(_Model):
+    """One stage of a coarse-to-fine search: its trials, and the fidelity they run at."""
+
     name: StrictStr | None = Field(
         default=None, min_length=1, max_length=63, description="default stage-1, stage-2...")
     trials: StrictInt = Field(ge=1, description="trials of this stage")
@@ -733,6 +792,11 @@ def parse_job(data: Any, *, document: YamlDocument | None = None,
     except ValidationError as err:
         raise SpecError(_problems_from(err, document)) from None
     problems = _semantic_problems(job.spec)
+    artifacts = job.spec.artifacts.path
+    if base_dir is None and artifacts is not None and not artifacts.startswith("/"):
+        # In a job file a relative path is relative to the file's folder (_resolve_paths).
+        problems.append(Problem("spec.artifacts.path", "must be an absolute path (the folder "
+                                                       "the worker pods share, e.g. /artifacts)"))
     if problems:
         raise SpecError([Problem(p.path, p.message, _line(document, _split_path(p.path)))
                          for p in problems])
@@ -775,7 +839,7 @@ def _resolve_paths(job: TuningJob, base_dir: Path) -> TuningJob:
     if isinstance(dataset, FileData) and not Path(dataset.path).is_absolute():
         data["spec"]["trainer"]["builtin"]["dataset"]["path"] = str(base_dir / dataset.path)
     artifacts = job.spec.artifacts.path
-    if artifacts and not Path(artifacts).is_absolute():
+    if artifacts and not artifacts.startswith("/"):
         data["spec"]["artifacts"]["path"] = str(base_dir / artifacts)
     return TuningJob.model_validate(data)
 
