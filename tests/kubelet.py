@@ -85,6 +85,7 @@ import threading
 import time
 import urllib.parse
 from datetime import datetime, timezone
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -344,11 +345,19 @@ def _field(pod: dict[str, Any], path: str) -> str:
     raise StartError("CreateContainerConfigError", f"unsupported fieldPath {path!r}")
 
 
-def _resource_field(container: dict[str, Any], ref: dict[str, Any]) -> str:
-    resource = ref.get("resource", "")
-    kind, _, name = resource.partition(".")
+def _resource_field(container: dict[str, Any], ref: dict[str, Any],
+                    allocatable: dict[str, str]) -> str:
+    """A ``resourceFieldRef`` as the kubelet resolves it: the amount divided by the divisor
+    (default 1), rounded up; an unset limit is the node's allocatable amount, an unset
+    request 0."""
+    kind, _, name = ref.get("resource", "").partition(".")
     value = ((container.get("resources") or {}).get(kind) or {}).get(name)
-    return str(value) if value is not None else "0"
+    if value is None and kind == "limits":
+        value = allocatable.get(name)
+    if value is None:
+        return "0"
+    amount = quantity(value) / quantity(ref.get("divisor") or "1")
+    return str(int(amount.to_integral_value(rounding=ROUND_CEILING)))
 
 
 _REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -367,6 +376,18 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 _SUFFIXES = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50,
              "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15}
+
+
+_FRACTIONS = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3")}
+
+
+def quantity(text: Any) -> Decimal:
+    """A Kubernetes quantity (``500m``, ``2``, ``1.5Gi``) as a number."""
+    text = str(text).strip()
+    for suffix, factor in {**_SUFFIXES, **_FRACTIONS}.items():
+        if text.endswith(suffix):
+            return Decimal(text[:-len(suffix)]) * factor
+    return Decimal(text)
 
 
 def quantity_int(text: Any) -> int:
@@ -775,7 +796,8 @@ class Kubelet:
                 else:
                     container = next(c.spec for c in run.containers
                                      if c.name == item["resourceFieldRef"].get("containerName"))
-                    value = _resource_field(container, item["resourceFieldRef"])
+                    value = _resource_field(container, item["resourceFieldRef"],
+                                            self._resources())
                 files.append((item["path"], value.encode(), item.get("mode")))
         if "serviceAccountToken" in source:
             ref = source["serviceAccountToken"]
@@ -844,7 +866,7 @@ class Kubelet:
             if "fieldRef" in source:
                 env[name] = _field(run.pod, source["fieldRef"]["fieldPath"])
             elif "resourceFieldRef" in source:
-                env[name] = _resource_field(spec, source["resourceFieldRef"])
+                env[name] = _resource_field(spec, source["resourceFieldRef"], self._resources())
             else:
                 kind = "secret" if "secretKeyRef" in source else "configMap"
                 ref = source.get("secretKeyRef") or source.get("configMapKeyRef") or {}

@@ -563,6 +563,29 @@ def test_a_custom_command_finds_what_it_needs_in_the_environment():
     assert env["KUBETUNE_STORAGE_URL"] == {"secretKeyRef": {"name": SECRET, "key": "db-url"}}
 
 
+def test_worker_threads_follow_the_containers_cpu_limit_else_its_request():
+    """A pod given 2 CPUs on a 64-core node must not run 64 torch threads: the worker reads
+    KUBETUNE_THREADS, which the kubelet sets from the container's CPU (rounded up)."""
+    def threads(template):
+        (container,) = worker_pod(OWNER, _job(template), SETTINGS, StorageSecret(SECRET, "url"),
+                                  0)["spec"]["containers"]
+        return [e for e in container["env"] if e["name"] == "KUBETUNE_THREADS"]
+
+    def field(resource):
+        return [{"name": "KUBETUNE_THREADS", "valueFrom": {"resourceFieldRef": {
+            "resource": resource, "divisor": "1"}}}]
+
+    assert threads({"resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "4"}}}) == \
+        field("limits.cpu")
+    assert threads(GPU_TEMPLATE) == field("requests.cpu")  # no CPU limit: the request
+    assert threads(None) == field("requests.cpu")  # the operator's default resources
+    assert threads({"resources": {"limits": {"nvidia.com/gpu": 1}}}) == []  # torch's default
+    given = [{"name": "KUBETUNE_THREADS", "value": "3"}]
+    assert threads({"resources": {"limits": {"cpu": "4"}}, "env": given}) == given
+    pod = worker_pod(OWNER, _job(GPU_TEMPLATE), SETTINGS, StorageSecret(SECRET, "url"), 0)
+    kubernetes_validate.validate(copy.deepcopy(pod), latest_version(), strict=True)
+
+
 def test_a_code_trainer_runs_its_workers_in_its_own_image():
     body = tuning_job(searchSpace={"depth": {"type": "int", "low": 1, "high": 4}})
     body["spec"]["trainer"] = {"entrypoint": "mymodel.train:objective", "metrics": ["val_accuracy"],

@@ -192,3 +192,31 @@ def test_every_storage_call_optuna_makes_is_retried_through_an_outage():
     plain = {name for name in called
              if getattr(ReconnectingRDBStorage, name) is getattr(RDBStorage, name)}
     assert plain == {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+
+
+def test_a_worker_runs_torch_on_the_threads_its_pod_was_given(postgres_url, tmp_path):
+    """KUBETUNE_THREADS (the operator sets it in worker pods from their CPU) sets torch's
+    threads; --threads wins over it. The default here would be every core."""
+    import os
+
+    from kubetune.worker import env_threads
+
+    job = parse_job(fast_job(name="threads", budget={"maxTrials": 2, "parallelism": 2}))
+    create_or_load_study(open_storage(postgres_url), job)
+    env = {**os.environ, "KUBETUNE_STORAGE_URL": postgres_url, "KUBETUNE_THREADS": "1"}
+    base = [sys.executable, "-m", "kubetune", "worker", "--study", job.study_name,
+            "--artifacts", str(tmp_path / "art")]
+    procs = [subprocess.Popen(base + ["--worker-id", "env"], cwd=REPO_ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
+             subprocess.Popen(base + ["--worker-id", "flag", "--threads", "3"], cwd=REPO_ROOT,
+                              env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)]
+    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert "worker env: 1 torch threads" in outputs[0], outputs[0]
+    assert "worker flag: 3 torch threads" in outputs[1], outputs[1]
+
+    assert env_threads({"KUBETUNE_THREADS": "4"}) == 4
+    for unusable in ("", "0", "1.5", "500m"):  # a CPU request of 0 gives "0"
+        assert env_threads({"KUBETUNE_THREADS": unusable}) is None
+    assert env_threads({}) is None

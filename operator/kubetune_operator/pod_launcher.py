@@ -27,6 +27,7 @@ from kubetune.spec.model import TuningJob
 from kubetune.spec.template import OWN_ENV
 from kubetune.study.urls import STORAGE_ENV
 from kubetune.version import __version__
+from kubetune.worker import THREADS_ENV
 from kubetune_operator.settings import Settings
 
 log = logging.getLogger("kubetune.operator.pods")
@@ -195,6 +196,9 @@ def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: StorageSecret
         # operator puts them into the job's events and its crash-loop message.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    threads = _threads_env(container["resources"])
+    if threads is not None and not any(v.get("name") == THREADS_ENV for v in env):
+        env.append(threads)
     for key in ("envFrom", "workingDir"):
         if key in template:
             container[key] = template[key]
@@ -240,6 +244,17 @@ def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: StorageSecret
     if template.get("annotations"):
         metadata["annotations"] = dict(template["annotations"])
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def _threads_env(resources: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``KUBETUNE_THREADS`` for the worker's torch threads: the container's CPU limit, else
+    its CPU request, in whole CPUs (the downward API rounds up). None with neither: torch
+    then takes every core of the node, however few the pod may use."""
+    for kind in ("limits", "requests"):
+        if (resources.get(kind) or {}).get("cpu") is not None:
+            return {"name": THREADS_ENV, "valueFrom": {"resourceFieldRef": {
+                "resource": f"{kind}.cpu", "divisor": "1"}}}
+    return None
 
 
 def _quantities(resources: Mapping[str, Any]) -> dict[str, Any]:

@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", required=True, metavar="ID")
     worker.add_argument("--artifacts", required=True, metavar="DIR")
     worker.add_argument("--threads", type=_positive_int, metavar="N",
-                        help="torch CPU threads")
+                        help="torch CPU threads (default: $KUBETUNE_THREADS, which the operator "
+                             "sets from the pod's CPU limit or request; else torch's default)")
     worker.add_argument("--code", action="append", metavar="DIR", default=[],
                         help="a folder with the trainer's code, put on the import path; the "
                              "first is the working directory of command trials (default: the "
@@ -250,6 +251,7 @@ def _delegate(name: str, argv: list[str]) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import logging
 
+    from kubetune.worker import env_threads
     from kubetune.worker.loop import WorkerOptions, run_worker
 
     logging.basicConfig(level=logging.INFO,
@@ -259,7 +261,7 @@ def _worker(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     return run_worker(WorkerOptions(storage=args.storage, study=args.study,
                                     worker_id=args.worker_id, artifacts=args.artifacts,
-                                    threads=args.threads, code=args.code))
+                                    threads=args.threads or env_threads(), code=args.code))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -82,6 +82,7 @@ def run_worker(options: WorkerOptions) -> int:
         import torch
 
         torch.set_num_threads(options.threads)
+        log.info("worker %s: %d torch threads", options.worker_id, torch.get_num_threads())
     # Workers started together wait here while the first runs the preflight. They import
     # torch and load the data (cached per process) before, not after, so that none starts
     # the search seconds after the first; bad data is the preflight's to report.
