@@ -12,7 +12,8 @@ bash scripts/setup.sh --test
 export KUBETUNE_SLOW="${KUBETUNE_SLOW:-1}"
 echo "==> running pytest $*"
 rc=0
-"$VENV/bin/python" -m pytest "$@" || rc=$?
+# --durations: the 25 slowest tests at the end, to see where the suite's time goes.
+"$VENV/bin/python" -m pytest --durations=25 "$@" || rc=$?
 
 if [ "$rc" -eq 5 ]; then
     echo "test.sh: error: pytest collected no tests (exit code 5); treating as failure" >&2

@@ -64,3 +64,32 @@ def test_readme_links_point_at_existing_files():
     broken = [target for target in links
               if not (README.parent / unquote(target.split("#", 1)[0])).exists()]
     assert broken == [], f"README.md links to missing files: {broken}"
+
+
+def test_every_command_in_help_is_documented_and_run_help_names_every_storage_scheme():
+    """`kubetune --help` and docs/running-locally.md's command list agree, and `run --help`
+    names the storage URLs `run` accepts."""
+    def help_of(*args):
+        proc = subprocess.run([sys.executable, "-m", "kubetune", *args, "--help"],
+                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    listed = re.findall(r"^    ([a-z]+) ", help_of(), re.MULTILINE)  # the COMMAND list
+    assert "ensemble" in listed and "run" in listed
+    page = (REPO_ROOT / "docs" / "running-locally.md").read_text()
+    block = page.split("## Commands", 1)[1].split("```", 2)[1]
+    documented = set(re.findall(r"^kubetune (\w+)", block, re.MULTILINE))
+    assert set(listed) - documented == set(), "commands in --help but not in the docs"
+    run_help = " ".join(help_of("run").split())
+    for scheme in ("postgresql://", "sqlite:///", "journal file"):
+        assert scheme in run_help, scheme
+
+
+def test_the_readme_test_command_reports_the_slowest_tests():
+    """`bash scripts/test.sh` (and so `.ci/run`) ends with pytest's timing of the slowest
+    tests: where a 20-minute suite spends its time."""
+    script = (REPO_ROOT / "scripts" / "test.sh").read_text()
+    [pytest_line] = [line for line in script.splitlines() if "-m pytest" in line]
+    assert re.search(r"--durations=\d+", pytest_line), pytest_line
+    assert "bash scripts/test.sh" in (REPO_ROOT / ".ci" / "run").read_text()
