@@ -46,7 +46,7 @@ from kubetune.study.schema import (
     study_name,
 )
 from kubetune.study.storage import is_outage, open_job_storage, outage_message
-from kubetune.study.urls import is_rdb, normalize_url, redact
+from kubetune.study.urls import normalize_url
 from kubetune_operator.pod_launcher import (
     Owner,
     PodLauncher,
@@ -56,6 +56,13 @@ from kubetune_operator.pod_launcher import (
     list_job_pods,
 )
 from kubetune_operator.settings import Settings
+from kubetune_operator.storage_urls import (
+    BadStorageURL,
+    StorageURL,
+    cannot_connect,
+    check_storage_url,
+)
+from kubetune_operator.tenant_databases import ProvisionError, TenantDatabases
 
 log = logging.getLogger("kubetune.operator")
 
@@ -73,11 +80,19 @@ MAX_RETRY_DELAY_S = 300.0
 # deletion handler is retried (kopf: up to 5 times, 10 s apart with the default settings).
 STUDY_DELETE_WAIT_S = 20.0
 CONNECT_TIMEOUT_S = 10
+ADMIN_URL_TTL_S = 60.0
+# The label of the storage Secrets the operator writes (with an admin storage Secret).
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "kubetune-operator"
 
 
 class StorageUnavailable(Exception):
-    """The job's storage cannot be reached now (Secret missing, database down): retry later."""
+    """The job's storage cannot be reached now (Secret missing, database down): retry later.
+    ``outage``: the database did not answer (the message then says where, nothing more)."""
 
+    def __init__(self, message: str, outage: bool = False) -> None:
+        super().__init__(message)
+        self.outage = outage
 
 class StudyInUse(StorageUnavailable):
     """The study cannot be deleted yet: the job's pods still write to it. Retry later."""
@@ -112,6 +127,9 @@ class Reconciler:
         self._storages: dict[tuple[Any, ...], BaseStorage] = {}
         self._opening: dict[str, threading.Lock] = {}  # per storage URL
         self._jobs: dict[str, threading.Lock] = {}  # per TuningJob uid
+        self._users: dict[str, set[str]] = {}  # storage URL -> uids of the jobs using it
+        self.tenants = TenantDatabases()
+        self._admin: tuple[float, StorageURL] | None = None  # admin URL, when read
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -149,14 +167,16 @@ class Reconciler:
             return self._invalid(previous, generation, problems)
         owner = Owner.of(body)
         secret = secret_ref(body, self.settings)
+        target: StorageURL | None = None
         try:
-            url = self._storage_url(owner.namespace, secret)
+            secret, target = self._job_storage(owner, secret)
+            url = target.url
             job, events = self._accept(url, owner, current, problems, edited)
             study = _call_storage(optuna.Study, study_name=job.study_name,
                                   storage=self._storage(url, job),
                                   sampler=optuna.samplers.RandomSampler())
         except StorageUnavailable as err:
-            return self._unavailable(previous, generation, str(err))
+            return self._unavailable(previous, generation, _unavailable_message(err, target))
         except StudyMismatch as err:
             return self._failed(previous, generation, "StudyMismatch", str(err))
         except SpecError as err:
@@ -167,7 +187,8 @@ class Reconciler:
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
             if not isinstance(err, SQLAlchemyError) and not is_outage(err):
                 raise
-            return self._unavailable(previous, generation, _db_error(err))
+            return self._unavailable(previous, generation, _unavailable_message(
+                StorageUnavailable(_db_error(err), is_outage(err)), target))
         except TemplateRejected as err:
             delete_job_pods(self.core, owner.namespace, owner.name)
             return self._failed(previous, generation, "InvalidPodTemplate",
@@ -230,6 +251,7 @@ class Reconciler:
             events = self._delete(body)
         with self._lock:
             self._jobs.pop(body["metadata"]["uid"], None)
+        self._release_storages(body["metadata"]["uid"])
         return events
 
     def _delete(self, body: Mapping[str, Any]) -> list[Event]:
@@ -244,8 +266,8 @@ class Reconciler:
             # delete that lost the race). So first wait for the pods to be gone.
             self._wait_for_no_pods(owner)
             name = study_name(owner.namespace, owner.name)
-            url = self._storage_url(owner.namespace, secret_ref(body, self.settings))
-            storage = self._storage(url, None)
+            _, target = self._job_storage(owner, secret_ref(body, self.settings), write=False)
+            storage = self._storage(target.url, None)
             try:
                 _call_storage(optuna.delete_study, study_name=name, storage=storage)
             except KeyError:
@@ -267,26 +289,112 @@ class Reconciler:
             time.sleep(0.5)
 
     # ------------------------------------------------------------------ storage
-    def _storage_url(self, namespace: str, secret: StorageSecret) -> str:
+    def _job_storage(self, owner: Owner, secret: StorageSecret, write: bool = True
+                     ) -> tuple[StorageSecret, StorageURL]:
+        """The Secret the job's pods read the storage URL from, and the URL the operator
+        connects with. With an admin storage Secret, the Secret ``storage_secret`` of every
+        namespace is the operator's: it holds the namespace's own database URL, which the
+        operator computes (never reading back what a tenant may have written there), and
+        writes there unless ``write`` is false (a deleted job needs no Secret)."""
+        settings = self.settings
+        if settings.admin_storage_secret and secret.name == settings.storage_secret:
+            secret = StorageSecret(settings.storage_secret, settings.storage_secret_key)
+            target = self._tenant_storage(owner.namespace, secret, write)
+        else:
+            target = self._storage_url(owner.namespace, secret)
+        self._release_storages(owner.uid, keep=target.url)
+        return secret, target
+
+    def _storage_url(self, namespace: str, secret: StorageSecret) -> StorageURL:
+        """The URL in the job's Secret, checked: a PostgreSQL URL to an allowed host. No
+        message says what the Secret held."""
+        where = f"storage Secret {namespace}/{secret.name} key {secret.key!r}"
+        value = self._read_secret(namespace, secret,
+                                  "create it with the storage URL under key "
+                                  f"{secret.key!r}, or set spec.storage.secretRef")
+        try:
+            return check_storage_url(value, where, self.settings.allowed_storage_hosts)
+        except BadStorageURL as err:
+            raise StorageUnavailable(str(err)) from None
+
+    def _read_secret(self, namespace: str, secret: StorageSecret, hint: str) -> str:
         try:
             response = self.core.read_namespaced_secret(secret.name, namespace,
                                                         _preload_content=False)
         except ApiException as err:
-            what = (f"not found: create it with the storage URL under key {secret.key!r}, or set "
-                    "spec.storage.secretRef") if err.status == 404 else \
+            what = f"not found: {hint}" if err.status == 404 else \
                 f"unreadable ({err.status} {err.reason})"
             raise StorageUnavailable(f"storage Secret {namespace}/{secret.name} {what}") from None
         data = json.loads(response.data).get("data") or {}
         if secret.key not in data:
             raise StorageUnavailable(f"storage Secret {namespace}/{secret.name} has no key "
                                      f"{secret.key!r}")
-        return base64.b64decode(data[secret.key]).decode().strip()
+        try:
+            return base64.b64decode(data[secret.key]).decode()
+        except ValueError:
+            raise StorageUnavailable(f"storage Secret {namespace}/{secret.name} key "
+                                     f"{secret.key!r} is not UTF-8 text") from None
+
+    def _tenant_storage(self, namespace: str, secret: StorageSecret,
+                        write: bool = True) -> StorageURL:
+        """The namespace's own database (made on first use), its URL written to the
+        namespace's Secret for the pods."""
+        try:
+            database = self.tenants.provision(self._admin_url(), namespace)
+        except ProvisionError as err:
+            raise StorageUnavailable(str(err)) from None
+        if write:
+            write_tenant_secret(self.core, namespace, secret, database.url)
+        return check_storage_url(database.url, f"the storage of namespace {namespace}")
+
+    def _admin_url(self) -> StorageURL:
+        """The admin URL from the operator's own namespace; re-read once a minute."""
+        settings = self.settings
+        with self._lock:
+            if self._admin is not None and time.monotonic() - self._admin[0] < ADMIN_URL_TTL_S:
+                return self._admin[1]
+        if not settings.operator_namespace:
+            raise StorageUnavailable("the operator has an admin storage Secret but no "
+                                     "namespace to read it from (--operator-namespace)")
+        secret = StorageSecret(settings.admin_storage_secret or "",
+                               settings.admin_storage_secret_key)
+        where = (f"the operator's admin storage Secret {settings.operator_namespace}/"
+                 f"{secret.name} key {secret.key!r}")
+        try:
+            value = self._read_secret(settings.operator_namespace, secret,
+                                      "the cluster admin must create it")
+            admin = check_storage_url(value, where)
+        except (StorageUnavailable, BadStorageURL) as err:
+            log.warning("%s", err)
+            raise StorageUnavailable("the operator's admin storage is misconfigured; "
+                                     "the cluster admin can see why in its log") from None
+        with self._lock:
+            self._admin = (time.monotonic(), admin)
+        return admin
+
+    def _release_storages(self, uid: str, keep: str | None = None) -> None:
+        """Job ``uid`` uses storage ``keep`` now (None: it was deleted); close the cached
+        storages that no job uses any more."""
+        with self._lock:
+            unused = []
+            for url, users in list(self._users.items()):
+                if uid in users and url != keep:
+                    users.discard(uid)
+                    if not users:
+                        unused.append(url)
+                        del self._users[url]
+                        self._opening.pop(url, None)
+            if keep is not None:
+                self._users.setdefault(keep, set()).add(uid)
+            dropped = [self._storages.pop(key) for key in list(self._storages)
+                       if key[0] in unused]
+        for storage in dropped:
+            engine = getattr(storage, "engine", None)
+            if engine is not None:
+                engine.dispose()
 
     def _storage(self, url: str, job: TuningJob | None) -> BaseStorage:
         """An open storage per URL and heartbeat settings, kept for the next reconciles."""
-        if not is_rdb(url):
-            raise StorageUnavailable(f"the storage URL ({redact(url)}) is no database URL: "
-                                     "the operator needs postgresql://... shared with the pods")
         spec = job.spec if job is not None else None
         key = (url, spec and spec.storage.heartbeat_interval, spec and spec.storage.grace_period,
                spec and spec.budget.max_retries)
@@ -506,7 +614,53 @@ def _call_storage(fn: Any, *args: Any, **kwargs: Any) -> Any:
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
         if not isinstance(err, SQLAlchemyError) and not is_outage(err):
             raise
-        raise StorageUnavailable(_db_error(err)) from None
+        raise StorageUnavailable(_db_error(err), is_outage(err)) from None
+
+
+def _unavailable_message(err: StorageUnavailable, target: StorageURL | None) -> str:
+    """What the status says: for a database that did not answer, where it is and no more
+    (the server's answer would make the operator a probe of whatever a URL names)."""
+    if err.outage:
+        return "storage unreachable: " + cannot_connect(target)
+    return str(err)
+
+
+def write_tenant_secret(core: CoreV1Api, namespace: str, secret: StorageSecret,
+                        url: str) -> None:
+    """The namespace's storage Secret holds ``url``: created, or corrected if the operator
+    made it; a same-named Secret the operator did not make is left alone and refused."""
+    encoded = base64.b64encode(url.encode()).decode()
+    try:
+        response = core.read_namespaced_secret(secret.name, namespace, _preload_content=False)
+    except ApiException as err:
+        if err.status != 404:
+            raise StorageUnavailable(f"storage Secret {namespace}/{secret.name} unreadable "
+                                     f"({err.status} {err.reason})") from None
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": secret.name, "namespace": namespace,
+                             "labels": {MANAGED_BY: MANAGER}},
+                "data": {secret.key: encoded}}
+        try:
+            core.create_namespaced_secret(namespace, body)
+        except ApiException as err:
+            if err.status != 409:  # 409: another reconcile made it just now
+                raise StorageUnavailable(f"cannot create storage Secret {namespace}/"
+                                         f"{secret.name} ({err.status} {err.reason})") from None
+        return
+    current = json.loads(response.data)
+    if ((current.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY) != MANAGER:
+        raise StorageUnavailable(
+            f"Secret {namespace}/{secret.name} exists and was not made by kubetune: the "
+            "operator keeps this namespace's database credentials there and will not "
+            "overwrite it. Delete or rename it, or name your own Secret in "
+            "spec.storage.secretRef")
+    if (current.get("data") or {}).get(secret.key) != encoded:
+        try:
+            core.patch_namespaced_secret(secret.name, namespace,
+                                         {"data": {secret.key: encoded}})
+        except ApiException as err:
+            raise StorageUnavailable(f"cannot update storage Secret {namespace}/"
+                                     f"{secret.name} ({err.status} {err.reason})") from None
 
 
 def _db_error(err: Exception) -> str:

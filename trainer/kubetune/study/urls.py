@@ -29,5 +29,9 @@ def redact(url: str) -> str:
     if not is_rdb(url):
         return url
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    return make_url(normalize_url(url)).render_as_string(hide_password=True)
+    try:
+        return make_url(normalize_url(url)).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):  # its message may quote the URL
+        return "(a database URL that cannot be parsed)"
