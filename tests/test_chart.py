@@ -3,6 +3,7 @@ Kubernetes schemas (kubernetes-validate)."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 
 import helm_python as helm
@@ -23,7 +24,10 @@ TOGGLES = {
     "dashboard": [{"metrics": {"dashboard": {"enabled": True}}}],
     "storage": [{"postgresql": {"external": {"secretName": "my-db", "secretKey": "dsn"}}},
                 {"postgresql": {"bundled": {"enabled": False},
-                                "external": {"secretName": "my-db"}}}],
+                                "external": {"secretName": "my-db"}}},
+                {"postgresql": {"external": {"adminSecretName": "pg-admin",
+                                             "adminSecretKey": "dsn"}}},
+                {"postgresql": {"bundled": {"existingSecret": "pg-superuser"}}}],
     "namespaces": [{"operator": {"watchNamespaces": ["ml-team", "research"]}}],
     "replicas": [{"operator": {"replicas": 2}},
                  {"operator": {"replicas": 3, "watchNamespaces": ["ml-team"]}}],
@@ -158,7 +162,8 @@ def test_cluster_role_without_namespaces_roles_per_namespace_with_them():
     assert not {"ClusterRoleBinding"} & {d["kind"] for d in scoped}
     assert {d["metadata"]["name"] for d in scoped if d["kind"] == "ClusterRole"} == \
         {"kubetune-edit", "kubetune-view"}
-    roles = {d["metadata"]["namespace"] for d in scoped if d["kind"] == "Role"}
+    roles = {d["metadata"]["namespace"] for d in scoped if d["kind"] == "Role"
+             and d["metadata"]["name"] == "kubetune"}
     assert roles == {"ml-team", "research"}
 
 
@@ -170,15 +175,70 @@ def test_rbac_rules_have_no_wildcards():
                     assert "*" not in rule[key], rule
 
 
-def test_bundled_storage_secret_exists_in_every_job_namespace():
-    docs = _render(TOGGLES["namespaces"][0])
-    secrets = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs
-               if d["kind"] == "Secret"}
-    for namespace in ("ml-team", "research", "kubetune"):
-        assert (namespace, "kubetune-storage") in secrets
-    url = next(d for d in docs if d["kind"] == "Secret"
-               and d["metadata"]["name"] == "kubetune-storage")["stringData"]["url"]
+def test_no_tenant_namespace_gets_a_database_url_the_operator_keeps_the_admin_one():
+    """The bundled PostgreSQL's superuser URL is in one Secret, in the release namespace,
+    read by the operator (and that Secret only, serving some namespaces); the operator makes
+    each namespace's database and writes its Secret itself."""
+    values = TOGGLES["namespaces"][0]
+    settings, docs = _operator_settings(values)
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    assert [(d["metadata"]["namespace"], d["metadata"]["name"]) for d in secrets] == \
+        [("kubetune", "kubetune-postgresql")]
+    url = base64.b64decode(secrets[0]["data"]["url"]).decode()
     assert url.startswith("postgresql://kubetune:") and "kubetune-postgresql.kubetune.svc" in url
+    assert (settings.admin_storage_secret, settings.admin_storage_secret_key) == \
+        ("kubetune-postgresql", "url")
+    assert settings.storage_secret == "kubetune-storage"
+    admin_role = next(d for d in docs if d["kind"] == "Role"
+                      and d["metadata"]["name"] == "kubetune-admin-storage")
+    assert admin_role["metadata"]["namespace"] == "kubetune"
+    assert admin_role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
+                                    "resourceNames": ["kubetune-postgresql"], "verbs": ["get"]}]
+    operator_rules = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"]
+                          == "kubetune" and d["metadata"]["namespace"] == "ml-team")["rules"]
+    assert {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]} \
+        in operator_rules
+
+
+def test_storage_modes_configure_the_operator():
+    own, docs = _operator_settings({"postgresql": {"bundled": {"existingSecret": "pg-su"}}})
+    assert own.admin_storage_secret == "pg-su"
+    assert not [d for d in docs if d["kind"] == "Secret"]  # the admin brings the password
+    statefulset = next(d for d in docs if d["kind"] == "StatefulSet")
+    env = statefulset["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "POSTGRES_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": "pg-su", "key": "password"}}} in env
+    managed, docs = _operator_settings(TOGGLES["storage"][2])
+    assert (managed.admin_storage_secret, managed.admin_storage_secret_key) == \
+        ("pg-admin", "dsn")
+    assert not {"StatefulSet", "Secret"} & {d["kind"] for d in docs}
+    given, docs = _operator_settings(TOGGLES["storage"][1])
+    assert given.admin_storage_secret is None and given.storage_secret == "my-db"
+    rules = next(d for d in docs if d["kind"] == "ClusterRole"
+                 and d["metadata"]["name"] == "kubetune")["rules"]
+    assert {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]} in rules
+    with pytest.raises(Exception, match="not both"):
+        _render({"postgresql": {"external": {"secretName": "a", "adminSecretName": "b"}}})
+
+
+def test_only_the_operator_and_kubetune_pods_may_reach_the_bundled_postgresql():
+    policy = next(d for d in _render({}) if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"] == "kubetune-postgresql")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == \
+        "postgresql"
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    operator, pods = rule["from"]
+    assert operator["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert {"key": "kubetune.io/role", "operator": "In", "values": ["worker", "ensemble"]} in \
+        pods["podSelector"]["matchExpressions"]
+    scoped = next(d for d in _render(TOGGLES["namespaces"][0]) if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"] == "kubetune-postgresql")
+    assert scoped["spec"]["ingress"][0]["from"][1]["namespaceSelector"] == {
+        "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In",
+                              "values": ["ml-team", "research"]}]}
+    assert not [d for d in _render(TOGGLES["storage"][2]) if d["kind"] == "NetworkPolicy"
+                and d["metadata"]["name"] == "kubetune-postgresql"]
 
 
 def test_more_replicas_turn_on_peering():

@@ -11,6 +11,7 @@ TokenRequest token of the release's ServiceAccount. Its log must hold no 403.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -488,3 +489,54 @@ def test_two_replicas_one_works_and_the_other_takes_over(control_plane, stack):
         delete_job(cp, jobs_ns, name, [second])
     first.assert_no_forbidden()
     second.assert_no_forbidden()
+
+
+def test_the_operator_makes_each_namespace_its_database_with_the_charts_rights(
+        control_plane, stack, postgres_server):
+    """postgresql.external.adminSecretName: the admin URL in one Secret of the release
+    namespace, read by the operator as the chart's ServiceAccount (a Role on that Secret
+    only), which makes the served namespace's database and writes its storage Secret (and
+    puts it back when a tenant rewrites it)."""
+    cp = control_plane
+    release_ns = stack.namespace("kt-release", storage=False)
+    team = stack.namespace("kt-team", storage=False)
+    cp.kubectl("create", "secret", "generic", "pg-admin", "-n", release_ns,
+               f"--from-literal=url={stack.storage_url}")
+    chart_values = values(watchNamespaces=[team])
+    chart_values["postgresql"] = {"bundled": {"enabled": False},
+                                  "external": {"adminSecretName": "pg-admin"}}
+    docs = stack.install("own", release_ns, chart_values)
+    deployment = assert_chart_objects(cp, docs, release_ns)
+    admin_role = get(cp, "role", "own-kubetune-admin-storage", "-n", release_ns)
+    assert admin_role["rules"][0]["resourceNames"] == ["pg-admin"]
+    assert not [d for d in docs if d["kind"] == "Secret"]  # the chart copies no URL anywhere
+
+    op = stack.operator(deployment, "own-kubetune-0")
+    role = "kt_" + team.replace("-", "_")
+    try:
+        apply_job(cp, team, "fit")
+        assert_served(cp, team, "fit", [op])
+        secret = get(cp, "secret", "own-kubetune-storage", "-n", team)
+        url = base64.b64decode(secret["data"]["url"]).decode()
+        assert url.startswith(f"postgresql://{role}:") and url.endswith(f"/{role}")
+        assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == \
+            "kubetune-operator"
+        for pod in job_pods(cp, team, "fit"):
+            env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+            assert env["KUBETUNE_STORAGE_URL"]["valueFrom"]["secretKeyRef"] == \
+                {"name": "own-kubetune-storage", "key": "url"}
+        # A tenant points the Secret elsewhere: the operator (patch) puts its URL back.
+        forged = base64.b64encode(b"postgresql://x:y@elsewhere:5432/z").decode()
+        cp.kubectl("patch", "secret", "own-kubetune-storage", "-n", team, "-p",
+                   json.dumps({"data": {"url": forged}}))
+        until(lambda: get(cp, "secret", "own-kubetune-storage", "-n", team)["data"]["url"]
+              != forged, "the operator to restore the storage Secret", [op])
+        delete_job(cp, team, "fit", [op])
+        op.assert_no_forbidden()
+    finally:
+        op.stop()
+        conn = postgres_server.connect(autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{role}" WITH (FORCE)')
+            cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+        conn.close()

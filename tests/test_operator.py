@@ -778,6 +778,11 @@ JUSTIFIED = {
     ("", "pods", "get"):
         "reading a pod whose name a worker slot wants (409 on create): "
         "tests/test_chart_install.py makes one, as the chart's ServiceAccount",
+    ("", "secrets", "create"):
+        "writing a namespace's storage Secret with its own database's URL (admin storage "
+        "Secret): tests/test_tenant_storage.py, on the real control plane",
+    ("", "secrets", "patch"):
+        "correcting that Secret when it holds another URL: tests/test_tenant_storage.py",
 }
 
 

@@ -70,9 +70,10 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
-{{/* The Secret (key "url") the operator hands to workers when a job names none. */}}
+{{/* The Secret (in each job's namespace) the operator hands to workers when a job names
+     none: the admin's own (external.secretName), or one the operator writes per namespace. */}}
 {{- define "kubetune.storageSecretName" -}}
-{{- if .Values.postgresql.external.secretName -}}
+{{- if and .Values.postgresql.external.secretName (not .Values.postgresql.external.adminSecretName) -}}
 {{- .Values.postgresql.external.secretName -}}
 {{- else -}}
 {{- printf "%s-storage" (include "kubetune.fullname" .) -}}
@@ -80,8 +81,33 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{- define "kubetune.storageSecretKey" -}}
-{{- if .Values.postgresql.external.secretName -}}
+{{- if and .Values.postgresql.external.secretName (not .Values.postgresql.external.adminSecretName) -}}
 {{- .Values.postgresql.external.secretKey -}}
+{{- else -}}
+url
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the chart runs the bundled PostgreSQL ("true" or ""). */}}
+{{- define "kubetune.bundledPostgresql" -}}
+{{- if and .Values.postgresql.bundled.enabled (not .Values.postgresql.external.secretName) (not .Values.postgresql.external.adminSecretName) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret in the release namespace holding the admin URL the operator makes each
+     namespace's database and role with; empty when the admin gives per-namespace Secrets. */}}
+{{- define "kubetune.adminStorageSecretName" -}}
+{{- if .Values.postgresql.external.adminSecretName -}}
+{{- .Values.postgresql.external.adminSecretName -}}
+{{- else if include "kubetune.bundledPostgresql" . -}}
+{{- .Values.postgresql.bundled.existingSecret | default (include "kubetune.postgresqlName" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubetune.adminStorageSecretKey" -}}
+{{- if .Values.postgresql.external.adminSecretName -}}
+{{- .Values.postgresql.external.adminSecretKey -}}
 {{- else -}}
 url
 {{- end -}}
