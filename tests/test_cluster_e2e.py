@@ -5,28 +5,40 @@ kubelet whose Node ``gpu-node`` has 2 ``nvidia.com/gpu`` and runs pods as local 
 (tests/kubelet.py), ``kubetune operator`` as a local process watching the test's namespace
 (tests/cluster_operator.py) and a PostgreSQL database per test, whose URL is in the
 namespace's ``kubetune-storage`` Secret. Every wait has a deadline (``kubectl wait`` or
-polling the API); a failure shows the operator's log, the kubelet's and the job.
+polling the API); a failure shows the operator's log, the kubelet's and the job. Where pods
+must never be duplicated (the operator killed, budgets edited), ``PodWatch`` follows every
+state of the job's pods through a watch, not by sampling.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
+from kubetune.search.budget import count_trials
 from kubetune.study.schema import study_name
 
 from conftest import fast_job, kubetune, write_job
+from fault_checks import assert_job_whole
 
 pytestmark = pytest.mark.timeout(420)
 
 NODE = "gpu-node"  # the kubelet fixture's Node
 WAIT_S = 240  # a job of a few synthetic trials on 2 busy cores
+# Trials of a few seconds each (two workers on 2 busy cores): long enough to be caught in
+# flight by an operator kill or a budget edit, short enough for the suite.
+SLOWER_TRAINER = {"builtin": {
+    "dataset": {"name": "synthetic", "samples": 2000, "features": 20, "classes": 3},
+    "epochs": 10, "params": {"batch_size": 16}}}
 
 
 @dataclass
@@ -150,10 +162,13 @@ def test_a_gpu_job_runs_on_the_gpu_node_to_completion(cluster):
         limits = pod["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == "1", limits
         assert pod["status"]["podIP"] and pod["status"]["containerStatuses"][0]["ready"]
-    # kubectl logs reaches the node's kubelet through the API server
-    c.poll(name, lambda: "started on study" in c.kubectl(
-        "logs", f"{name}-worker-0", "--tail=20", check=False).stdout,
-        "kubectl logs to show the worker's output", timeout=120)
+    # kubectl logs reaches the node's kubelet through the API server. The worker runs torch on
+    # the CPU its pod asked for (500m: 1 thread), not on every core of the node.
+    logs = c.poll(name, lambda: (out := c.kubectl("logs", f"{name}-worker-0",
+                                                  check=False).stdout)
+                  and "started on study" in out and out,
+                  "kubectl logs to show the worker's output", timeout=120)
+    assert f"worker {name}-worker-0: 1 torch threads" in logs, logs
 
     c.wait(name, "Complete")
     status = c.status(name)
@@ -302,3 +317,215 @@ def test_a_restricted_namespace_admits_the_worker_and_ensemble_pods(cluster, tmp
         c.kubectl("delete", "tj", "--all", "--timeout=60s", check=False, timeout=90)
         c.kubectl("delete", "pvc", "artifacts", "--wait=false", check=False)
         c.cp.kubectl("delete", "pv", pv, "--wait=false", check=False)
+
+
+# ---------------------------------------------------------------- the operator killed, budgets
+@dataclass
+class PodWatch:
+    """Every state of a job's pods in order, from a watch on the API server (in a thread):
+    the most worker pods that ran at once and the uids each pod name had. A worker pod
+    counts as running until it ends or its deletion starts."""
+
+    c: Cluster
+    job: str
+    most_running: int = 0
+    same_slot: list[str] = field(default_factory=list)  # two running pods of one slot
+    uids: dict[str, set[str]] = field(default_factory=dict)
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        from kubernetes import client, config
+
+        self._api = client.CoreV1Api(config.new_client_from_config(str(self.c.cp.kubeconfig)))
+        self._pods: dict[str, dict] = {}
+        self._lock = threading.Lock()  # the watch thread writes _pods, the test reads it
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pod-watch", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self._api.api_client.close()
+
+    def running(self) -> list[dict]:
+        assert self.error is None, f"the pod watch failed: {self.error!r}"
+        with self._lock:
+            return self._running()
+
+    def _running(self) -> list[dict]:
+        return [p for p in self._pods.values()
+                if p["metadata"].get("labels", {}).get("kubetune.io/role") == "worker"
+                and not p["metadata"].get("deletionTimestamp")
+                and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+
+    def _seen(self, pod: dict, deleted: bool = False) -> None:
+        meta = pod["metadata"]
+        with self._lock:
+            self.uids.setdefault(meta["name"], set()).add(meta["uid"])
+            if deleted:
+                self._pods.pop(meta["name"], None)
+            else:
+                self._pods[meta["name"]] = pod
+            running = self._running()
+        self.most_running = max(self.most_running, len(running))
+        slots = [p["metadata"]["labels"].get("kubetune.io/slot") for p in running]
+        if len(slots) != len(set(slots)):
+            self.same_slot.append(", ".join(p["metadata"]["name"] for p in running))
+
+    def _run(self) -> None:
+        from kubernetes.watch.watch import iter_resp_lines
+
+        selector = f"kubetune.io/job={self.job}"
+        try:
+            listed = json.loads(self._api.list_namespaced_pod(
+                self.c.ns, label_selector=selector, _preload_content=False).data)
+            for pod in listed["items"]:
+                self._seen(pod)
+            version = listed["metadata"]["resourceVersion"]
+            while not self._stop.is_set():  # short watches, each resumed where the last ended
+                response = self._api.list_namespaced_pod(
+                    self.c.ns, label_selector=selector, watch=True, resource_version=version,
+                    timeout_seconds=5, _preload_content=False)
+                try:
+                    for line in iter_resp_lines(response):
+                        event = json.loads(line)
+                        if event["type"] == "ERROR":  # e.g. 410 Gone: states were missed
+                            raise AssertionError(f"pod watch: {event['object']}")
+                        self._seen(event["object"], deleted=event["type"] == "DELETED")
+                        version = event["object"]["metadata"]["resourceVersion"]
+                finally:
+                    response.release_conn()
+        except Exception as err:  # noqa: BLE001 - reported by running() and check()
+            self.error = err
+
+    def check(self, parallelism: int) -> None:
+        """No more than ``parallelism`` worker pods ever ran at once, two never in one slot,
+        and the watch saw it all."""
+        assert self.error is None, f"the pod watch failed: {self.error!r}"
+        assert self._thread.is_alive() or self._stop.is_set(), "the pod watch stopped"
+        assert not self.same_slot, f"two running pods in one slot: {self.same_slot}"
+        assert self.most_running <= parallelism, (
+            f"{self.most_running} worker pods ran at once, parallelism {parallelism}")
+
+
+def study_trials(c: Cluster, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=study_name(c.ns, name),
+                                 storage=c.url).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def restart(c: Cluster, name: str) -> None:
+    """SIGKILL the operator (no cleanup of any kind), then start the same command again and
+    wait until it has reconciled the job once."""
+    c.operator.proc.kill()
+    c.operator.proc.wait(30)
+    logged = len(c.operator.log.read_bytes())
+    c.operator.start()
+    c.poll(name, lambda: b"Timer 'sync' succeeded" in c.operator.log.read_bytes()[logged:],
+           "the restarted operator to reconcile the job", timeout=120)
+
+
+def test_an_operator_killed_mid_job_twice_makes_no_duplicate_pod_and_runs_exactly_max_trials(
+        cluster):
+    c = cluster()
+    max_trials = 8
+    name = c.apply(fast_job("survivor", budget={"maxTrials": max_trials, "parallelism": 2},
+                            ensemble={"enabled": False}, trainer=SLOWER_TRAINER))
+    completed: dict[int, float] = {}
+    in_flight: set[int] = set()
+    kills = 0
+    with PodWatch(c, name) as pods:
+        while kills < 2:
+            def mid_trial_or_done(done=kills):
+                """Both workers up with a trial in flight (after one more trial finished,
+                for the second kill); or the workers, which need no operator, are done."""
+                trials = study_trials(c, name) if len(pods.running()) == 2 or done else []
+                counts = count_trials(trials)
+                if counts.finished == max_trials:
+                    return "done", trials
+                mid = len(pods.running()) == 2 and counts.running and counts.finished >= done
+                return ("kill", trials) if mid else None
+
+            what, trials = c.poll(name, mid_trial_or_done, f"kill {kills + 1}: a trial in flight")
+            if what == "done":  # a fast machine: the job ended before a second kill
+                break
+            completed.update({t.number: t.value for t in trials
+                              if t.state == TrialState.COMPLETE})
+            in_flight |= {t.number for t in trials if t.state == TrialState.RUNNING}
+            restart(c, name)
+            kills += 1
+        assert kills >= 1 and len(completed) < max_trials  # killed mid-job
+        c.wait(name, "Complete")
+        c.poll(name, lambda: not pods.running(), "the workers to exit")
+    pods.check(parallelism=2)
+
+    trials = study_trials(c, name)
+    assert count_trials(trials).finished == max_trials, [(t.number, t.state) for t in trials]
+    assert_job_whole(trials, max_trials, completed, in_flight)
+    assert {n: len(u) for n, u in pods.uids.items()} == {
+        f"{name}-worker-0": 1, f"{name}-worker-1": 1}  # no pod created twice, none extra
+    status = c.status(name)
+    assert status["phase"] == "Succeeded" and status["progress"] == f"{max_trials}/{max_trials}"
+    results = kubetune("results", name, "-n", c.ns, "--json",
+                       env={**os.environ, "KUBECONFIG": str(c.cp.kubeconfig)})
+    assert results.returncode == 0, results.stderr
+    counted = json.loads(results.stdout)["trials"]
+    assert counted["complete"] + counted["pruned"] + counted["failed"] == max_trials, counted
+    assert "Traceback" not in c.operator.log.read_text(errors="replace")
+
+
+def test_budget_edits_with_kubectl_patch_scale_the_pods_and_move_the_end(cluster):
+    c = cluster()
+    name = c.apply(fast_job("edited", budget={"maxTrials": 3, "parallelism": 1},
+                            ensemble={"enabled": False}, trainer=SLOWER_TRAINER))
+
+    def patch(**budget) -> None:
+        c.kubectl("patch", "tj", name, "--type", "merge", "-p",
+                  json.dumps({"spec": {"budget": budget}}))
+
+    def running(count: int):
+        return lambda: len([p for p in pods.running()
+                            if p.get("status", {}).get("phase") == "Running"]) == count
+
+    with PodWatch(c, name) as pods:
+        c.poll(name, running(1), "the first worker pod running")
+        patch(maxTrials=30, parallelism=2)  # up, before the first trials end
+        c.poll(name, running(2), "a second worker pod")
+        c.poll(name, lambda: count_trials(study_trials(c, name)).finished > 3,
+               "more trials than the first maxTrials")
+
+        patch(parallelism=1)  # down: the newest worker stops
+        c.poll(name, lambda: len(pods.running()) == 1, "a worker to stop")
+        assert c.events(name, "WorkerStopped")
+        c.poll(name, lambda: c.status(name)["workers"]["active"] == 1,
+               "the status to count one active worker")
+        assert c.status(name)["phase"] == "Running"
+
+        # Down: the job ends at exactly the new maxTrials, 3 trials on from those started. The
+        # worker (started on maxTrials 30) is restarted on the new budget: before it could
+        # finish its trial and 3 more, the operator (a sync a second) has stopped it.
+        new_max = count_trials(study_trials(c, name)).used + 3
+        assert new_max < 30
+        patch(maxTrials=new_max)
+        c.wait(name, "Complete")
+        c.poll(name, lambda: not pods.running(), "the workers to exit")
+    pods.check(parallelism=2)
+
+    counts = count_trials(study_trials(c, name))
+    assert (counts.finished, counts.running, counts.waiting) == (new_max, 0, 0), counts
+    status = c.status(name)
+    assert status["progress"] == f"{new_max}/{new_max}", status
+    complete = next(x for x in status["conditions"] if x["type"] == "Complete")
+    assert complete["reason"] == "MaxTrialsReached", complete
+    changes = [e["message"] for e in c.events(name, "BudgetChanged")]
+    assert any("maxTrials 3 -> 30" in m and "parallelism 1 -> 2" in m for m in changes), changes
+    assert any("parallelism 2 -> 1" in m for m in changes), changes
+    assert any(f"maxTrials 30 -> {new_max}" in m for m in changes), changes
+    row = table(c.kubectl("get", "tj", name).stdout)[0]
+    assert (row["PHASE"], row["TRIALS"]) == ("Succeeded", f"{new_max}/{new_max}"), row
