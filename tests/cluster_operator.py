@@ -1,8 +1,8 @@
 """``kubetune operator`` as a local process against the test control plane (tests/control_plane.py).
 
-The real command, unchanged (tests/operator_process.py is the emulator's variant, with kopf's
-cluster scanning off): ``python -m kubetune operator --namespace NS ...`` with ``KUBECONFIG``
-set to the kubeconfig given (the admin one for now). Its output goes to a log file, which a
+The real command, unchanged: ``python -m kubetune operator --namespace NS ...`` with
+``KUBECONFIG`` set to the kubeconfig given (the admin one unless a test gives another). A test
+kills it with ``proc.kill()`` (SIGKILL) and runs it again with ``start()``. Its output goes to a log file, which a
 failing test shows (``tail()``). ``storage_secret`` writes the Secret the operator reads the
 storage URL from (settings ``storage_secret``, reconciler ``_storage_url``).
 """

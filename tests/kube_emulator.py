@@ -185,7 +185,6 @@ async def running_operator(emulator: kmock.KubernetesEmulator, settings: Setting
     reconciler = DrainableReconciler(api, settings)
     register(registry, reconciler)
     kopf_settings = kopf.OperatorSettings()
-    kopf_settings.scanning.disabled = True  # namespace discovery answers 500 in kmock 0.8
     # Sync handlers run in these threads; on exit, wait for a reconcile under way to end.
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=8)
     kopf_settings.execution.executor = executor
