@@ -176,6 +176,26 @@ def test_every_example_validates(path):
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "valid\n", "")
 
 
+def test_several_files_get_one_verdict_line_each_and_exit_2_if_any_is_invalid(tmp_path):
+    """`kubetune validate examples/*.yaml`, as a shell expands it."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    proc = kubetune("validate", *(p.relative_to(examples.parent) for p in EXAMPLES),
+                    cwd=examples.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"examples/{p.name}: valid" for p in EXAMPLES]
+    good = write(tmp_path, GOOD, "good.yaml")
+    broken = write(tmp_path, bad("low: 1.0e-4", "low: 0"), "broken.yaml")
+    proc = kubetune("validate", "good.yaml", "broken.yaml", "missing.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout.splitlines() == ["good.yaml: valid", "broken.yaml: invalid",
+                                        "missing.yaml: invalid"]
+    problems = proc.stderr.splitlines()
+    assert problems[0] == ("broken.yaml: spec.searchSpace.lr.low: must be > 0 when log is "
+                           "true (line 9)")
+    assert problems[1].startswith("missing.yaml: ") and len(problems) == 2
+    assert good.exists() and broken.exists()
+
+
 def test_examples_include_the_staged_one():
     assert "digits-staged.yaml" in {p.name for p in EXAMPLES}
 

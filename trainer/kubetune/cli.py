@@ -19,7 +19,8 @@ EXIT_INVALID = 2
 DELEGATED = {
     "operator": ("kubetune_operator.main:main", "run the Kubernetes operator"),
     "ensemble": ("kubetune.ensemble.commands:ensemble_main",
-                 "build the ensemble of a finished study (started by the runner or operator)"),
+                 "internal: build the ensemble of a finished study (started by the runner or "
+                 "the operator)"),
     "export": ("kubetune.ensemble.commands:export_main",
                "write a job's ensemble as a self-contained model folder"),
 }
@@ -34,7 +35,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_INVALID
-    return int(args.handler(args) or 0)
+    try:
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe is an unhandled error
+        return code
+    except BrokenPipeError:  # `kubetune results DIR | head`: the reader has gone
+        return closed_pipe()
+
+
+def closed_pipe() -> int:
+    """Stop quietly when the reader of our output went away, as Unix tools do: no traceback,
+    and no second error when Python flushes stdout at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_positive_int, metavar="N",
                      help="worker processes (default: spec.budget.parallelism)")
     run.add_argument("--storage", metavar="URL",
-                     help="Optuna storage: postgresql://... or a journal file path "
-                          "(default: OUTPUT/study.journal)")
+                     help="Optuna storage: postgresql://USER:PASS@HOST/DB, sqlite:///FILE.db, "
+                          "or a journal file path (default: OUTPUT/study.journal)")
     run.add_argument("--output", metavar="DIR",
                      help="output folder (default: ./kubetune-runs/<name>)")
     run.add_argument("--artifacts", metavar="DIR",
@@ -66,9 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="log what the runner does")
     run.set_defaults(handler=_run)
 
-    validate = sub.add_parser("validate", help="check a TuningJob file")
-    validate.add_argument("file")
-    validate.set_defaults(handler=_validate)
+    validate = sub.add_parser("validate", help="check TuningJob files (exit 2 if any is "
+                                               "invalid)")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(handler=_validate_files)
 
     presets = sub.add_parser("presets", help="list the searchSpace presets and their ranges")
     presets.set_defaults(handler=_presets)
@@ -96,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
 
-    worker = sub.add_parser("worker", help="run trials of a study (started by the runner or "
-                                           "the operator)")
+    worker = sub.add_parser("worker", help="internal: run trials of a study (started by the "
+                                           "runner or the operator)")
     worker.add_argument("--storage", metavar="URL", default=os.environ.get(STORAGE_ENV),
                         help=f"Optuna storage (default: ${STORAGE_ENV}; prefer the variable "
                              "for URLs with a password: a command line is visible to all)")
@@ -148,6 +163,26 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_files(args: argparse.Namespace) -> int:
+    """One file: its verdict as ``_validate`` prints it. Several: a verdict line per file
+    (``FILE: valid`` / ``FILE: invalid``) and each problem prefixed with its file."""
+    if len(args.files) == 1:
+        return _validate(argparse.Namespace(file=args.files[0]))
+    import contextlib
+    import io
+
+    worst = 0
+    for path in args.files:
+        problems = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(problems):
+            code = _validate(argparse.Namespace(file=path))
+        for line in problems.getvalue().splitlines():
+            print(f"{path}: {line}", file=sys.stderr)
+        print(f"{path}: {'valid' if code == 0 else 'invalid'}")
+        worst = max(worst, code)
+    return worst
+
+
 def _presets(args: argparse.Namespace) -> int:
     from kubetune.spec.presets import listing
 
@@ -181,12 +216,14 @@ def _results(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kubetune.local.progress import print_summary
+    from kubetune.local.runs import find_run
 
     path = Path(args.path)
     if not path.exists() and "/" not in args.path and not args.path.endswith(".json"):
-        from kubetune_operator.results import main as cluster_results
-
-        return cluster_results(args)
+        local = None if args.storage or args.namespace else find_run(args.path)
+        if local is None:
+            return _cluster_results(args)
+        path = local
     if path.is_dir():
         path = path / "result.json"
     try:
@@ -201,18 +238,41 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_results(args: argparse.Namespace) -> int:
+    """A TuningJob's results from the cluster (or its study, with ``--storage``)."""
+    from kubetune_operator.results import main as cluster_results
+
+    if not args.storage:
+        from kubetune.local.runs import default_output
+        from kubetune_operator.client import load_credentials
+
+        try:
+            load_credentials()
+        except LookupError as err:
+            print(f"error: {args.path} is neither a local run (no {default_output(args.path)}) "
+                  f"nor a TuningJob on a cluster kubetune can reach ({err})\n"
+                  "  a local run: give its output folder (kubetune results DIR)\n"
+                  "  a cluster job: set KUBECONFIG, or read its study with --storage URL",
+                  file=sys.stderr)
+            return EXIT_INVALID
+    return cluster_results(args)
+
+
 def _plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import optuna
 
     from kubetune.local.plots import write_plots
+    from kubetune.local.runs import default_output, find_run
     from kubetune.study.schema import load_job
     from kubetune.study.schema import study_name as study_of
     from kubetune.study.storage import open_storage, silence_optuna
 
     silence_optuna()
     folder = Path(args.target)
+    if not folder.is_dir() and not args.storage and "/" not in args.target:
+        folder = find_run(args.target) or folder  # the name of a run in ./kubetune-runs
     if folder.is_dir() and not args.storage:
         storage_url, output = str(folder / "study.journal"), args.output or folder / "plots"
         if not Path(storage_url).exists():
@@ -225,7 +285,11 @@ def _plot(args: argparse.Namespace) -> int:
         study_name = study_of(args.namespace, args.target)
         output = args.output or Path(f"{args.target}-plots")
         if not storage_url:
-            print(f"error: give --storage or set {STORAGE_ENV}", file=sys.stderr)
+            print(f"error: {args.target} is neither a run's output folder nor the name of a "
+                  f"local run (no {default_output(args.target)})\n"
+                  "  a local run: give its output folder (kubetune plot DIR)\n"
+                  f"  a cluster job: give its study's storage with --storage URL (or "
+                  f"${STORAGE_ENV})", file=sys.stderr)
             return EXIT_INVALID
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))

@@ -74,6 +74,7 @@ def export_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     from kubetune.ensemble.export import ExportError, write_model_folder
+    from kubetune.ensemble.step import metric_name
 
     try:
         bundle, record = _find_bundle(args)
@@ -82,7 +83,7 @@ def export_main(argv: Sequence[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
     print(f"wrote {folder}: {record['method']} ensemble of {len(record['members'])} member(s), "
-          f"test {record['metric']} {record['testValue']:.4g} (best single trial "
+          f"test {metric_name(record['metric'])} {record['testValue']:.4g} (best single trial "
           f"{record['bestSingleTestValue']:.4g})\n"
           f"load it with: kubetune.load_ensemble({str(folder)!r})")
     return EXIT_OK

@@ -459,12 +459,12 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
             study.set_user_attr(ENSEMBLE_ATTR, record)
             return record
         assert candidates.best_trial is not None
-        artifact = None  # code trainers leave predictions, not models kubetune can rebuild
         if len(result.members) < 2:  # greedy selection kept the best single model alone
             record = {"reason": NO_BETTER_COMBINATION,
                       "message": _no_better_message(result), "builtFrom": built_from}
             study.set_user_attr(ENSEMBLE_ATTR, record)
             return record
+        artifact = None  # code trainers leave predictions, not models kubetune can rebuild
         if spec.trainer.is_builtin:
             bundle = build_bundle(result, job, reader.model(candidates.best_trial),
                                   source=spec.ensemble.members)
@@ -479,7 +479,6 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
     return record
 
 
-def _not_enough_message(base: str, candidates: Candidates, ensemble: EnsembleSpec) -> str:
 def _no_better_message(result: EnsembleResult) -> str:
     best = result.best_single
     which = f"trial #{best.trial}" + (f" (epoch {best.epoch})" if best.epoch is not None else "")
@@ -495,6 +494,7 @@ def metric_name(metric: str) -> str:
     return metric.removeprefix("val_")
 
 
+def _not_enough_message(base: str, candidates: Candidates, ensemble: EnsembleSpec) -> str:
     if ensemble.members == "seeds":
         base += (" (the best trial and its retrained seeds)" if candidates.members
                  else " (no complete trial with stored predictions)")

@@ -21,10 +21,17 @@ from kubetune.search.space import effective_max_trials
 from kubetune.spec.model import TuningJob
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """Rich exits with status 1; ``kubetune.cli`` stops quietly instead (``| head``)."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def make_console() -> Console:
     """Rich's console for kubetune's output: on a terminal, lines wrap at its width; elsewhere
     (a file, a pipe, a CI log) a line stays whole, as grep and a wider window want it."""
-    console = Console(highlight=False)
+    console = _Console(highlight=False)
     console.soft_wrap = not console.is_terminal
     return console
 
@@ -117,11 +124,44 @@ class ProgressView:
         self._console.print(f"interrupted: run the same command again to continue "
                             f"(results so far in {output})")
 
-    def summary(self, status: dict[str, Any], result_path: Path) -> None:
+    def summary(self, status: dict[str, Any], result_path: Path, *,
+                elapsed: float | None = None, plots: Path | None = None,
+                run: str | None = None) -> None:
+        """The leaderboard and how the job ended, then where its files are, how long it took
+        and what to run next (``run``: how the commands name the run folder)."""
         if self._quiet:
             return
         print_summary(status, self._console)
-        self._console.print(f"result: {result_path}")
+        self._console.print(f"result: {result_path}", markup=False)
+        if plots is not None:
+            self._console.print(f"plots:  {plots}", markup=False)
+        if elapsed is not None:
+            self._console.print(f"{status.get('phase', 'finished').lower()} in "
+                                f"{duration(elapsed)}", markup=False)
+        if run is not None:
+            for line in next_steps(status, run):
+                self._console.print(line, markup=False)
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m 05s``, ``1h 02m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def next_steps(status: dict[str, Any], run: str) -> list[str]:
+    """The follow-up commands for a finished run folder (named as ``run``)."""
+    steps = [(f"kubetune results {run}", "the leaderboard again (--json: the whole status)"),
+             (f"kubetune plot {run}", "redraw the learning curves and search plots")]
+    if status.get("ensemble"):
+        steps.append((f"kubetune export {run} --output model",
+                      "the ensemble as a model folder for kubetune.load_ensemble"))
+    width = max(len(command) for command, _ in steps)
+    return ["next:"] + [f"  {command:<{width}}  {what}" for command, what in steps]
 
 
 def print_summary(status: dict[str, Any], console: Console | None = None) -> None:

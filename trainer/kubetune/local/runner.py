@@ -19,6 +19,7 @@ from kubetune.job.core import JobCore
 from kubetune.job.status import STORAGE_UNAVAILABLE, storage_unavailable
 from kubetune.local.launcher import LOCAL_PREFIX, ProcessLauncher, default_threads
 from kubetune.local.progress import ProgressView
+from kubetune.local.runs import default_output
 from kubetune.spec.model import TuningJob
 from kubetune.study.schema import WORKER_ATTR, create_or_load_study
 from kubetune.study.storage import (
@@ -57,12 +58,13 @@ class RunOptions:
 
 
 def output_dir(job: TuningJob, options: RunOptions) -> Path:
-    return Path(options.output) if options.output else Path("kubetune-runs") / job.name
+    return Path(options.output) if options.output else default_output(job.name)
 
 
 def run_job(job: TuningJob, options: RunOptions) -> int:
     """Run ``job`` to the end with local worker processes; returns the exit code."""
     silence_optuna()
+    started = time.monotonic()
     out = output_dir(job, options).resolve()
     out.mkdir(parents=True, exist_ok=True)
     busy = _lock_folder(out)
@@ -123,7 +125,9 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
     write_result(out, status)
     if options.plots:
         _plots(study, job, out / "plots")
-    view.summary(status, out / RESULT_FILE)
+    view.summary(status, out / RESULT_FILE, elapsed=time.monotonic() - started,
+                 plots=out / "plots" if (out / "plots").is_dir() else None,
+                 run=_run_name(job, out))
     return EXIT_OK if status["phase"] == "Succeeded" else EXIT_FAILED
 
 
@@ -213,6 +217,17 @@ def _reconcile(core: JobCore, status: dict[str, Any], metrics: Any) -> Any:
     job = core.job
     metrics.jobs.update(snapshot(job.namespace, job.name, outcome.trials, outcome.status))
     return outcome
+
+
+def _run_name(job: TuningJob, out: Path) -> str:
+    """How the follow-up commands name the run: the job's name for ./kubetune-runs/NAME
+    (``kubetune results NAME`` finds it), else the folder, relative when it is below here."""
+    if out == default_output(job.name).resolve():
+        return job.name
+    try:
+        return str(out.relative_to(Path.cwd()))
+    except ValueError:
+        return str(out)
 
 
 def _plots(study: optuna.Study, job: TuningJob, folder: Path) -> None:
