@@ -364,8 +364,8 @@ async def test_failed_worker_pod_is_replaced_and_its_trial_retried(cluster, oper
     assert st["workers"]["consecutiveCrashes"] == 1 and st["phase"] == "Running"
 
 
-async def test_budget_edits_scale_workers_and_other_edits_are_ignored(cluster, operator,
-                                                                      postgres_url):
+async def test_budget_edits_scale_workers_and_other_edits_stop_the_job(cluster, operator,
+                                                                        postgres_url):
     await create(cluster, tuning_job(budget={"maxTrials": 10, "parallelism": 2}))
     await eventually(lambda: len(pods(cluster)) == 2, message="two worker pods")
 
@@ -376,14 +376,55 @@ async def test_budget_edits_scale_workers_and_other_edits_are_ignored(cluster, o
     stored = study_of(postgres_url).user_attrs["kubetune:job"]["spec"]["budget"]
     assert (stored["maxTrials"], stored["parallelism"]) == (20, 4)  # what workers read
 
+    # The CRD refuses this edit at admission; where it does not (this emulator, a cluster
+    # with an older CRD), the operator refuses to run a spec unlike the one the study holds.
     await patch_spec(cluster, "fast", {"budget": {"parallelism": 1}, "sampler": {"seed": 7}})
-    await eventually(lambda: list(pods(cluster)) == ["fast-worker-0"], message="one worker")
-    ignored = await eventually(lambda: events(cluster, "SpecChangeIgnored"), message="a warning")
-    assert ignored[0]["type"] == "Warning" and "spec.sampler" in ignored[0]["message"]
+    st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster),
+                          message="phase Failed")
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "StoredSpecMismatch"
+    assert "spec.sampler.seed" in failed["message"] and "7" not in failed["message"]
+    await eventually(lambda: not pods(cluster), message="its pods stopped")
     assert study_of(postgres_url).user_attrs["kubetune:job"]["spec"]["sampler"]["seed"] == 0
-    st = await eventually(lambda: status(cluster).get("observedGeneration") == 3
-                          and status(cluster), message="generation 3 observed")
-    assert st["phase"] == "Running"
+
+    await patch_spec(cluster, "fast", {"sampler": {"seed": 0}})  # the edit undone: it resumes
+    await eventually(lambda: list(pods(cluster)) == ["fast-worker-0"], message="one worker")
+    st = await eventually(lambda: status(cluster).get("phase") == "Running" and status(cluster),
+                          message="phase Running")
+    assert condition(st, "Failed") is None and st["observedGeneration"] == 4
+
+
+async def test_a_stored_job_rewritten_in_the_database_runs_no_pod(cluster, operator,
+                                                                  postgres_url):
+    """A tenant with access to the database rewrites the job stored in the study: the
+    operator builds pods from the TuningJob only, and refuses the mismatch."""
+    await create(cluster, tuning_job(budget={"maxTrials": 10, "parallelism": 2}))
+    await eventually(lambda: len(pods(cluster)) == 2, message="two worker pods")
+    created = len(pod_creations(cluster))
+
+    study = study_of(postgres_url)
+    stored = copy.deepcopy(study.user_attrs["kubetune:job"])
+    stored["spec"]["budget"]["parallelism"] = 3  # editable: the TuningJob's value wins
+    stored["spec"]["trainer"]["template"] = {
+        "serviceAccountName": "operator", "command": ["sh", "-c", "cat /host/etc/shadow"],
+        "volumes": [{"name": "host", "hostPath": {"path": "/"}}],
+        "volumeMounts": [{"name": "host", "mountPath": "/host"}]}
+    study.set_user_attr("kubetune:job", stored)
+    for name in list(pods(cluster)):  # new pods are built while the job is refused
+        await cluster.delete(f"/api/v1/namespaces/{NS}/pods/{name}")
+
+    st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster),
+                          message="phase Failed")
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "StoredSpecMismatch"
+    # the fields named (the editable parallelism aside), not the values written there
+    assert "differs from this TuningJob in spec.trainer.template. " in failed["message"]
+    assert "hostPath" not in failed["message"] and "shadow" not in failed["message"]
+    warning = await eventually(lambda: events(cluster, "StoredSpecMismatch"), message="event")
+    assert warning[0]["type"] == "Warning"
+    await asyncio.sleep(3 * SETTINGS.sync_interval)
+    assert len(pod_creations(cluster)) == created and not pods(cluster)
+    assert study_of(postgres_url).user_attrs["kubetune:job"] == stored  # compared, not used
 
 
 async def test_unreachable_storage_marks_that_job_only(cluster, operator):

@@ -24,7 +24,8 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.job.core import WorkerState
 from kubetune.spec.model import TuningJob
-from kubetune.spec.template import OWN_ENV
+from kubetune.spec.template import JOB_DIGEST_ENV, OWN_ENV
+from kubetune.study.schema import job_digest
 from kubetune.study.urls import STORAGE_ENV
 from kubetune.version import __version__
 from kubetune.worker import THREADS_ENV
@@ -176,6 +177,7 @@ def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: StorageSecret
         {"name": "KUBETUNE_WORKER_ID", "value": name},
         {"name": "KUBETUNE_ARTIFACTS", "value": artifacts},
         {"name": STORAGE_ENV, "valueFrom": {"secretKeyRef": secret.as_dict()}},
+        {"name": JOB_DIGEST_ENV, "value": job_digest(job)},
     ]
     container: dict[str, Any] = {
         "name": role,

@@ -2,8 +2,9 @@
 core, and say what changed (status fields, events, a retry).
 
 Nothing that matters lives in memory: each reconcile reads the TuningJob, its pods and the
-storage, and writes the status back. The job runs with the spec stored in its study when it
-started; only the edits in ``apply_editable`` reach it. The storage Secret is pinned in
+storage, and writes the status back. Pods are built only from the TuningJob as the spec model
+validates it now; the copy stored in its study (which workers read) is compared with it and
+takes its editable fields, nothing more (``_accept``). The storage Secret is pinned in
 ``status.study`` at the start, so neither a spec edit nor new operator settings move a job.
 """
 
@@ -42,7 +43,7 @@ from kubetune.study.schema import (
     JOB_UID_ATTR,
     StudyMismatch,
     create_or_load_study,
-    load_job,
+    stored_differences,
     study_name,
 )
 from kubetune.study.storage import is_outage, open_job_storage, outage_message
@@ -68,6 +69,10 @@ log = logging.getLogger("kubetune.operator")
 
 FINALIZER = "kubetune.io/finalizer"
 INVALID_SPEC = "InvalidSpec"
+# Failed: the copy of the job stored in its study differs from the TuningJob
+STORED_SPEC_MISMATCH = "StoredSpecMismatch"
+# Failed reasons that an edit of the spec may cure: such a job is synced again once edited
+RESUMABLE = (INVALID_SPEC, STORED_SPEC_MISMATCH)
 WORKERS_STARTED = "WorkersStarted"  # a condition present only while pods cannot be created
 POD_CREATION_FAILED = "PodCreationFailed"
 EDITABLE_BUDGET = ("maxTrials", "parallelism")
@@ -93,6 +98,23 @@ class StorageUnavailable(Exception):
     def __init__(self, message: str, outage: bool = False) -> None:
         super().__init__(message)
         self.outage = outage
+
+class StoredSpecMismatch(Exception):
+    """The job stored in the study differs from the TuningJob outside the editable fields:
+    rewritten in the database, or the TuningJob edited where the CRD does not refuse that."""
+
+    def __init__(self, study: str, fields: list[str], shown: int = 10) -> None:
+        named = ", ".join(fields[:shown]) + (f" and {len(fields) - shown} more"
+                                            if len(fields) > shown else "")
+        super().__init__(
+            f"the job stored in study {study} differs from this TuningJob in {named}. A "
+            "running job may change only spec.budget.maxTrials, spec.budget.parallelism and "
+            "spec.cleanup, and kubetune writes nothing else there: the stored copy was changed "
+            "in the database, or the TuningJob was edited on a cluster whose CRD does not yet "
+            "refuse such edits. No pod runs from it; the job's pods were stopped. Undo the "
+            "edit, or create a new TuningJob.")
+        self.fields = fields
+
 
 class StudyInUse(StorageUnavailable):
     """The study cannot be deleted yet: the job's pods still write to it. Retry later."""
@@ -158,20 +180,22 @@ class Reconciler:
 
     def _sync(self, body: Mapping[str, Any]) -> SyncResult:
         observed = _plain(body.get("status") or {})
-        # A failed job synced again had an invalid spec, edited since: it starts afresh.
+        # A failed job synced again had an invalid spec (or one unlike its stored copy), edited
+        # since: it starts afresh.
         previous = {} if observed.get("phase") == FAILED else observed
         generation = body["metadata"].get("generation")
-        edited = bool(previous) and generation != previous.get("observedGeneration")
         current, problems = parse_body(body)
-        if problems and not previous.get("study"):
-            return self._invalid(previous, generation, problems)
         owner = Owner.of(body)
+        if current is None:
+            if previous.get("study"):  # a started job's spec became invalid: no pod runs on
+                delete_job_pods(self.core, owner.namespace, owner.name)
+            return self._invalid(previous, generation, problems)
         secret = secret_ref(body, self.settings)
         target: StorageURL | None = None
         try:
             secret, target = self._job_storage(owner, secret)
             url = target.url
-            job, events = self._accept(url, owner, current, problems, edited)
+            job, events = self._accept(url, owner, current)
             study = _call_storage(optuna.Study, study_name=job.study_name,
                                   storage=self._storage(url, job),
                                   sampler=optuna.samplers.RandomSampler())
@@ -179,6 +203,9 @@ class Reconciler:
             return self._unavailable(previous, generation, _unavailable_message(err, target))
         except StudyMismatch as err:
             return self._failed(previous, generation, "StudyMismatch", str(err))
+        except StoredSpecMismatch as err:
+            delete_job_pods(self.core, owner.namespace, owner.name)
+            return self._failed(previous, generation, STORED_SPEC_MISMATCH, str(err))
         except SpecError as err:
             return self._invalid(previous, generation, err.problems)
         launcher = PodLauncher(self.core, owner, job, self.settings, secret)
@@ -213,10 +240,11 @@ class Reconciler:
                                               status))
         return SyncResult(status=status_patch(observed, status), events=events)
 
-    def _accept(self, url: str, owner: Owner, current: TuningJob | None,
-                problems: list[Problem], edited: bool) -> tuple[TuningJob, list[Event]]:
-        """The spec to run: the one stored in the study when the job started, plus the
-        editable fields of the current spec; and the events to post."""
+    def _accept(self, url: str, owner: Owner, current: TuningJob
+                ) -> tuple[TuningJob, list[Event]]:
+        """The job to run: always ``current``, the TuningJob as the spec model validated it.
+        The copy stored in its study is only compared with it (``StoredSpecMismatch``) and
+        takes its editable fields, which workers read there."""
         storage = self._storage(url, None)
         try:
             study = _call_storage(optuna.load_study,
@@ -226,23 +254,17 @@ class Reconciler:
             study = None
         if study is None or study.user_attrs.get(JOB_UID_ATTR) != owner.uid:
             # A new job, or a new TuningJob continuing the study of an earlier one of that name
-            if current is None:
-                raise SpecError(problems)
             study = _call_storage(create_or_load_study, storage, current)
             _call_storage(study.set_user_attr, JOB_UID_ATTR, owner.uid)
             return current, []
-        accepted = load_job(study)
-        if current is None:
-            return accepted, [Event(
-                "Warning", "SpecChangeIgnored", "the edited spec is invalid; the job goes on "
-                "with the spec it started with:\n" + "\n".join(map(str, problems)))] \
-                if edited else []
-        effective, events = apply_editable(accepted, current)
-        if edited:
-            events += ignored_edit_events(effective, current)
-        if effective.to_dict() != study.user_attrs.get(JOB_ATTR):
-            _call_storage(study.set_user_attr, JOB_ATTR, effective.to_dict())
-        return effective, events
+        stored = study.user_attrs.get(JOB_ATTR)
+        differences = stored_differences(stored, current)
+        if differences:
+            raise StoredSpecMismatch(study.study_name, differences)
+        events = budget_events(stored, current)
+        if current.to_dict() != stored:
+            _call_storage(study.set_user_attr, JOB_ATTR, current.to_dict())
+        return current, events
 
     # ------------------------------------------------------------------ delete
     def delete(self, body: Mapping[str, Any]) -> list[Event]:
@@ -451,8 +473,8 @@ class Reconciler:
 
 # ---------------------------------------------------------------------- plain functions
 def needs_sync(body: Mapping[str, Any]) -> bool:
-    """Unfinished jobs, and failed jobs with an invalid spec that was edited since; never a
-    job being deleted."""
+    """Unfinished jobs, and failed jobs whose spec was invalid (or unlike the stored copy) and
+    was edited since; never a job being deleted."""
     if (body.get("metadata") or {}).get("deletionTimestamp"):
         return False
     status = body.get("status") or {}
@@ -461,7 +483,7 @@ def needs_sync(body: Mapping[str, Any]) -> bool:
         return False
     if phase == FAILED:
         edited = body["metadata"].get("generation") != status.get("observedGeneration")
-        return edited and _reason(status, "Failed") == INVALID_SPEC
+        return edited and _reason(status, "Failed") in RESUMABLE
     return True
 
 
@@ -490,41 +512,13 @@ def secret_ref(body: Mapping[str, Any], settings: Settings) -> StorageSecret:
     return StorageSecret(settings.storage_secret, settings.storage_secret_key)
 
 
-def apply_editable(accepted: TuningJob, current: TuningJob) -> tuple[TuningJob, list[Event]]:
-    """The accepted job with the editable fields of the current spec, and what changed."""
-    data = accepted.to_dict()
-    now = current.to_dict()["spec"]
-    changes = []
-    for key in EDITABLE_BUDGET:
-        if data["spec"]["budget"].get(key) != now["budget"].get(key):
-            changes.append(f"{key} {data['spec']['budget'].get(key)} -> {now['budget'][key]}")
-            data["spec"]["budget"][key] = now["budget"][key]
-    data["spec"]["cleanup"] = now.get("cleanup", {})
-    events = [Event("Normal", "BudgetChanged", "budget " + ", ".join(changes))] if changes else []
-    return TuningJob.model_validate(data), events
-
-
-def ignored_edit_events(accepted: TuningJob, current: TuningJob) -> list[Event]:
-    """A Warning for spec edits that a running job does not apply."""
-    before, after = accepted.to_dict()["spec"], current.to_dict()["spec"]
-    changed = []
-    for key in sorted(set(before) | set(after)):
-        if key == "cleanup":
-            continue
-        old, new = before.get(key), after.get(key)
-        if key == "budget":
-            old = {k: v for k, v in (old or {}).items() if k not in EDITABLE_BUDGET}
-            new = {k: v for k, v in (new or {}).items() if k not in EDITABLE_BUDGET}
-            changed += [f"spec.budget.{k}" for k in sorted(set(old) | set(new))
-                        if old.get(k) != new.get(k)]
-        elif old != new:
-            changed.append(f"spec.{key}")
-    if not changed:
-        return []
-    return [Event("Warning", "SpecChangeIgnored",
-                  f"a running job applies edits of spec.budget.maxTrials and "
-                  f"spec.budget.parallelism only; ignored: {', '.join(changed)}. Create a new "
-                  "TuningJob to change the others.")]
+def budget_events(stored: Mapping[str, Any], current: TuningJob) -> list[Event]:
+    """A ``BudgetChanged`` event when the current spec edits the stored copy's budget."""
+    before = (stored.get("spec") or {}).get("budget") or {}
+    now = current.to_dict()["spec"]["budget"]
+    changes = [f"{key} {before.get(key)} -> {now[key]}" for key in EDITABLE_BUDGET
+               if before.get(key) != now[key]]
+    return [Event("Normal", "BudgetChanged", "budget " + ", ".join(changes))] if changes else []
 
 
 def worker_events(launcher: PodLauncher, previous: Mapping[str, Any]) -> list[Event]:

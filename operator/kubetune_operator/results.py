@@ -64,6 +64,7 @@ def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
     from kubetune.search import budget
     from kubetune.search.space import effective_max_trials
     from kubetune.search.stages import stored_spaces
+    from kubetune.spec.model import SpecError
     from kubetune.study.schema import load_job, study_name
     from kubetune.study.storage import open_storage, silence_optuna
     from kubetune.study.urls import redact
@@ -74,7 +75,10 @@ def status_from_storage(url: str, namespace: str, name: str) -> dict[str, Any]:
         study = optuna.load_study(study_name=name_of_study, storage=open_storage(url))
     except KeyError:
         raise LookupError(f"no study {name_of_study!r} in {redact(url)}") from None
-    job = load_job(study)
+    try:
+        job = load_job(study)  # checked as `kubetune validate` checks a spec
+    except SpecError as err:
+        raise LookupError(f"study {name_of_study!r} holds no valid kubetune job:\n{err}") from None
     trials = study.get_trials(deepcopy=False)
     counts = budget.count_trials(trials)
     # The storage knows the trials, not the pods: the phase is only known on the cluster.

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from kubetune.spec.model import SpecError, parse_job_file
+from kubetune.spec.template import JOB_DIGEST_ENV
 from kubetune.study.urls import STORAGE_ENV
 from kubetune.version import __version__
 
@@ -325,7 +326,8 @@ def _worker(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     return run_worker(WorkerOptions(storage=args.storage, study=args.study,
                                     worker_id=args.worker_id, artifacts=args.artifacts,
-                                    threads=args.threads or env_threads(), code=args.code))
+                                    threads=args.threads or env_threads(), code=args.code,
+                                    job_digest=os.environ.get(JOB_DIGEST_ENV)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kubetune.spec.template import JOB_DIGEST_ENV
 from kubetune.study.urls import STORAGE_ENV
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -45,7 +46,8 @@ def ensemble_main(argv: Sequence[str]) -> int:
     silence_optuna()
     try:
         study = optuna.load_study(study_name=args.study, storage=open_storage(args.storage))
-        record = run_ensemble_step(study, make_artifact_store(args.artifacts))
+        record = run_ensemble_step(study, make_artifact_store(args.artifacts),
+                                   digest=os.environ.get(JOB_DIGEST_ENV))
     except Exception as err:  # the job core retries the step and reports this output
         log.exception("ensemble step failed: %s: %s", type(err).__name__, err)
         return EXIT_FAILED

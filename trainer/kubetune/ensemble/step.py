@@ -425,7 +425,8 @@ def status_view(record: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
-                      train: Callable[..., Any] | None = None) -> dict[str, Any]:
+                      train: Callable[..., Any] | None = None,
+                      digest: str | None = None) -> dict[str, Any]:
     """Build, score and save the ensemble of a finished study; store and return the record.
 
     With fewer than two usable members the record is ``{"reason": "NotEnoughMembers",
@@ -435,7 +436,7 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
     """
     from kubetune.study.schema import load_job
 
-    job = load_job(study)
+    job = load_job(study, digest)  # digest: see kubetune.study.schema.load_job
     spec = job.spec
     direction = spec.objective.resolved_direction
     built_from = fingerprint(spec.ensemble, count_trials(study.get_trials(deepcopy=False))

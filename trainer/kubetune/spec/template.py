@@ -16,7 +16,11 @@ from typing import Any
 # password stays out of the command line (and so out of `ps` and pod specs).
 STORAGE_ENV = "KUBETUNE_STORAGE_URL"
 # What the operator sets in every worker pod; a template's env cannot set these.
-OWN_ENV = (STORAGE_ENV, "KUBETUNE_STUDY", "KUBETUNE_WORKER_ID", "KUBETUNE_ARTIFACTS")
+# The hash of the job the operator validated (kubetune.study.schema.job_digest): workers and
+# the ensemble step refuse a job stored in the study that differs from it.
+JOB_DIGEST_ENV = "KUBETUNE_JOB_DIGEST"
+OWN_ENV = (STORAGE_ENV, "KUBETUNE_STUDY", "KUBETUNE_WORKER_ID", "KUBETUNE_ARTIFACTS",
+           JOB_DIGEST_ENV)
 
 CONTAINER_FIELDS = ("image", "imagePullPolicy", "command", "args", "resources", "env",
                     "envFrom", "volumeMounts", "workingDir")

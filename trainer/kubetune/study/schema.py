@@ -8,6 +8,8 @@ optuna-dashboard shows them as plain names.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,7 +17,14 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
-from kubetune.spec.model import Problem, SpecError, TuningJob, study_name
+from kubetune.spec.model import (
+    EDITABLE_FIELDS,
+    Problem,
+    SpecError,
+    TuningJob,
+    parse_job,
+    study_name,
+)
 
 __all__ = ["study_name"]  # the study's name, with the attribute keys below
 
@@ -78,11 +87,66 @@ def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
     return study
 
 
-def load_job(study: optuna.Study) -> TuningJob:
+def load_job(study: optuna.Study, digest: str | None = None) -> TuningJob:
+    """The job stored in the study, as ``kubetune validate`` checks a spec (``parse_job``).
+
+    ``digest``: the ``job_digest`` of the TuningJob the operator validated (a pod's
+    ``KUBETUNE_JOB_DIGEST``); a stored job that differs from it outside the editable fields
+    is refused, so that no worker acts on a copy rewritten in the database.
+    """
     data = study.user_attrs.get(JOB_ATTR)
     if data is None:
         raise SpecError([Problem("study", f"study {study.study_name!r} holds no kubetune job")])
-    return TuningJob.model_validate(data)
+    if digest and job_digest(data) != digest:
+        raise SpecError([Problem("study", (
+            f"the job stored in study {study.study_name!r} is not the TuningJob this pod was "
+            "started for (it was changed in the database): refusing to run it"))])
+    return parse_job(data)
+
+
+def fixed_part(data: Any) -> Any:
+    """A stored job (``TuningJob.to_dict``) without the fields a running job may change."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("spec"), Mapping):
+        return data
+    out = json.loads(json.dumps(data))
+    for path in EDITABLE_FIELDS:
+        node = out["spec"]
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return out
+
+
+def job_digest(data: TuningJob | Any) -> str:
+    """A hash of a job's fixed part (``fixed_part``): what workers check the stored job by."""
+    if isinstance(data, TuningJob):
+        data = data.to_dict()
+    text = json.dumps(fixed_part(data), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stored_differences(stored: Any, job: TuningJob) -> list[str]:
+    """The field paths where the job stored in a study differs from ``job``, the editable
+    fields aside (paths only: the stored values may be anyone's)."""
+    try:
+        normalized = parse_job(stored).to_dict()  # defaults of this version filled in
+    except SpecError:
+        normalized = stored
+    return _differences(fixed_part(normalized), fixed_part(job.to_dict()), "")
+
+
+def _differences(a: Any, b: Any, path: str) -> list[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                out.append(sub)
+            else:
+                out += _differences(a[key], b[key], sub)
+        return out
+    return [] if a == b and type(a) is type(b) else [path or "(root)"]
 
 
 def started_at(study: optuna.Study | Mapping[str, Any]) -> float:

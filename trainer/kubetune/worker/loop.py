@@ -60,6 +60,9 @@ class WorkerOptions:
     # Folders of the user's code (entrypoint and command trainers): put on sys.path; the
     # first is the working directory of command trials. None: the working directory.
     code: list[str] = field(default_factory=list)
+    # The job_digest of the TuningJob the operator validated (its pods' KUBETUNE_JOB_DIGEST):
+    # the worker refuses a stored job that differs from it. None: trust the stored job.
+    job_digest: str | None = None
 
 
 def run_worker(options: WorkerOptions) -> int:
@@ -67,7 +70,8 @@ def run_worker(options: WorkerOptions) -> int:
     silence_optuna()
     retry_for = worker_retry_seconds()  # a database restart or outage is waited out
     storage = open_job_storage(options.storage, None, retry_for=retry_for, check_schema=False)
-    job = load_job(optuna.load_study(study_name=options.study, storage=storage))
+    job = load_job(optuna.load_study(study_name=options.study, storage=storage),
+                   options.job_digest)
     spec = job.spec
     if is_rdb(options.storage):
         # The heartbeat settings are part of the job: reopen with them, and close the first
