@@ -136,3 +136,40 @@ def test_a_trial_with_nan_epochs_still_plots(tmp_path):
     pruned = next(t for t in study.trials if t.state == TrialState.PRUNED)
     assert learning_curve(pruned, tmp_path / "p.png", metric="val_accuracy")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_plots_say_what_they_drew_rank_the_best_and_zoom_in_on_them(tmp_path):
+    """What a reader of the plots needs: the overview's legend by rank and a panel scaled to
+    the best curves (not to an early pruned trial's), and Optuna's plots with kubetune's
+    labels, saying which trials they leave out and how few the importance rests on."""
+    import json
+
+    from PIL import Image
+
+    job = parse_job(fast_job())
+    study = create_or_load_study(InMemoryStorage(), job)
+    dists = to_distributions(job.spec.search_space)
+    finals = {0: 0.95, 1: 0.97, 2: 0.96, 3: 0.2, 4: 0.25, 5: 0.9}  # 3, 4: pruned early
+    for number, final in finals.items():
+        trial = study.ask(dists)
+        epochs = (1,) if final < 0.5 else (1, 2, 3, 4)
+        history = [_epoch(e, final - 0.02 * (4 - e), 1.0 / e) for e in epochs]
+        history[0]["val_accuracy"] = min(final, 0.5)
+        trial.set_user_attr("history", history)
+        study.tell(trial, final if final > 0.5 else None,
+                   state=TrialState.COMPLETE if final > 0.5 else TrialState.PRUNED)
+    write_plots(study, tmp_path, metric="val_accuracy", direction="maximize", top=3)
+
+    def described(name):
+        return json.loads(Image.open(tmp_path / name).text["Description"])
+
+    overview = described("curves-overview.png")
+    assert overview["legend"] == ["#1 trial 1", "#2 trial 2", "#3 trial 0"]
+    low, high = overview["zoom"]
+    assert 0.85 < low < 0.92 and 0.97 < high < 1.0  # not down to the pruned trials' 0.2
+    history = described("optuna-history.png")
+    assert history == {"title": "val_accuracy of the 4 complete trials; 2 pruned trials not "
+                                "shown", "xlabel": "trial number", "ylabel": "val_accuracy"}
+    importance = described("optuna-importance.png")
+    assert importance["title"] == ("importance for val_accuracy, from 4 complete trials of 6"
+                                   "\nonly 4 trials: a rough indication, not a conclusion")

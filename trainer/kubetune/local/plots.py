@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -40,14 +41,40 @@ def write_plots(study: optuna.Study, out_dir: Path, *, metric: str, direction: s
         if learning_curve(trial, path, metric=metric):
             written.append(path)
     path = out_dir / "curves-overview.png"
-    if overview(trials, path, metric=metric, highlight={t.number for t in best}):
+    if overview(trials, path, metric=metric, best=[t.number for t in best]):
         written.append(path)
-    for name, draw in (("history", optuna.visualization.matplotlib.plot_optimization_history),
-                       ("importance", optuna.visualization.matplotlib.plot_param_importances)):
+    for name, draw, labels in (
+            ("history", optuna.visualization.matplotlib.plot_optimization_history,
+             history_labels(trials, metric)),
+            ("importance", optuna.visualization.matplotlib.plot_param_importances,
+             importance_labels(trials, metric))):
         path = out_dir / f"optuna-{name}.png"
-        if _optuna_plot(draw, study, path):
+        if _optuna_plot(draw, study, path, labels):
             written.append(path)
     return written
+
+
+FEW_TRIALS = 30  # fewer complete trials than this: an importance is a rough indication
+
+
+def history_labels(trials: list[FrozenTrial], metric: str) -> dict[str, str]:
+    """Optuna's history plot draws complete trials only: the title says what was left out."""
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    left_out = f"; {pruned} pruned trials not shown" if pruned else ""
+    return {"title": f"{metric} of the {complete} complete trials{left_out}",
+            "xlabel": "trial number", "ylabel": metric}
+
+
+def importance_labels(trials: list[FrozenTrial], metric: str) -> dict[str, str]:
+    """Optuna computes importances from the complete trials only: say how many, and that a
+    few are a rough indication."""
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    caveat = (f"\nonly {complete} trials: a rough indication, not a conclusion"
+              if complete < FEW_TRIALS else "")
+    return {"title": f"importance for {metric}, from {complete} complete trials of "
+                     f"{len(trials)}{caveat}",
+            "xlabel": f"importance for {metric} (fANOVA)", "ylabel": "parameter"}
 
 
 def learning_curve(trial: FrozenTrial, path: Path, *, metric: str) -> bool:
@@ -83,32 +110,64 @@ def learning_curve(trial: FrozenTrial, path: Path, *, metric: str) -> bool:
     return True
 
 
-def overview(trials: list[FrozenTrial], path: Path, *, metric: str,
-             highlight: set[int]) -> bool:
-    """Every trial's objective per epoch: pruned ones end early, the best are drawn bold."""
+def overview(trials: list[FrozenTrial], path: Path, *, metric: str, best: list[int]) -> bool:
+    """Every trial's objective per epoch, in two panels: all trials (pruned ones end early, the
+    best in colour), and the best trials alone, scaled to where their curves are (early pruned
+    trials would otherwise stretch the axis and hide the differences between the best). The
+    legend lists the best trials by rank; the PNG's Description holds what was drawn."""
     curves = [(t, _history(t)) for t in trials
               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
     curves = [(t, h) for t, h in curves if h]
     if not curves:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = iter(plt.get_cmap("tab10").colors)
-    for trial, history in sorted(curves, key=lambda c: c[0].number in highlight):
-        bold = trial.number in highlight  # drawn last, on top of the grey crowd
-        ax.plot([h["epoch"] for h in history], [h.get(metric) for h in history],
-                color=next(colors) if bold else "grey", alpha=1.0 if bold else 0.3,
-                linewidth=2 if bold else 1, label=f"trial {trial.number}" if bold else None)
-    _integer_epochs(ax)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per epoch, {len(curves)} trials (best {len(highlight)} in colour)")
-    if highlight:
-        ax.legend(loc="best", fontsize="small")
+    fig, (all_ax, best_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = dict(zip(best, plt.get_cmap("tab10").colors))
+    by_number = {trial.number: history for trial, history in curves}
+    for trial, history in curves:
+        if trial.number not in colors:
+            all_ax.plot([h["epoch"] for h in history], [h.get(metric) for h in history],
+                        color="grey", alpha=0.3, linewidth=1)
+    ranked_curves = [(rank, number, by_number[number])
+                     for rank, number in enumerate(best, start=1) if number in by_number]
+    labels = []
+    for rank, number, history in reversed(ranked_curves):  # #1 drawn last, on top
+        epochs, values = [h["epoch"] for h in history], [h.get(metric) for h in history]
+        for ax in (all_ax, best_ax):
+            ax.plot(epochs, values, color=colors[number], linewidth=2)
+    for rank, number, _ in ranked_curves:
+        labels.append(f"#{rank} trial {number}")
+    low, high = zoom_limits([h for _, _, h in ranked_curves], metric)
+    if low is not None:
+        best_ax.set_ylim(low, high)
+    for ax in (all_ax, best_ax):
+        _integer_epochs(ax)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+    all_ax.set_title(f"{metric} per epoch, {len(curves)} trials (best {len(ranked_curves)} "
+                     "in colour)")
+    best_ax.set_title(f"the best {len(ranked_curves)}, zoomed in")
+    if ranked_curves:
+        handles = [best_ax.lines[len(ranked_curves) - i] for i in range(1, len(ranked_curves) + 1)]
+        best_ax.legend(handles, labels, loc="best", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Description": json.dumps(
+        {"legend": labels, "zoom": [low, high]})})
     plt.close(fig)
     return True
+
+
+def zoom_limits(histories: list[list[dict[str, Any]]], metric: str
+                ) -> tuple[float | None, float | None]:
+    """The y range of the best trials' curves from their second epoch on (the first is far
+    below for most), with a margin; (None, None) when there is nothing to scale to."""
+    values = [h.get(metric) for history in histories for h in history[1:] or history]
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    low, high = min(values), max(values)
+    margin = (high - low) * 0.1 or abs(high) * 0.01 or 0.01
+    return low - margin, high + margin
 
 
 def _integer_epochs(ax: Any) -> None:
@@ -131,8 +190,9 @@ def _history(trial: FrozenTrial) -> list[dict[str, Any]]:
     return rows
 
 
-def _optuna_plot(draw: Any, study: optuna.Study, path: Path) -> bool:
-    """Optuna's own plots need enough complete trials; skip them quietly otherwise."""
+def _optuna_plot(draw: Any, study: optuna.Study, path: Path, labels: dict[str, str]) -> bool:
+    """Optuna's own plots, with kubetune's ``labels`` (title, axes) instead of Optuna's
+    defaults; they need enough complete trials, and are skipped quietly otherwise."""
     plt = _pyplot()
     try:
         with warnings.catch_warnings():
@@ -142,8 +202,11 @@ def _optuna_plot(draw: Any, study: optuna.Study, path: Path) -> bool:
         log.info("skipped %s: %s", path.name, err)
         plt.close("all")
         return False
+    axes.set_title(labels["title"])
+    axes.set_xlabel(labels["xlabel"])
+    axes.set_ylabel(labels["ylabel"])
     axes.figure.set_size_inches(8, 4.5)
     axes.figure.tight_layout()
-    axes.figure.savefig(path, dpi=100)
+    axes.figure.savefig(path, dpi=100, metadata={"Description": json.dumps(labels)})
     plt.close(axes.figure)
     return True
