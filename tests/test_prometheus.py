@@ -37,6 +37,26 @@ def _get(url: str) -> bytes:
         return response.read()
 
 
+# A trial of the scraped job: it reports its first epoch, then waits for the gate file, which
+# the fixture creates once Prometheus itself holds a sample of the running-trial series (not
+# once the fixture's own scrape saw it: the trials could end before Prometheus's next scrape).
+# Trial x=0 reports NaN, so a trial is pruned (the pruned-by-reason panel needs one).
+GATED_TRIAL = """
+import json, os, pathlib, time
+
+x = float(os.environ["KUBETUNE_PARAM_X"])
+deadline = time.time() + 180
+for epoch in range(1, 5):
+    if epoch == 2:
+        while not pathlib.Path("gate").exists() and time.time() < deadline:
+            time.sleep(0.1)
+    accuracy = "NaN" if x == 0 else 0.5 + x / 10 + epoch / 100
+    print(json.dumps({"epoch": epoch, "val_accuracy": accuracy, "train_loss": 1 / epoch}),
+          flush=True)
+    time.sleep(0.3)
+"""
+
+
 @pytest.fixture(scope="module")
 def scraped_run(tmp_path_factory):
     """Run a job with --metrics-port under a Prometheus scraping every second."""
@@ -53,28 +73,48 @@ def scraped_run(tmp_path_factory):
          f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
          "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{prom_port}"
+    runner = None
     try:
         wait_for(lambda: _ready(base), timeout=30, message="Prometheus to start")
-        job = write_job(tmp / "job.yaml", fast_job(
-            name="scraped", budget={"maxTrials": 6, "parallelism": 2},
-            pruning={"pruner": {"type": "median", "nStartupTrials": 2}},
-            trainer={"builtin": {"dataset": {"name": "synthetic", "samples": 3000,
-                                             "features": 20, "classes": 3},
-                                 "epochs": 6, "params": {"batch_size": 32}}}))
+        (tmp / "trial.py").write_text(GATED_TRIAL)
+        spec = fast_job(name="scraped", budget={"maxTrials": 4, "parallelism": 2},
+                        searchSpace={"x": {"type": "categorical", "choices": [1, 2, 0, 3]}},
+                        sampler={"type": "grid"}, ensemble={"enabled": False})
+        spec["spec"]["trainer"] = {"command": [sys.executable, "trial.py"],
+                                   "metrics": ["val_accuracy", "train_loss"], "epochs": 4}
+        job = write_job(tmp / "job.yaml", spec)
         started = time.time()
         runner = subprocess.Popen(
             [sys.executable, "-m", "kubetune", "run", str(job), "--output", str(tmp / "out"),
              "--metrics-port", str(metrics_port), "--quiet", "--no-plots"], cwd=REPO_ROOT)
-        scrape = wait_for(lambda: _scrape_with_running_trial(metrics_port), timeout=120,
+        scrape = wait_for(lambda: runner.poll() is not None
+                          or _scrape_with_running_trial(metrics_port), timeout=120,
                           message="a scrape while a trial runs")
+        assert runner.poll() is None, f"the run ended early, with exit code {runner.returncode}"
+        wait_for(lambda: _prometheus_sees_a_running_trial(base), timeout=60,
+                 message="Prometheus: the target up and a sample of a running trial")
+        (tmp / "gate").touch()  # now the trials may end
         assert runner.wait(timeout=240) == 0
         # Once the runner exits its series go stale, so only range queries see them.
         wait_for(lambda: _query(base, "kubetune_job_phase", start=started) != [], timeout=30,
                  message="Prometheus to have samples")
         yield base, started, scrape
     finally:
+        if runner is not None and runner.poll() is None:
+            runner.terminate()
+            runner.wait(timeout=60)
         prometheus.terminate()
         prometheus.wait(timeout=30)
+
+
+def _prometheus_sees_a_running_trial(base: str) -> bool:
+    """Prometheus's own view: its scrape target is up, and it holds a sample of each
+    running-trial series the dashboard shows."""
+    targets = json.loads(_get(base + "/api/v1/targets"))["data"]["activeTargets"]
+    if not any(t["health"] == "up" for t in targets):
+        return False
+    return all(_query(base, name) for name in ("kubetune_running_trial_epoch",
+                                               "kubetune_running_trial_objective_value"))
 
 
 def _ready(base: str) -> bool:
