@@ -764,6 +764,23 @@ async def test_pods_refused_by_a_quota_are_reported_and_retried(cluster, operato
     assert len(events(cluster, "PodCreationFailed")) == 1  # once, not every reconcile
 
 
+async def test_a_huge_api_error_leaves_the_status_and_events_small(cluster, operator):
+    """An API error quoting a huge value (here a webhook's 200 kB answer) is clipped in the
+    condition and the event, and still warned about once, not at every reconcile."""
+    huge = "admission webhook denied the pod: " + "x" * 200_000
+    cluster.refuse_creation[PODS] = (403, huge)
+    await create(cluster, tuning_job(budget={"maxTrials": 4, "parallelism": 3}))
+    refused = await eventually(lambda: condition(status(cluster), "WorkersStarted"),
+                               message="a WorkersStarted condition")
+    assert refused["reason"] == "PodCreationFailed"
+    assert "admission webhook denied" in refused["message"]
+    assert len(refused["message"]) <= 4000
+    assert len(json.dumps(status(cluster))) < 20_000
+    await asyncio.sleep(1)  # ten reconciles
+    warnings = events(cluster, "PodCreationFailed")
+    assert len(warnings) == 1 and len(warnings[0]["message"]) <= 1000
+
+
 def test_storage_retries_back_off_as_the_outage_lasts():
     reconciler = Reconciler(ApiClient(), SETTINGS)
     first = reconciler._unavailable({}, 1, "storage unreachable: refused")

@@ -16,6 +16,7 @@ from typing import Any
 
 import kopf
 
+from kubetune.job.status import clip
 from kubetune_operator.reconciler import (
     EVENT_MESSAGE_LIMIT,
     FINALIZER,
@@ -90,11 +91,12 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         try:
             post(body, reconciler.delete(body))
         except StorageUnavailable as err:
-            raise kopf.TemporaryError(f"cannot delete the study: {err}",
-                                      delay=retry_delay) from None
+            # kopf keeps the message in the job's annotations while it retries
+            raise kopf.TemporaryError(clip(f"cannot delete the study: {err}",
+                                           EVENT_MESSAGE_LIMIT), delay=retry_delay) from None
 
 
 def post(body: kopf.Body, events: list[Event]) -> None:
     for event in events:
         kopf.event(body, type=event.type, reason=event.reason,
-                   message=event.message[:EVENT_MESSAGE_LIMIT])
+                   message=clip(event.message, EVENT_MESSAGE_LIMIT))

@@ -23,6 +23,7 @@ from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.job.core import WorkerState
+from kubetune.job.status import clip
 from kubetune.spec.model import TuningJob
 from kubetune.spec.template import JOB_DIGEST_ENV, OWN_ENV
 from kubetune.study.schema import job_digest
@@ -497,8 +498,10 @@ def delete_job_pods(api: CoreV1Api, namespace: str, job_name: str) -> int:
     return len(pods)
 
 
-def _api_message(err: ApiException) -> str:
+def _api_message(err: ApiException, limit: int = 1000) -> str:
+    """The API server's message (clipped: it may quote the whole pod we sent)."""
     try:
-        return json.loads(err.body).get("message") or str(err.reason)
+        message = json.loads(err.body).get("message") or str(err.reason)
     except (TypeError, ValueError):
-        return str(err.reason)
+        message = str(err.reason)
+    return clip(str(message), limit)

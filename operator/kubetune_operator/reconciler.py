@@ -29,9 +29,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from kubetune.job.core import WORKERS_SCHEDULED, JobCore
 from kubetune.job.metrics import Metrics, snapshot
 from kubetune.job.status import (
+    CONDITION_MESSAGE_LIMIT,
     FAILED,
     STORAGE_UNAVAILABLE,
     SUCCEEDED,
+    clip,
     condition,
     merge_conditions,
     now_iso,
@@ -77,9 +79,9 @@ WORKERS_STARTED = "WorkersStarted"  # a condition present only while pods cannot
 POD_CREATION_FAILED = "PodCreationFailed"
 EDITABLE_BUDGET = ("maxTrials", "parallelism")
 EVENT_MESSAGE_LIMIT = 1000
-# A condition message stays small whatever the spec held (a problem may quote a huge value).
+# A condition message stays small whatever the spec held (a problem may quote a huge value);
+# job.status.condition clips every condition message to CONDITION_MESSAGE_LIMIT.
 PROBLEM_MESSAGE_LIMIT = 500
-CONDITION_MESSAGE_LIMIT = 4000
 MAX_RETRY_DELAY_S = 300.0
 # A deleted job with cleanup.deleteStudy waits this long for its pods to exit before its
 # deletion handler is retried (kopf: up to 5 times, 10 s apart with the default settings).
@@ -125,6 +127,9 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+
+    def __post_init__(self) -> None:  # whatever it quotes, an event stays small
+        object.__setattr__(self, "message", clip(self.message, EVENT_MESSAGE_LIMIT))
 
 
 @dataclass
@@ -439,12 +444,12 @@ class Reconciler:
     # ------------------------------------------------------------------ status shapes
     def _invalid(self, previous: dict[str, Any], generation: Any,
                  problems: list[Problem]) -> SyncResult:
-        message = "\n".join(_clip(str(p), PROBLEM_MESSAGE_LIMIT) for p in problems)
+        message = "\n".join(clip(str(p), PROBLEM_MESSAGE_LIMIT) for p in problems)
         return self._failed(previous, generation, INVALID_SPEC, message, ready=False)
 
     def _failed(self, previous: dict[str, Any], generation: Any, reason: str, message: str,
                 ready: bool | None = None) -> SyncResult:
-        message = _clip(message, CONDITION_MESSAGE_LIMIT)
+        message = clip(message, CONDITION_MESSAGE_LIMIT)
         conditions = [condition("Ready", False, reason, message)] if ready is False else []
         conditions.append(condition("Failed", True, reason, message))
         status = {
@@ -467,7 +472,8 @@ class Reconciler:
         # start of the outage is in the status, so the operator needs no memory of its own.
         down_for = time.time() - _timestamp(down["conditions"][-1].get("lastTransitionTime"))
         delay = min(MAX_RETRY_DELAY_S, max(self.settings.retry_delay, down_for / 2))
-        return SyncResult(status=status_patch(previous, status), events=events, retry=message,
+        return SyncResult(status=status_patch(previous, status), events=events,
+                          retry=clip(message, EVENT_MESSAGE_LIMIT),
                           retry_delay=delay)
 
 
@@ -524,7 +530,7 @@ def budget_events(stored: Mapping[str, Any], current: TuningJob) -> list[Event]:
 def worker_events(launcher: PodLauncher, previous: Mapping[str, Any]) -> list[Event]:
     events = []
     if launcher.errors:
-        message = "; ".join(launcher.errors)
+        message = clip("; ".join(launcher.errors), CONDITION_MESSAGE_LIMIT)  # the condition's
         before = next((c for c in previous.get("conditions") or []
                        if c.get("type") == WORKERS_STARTED), {})
         if before.get("message") != message:  # once per distinct refusal, not every reconcile
@@ -569,10 +575,6 @@ def phase_events(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list
 def status_patch(previous: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
     """Only the top-level fields that changed (None deletes a field)."""
     return {k: v for k, v in status.items() if previous.get(k) != v}
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 16] + f"... ({len(text)} chars)"
 
 
 def _reason(status: Mapping[str, Any], kind: str) -> str | None:
