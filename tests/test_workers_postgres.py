@@ -220,3 +220,36 @@ def test_a_worker_runs_torch_on_the_threads_its_pod_was_given(postgres_url, tmp_
     for unusable in ("", "0", "1.5", "500m"):  # a CPU request of 0 gives "0"
         assert env_threads({"KUBETUNE_THREADS": unusable}) is None
     assert env_threads({}) is None
+
+
+def test_storages_opened_at_once_on_a_new_database_all_open(make_postgres_url):
+    """Optuna creates its tables when a storage first opens a database. Several processes at
+    once (the operator and `kubetune results` as a job starts, two runners) all found none,
+    and all but one failed on CREATE (UniqueViolation, DuplicateTable)."""
+    for _ in range(3):  # the race was lost every time; three fresh databases to be sure
+        errors, opened = _open_at_once(make_postgres_url(), 6)
+        assert errors == [] and len(opened) == 6
+        assert optuna.get_all_study_names(opened[0]) == []
+        for storage in opened:
+            storage.engine.dispose()
+
+
+def _open_at_once(url: str, count: int) -> tuple[list[str], list]:
+    """``count`` threads opening ``url`` at the same moment, half with outage retries."""
+    import threading
+
+    barrier, errors, opened = threading.Barrier(count), [], []
+
+    def open_(retry_for: float) -> None:
+        barrier.wait()
+        try:
+            opened.append(open_storage(url, retry_for=retry_for))
+        except Exception as err:  # noqa: BLE001 - what the test reports
+            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
+
+    threads = [threading.Thread(target=open_, args=(30.0 * (i % 2),)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors, opened

@@ -88,12 +88,35 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
             )
         kwargs["skip_compatibility_check"] = not check_schema
         if retry_for > 0:
-            return ReconnectingRDBStorage(url, retry_for=retry_for, engine_kwargs=engine_kwargs,
-                                          **kwargs)
-        return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            return _creating_schema(lambda: ReconnectingRDBStorage(
+                url, retry_for=retry_for, engine_kwargs=engine_kwargs, **kwargs))
+        return _creating_schema(lambda: RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs))
     path = Path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _creating_schema(make: Callable[[], T], attempts: int = 5) -> T:
+    """``make()``, again when it lost the race to create Optuna's tables in a new database.
+
+    Optuna creates its tables (check, then create) when a storage first opens a database; two
+    processes doing it at once (an operator and ``kubetune results``, two jobs' runners) both
+    see none, and the second's CREATE fails (PostgreSQL: UniqueViolation on
+    pg_type_typname_nsp_index, or DuplicateTable). Opened again, it finds them made.
+    """
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return make()
+        except (IntegrityError, ProgrammingError) as err:
+            text = str(err)
+            if attempt == attempts or not ("already exists" in text
+                                           or "pg_type_typname_nsp_index" in text):
+                raise
+            log.info("another process was creating the storage's tables; opening it again")
+            time.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
 
 
 def open_job_storage(url: str, spec: JobSpec | None, *, retry_for: float = 0.0,
