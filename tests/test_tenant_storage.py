@@ -37,7 +37,7 @@ from kubetune_operator.tenant_databases import (
     tenant_name,
 )
 
-from conftest import fast_job, kubetune, write_job
+from conftest import fast_job, kubetune, wait_for, write_job
 from pg_server import start_server
 
 ADMIN_PASSWORD = "admin-Pa55-for-tests"
@@ -389,3 +389,47 @@ def test_a_storage_secret_is_never_echoed_and_only_allowed_hosts_are_reached(
     for where, text in seen.items():
         assert SECRET_VALUE not in text, where
     assert not control_plane.kubectl("get", "pods", "-n", ns, "-o", "name").stdout.strip()
+
+
+def test_a_deleted_jobs_database_connections_close_once_no_job_uses_them(
+        control_plane, tuningjob_crd, namespaces, postgres_server, postgres_url, tmp_path):
+    """The operator's reconciler (against the real API server and PostgreSQL) keeps a pool
+    per storage URL: deleting one of two jobs on it keeps the pool, deleting the last one
+    closes its connections."""
+    import kubernetes
+
+    from kubetune_operator.reconciler import Reconciler
+    from kubetune_operator.settings import Settings
+
+    from cluster_operator import storage_secret
+
+    ns = namespaces("pools")
+    storage_secret(control_plane, ns, postgres_url)
+    database = postgres_url.rsplit("/", 1)[1]
+    reconciler = Reconciler(kubernetes.config.new_client_from_config(
+        config_file=str(control_plane.kubeconfig)), Settings(namespaces=(ns,), metrics_port=0))
+
+    def connections() -> int:
+        conn = postgres_server.connect()
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                        "AND pid <> pg_backend_pid()", (database,))
+            count = cur.fetchone()[0]
+        conn.close()
+        return count
+
+    bodies = []
+    for name in ("first", "second"):
+        path = write_job(tmp_path / f"{name}.yaml", tiny_job(name))
+        control_plane.kubectl("apply", "-n", ns, "-f", path)
+        bodies.append(get_json(control_plane, "get", "tj", name, "-n", ns))
+        assert not reconciler.sync(bodies[-1]).retry
+    try:
+        assert connections() > 0
+        reconciler.delete(bodies[0])
+        assert connections() > 0, "the second job's pool was closed with the first job"
+        reconciler.delete(bodies[1])
+        wait_for(lambda: connections() == 0, timeout=10,
+                 message="the pool's connections to close")
+    finally:
+        reconciler.close()

@@ -101,11 +101,6 @@ class TenantDatabases:
                     self._done[key] = done
         return done
 
-    def forget(self, namespace: str) -> None:
-        with self._lock:
-            for key in [k for k in self._done if k[1] == namespace]:
-                del self._done[key]
-
 
 def provision(admin: StorageURL, namespace: str) -> TenantDatabase:
     """Make (or check) the role and database of ``namespace``; ProvisionError when that
