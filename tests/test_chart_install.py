@@ -413,7 +413,9 @@ def test_watch_namespaces_install_serves_only_those(control_plane, stack):
     account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
 
     # Roles only in the watched namespaces, bound to the release's ServiceAccount.
-    assert not instance_objects(cp, "clusterroles", "scoped")
+    # The operator gets no ClusterRole: the release's only ones are for people (edit/view).
+    assert {r["metadata"]["name"] for r in instance_objects(cp, "clusterroles", "scoped")} \
+        == {"scoped-kubetune-edit", "scoped-kubetune-view"}
     assert not instance_objects(cp, "clusterrolebindings", "scoped")
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"])
              for r in instance_objects(cp, "roles", "scoped")}
