@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -17,7 +19,8 @@ from optuna.trial import TrialState
 
 from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
 
-STATUS_KEYS = {"name", "phase", "objective", "progress", "trials", "pruneReasons", "best",
+STATUS_KEYS = {"name", "phase", "objective", "progress", "trials", "pruneReasons", "failures",
+               "best",
                "leaderboard", "conditions", "ensemble", "workers", "stage", "stages",
                "preflight", "diagnosis"}
 
@@ -45,9 +48,17 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
     assert trials["running"] == 0 and trials["total"] == 6
     assert result["progress"] == "6/6"
     assert sum(result["pruneReasons"].values()) == trials["pruned"]
-    assert result["ensemble"]["bestSingleTrial"] == result["best"]["trial"]  # on by default
+    ready = next(c for c in result["conditions"] if c["type"] == "EnsembleReady")  # on by default
+    if ready["reason"] == "EnsembleBuilt":
+        assert result["ensemble"]["bestSingleTrial"] == result["best"]["trial"]
+    else:  # greedy selection kept the best trial alone: no ensemble, and the reason says so
+        assert ready["reason"] == "NoBetterCombination" and result["ensemble"] is None
+        assert f"trial #{result['best']['trial']}" in ready["message"]
     assert result["preflight"]["result"] == "passed"
-    assert sum(result["diagnosis"]["counts"].values()) == trials["complete"] + trials["pruned"]
+    diagnosis = result["diagnosis"]
+    cut = result["pruneReasons"].get("pruner", 0) + result["pruneReasons"].get("timeout", 0)
+    assert sum(diagnosis["counts"].values()) == trials["complete"] + trials["pruned"] - cut
+    assert diagnosis.get("pruned", {}).get("trials", 0) == cut
 
     study = _study(out)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -67,6 +78,49 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
     assert "MaxTrialsReached" in shown.stdout and f"{best.value:.5g}" in shown.stdout
     assert result["diagnosis"]["advice"] in " ".join(shown.stdout.split())
     assert json.loads(kubetune("results", out, "--json").stdout) == result
+
+
+def test_the_readme_run_is_found_by_name_and_its_output_reads_well_in_files_and_pipes(tmp_path):
+    """What a new user does after the quick start: a run without --output, then `results` and
+    `plot` by the run's name, through files and pipes."""
+    job = write_job(tmp_path / "job.yaml", fast_job(budget={"maxTrials": 3, "parallelism": 1},
+                                                     preflight={"enabled": False}))
+
+    def here(*args, **kwargs):
+        return subprocess.run([sys.executable, "-m", "kubetune", *map(str, args)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=240, **kwargs)
+
+    proc = here("run", job)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = (tmp_path / "kubetune-runs" / "fast").resolve()
+    result = json.loads((out / "result.json").read_text())
+    lines = proc.stdout.splitlines()
+    # The end of the run: where things are, how long it took, what to run next.
+    assert f"plots:  {out / 'plots'}" in lines
+    assert any(re.fullmatch(r"succeeded in (\d+s|\d+m \d\ds)", line) for line in lines), lines
+    next_steps = lines[lines.index("next:") + 1:]
+    assert [line.split("  ")[1] for line in next_steps][:2] == ["kubetune results fast",
+                                                              "kubetune plot fast"]
+    # Not a terminal: no line is wrapped, so the advice is one line, whole.
+    assert f"  advice: {result['diagnosis']['advice']}" in lines
+
+    shown = here("results", "fast")  # the run's name finds ./kubetune-runs/fast
+    assert shown.returncode == 0, shown.stderr
+    assert "MaxTrialsReached" in shown.stdout and f"{result['best']['value']:.5g}" in shown.stdout
+    plotted = here("plot", "fast")
+    assert plotted.returncode == 0, plotted.stderr
+    assert f"{Path('kubetune-runs') / 'fast' / 'plots' / 'curves-overview.png'}" in plotted.stdout
+    missing = here("results", "no-such-run")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "no kubetune-runs/no-such-run" in missing.stderr and "--storage" in missing.stderr
+
+    # A reader that stops early (`| head`): a quiet stop, no traceback, exit 0.
+    for args in (("results", "fast", "--json"), ("results", "fast")):
+        reader = subprocess.Popen([sys.executable, "-m", "kubetune", *args], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        reader.stdout.close()  # closed before kubetune writes a byte
+        stderr = reader.stderr.read().decode()
+        assert (reader.wait(timeout=60), stderr) == (0, ""), args
 
 
 def test_complete_trials_keep_history_weights_and_predictions(tmp_path):
@@ -103,12 +157,15 @@ def test_complete_trials_keep_history_weights_and_predictions(tmp_path):
 
 def test_rerun_continues_the_same_study(tmp_path):
     out = tmp_path / "out"
-    first = write_job(tmp_path / "a.yaml", fast_job(budget={"maxTrials": 3, "parallelism": 1}))
+    average = {"method": "average"}  # always an ensemble (greedy may keep the best alone)
+    first = write_job(tmp_path / "a.yaml", fast_job(budget={"maxTrials": 3, "parallelism": 1},
+                                                    ensemble=average))
     assert kubetune("run", first, "--output", out).returncode == 0
     before = {t.number: t.params for t in _study(out).trials}
     assert json.loads((out / "result.json").read_text())["ensemble"]["candidates"] == 3
 
-    more = write_job(tmp_path / "b.yaml", fast_job(budget={"maxTrials": 6, "parallelism": 2}))
+    more = write_job(tmp_path / "b.yaml", fast_job(budget={"maxTrials": 6, "parallelism": 2},
+                                                   ensemble=average))
     proc = kubetune("run", more, "--output", out)
 
     assert proc.returncode == 0, proc.stderr

@@ -58,8 +58,9 @@ def test_narrowing_on_known_trials_gives_exact_ranges():
         "hidden": IntDistribution(42, 194, log=True),
         # int with step 16: 64..96 widened by max(8, 24): 40..120, at the nearest grid points
         "batch": IntDistribution(48, 128, step=16),
-        # both top trials used 2 layers; +-0.2 rounds back to 2: no longer searched
-        "layers": IntDistribution(2, 2),
+        # both top trials used 2 layers, but 2 trials are no evidence for one value: the
+        # neighbours on the grid stay (see test_a_noisy_ranking_keeps_a_region_not_a_point)
+        "layers": IntDistribution(1, 3),
         # the choices the top trials used, in the original order
         "optimizer": CategoricalDistribution(["adam", "sgd"]),
     }
@@ -72,7 +73,7 @@ def test_narrowing_never_leaves_the_original_range():
         "lr": FloatDistribution(1e-4, 0.0001996, log=True),  # 10^-4 .. 10^-3.7
         "dropout": FloatDistribution(0.45, 0.5),
         "hidden": IntDistribution(676, 1024, log=True),
-        "layers": IntDistribution(1, 1),
+        "layers": IntDistribution(1, 2),  # one value from one trial: its neighbour stays
     }
 
 
@@ -92,8 +93,71 @@ def test_categorical_choices_keep_their_types():
     space = {"batch_norm": CategoricalDistribution([True, False]),
              "hidden": CategoricalDistribution([1, 32, 64])}
     top = [{"batch_norm": True, "hidden": 1}, {"batch_norm": True, "hidden": 64}]
-    assert narrow(space, space, top) == {"batch_norm": CategoricalDistribution([True]),
+    ranked = top * 10  # 20 trials, every one with batch_norm True: overwhelming
+    assert narrow(space, space, top, ranked) == {"batch_norm": CategoricalDistribution([True]),
                                          "hidden": CategoricalDistribution([1, 64])}
+
+
+def _noisy_coarse_ranking(seed: int, trials: int) -> list[dict]:
+    """A cheap stage's ranking: the score barely depends on the knobs and the noise of a
+    low-fidelity run dominates, so its top few trials share values by chance."""
+    rng = np.random.default_rng(seed)
+    trials_params = [{"layers": int(rng.integers(1, 4)),
+                      "optimizer": str(rng.choice(["adam", "adamw", "sgd"])),
+                      "batch_size": int(2 ** rng.uniform(5, 9)),
+                      "score": rng.normal(0.6, 0.05)} for _ in range(trials)]
+    return sorted(trials_params, key=lambda p: -p["score"])
+
+
+NOISY_SPACE = {"layers": LAYERS, "optimizer": OPTIMIZER,
+               "batch_size": IntDistribution(32, 512, log=True)}
+
+
+def test_a_noisy_ranking_keeps_a_region_not_a_point():
+    """The issue-18 run: a coarse ranking of 12-36 cheap trials fixed layers, the optimizer
+    and batch_size 32 from its top 3-8 trials. Whatever the top trials share by chance, no
+    discrete knob is left with one value, and batch_size keeps more than a sliver of 32."""
+    # a top where chance made every knob agree: all sgd, 2 layers, batch 32
+    ranked = ([{"layers": 2, "optimizer": "sgd", "batch_size": 32}] * 5
+              + [{"layers": 3, "optimizer": "adam", "batch_size": 181},
+                 {"layers": 1, "optimizer": "adamw", "batch_size": 64}] * 5)
+    space = narrow(NOISY_SPACE, NOISY_SPACE, ranked[:5], ranked)
+    assert space["layers"] == IntDistribution(2, 3)  # 2 and the runner-up's 3
+    assert space["optimizer"] == CategoricalDistribution(["adam", "sgd"])
+    assert space["batch_size"].low == 32 and space["batch_size"].high >= 181
+    # and over many random noisy rankings, at every stage size up to 36 trials
+    for seed in range(50):
+        for trials in (6, 12, 24, 36):
+            ranked = _noisy_coarse_ranking(seed, trials)
+            top = ranked[:default_top(trials)]
+            space = narrow(NOISY_SPACE, NOISY_SPACE, top, ranked)
+            assert not space["layers"].single() and not space["optimizer"].single()
+            assert not space["batch_size"].single()
+
+
+def test_strong_evidence_still_narrows_to_one_value():
+    """20 or more trials whose best 2 x top all used one value fix it; weaker evidence keeps
+    the runner-up too; and choices no top trial used are dropped as before."""
+    best = {"layers": 2, "optimizer": "adam", "batch_size": 64}
+    other = [{"layers": 1, "optimizer": "sgd", "batch_size": 400},
+             {"layers": 3, "optimizer": "sgd", "batch_size": 300}]
+    ranked = [best] * 10 + other * 5  # 20 trials, the best 10 agree
+    space = narrow(NOISY_SPACE, NOISY_SPACE, ranked[:4], ranked)
+    assert space["layers"] == IntDistribution(2, 2)
+    assert space["optimizer"] == CategoricalDistribution(["adam"])
+    assert space["batch_size"].high < 128
+    # the same top, but the band of the best 8 holds another value: the region stays
+    mixed = [best] * 7 + [other[0]] + [best] * 2 + other * 5
+    space = narrow(NOISY_SPACE, NOISY_SPACE, mixed[:4], mixed)
+    assert space["layers"] == IntDistribution(1, 2)
+    assert space["optimizer"] == CategoricalDistribution(["adam", "sgd"])
+    # fewer than 20 trials never fix a value, however unanimous
+    space = narrow(NOISY_SPACE, NOISY_SPACE, ranked[:4], ranked[:19])
+    assert not space["layers"].single() and not space["optimizer"].single()
+    # two values among the top: the third, unused by them, is dropped at any size
+    two = [{"optimizer": "adam"}, {"optimizer": "adamw"}, {"optimizer": "sgd"}]
+    assert narrow({"optimizer": OPTIMIZER}, {"optimizer": OPTIMIZER}, two[:2], two) == {
+        "optimizer": CategoricalDistribution(["adam", "adamw"])}
 
 
 @pytest.mark.parametrize("complete, top", [(0, 3), (10, 3), (15, 3), (16, 4), (30, 6)])
@@ -105,7 +169,7 @@ def test_describe_is_short():
     assert describe(narrow(SPACE, SPACE, TOP)) == {
         "lr": "0.0005011..0.01996 log", "dropout": "0.05..0.35",
         "stepped": "0.05..0.25 step 0.05", "hidden": "42..194 int log",
-        "batch": "48..128 int step 16", "layers": "2", "optimizer": "adam | sgd"}
+        "batch": "48..128 int step 16", "layers": "1..3 int", "optimizer": "adam | sgd"}
 
 
 # ------------------------------------------------------------------------------ fidelities
@@ -186,7 +250,8 @@ def test_the_narrowed_space_is_computed_once_and_stored_in_the_study():
         study.add_trial(trial)
     trials = study.get_trials()
     space = stage_space(job.spec, study, 1, trials)
-    assert space["hidden"] == CategoricalDistribution([16])  # the best trial's only
+    # the best trial's, and the runner-up's: 2 trials are no evidence for one value
+    assert space["hidden"] == CategoricalDistribution([16, 32])
     assert space["lr"].low <= 0.002 <= space["lr"].high < 0.05
     stored = study.user_attrs[SPACES_ATTR]
     assert stored["1"]["top"] == [0]
@@ -194,7 +259,7 @@ def test_the_narrowed_space_is_computed_once_and_stored_in_the_study():
     assert stage_space(job.spec, study, 1, study.get_trials()) == space
     stage, stages = status_view(job.spec, study.get_trials(), stored)
     assert stage == "stage-2"
-    assert stages[1]["ranges"]["hidden"] == "16" and stages[0]["fidelity"] == "reduced"
+    assert stages[1]["ranges"]["hidden"] == "16 | 32" and stages[0]["fidelity"] == "reduced"
 
 
 def test_each_stage_samples_and_prunes_among_its_own_trials():
@@ -223,7 +288,7 @@ def test_each_stage_samples_and_prunes_among_its_own_trials():
 def test_two_stage_job_ends_with_a_full_fidelity_best_and_ensemble(tmp_path, postgres_url):
     """The coarse stage scores on 2 of 3 classes (easier), so its trials would top the
     leaderboard if reduced-fidelity trials competed. On PostgreSQL, as on a cluster."""
-    job = fast_job("staged", budget={"parallelism": 2}, ensemble={"topK": 3},
+    job = fast_job("staged", budget={"parallelism": 2}, ensemble={"topK": 3, "method": "average"},
                    stages=[{"name": "coarse", "trials": 4, "top": 2, "epochs": 2,
                             "data": {"fraction": 0.5, "classes": 2}},
                            {"name": "fine", "trials": 3}])
