@@ -4,6 +4,11 @@ Pure functions of a search space (name -> Optuna distribution) and trial paramet
 ``kubetune.search.stages`` decides when to narrow and stores the result. The rule (``narrow``)
 and a worked example are in docs/tuning.md (How a stage narrows the next one): change the two
 together. A narrowed range never leaves the original one, and a stepped range keeps its grid.
+
+A stage's ranking is noisy (few trials, often at a cheap fidelity), so narrowing keeps the good
+region, not a point: a categorical or integer knob is narrowed to one value only on
+overwhelming evidence (``single_value_allowed``); otherwise the best value outside the top
+trials' joins them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from optuna.distributions import (
 SPREAD_MARGIN = 0.25   # widen the top trials' span by this part of itself on each side...
 RANGE_MARGIN = 0.10    # ...and by at least this part of the stage's range
 SIGNIFICANT_DIGITS = 4  # bounds of float ranges without a step, rounded outwards
+MIN_TRIALS_FOR_ONE_VALUE = 20  # never narrow a knob to one value from fewer ranked trials...
+NOISE_BAND = 2                 # ...nor unless the best NOISE_BAND x top trials all used it
 
 
 def default_top(complete: int) -> int:
@@ -31,26 +38,71 @@ def default_top(complete: int) -> int:
 
 
 def narrow(space: dict[str, Any], original: dict[str, Any],
-           top_params: list[dict[str, Any]]) -> dict[str, Any]:
+           top_params: list[dict[str, Any]],
+           ranked: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The next stage's space from this stage's ``space`` and its top trials' params.
 
     Spaces map parameter names to Optuna distributions. ``original`` is the job's space (stage
-    0): no range ever leaves it. With no top trial the space is kept as it is.
+    0): no range ever leaves it. ``ranked``: the params of every complete trial of the stage,
+    best first (``top_params`` are its first ones; default ``top_params`` alone); it tells how
+    strong the evidence is. With no top trial the space is kept as it is.
     """
     if not top_params:
         return dict(space)
+    ranked = list(top_params) if ranked is None else ranked
     out: dict[str, Any] = {}
     for name, dist in space.items():
         values = [p[name] for p in top_params if name in p]
         if not values or dist.single():
             out[name] = dist
-        elif isinstance(dist, CategoricalDistribution):
-            used = {(isinstance(v, bool), v) for v in values}
-            kept = [c for c in dist.choices if (isinstance(c, bool), c) in used]
+            continue
+        alone = (isinstance(dist, (CategoricalDistribution, IntDistribution))
+                 and len({_key(v) for v in values}) == 1
+                 and not single_value_allowed(name, values[0], ranked, len(top_params)))
+        if alone:
+            values = values + _runner_up(name, values[0], ranked)
+        if isinstance(dist, CategoricalDistribution):
+            used = {_key(v) for v in values}
+            kept = [c for c in dist.choices if _key(c) in used]
+            if len(kept) < 2 and alone:
+                kept = list(dist.choices)  # no other choice was tried: nothing speaks against it
             out[name] = CategoricalDistribution(kept or list(dist.choices))
         else:
             out[name] = _narrow_range(dist, original.get(name, dist), values)
+            if alone and out[name].single():
+                out[name] = _one_step_around(out[name].low, original.get(name, dist))
     return out
+
+
+def single_value_allowed(name: str, value: Any, ranked: list[dict[str, Any]], top: int) -> bool:
+    """Whether the evidence for fixing ``name`` to ``value`` is overwhelming: at least
+    ``MIN_TRIALS_FOR_ONE_VALUE`` ranked trials, and the best ``NOISE_BAND x top`` of them all
+    used ``value``. A cheap stage's ranking is noisy: a value that merely won its top few
+    trials is one value of the good region, not the region."""
+    if len(ranked) < MIN_TRIALS_FOR_ONE_VALUE:
+        return False
+    band = [p[name] for p in ranked[:NOISE_BAND * top] if name in p]
+    return all(_key(v) == _key(value) for v in band)
+
+
+def _runner_up(name: str, value: Any, ranked: list[dict[str, Any]]) -> list[Any]:
+    """The value of the best ranked trial that used another value than ``value`` (or none)."""
+    for params in ranked:
+        if name in params and _key(params[name]) != _key(value):
+            return [params[name]]
+    return []
+
+
+def _one_step_around(value: int, original: IntDistribution) -> IntDistribution:
+    """An int range narrowed to one value, widened to its neighbours on the job's grid."""
+    step = original.step
+    low, high = max(value - step, original.low), min(value + step, original.high)
+    return IntDistribution(int(low), int(high), log=original.log, step=step)
+
+
+def _key(value: Any) -> tuple[bool, Any]:
+    """True and 1 are equal in Python; as choices they are not."""
+    return (isinstance(value, bool), value)
 
 
 def _narrow_range(dist: FloatDistribution | IntDistribution,

@@ -103,7 +103,8 @@ def stage_space(spec: JobSpec, study: optuna.Study, stage: int,
     ranking = budget.ranked(by_stage(trials, len(spec.stage_list))[stage - 1],
                             spec.objective.resolved_direction, full_only=False)
     top = ranking[:spec.stage_list[stage - 1].top or default_top(len(ranking))]
-    space = narrow(previous, to_distributions(spec.search_space), [dict(t.params) for t in top])
+    space = narrow(previous, to_distributions(spec.search_space), [dict(t.params) for t in top],
+                   ranked=[dict(t.params) for t in ranking])
     stored[str(stage)] = {"space": space_to_json(space), "top": [t.number for t in top]}
     study.set_user_attr(SPACES_ATTR, stored)
     log.info("stage %s narrowed by trials %s: %s", spec.stage_name(stage),
