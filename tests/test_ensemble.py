@@ -330,3 +330,21 @@ def test_importing_kubetune_stays_light():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_ensemble_step_runs_torch_on_the_cpu_of_its_pod(tmp_path, monkeypatch):
+    """The ensemble pod gets KUBETUNE_THREADS as the workers do (from its CPU limit or
+    request): a step that retrains seeds must not take every core of the node."""
+    import torch
+
+    from kubetune.ensemble.commands import ensemble_main
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("KUBETUNE_THREADS", "1")
+    torch.set_num_threads(3)
+    try:  # no such study: the step fails, with the threads set first
+        assert ensemble_main(["--study", "none", "--artifacts", str(tmp_path / "artifacts"),
+                              "--storage", str(tmp_path / "study.journal")]) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

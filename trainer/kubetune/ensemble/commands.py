@@ -42,8 +42,15 @@ def ensemble_main(argv: Sequence[str]) -> int:
 
     from kubetune.ensemble.step import describe, run_ensemble_step
     from kubetune.study.storage import make_artifact_store, open_storage, silence_optuna
+    from kubetune.worker import env_threads
 
     silence_optuna()
+    threads = env_threads()
+    if threads:  # the pod's CPU, as for the workers (the operator sets KUBETUNE_THREADS)
+        import torch
+
+        torch.set_num_threads(threads)
+        log.info("ensemble: %d torch threads", torch.get_num_threads())
     try:
         study = optuna.load_study(study_name=args.study, storage=open_storage(args.storage))
         record = run_ensemble_step(study, make_artifact_store(args.artifacts),
