@@ -324,6 +324,21 @@ def test_local_job_carries_its_ensemble_and_the_export_reproduces_its_test_value
     again = kt.load_ensemble(tmp_path / "model2").predict_proba(raw_test)
     assert np.allclose(again, model.predict_proba(raw_test))
 
+    # One trial: its files under a readable name, and its model exported on its own.
+    best = result["best"]["trial"]
+    folder = out / "artifacts" / f"trial-{best:04d}"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.pt", "predictions.npz"]
+    assert (folder / "model.pt").resolve().is_file()
+    single = kubetune("export", out, "--trial", best, "--output", tmp_path / "single")
+    assert single.returncode == 0, single.stdout + single.stderr
+    alone = kt.load_ensemble(tmp_path / "single")
+    assert [m["trial"] for m in alone.manifest["members"]] == [best]
+    assert alone.manifest["validationValue"] == pytest.approx(result["best"]["value"], abs=1e-6)
+    assert float(np.mean(alone.predict(raw_test) == data.y_test)) == \
+        pytest.approx(alone.manifest["testValue"])
+    missing = kubetune("export", out, "--trial", 999, "--output", tmp_path / "none")
+    assert missing.returncode == 2 and "trial 999 is not in the study" in missing.stderr
+
 
 def test_importing_kubetune_stays_light():
     code = "import sys, kubetune; assert 'torch' not in sys.modules, 'torch imported'"

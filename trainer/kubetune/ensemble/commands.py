@@ -80,12 +80,24 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument("--artifacts", metavar="DIR", default=None,
                         help="artifact folder (default: the run's artifacts/ or the job's "
                              "spec.artifacts.path; the copy in the storage is used otherwise)")
+    parser.add_argument("--trial", type=int, metavar="N", default=None,
+                        help="export trial N's model instead of the ensemble (a complete trial "
+                             "of the built-in trainer)")
     args = parser.parse_args(list(argv))
 
     from kubetune.ensemble.export import ExportError, write_model_folder
     from kubetune.ensemble.step import metric_name
 
     try:
+        if args.trial is not None:
+            bundle = _trial_bundle(args)
+            folder = write_model_folder(bundle, Path(args.output))
+            manifest = bundle["manifest"]
+            print(f"wrote {folder}: trial {args.trial}, test "
+                  f"{metric_name(manifest['metric'])} {manifest['testValue']:.4g} (validation "
+                  f"{manifest['validationValue']:.4g})\n"
+                  f"load it with: kubetune.load_ensemble({str(folder)!r})")
+            return EXIT_OK
         bundle, record = _find_bundle(args)
         folder = write_model_folder(bundle, Path(args.output))
     except ExportError as err:
@@ -98,12 +110,64 @@ def export_main(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def _find_bundle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def _trial_bundle(args: argparse.Namespace) -> dict[str, Any]:
+    """One complete trial's model, as a model folder of one member (weight 1), scored like
+    the ensemble on its stored validation and test predictions."""
+    import tempfile
+
+    from kubetune.ensemble.export import ExportError
+    from kubetune.ensemble.step import (
+        ArtifactReader,
+        EnsembleResult,
+        Member,
+        build_bundle,
+        score,
+        selection_metric,
+    )
+    from kubetune.study.schema import ARTIFACTS_ATTR, load_job
+    from kubetune.study.storage import make_artifact_store
+
+    study, run_dir = _open_study(args)
+    job = load_job(study)
+    found = [t for t in study.get_trials(deepcopy=False) if t.number == args.trial]
+    if not found or found[0].state.name != "COMPLETE":
+        state = found[0].state.name.lower() if found else "not in the study"
+        raise ExportError(f"trial {args.trial} is {state}: only a complete trial has a model")
+    trial = found[0]
+    ids = trial.user_attrs.get(ARTIFACTS_ATTR) or {}
+    if not job.spec.trainer.is_builtin or "model" not in ids:
+        raise ExportError(f"trial {args.trial} has no model kubetune can export: it ran your own "
+                          "training code, whose models are yours to keep")
+    folders = [args.artifacts, run_dir / "artifacts" if run_dir else None,
+               job.spec.artifacts.path]
+    folder = next((f for f in filter(None, folders) if (Path(f) / ids["model"]).is_file()), None)
+    if folder is None:
+        tried = ", ".join(str(f) for f in filter(None, folders)) or "none"
+        raise ExportError(f"trial {args.trial}'s model not found (artifact folders tried: "
+                          f"{tried}); give --artifacts DIR")
+    direction = job.spec.objective.resolved_direction
+    metric = selection_metric(job.spec.objective.metric)
+    with tempfile.TemporaryDirectory(prefix="kubetune-export-") as tmp:
+        reader = ArtifactReader(make_artifact_store(folder), Path(tmp))
+        preds = reader.predictions(trial)
+        if preds is None:
+            raise ExportError(f"trial {args.trial}'s predictions cannot be read")
+        model = reader.model(trial)
+        params = dict(model.get("train_params") or trial.params)
+        member = Member(trial.number, preds["val_proba"], preds["test_proba"],
+                        load=lambda: (model["state_dict"], params))
+        val = score(metric, preds["val_proba"], preds["y_val"])
+        test = score(metric, preds["test_proba"], preds["y_test"])
+        result = EnsembleResult("single", metric, direction, [member], [1.0], val, test, member,
+                                val, test, 1)
+        return build_bundle(result, job, model, source="trial")
+
+
+def _open_study(args: argparse.Namespace) -> tuple[Any, Path | None]:
+    """The study that ``args.source`` names (a run folder or a TuningJob), and the run folder."""
     import optuna
 
     from kubetune.ensemble.export import ExportError
-    from kubetune.study.optuna_internals import study_system_attrs
-    from kubetune.study.schema import ENSEMBLE_ATTR, MODEL_ATTR, load_job
     from kubetune.study.storage import open_storage, silence_optuna
     from kubetune.study.urls import redact
 
@@ -123,9 +187,18 @@ def _find_bundle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
     storage = open_storage(url)
     name = _study_name(storage, args, run_dir)
     try:
-        study = optuna.load_study(study_name=name, storage=storage)
+        return optuna.load_study(study_name=name, storage=storage), run_dir
     except KeyError:
         raise ExportError(f"no study {name!r} in {redact(url)}") from None
+
+
+def _find_bundle(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    from kubetune.ensemble.export import ExportError
+    from kubetune.study.optuna_internals import study_system_attrs
+    from kubetune.study.schema import ENSEMBLE_ATTR, MODEL_ATTR, load_job
+
+    study, run_dir = _open_study(args)
+    name = study.study_name
     record = study.user_attrs.get(ENSEMBLE_ATTR)
     if not record:
         raise ExportError(f"study {name!r} has no ensemble yet: the job still runs, the "

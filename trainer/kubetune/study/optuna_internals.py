@@ -76,3 +76,13 @@ def heartbeat_storage(storage: BaseStorage) -> Heartbeat | None:
 # every one (4.5 has no _set_trial_param or _get_best_trial_id).
 RDB_PRIVATE_METHODS: tuple[str, ...] = ("_get_stale_trial_ids", "_create_new_trial",
                                         "_set_trial_param", "_get_best_trial_id", "_get_trials")
+
+
+def artifact_folder(store: Any) -> Any:
+    """The folder of a file-system artifact store (a ``pathlib.Path``), None for another kind."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    # Optuna 4.5-5.x: FileSystemArtifactStore keeps its folder as _base_path (a Path).
+    if isinstance(store, FileSystemArtifactStore):
+        return store._base_path
+    return None

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from kubetune.search.stages import trial_params
 from kubetune.spec.model import TuningJob
+from kubetune.study.optuna_internals import artifact_folder
 from kubetune.study.schema import (
     ARTIFACTS_ATTR,
     FAIL_REASON_ATTR,
@@ -87,11 +88,37 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: An
                          traceback.format_exc())
     if ids:
         trial.set_user_attr(ARTIFACTS_ATTR, ids)
+        link_trial_files(artifact_store, trial.number,
+                         {outcome.artifacts[key].name: ids[key] for key in ids})
     trial.set_user_attr(METRICS_ATTR, {k: jsonable(v) for k, v in metrics.items()})
     tell(study, trial, value)
     log.info("trial %d complete: %s=%.5g in %.1fs", trial.number, metric, value,
              time.time() - started)
     return TrialState.COMPLETE
+
+
+def trial_folder(number: int) -> str:
+    """The readable folder of a trial's files in the artifact folder: ``trial-0076``."""
+    return f"trial-{number:04d}"
+
+
+def link_trial_files(store: Any, number: int, files: dict[str, str]) -> None:
+    """``ARTIFACTS/trial-0076/model.pt`` -> the stored file: Optuna names artifacts by UUID,
+    and a person looking for trial 76's model should not need Optuna to find it. Links are a
+    convenience: where they cannot be made, the artifacts are still there."""
+    base = artifact_folder(store)
+    if base is None:
+        return
+    folder = Path(base) / trial_folder(number)
+    try:
+        folder.mkdir(exist_ok=True)
+        for name, artifact_id in files.items():
+            link = folder / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(Path("..") / artifact_id)
+    except OSError as err:
+        log.info("trial %d: no readable links in %s: %s", number, folder, err)
 
 
 def _trainer(kind: str) -> TrainerRun:
