@@ -221,3 +221,12 @@ def test_budget_ceilings_and_an_absolute_artifacts_path():
     artifacts = SCHEMA["properties"]["spec"]["properties"]["artifacts"]
     assert [r["fieldPath"] for r in artifacts["x-kubernetes-validations"]
             if "startsWith('/')" in r["rule"] or 'startsWith("/")' in r["rule"]] == [".path"]
+
+
+def test_every_template_field_is_declared_so_that_the_transition_rule_sees_it():
+    """CEL sees only the fields a schema names: a template field kept as an unknown field
+    could change on a running job without the API server noticing."""
+    from kubetune.spec.template import TEMPLATE_FIELDS
+
+    template = SCHEMA["properties"]["spec"]["properties"]["trainer"]["properties"]["template"]
+    assert set(template["properties"]) == set(TEMPLATE_FIELDS)

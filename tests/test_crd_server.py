@@ -794,10 +794,15 @@ FIXED_EDITS = {  # a change of a field fixed at creation, and the path the serve
     "objective": ({"spec": {"objective": {"metric": "val_loss", "direction": "minimize"}}},
                   "spec.objective"),
     "search-range": ({"spec": {"searchSpace": {"lr": {"high": 0.5}}}}, "spec.searchSpace"),
-    "template-added": ({"spec": {"trainer": {"template": {"serviceAccountName": "ops"}}}},
-                       "spec.trainer"),
+    "template-service-account": ({"spec": {"trainer": {"template": {
+        "serviceAccountName": "ops"}}}}, "spec.trainer"),
     "template-volume-added": ({"spec": {"trainer": {"template": {"volumes": [
         {"name": "host", "hostPath": {"path": "/"}}]}}}}, "spec.trainer"),
+    # fields the CRD keeps as written are declared, so that the rule sees a change in them
+    "template-security-context": ({"spec": {"trainer": {"template": {"securityContext": {
+        "runAsUser": 2000}}}}}, "spec.trainer"),
+    "template-runtime-class": ({"spec": {"trainer": {"template": {
+        "runtimeClassName": "other"}}}}, "spec.trainer"),
     "max-retries": ({"spec": {"budget": {"maxRetries": 9}}}, "spec.budget.maxRetries"),
     "timeout-removed": ({"spec": {"budget": {"timeout": None}}}, "spec.budget.timeout"),
     "storage-secret": ({"spec": {"storage": {"secretRef": {"name": "other"}}}},
@@ -814,7 +819,8 @@ EDITS = {  # what a running job may change
 @pytest.fixture(scope="module")
 def created_job(control_plane, tuningjobs):
     """A TuningJob that exists (an update needs one): the spec tests' base job."""
-    job = cases.mutated({"metadata.name": "created"})
+    job = cases.mutated({"metadata.name": "created", "spec.trainer.template": {
+        "securityContext": {"runAsUser": 1000}, "runtimeClassName": "gvisor"}})
     assert "timeout" in job["spec"]["budget"] and "stages" not in job["spec"]
     control_plane.kubectl("create", "-n", tuningjobs.namespace, "-f", "-", input=json.dumps(job))
     return tuningjobs.namespace, job["metadata"]["name"]

@@ -614,6 +614,22 @@ def pod_template_schema() -> dict[str, Any]:
                                     "a secret to pull the image with", ["name"],
                                     name=_string(description="the Secret's name")),
         priorityClassName=_string(description="the pods' PriorityClass"),
+        # Declared, though kept as written, so that CEL sees them: a transition rule compares
+        # only the fields a schema names (a kept unknown field is invisible to it).
+        securityContext=_open_object("the pod's securityContext: runAsUser, runAsGroup, "
+                                     "fsGroup, supplementalGroups, fsGroupChangePolicy"),
+        envFrom=_open_list("sources of environment variables (core/v1 EnvFromSource)",
+                           "a ConfigMap or Secret to take variables from", []),
+        workingDir=_string(MAX_LONG_STRING, description="the trainer container's working "
+                                                        "directory"),
+        runtimeClassName=_string(description="the pods' RuntimeClass (one the admin allows)"),
+        schedulerName=_string(description="the scheduler that places the pods"),
+        topologySpreadConstraints=_open_list(
+            "how the pods spread over zones or nodes (core/v1 TopologySpreadConstraint)",
+            "a topology spread constraint", []),
+        terminationGracePeriodSeconds={"type": "integer",
+                                       "description": "seconds a stopping pod gets before it "
+                                                      "is killed"},
         labels=_string_map("labels added to the pods", "a label value"),
         annotations=_string_map("annotations added to the pods", "an annotation value"),
     )
