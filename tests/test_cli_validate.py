@@ -125,6 +125,21 @@ def test_a_pod_template_the_operator_rejects_is_rejected_here_too(tmp_path, comm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
 
 
+def test_validate_refuses_what_the_default_cluster_policy_refuses(tmp_path):
+    """A hostPath volume passes the spec model, but a cluster with the chart's default policy
+    refuses it: validate says so before the job is applied."""
+    text = bad("      epochs: 2\n", "      epochs: 2\n"
+               "    template:\n      volumes: [{name: node, hostPath: {path: /}}]\n"
+               "      serviceAccountName: kubetune-operator\n")
+    proc = kubetune("validate", write(tmp_path, text))
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = assert_field_lines(proc.stderr)
+    assert [line.split(": ")[0] for line in lines] == [
+        "spec.trainer.template.serviceAccountName", "spec.trainer.template.volumes[0].hostPath"]
+    assert "volume type hostPath is not allowed (allowed: emptyDir, configMap, secret, " \
+           "persistentVolumeClaim, projected" in lines[1]
+
+
 def test_cross_field_problems_are_listed_too(tmp_path):
     text = bad("    layers: {type: int, low: 1, high: 3}\n",
                "    layers: {type: float, low: 1, high: 3}\n"

@@ -33,6 +33,7 @@ from kubetune.study.schema import PRUNE_REASON_ATTR, WORKER_ATTR
 from kubetune_operator.main import parse_args
 from kubetune_operator.pod_launcher import (
     Owner,
+    QuotaBackoff,
     StorageSecret,
     ensemble_pod,
     worker_pod,
@@ -65,7 +66,8 @@ NS = "tuning"
 SECRET = "optuna-db"
 SETTINGS = Settings(namespaces=(NS,), metrics_port=0, sync_interval=0.1, retry_delay=0.5,
                     worker_image="registry.example/kubetune:test",
-                    storage_secret="kubetune-storage")
+                    storage_secret="kubetune-storage",
+                    allowed_service_accounts=("trainer",))  # GPU_TEMPLATE's
 GPU_TEMPLATE = {
     "image": "registry.example/team/trainer:1.2",
     "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"},
@@ -541,11 +543,13 @@ def test_settings_defaults_fill_what_the_template_leaves_out():
     pod = worker_pod(OWNER, _job(), settings, StorageSecret(SECRET, "url"), 0)
     spec, (container,) = pod["spec"], pod["spec"]["containers"]
     assert container["image"] == "reg/kt:1" and container["imagePullPolicy"] == "Always"
-    assert container["resources"] == settings.worker_resources
+    assert container["resources"] == {  # the operator's default, with an ephemeral limit
+        "requests": settings.worker_resources["requests"],
+        "limits": {**settings.worker_resources["limits"], "ephemeral-storage": "20Gi"}}
     assert spec["nodeSelector"] == {"pool": "gpu"} and spec["priorityClassName"] == "tuning"
     assert spec["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
     artifacts = next(v for v in spec["volumes"] if v["name"] == "kubetune-artifacts")
-    assert artifacts == {"name": "kubetune-artifacts", "emptyDir": {}}
+    assert artifacts == {"name": "kubetune-artifacts", "emptyDir": {"sizeLimit": "10Gi"}}
 
 
 def test_a_shared_volume_at_the_artifacts_path_replaces_the_emptydir():
@@ -603,18 +607,84 @@ def test_a_code_trainer_runs_its_workers_in_its_own_image():
     job = parse_job(body)
     secret = StorageSecret(SECRET, "url")
     settings = Settings(worker_image="reg/kubetune:1")
-    for pod in (worker_pod(OWNER, job, settings, secret, 0),
-                ensemble_pod(OWNER, job, settings, secret)):
+    for pod, gpus in ((worker_pod(OWNER, job, settings, secret, 0), {"nvidia.com/gpu": "1"}),
+                      (ensemble_pod(OWNER, job, settings, secret), {})):  # it needs no GPU
         (container,) = pod["spec"]["containers"]
         assert container["image"] == "registry.example.com/team/mymodel:3"
         assert container["command"] == ["kubetune"]
-        assert container["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+        assert container["resources"] == {"limits": {**gpus, "ephemeral-storage": "20Gi"}}
         kubernetes_validate.validate(copy.deepcopy(pod), latest_version(), strict=True)
     (worker,) = worker_pod(OWNER, job, settings, secret, 0)["spec"]["containers"]
     assert worker["args"][:1] == ["worker"]
     del body["spec"]["trainer"]["image"]  # no image of its own: the operator's worker image
     (container,) = worker_pod(OWNER, parse_job(body), settings, secret, 0)["spec"]["containers"]
     assert container["image"] == "reg/kubetune:1"
+
+
+def test_pods_cannot_fill_the_nodes_disk():
+    """Every emptyDir gets a sizeLimit (the template's when smaller) and every container an
+    ephemeral-storage limit (the template's when set, its request when that is larger)."""
+    template = {"volumes": [{"name": "small", "emptyDir": {"sizeLimit": "1Gi"}},
+                            {"name": "huge", "emptyDir": {"medium": "Memory",
+                                                          "sizeLimit": "1Ti"}},
+                            {"name": "plain"},
+                            {"name": "cfg", "configMap": {"name": "c"}}],
+                "volumeMounts": [{"name": n, "mountPath": f"/mnt/{n}"}
+                                 for n in ("small", "huge", "plain", "cfg")]}
+    settings = Settings(empty_dir_size_limit="5Gi", ephemeral_storage_limit="8Gi")
+    secret = StorageSecret(SECRET, "url")
+    for pod in (worker_pod(OWNER, _job(template), settings, secret, 0),
+                ensemble_pod(OWNER, _job(template), settings, secret)):
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["small"]["emptyDir"] == {"sizeLimit": "1Gi"}
+        assert volumes["huge"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "5Gi"}
+        assert volumes["plain"] == {"name": "plain", "emptyDir": {"sizeLimit": "5Gi"}}
+        assert volumes["cfg"] == {"name": "cfg", "configMap": {"name": "c"}}
+        for own in ("kubetune-tmp", "kubetune-artifacts"):
+            assert volumes[own]["emptyDir"] == {"sizeLimit": "5Gi"}
+        (container,) = pod["spec"]["containers"]
+        assert container["resources"]["limits"]["ephemeral-storage"] == "8Gi"
+        kubernetes_validate.validate(copy.deepcopy(pod), latest_version(), strict=True)
+    for resources, limit in (({"limits": {"ephemeral-storage": "2Gi"}}, "2Gi"),
+                             ({"requests": {"ephemeral-storage": "50Gi"}}, "50Gi"),
+                             ({"requests": {"ephemeral-storage": "1Gi"}}, "8Gi")):
+        pod = worker_pod(OWNER, _job({"resources": resources}), settings, secret, 0)
+        assert pod["spec"]["containers"][0]["resources"]["limits"] == {
+            "ephemeral-storage": limit}
+
+
+def test_the_ensemble_pod_asks_for_no_gpu():
+    """The ensemble step fits no network: the workers' GPUs would sit idle for it."""
+    secret = StorageSecret(SECRET, "url")
+    job = _job(GPU_TEMPLATE)
+    (worker,) = worker_pod(OWNER, job, SETTINGS, secret, 0)["spec"]["containers"]
+    (ensemble,) = ensemble_pod(OWNER, job, SETTINGS, secret)["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert ensemble["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"},
+                                     "limits": {"memory": "8Gi", "ephemeral-storage": "20Gi"}}
+    gpu_default = Settings(worker_resources={"requests": {"amd.com/gpu": "1"},
+                                             "limits": {"amd.com/gpu": "1"}})
+    (ensemble,) = ensemble_pod(OWNER, _job(), gpu_default, secret)["spec"]["containers"]
+    assert ensemble["resources"] == {"limits": {"ephemeral-storage": "20Gi"}}
+
+
+def test_quota_refusals_hold_a_jobs_pods_back_longer_each_time():
+    now = [1000.0]
+    backoff = QuotaBackoff(first=10, longest=25, clock=lambda: now[0])
+    assert backoff.holding("a") is None
+    first = backoff.refused("a", "pod a-worker-1: 403 exceeded quota")
+    assert backoff.holding("a") == first and backoff.holding("b") is None
+    assert "exceeded quota" in first and "(10s" in first
+    now[0] += 9.9
+    assert backoff.holding("a") == first
+    now[0] += 0.2
+    assert backoff.holding("a") is None  # one more try
+    assert "(20s" in backoff.refused("a", "again")
+    now[0] += 21
+    assert "(25s" in backoff.refused("a", "again")  # no longer than the longest
+    backoff.created("a")
+    assert backoff.holding("a") is None
+    assert "(10s" in backoff.refused("a", "after a pod ran")
 
 
 def test_the_operator_gives_a_pod_template_the_spec_models_verdict():
@@ -625,7 +695,7 @@ def test_the_operator_gives_a_pod_template_the_spec_models_verdict():
     job, problems = parse_body(body)
     assert job is None and [p.path for p in problems] == ["spec.trainer.template.imagee"]
     body["spec"]["trainer"]["template"] = GPU_TEMPLATE
-    job, problems = parse_body(body)
+    job, problems = parse_body(body, SETTINGS.policy)
     assert problems == [] and job is not None
     assert job.spec.trainer.template == GPU_TEMPLATE
 
@@ -752,16 +822,23 @@ async def test_pods_refused_by_a_quota_are_reported_and_retried(cluster, operato
 
     refused = await eventually(lambda: condition(status(cluster), "WorkersStarted"),
                                message="a WorkersStarted condition")
-    assert refused["status"] == "False" and refused["reason"] == "PodCreationFailed"
+    assert refused["status"] == "False" and refused["reason"] == "QuotaExceeded"
     assert "exceeded quota" in refused["message"] and not pods(cluster)
-    warning = await eventually(lambda: events(cluster, "PodCreationFailed"), message="event")
+    assert "no new pods of this job until" in refused["message"]
+    warning = await eventually(lambda: events(cluster, "QuotaExceeded"), message="event")
     assert "exceeded quota" in warning[0]["message"]
+    # no create storm: one try per backoff (the retry delay, doubled at each refusal), not
+    # one per reconcile (every 0.1 s here)
+    await asyncio.sleep(2.5)
+    tries = len(pod_creations(cluster))
+    assert 2 <= tries <= 4, tries  # at 0 s, 0.5 s, 1.5 s (and 3.5 s on a slow machine)
 
     del cluster.refuse_creation[PODS]  # the quota freed up
     await eventually(lambda: list(pods(cluster)) == ["fast-worker-0"], message="the worker")
     await eventually(lambda: condition(status(cluster), "WorkersStarted") is None,
                      message="the condition cleared")
-    assert len(events(cluster, "PodCreationFailed")) == 1  # once, not every reconcile
+    refusals = len(pod_creations(cluster)) - 1
+    assert 1 <= len(events(cluster, "QuotaExceeded")) <= refusals  # per try, not per reconcile
 
 
 async def test_a_huge_api_error_leaves_the_status_and_events_small(cluster, operator):

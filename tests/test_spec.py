@@ -25,6 +25,8 @@ from kubetune.spec.model import (
     parse_job_file,
     validate_spec,
 )
+from kubetune.spec.policy import Policy
+from kubetune.spec.policy import problems as policy_problems
 from kubetune.spec.source import load_yaml
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -654,7 +656,55 @@ TEMPLATE_REJECTIONS = [
      "spec.trainer.template.securityContext.privileged", "cannot be set"),
     ({"command": "python"}, "spec.trainer.template.command", "a list of strings"),
     ({"env": 5}, "spec.trainer.template.env", "must be a list"),
+    # what reaches beyond the pod, refused on every cluster whatever the admin's policy
+    ({"securityContext": {"runAsGroup": 0}}, "spec.trainer.template.securityContext.runAsGroup",
+     "root's group"),
+    ({"securityContext": {"fsGroup": 0}}, "spec.trainer.template.securityContext.fsGroup",
+     "root's group"),
+    ({"securityContext": {"supplementalGroups": [1000, 0]}},
+     "spec.trainer.template.securityContext.supplementalGroups[1]", "root's group"),
+    ({"securityContext": {"runAsUser": "0"}}, "spec.trainer.template.securityContext.runAsUser",
+     "an integer >= 0"),
+    ({"securityContext": {"seccompProfile": {"type": "Unconfined"}}},
+     "spec.trainer.template.securityContext.seccompProfile", "cannot be set"),
+    ({"securityContext": {"appArmorProfile": {"type": "Unconfined"}}},
+     "spec.trainer.template.securityContext.appArmorProfile", "cannot be set"),
+    ({"annotations": {"container.apparmor.security.beta.kubernetes.io/worker": "unconfined"}},
+     "spec.trainer.template.annotations.container.apparmor.security.beta.kubernetes.io/worker",
+     "does not confine"),
+    ({"annotations": {"seccomp.security.alpha.kubernetes.io/pod": "unconfined"}},
+     "spec.trainer.template.annotations.seccomp.security.alpha.kubernetes.io/pod",
+     "does not confine"),
+    ({"annotations": {"container.seccomp.security.alpha.kubernetes.io/worker": "Unconfined"}},
+     "spec.trainer.template.annotations.container.seccomp.security.alpha.kubernetes.io/worker",
+     "does not confine"),
+    ({"volumes": [{"name": "t", "projected": {"sources": [
+        {"configMap": {"name": "c"}}, {"serviceAccountToken": {"path": "token"}}]}}]},
+     "spec.trainer.template.volumes[0].projected.sources[1].serviceAccountToken",
+     "automountServiceAccountToken: false"),
+    ({"volumes": [{"name": "t", "secret": {"secretName": "s"}, "hostPath": {"path": "/"}}]},
+     "spec.trainer.template.volumes[0]", "one volume source"),
+    ({"hostNetwork": True}, "spec.trainer.template.hostNetwork", "unknown field"),
+    ({"hostPID": True}, "spec.trainer.template.hostPID", "unknown field"),
+    ({"hostIPC": True}, "spec.trainer.template.hostIPC", "unknown field"),
+    ({"securityContext": {"sysctls": [{"name": "kernel.shm_rmid_forced", "value": "0"}]}},
+     "spec.trainer.template.securityContext.sysctls", "cannot be set"),
+    ({"securityContext": {"windowsOptions": {"hostProcess": True}}},
+     "spec.trainer.template.securityContext.windowsOptions", "cannot be set"),
 ]
+
+
+def test_confining_profile_annotations_and_plain_volumes_pass():
+    template = {"annotations": {
+        "container.apparmor.security.beta.kubernetes.io/worker": "runtime/default",
+        "seccomp.security.alpha.kubernetes.io/pod": "localhost/tight.json", "team": "ml"},
+        "securityContext": {"runAsUser": 2000, "runAsGroup": 2000, "fsGroup": 2000,
+                            "supplementalGroups": [3000]},
+        "volumes": [{"name": "cfg", "projected": {"sources": [
+            {"configMap": {"name": "c"}}, {"downwardAPI": {"items": []}}]}},
+            {"name": "scratch"}]}
+    assert parse_job(mutated({"spec.trainer.template": template})).spec.trainer.template == \
+        template
 
 
 @pytest.mark.parametrize("template, path, words", TEMPLATE_REJECTIONS)
@@ -1264,3 +1314,52 @@ def test_a_job_without_stages_is_one_full_fidelity_stage():
     spec = parse_job(base_job()).spec
     assert len(spec.stage_list) == 1 and spec.stage_list[0].trials == spec.budget.max_trials
     assert not spec.stage_list[0].reduced and spec.stage_name(0) == "stage-1"
+
+
+# ------------------------------------------------------------------------------ admin policy
+# The operator's settings make a Policy; kubetune validate checks the defaults.
+POLICY_REFUSALS = [
+    ({"spec.trainer.template": {"volumes": [{"name": "node", "hostPath": {"path": "/"}}]}},
+     Policy(), "spec.trainer.template.volumes[0].hostPath", "volume type hostPath"),
+    ({"spec.trainer.template": {"volumes": [{"name": "e", "ephemeral": {}}]}},
+     Policy(), "spec.trainer.template.volumes[0].ephemeral", "policy.allowedVolumeTypes"),
+    ({"spec.trainer.template": {"volumes": [{"name": "scratch"}]}},
+     Policy(volume_types=("configMap",)), "spec.trainer.template.volumes[0].emptyDir",
+     "allowed: configMap"),
+    ({"spec.trainer.template": {"serviceAccountName": "kubetune-operator"}},
+     Policy(service_accounts=("kubetune-worker",)), "spec.trainer.template.serviceAccountName",
+     "'kubetune-operator' is not allowed (allowed: kubetune-worker"),
+    ({"spec.trainer.template": {"runtimeClassName": "runc-privileged"}},
+     Policy(), "spec.trainer.template.runtimeClassName", "allowed: none"),
+    ({"spec.budget.parallelism": 9}, Policy(max_parallelism=8), "spec.budget.parallelism",
+     "at most 8 (the cluster admin's policy.maxParallelism)"),
+    ({"spec.budget.maxTrials": 101}, Policy(max_trials=100), "spec.budget.maxTrials",
+     "at most 100"),
+    ({"metadata.namespace": "kubetune-system"}, Policy(refused_namespace="kubetune-system"),
+     "metadata.namespace", "operator's own namespace"),
+]
+
+
+@pytest.mark.parametrize("changes, policy, path, words", POLICY_REFUSALS)
+def test_the_admin_policy_refuses_with_the_field_path(changes, policy, path, words):
+    job = parse_job(mutated(changes))
+    assert [(p, words in m) for p, m in policy_problems(job, policy)] == [(path, True)], \
+        policy_problems(job, policy)
+
+
+def test_what_the_admin_allows_passes():
+    job = parse_job(mutated({
+        "metadata.namespace": "team-a",
+        "spec.budget.parallelism": 8, "spec.budget.maxTrials": 100,
+        "spec.trainer.template": {
+            "serviceAccountName": "trainer", "runtimeClassName": "gvisor",
+            "volumes": [{"name": "n", "hostPath": {"path": "/data"}},
+                        {"name": "p", "persistentVolumeClaim": {"claimName": "runs"}}]}}))
+    policy = Policy(volume_types=("hostPath", "persistentVolumeClaim"),
+                    service_accounts=("default", "trainer"), runtime_classes=("gvisor",),
+                    max_parallelism=8, max_trials=100, refused_namespace="kubetune-system")
+    assert policy_problems(job, policy) == []
+    # the defaults: no limits, the namespace's default account only, no hostPath
+    assert [p for p, _ in policy_problems(job, Policy())] == [
+        "spec.trainer.template.serviceAccountName", "spec.trainer.template.runtimeClassName",
+        "spec.trainer.template.volumes[0].hostPath"]

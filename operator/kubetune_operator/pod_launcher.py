@@ -15,17 +15,21 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
+from kubernetes.utils import parse_quantity
 
 from kubetune.job.core import WorkerState
 from kubetune.job.status import clip
 from kubetune.spec.model import TuningJob
-from kubetune.spec.template import JOB_DIGEST_ENV, OWN_ENV
+from kubetune.spec.template import JOB_DIGEST_ENV, OWN_ENV, volume_type
 from kubetune.study.schema import job_digest
 from kubetune.study.urls import STORAGE_ENV
 from kubetune.version import __version__
@@ -45,6 +49,14 @@ TMP_VOLUME, ARTIFACTS_VOLUME = "kubetune-tmp", "kubetune-artifacts"
 # failed worker (with the reason as its output) so a broken image or Secret fails the job.
 STUCK_REASONS = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                  "CreateContainerConfigError", "CreateContainerError")
+EPHEMERAL_STORAGE = "ephemeral-storage"
+# Resources the ensemble step needs; it drops the others of the template (GPUs, which it
+# never uses, and any other extended resource).
+ENSEMBLE_RESOURCES = ("cpu", "memory", EPHEMERAL_STORAGE)
+# After a ResourceQuota refused a pod: no pod of that job is created for this long (the
+# operator's retry delay), doubled at each refusal in a row up to the longest.
+QUOTA_BACKOFF_S = 10.0
+MAX_QUOTA_BACKOFF_S = 300.0
 
 
 class TemplateRejected(Exception):
@@ -134,7 +146,7 @@ def ensemble_pod(owner: Owner, job: TuningJob, settings: Settings, secret: Stora
     """The pod of the ensemble step: ``kubetune ensemble`` with the workers' image."""
     template = job.spec.trainer.template or {}
     return _pod(owner, job, settings, secret, name=ensemble_name(owner.name, attempt),
-                role=ENSEMBLE,
+                role=ENSEMBLE, keep_resources=ENSEMBLE_RESOURCES,
                 command=template.get("command") or ["kubetune"],
                 args=[ENSEMBLE, "--study", job.study_name, "--artifacts",
                       artifacts_dir(job, settings)])
@@ -154,8 +166,8 @@ def labels(job_name: str, role: str) -> dict[str, str]:
 
 
 def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: StorageSecret, *, name: str,
-         role: str, command: list[str], args: list[str], slot: int | None = None
-         ) -> dict[str, Any]:
+         role: str, command: list[str], args: list[str], slot: int | None = None,
+         keep_resources: tuple[str, ...] | None = None) -> dict[str, Any]:
     template = job.spec.trainer.template or {}
     artifacts = artifacts_dir(job, settings)
     pod_labels = {**template.get("labels", {}), **labels(owner.name, role)}
@@ -169,6 +181,7 @@ def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: StorageSecret
     if not _mounted(mounts, artifacts):
         mounts.append({"name": ARTIFACTS_VOLUME, "mountPath": artifacts})
         volumes.append({"name": ARTIFACTS_VOLUME, "emptyDir": {}})
+    volumes = [_sized(v, settings.empty_dir_size_limit) for v in volumes]
     env = [v for v in template.get("env") or [] if v.get("name") not in OWN_ENV]
     if not any(v.get("name") == "HOME" for v in env):
         env.append({"name": "HOME", "value": "/tmp"})  # the root filesystem is read-only
@@ -186,7 +199,8 @@ def _pod(owner: Owner, job: TuningJob, settings: Settings, secret: StorageSecret
         "command": list(command),
         "args": list(args),
         "env": env,
-        "resources": _quantities(template.get("resources") or settings.worker_resources),
+        "resources": _resources(template.get("resources") or settings.worker_resources,
+                                settings.ephemeral_storage_limit, keep_resources),
         "volumeMounts": mounts,
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -258,6 +272,45 @@ def _threads_env(resources: Mapping[str, Any]) -> dict[str, Any] | None:
             return {"name": THREADS_ENV, "valueFrom": {"resourceFieldRef": {
                 "resource": f"{kind}.cpu", "divisor": "1"}}}
     return None
+
+
+def _sized(volume: Mapping[str, Any], limit: str) -> dict[str, Any]:
+    """An emptyDir (a volume that names no source is one) with a ``sizeLimit`` of at most
+    ``limit``: a worker cannot fill the node's disk."""
+    if volume_type(volume) != "emptyDir":
+        return dict(volume)
+    empty_dir = dict(volume.get("emptyDir") or {})
+    given = empty_dir.get("sizeLimit")
+    if given is None or _quantity(given, limit) > parse_quantity(limit):
+        empty_dir["sizeLimit"] = limit
+    return {**volume, "emptyDir": empty_dir}
+
+
+def _resources(resources: Mapping[str, Any], ephemeral_limit: str,
+               keep: tuple[str, ...] | None) -> dict[str, Any]:
+    """The container's resources: only the ``keep`` ones when given, and an ephemeral-storage
+    limit (``ephemeral_limit``, or the request when that is larger) unless one is set."""
+    resources = _quantities(resources)
+    if keep is not None:
+        resources = {kind: {name: amount for name, amount in amounts.items() if name in keep}
+                     if isinstance(amounts, Mapping) else amounts
+                     for kind, amounts in resources.items()}
+    limits = dict(resources.get("limits") or {})
+    if EPHEMERAL_STORAGE not in limits:
+        request = (resources.get("requests") or {}).get(EPHEMERAL_STORAGE)
+        limits[EPHEMERAL_STORAGE] = request if request is not None and _quantity(
+            request, ephemeral_limit) > parse_quantity(ephemeral_limit) else ephemeral_limit
+    return {**{kind: amounts for kind, amounts in resources.items() if amounts != {}},
+            "limits": limits}
+
+
+def _quantity(value: Any, default: str) -> Any:
+    """``value`` as a number of bytes; ``default``'s when unset or unreadable (the API server
+    says what is wrong with an unreadable one)."""
+    try:
+        return parse_quantity(value if value is not None else default)
+    except ValueError:
+        return parse_quantity(default)
 
 
 def _quantities(resources: Mapping[str, Any]) -> dict[str, Any]:
@@ -349,6 +402,54 @@ def _stuck(status: Mapping[str, Any]) -> str:
     return ""
 
 
+# ---------------------------------------------------------------- quota backoff
+class QuotaBackoff:
+    """Which jobs may not create pods now because a ResourceQuota refused their last one.
+
+    The operator keeps this in memory, per TuningJob uid: a restarted operator tries once
+    more and backs off again. Each refusal in a row doubles the wait (``QUOTA_BACKOFF_S`` up
+    to ``MAX_QUOTA_BACKOFF_S``); a pod created ends it.
+    """
+
+    def __init__(self, first: float = QUOTA_BACKOFF_S, longest: float = MAX_QUOTA_BACKOFF_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.first, self.longest, self.clock = first, longest, clock
+        self._held: dict[str, tuple[float, float, str]] = {}  # uid: (until, wait, message)
+        self._lock = threading.Lock()
+
+    def holding(self, uid: str) -> str | None:
+        """Why the job ``uid`` may not create pods now (the same words until the backoff
+        ends, so the job's event is posted once), or None."""
+        with self._lock:
+            held = self._held.get(uid)
+        return held[2] if held is not None and self.clock() < held[0] else None
+
+    def refused(self, uid: str, why: str) -> str:
+        """A quota refused a pod of ``uid``: hold its pods back; returns what the job says."""
+        with self._lock:
+            held = self._held.get(uid)
+            wait = min(self.longest, held[1] * 2) if held is not None else self.first
+            until = self.clock() + wait
+            stamp = datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            message = (f"{why}; no new pods of this job until {stamp} ({wait:.0f}s, doubled at "
+                       "each refusal in a row): free quota or lower spec.budget.parallelism")
+            self._held[uid] = (until, wait, message)
+        return message
+
+    def created(self, uid: str) -> None:
+        self.forget(uid)
+
+    def forget(self, uid: str) -> None:
+        """A pod was created, or the job is gone."""
+        with self._lock:
+            self._held.pop(uid, None)
+
+
+def is_quota_refusal(err: ApiException) -> bool:
+    """The API server's answer to a pod that a ResourceQuota does not admit."""
+    return err.status == 403 and "exceeded quota" in _api_message(err)
+
+
 # ---------------------------------------------------------------- the launcher
 class PodLauncher:
     """The ``Launcher`` of the job core, one per reconcile: pods through the Kubernetes API.
@@ -358,9 +459,11 @@ class PodLauncher:
     """
 
     def __init__(self, api: CoreV1Api, owner: Owner, job: TuningJob, settings: Settings,
-                 secret: StorageSecret) -> None:
+                 secret: StorageSecret, quota: QuotaBackoff | None = None) -> None:
         self.api, self.owner, self.job, self.settings, self.secret = (
             api, owner, job, settings, secret)
+        self.quota = quota if quota is not None else QuotaBackoff()
+        self.quota_refused = False  # a ResourceQuota refused a pod (or still holds them back)
         self.started: list[str] = []
         self.failed: list[WorkerState] = []
         self.stopped: list[str] = []
@@ -416,7 +519,7 @@ class PodLauncher:
 
     # -- API calls
     def _list(self) -> list[dict[str, Any]]:
-        pods = list_job_pods(self.api, self.owner.namespace, self.owner.name)
+        pods = list_job_pods(self.api, self.owner)
         self._pods = self._index(pods)
         return pods
 
@@ -427,11 +530,23 @@ class PodLauncher:
     def _create(self, pod: dict[str, Any]) -> bool:
         """Create ``pod``; True if it runs now, False if its name is taken by an ended pod."""
         name = pod["metadata"]["name"]
+        held = self.quota.holding(self.owner.uid)
+        if held is not None:  # no create storm while the quota is full: one try per backoff
+            self.quota_refused = True
+            if held not in self.errors:
+                self.errors.append(held)
+            return True
         try:
             self.api.create_namespaced_pod(self.owner.namespace, pod, _preload_content=False)
         except ApiException as err:
             if err.status == 422:
                 raise TemplateRejected(_api_message(err)) from None
+            if is_quota_refusal(err):
+                self.quota_refused = True
+                self.errors.append(self.quota.refused(
+                    self.owner.uid, f"pod {name}: {err.status} {_api_message(err)}"))
+                log.warning("cannot create pod %s: %s", name, self.errors[-1])
+                return True
             if err.status != 409:
                 # Refused for now (a ResourceQuota, RBAC, an API hiccup): the next reconcile
                 # sees no such pod and tries again; the job's status says why meanwhile.
@@ -449,6 +564,7 @@ class PodLauncher:
             pod = existing
         else:
             self.started.append(name)
+            self.quota.created(self.owner.uid)
             log.info("created pod %s", name)
         if self._pods is not None:
             self._pods[name] = pod
@@ -471,15 +587,21 @@ class PodLauncher:
 
 
 def _owned_by(pod: Mapping[str, Any], owner: Owner) -> bool:
-    return any(ref.get("uid") == owner.uid
+    """Whether ``owner`` is the pod's controller. A label anyone can set; the controller
+    reference names the TuningJob by uid, so a tenant's look-alike pod (or one of an earlier
+    job of the same name) is not the job's."""
+    return any(ref.get("controller") is True and ref.get("uid") == owner.uid
                for ref in pod.get("metadata", {}).get("ownerReferences") or [])
 
 
-def list_job_pods(api: CoreV1Api, namespace: str, job_name: str) -> list[dict[str, Any]]:
-    """The pods of a job (workers and ensemble), found by their ``kubetune.io/job`` label."""
-    response = api.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job_name}",
+def list_job_pods(api: CoreV1Api, owner: Owner) -> list[dict[str, Any]]:
+    """The pods of a job (workers and ensemble): labelled ``kubetune.io/job`` with its name
+    and controlled by it."""
+    response = api.list_namespaced_pod(owner.namespace,
+                                       label_selector=f"{LABEL_JOB}={owner.name}",
                                        _preload_content=False)
-    return json.loads(response.data).get("items") or []
+    return [pod for pod in json.loads(response.data).get("items") or []
+            if _owned_by(pod, owner)]
 
 
 def delete_pod(api: CoreV1Api, namespace: str, name: str) -> None:
@@ -490,11 +612,12 @@ def delete_pod(api: CoreV1Api, namespace: str, name: str) -> None:
             raise
 
 
-def delete_job_pods(api: CoreV1Api, namespace: str, job_name: str) -> int:
-    """Delete every pod of a job: what the deletion finalizer does."""
-    pods = list_job_pods(api, namespace, job_name)
+def delete_job_pods(api: CoreV1Api, owner: Owner) -> int:
+    """Delete every pod of a job (none that only looks like one): what the deletion
+    finalizer does."""
+    pods = list_job_pods(api, owner)
     for pod in pods:
-        delete_pod(api, namespace, pod["metadata"]["name"])
+        delete_pod(api, owner.namespace, pod["metadata"]["name"])
     return len(pods)
 
 

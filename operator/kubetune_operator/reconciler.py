@@ -40,6 +40,8 @@ from kubetune.job.status import (
     storage_unavailable,
 )
 from kubetune.spec.model import Problem, SpecError, TuningJob, parse_job
+from kubetune.spec.policy import Policy
+from kubetune.spec.policy import problems as policy_problems
 from kubetune.study.schema import (
     JOB_ATTR,
     JOB_UID_ATTR,
@@ -53,6 +55,7 @@ from kubetune.study.urls import normalize_url
 from kubetune_operator.pod_launcher import (
     Owner,
     PodLauncher,
+    QuotaBackoff,
     StorageSecret,
     TemplateRejected,
     delete_job_pods,
@@ -77,6 +80,7 @@ STORED_SPEC_MISMATCH = "StoredSpecMismatch"
 RESUMABLE = (INVALID_SPEC, STORED_SPEC_MISMATCH)
 WORKERS_STARTED = "WorkersStarted"  # a condition present only while pods cannot be created
 POD_CREATION_FAILED = "PodCreationFailed"
+QUOTA_EXCEEDED = "QuotaExceeded"  # WorkersStarted=False: a ResourceQuota refused a pod
 EDITABLE_BUDGET = ("maxTrials", "parallelism")
 EVENT_MESSAGE_LIMIT = 1000
 # A condition message stays small whatever the spec held (a problem may quote a huge value);
@@ -154,6 +158,8 @@ class Reconciler:
         self._storages: dict[tuple[Any, ...], BaseStorage] = {}
         self._opening: dict[str, threading.Lock] = {}  # per storage URL
         self._jobs: dict[str, threading.Lock] = {}  # per TuningJob uid
+        # after a ResourceQuota refused a pod: the retry delay, doubled at each refusal
+        self._quota = QuotaBackoff(first=settings.retry_delay)
         self._users: dict[str, set[str]] = {}  # storage URL -> uids of the jobs using it
         self.tenants = TenantDatabases()
         self._admin: tuple[float, StorageURL] | None = None  # admin URL, when read
@@ -189,11 +195,11 @@ class Reconciler:
         # since: it starts afresh.
         previous = {} if observed.get("phase") == FAILED else observed
         generation = body["metadata"].get("generation")
-        current, problems = parse_body(body)
+        current, problems = parse_body(body, self.settings.policy)
         owner = Owner.of(body)
         if current is None:
             if previous.get("study"):  # a started job's spec became invalid: no pod runs on
-                delete_job_pods(self.core, owner.namespace, owner.name)
+                delete_job_pods(self.core, owner)
             return self._invalid(previous, generation, problems)
         secret = secret_ref(body, self.settings)
         target: StorageURL | None = None
@@ -209,11 +215,11 @@ class Reconciler:
         except StudyMismatch as err:
             return self._failed(previous, generation, "StudyMismatch", str(err))
         except StoredSpecMismatch as err:
-            delete_job_pods(self.core, owner.namespace, owner.name)
+            delete_job_pods(self.core, owner)
             return self._failed(previous, generation, STORED_SPEC_MISMATCH, str(err))
         except SpecError as err:
             return self._invalid(previous, generation, err.problems)
-        launcher = PodLauncher(self.core, owner, job, self.settings, secret)
+        launcher = PodLauncher(self.core, owner, job, self.settings, secret, self._quota)
         try:
             outcome = JobCore(job, study, launcher).reconcile(previous)
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
@@ -222,14 +228,15 @@ class Reconciler:
             return self._unavailable(previous, generation, _unavailable_message(
                 StorageUnavailable(_db_error(err), is_outage(err)), target))
         except TemplateRejected as err:
-            delete_job_pods(self.core, owner.namespace, owner.name)
+            delete_job_pods(self.core, owner)
             return self._failed(previous, generation, "InvalidPodTemplate",
                                 f"the API server refused a worker pod: {err}")
         status = dict(outcome.status)
         if launcher.errors:
+            reason = QUOTA_EXCEEDED if launcher.quota_refused else POD_CREATION_FAILED
             status["conditions"] = status["conditions"] + merge_conditions(
                 previous.get("conditions"), [condition(
-                    WORKERS_STARTED, False, POD_CREATION_FAILED, "; ".join(launcher.errors))])
+                    WORKERS_STARTED, False, reason, "; ".join(launcher.errors))])
         status.update(
             observedGeneration=generation,
             conditions=_with_generation(status["conditions"], generation),
@@ -285,7 +292,8 @@ class Reconciler:
         owner = Owner.of(body)
         if self.metrics is not None:
             self.metrics.jobs.forget(owner.namespace, owner.name)
-        count = delete_job_pods(self.core, owner.namespace, owner.name)
+        self._quota.forget(owner.uid)
+        count = delete_job_pods(self.core, owner)
         events = [Event("Normal", "PodsDeleted", f"deleted {count} pod(s)")] if count else []
         if ((body.get("spec") or {}).get("cleanup") or {}).get("deleteStudy") is True:
             # A stopping worker still writes to the study (it gives its running trial back):
@@ -309,7 +317,7 @@ class Reconciler:
 
     def _wait_for_no_pods(self, owner: Owner) -> None:
         deadline = time.monotonic() + STUDY_DELETE_WAIT_S
-        while pods := list_job_pods(self.core, owner.namespace, owner.name):
+        while pods := list_job_pods(self.core, owner):
             if time.monotonic() > deadline:
                 raise StudyInUse(f"{len(pods)} pod(s) of the job are still stopping; the study "
                                  "is deleted once they are gone")
@@ -493,17 +501,23 @@ def needs_sync(body: Mapping[str, Any]) -> bool:
     return True
 
 
-def parse_body(body: Mapping[str, Any]) -> tuple[TuningJob | None, list[Problem]]:
-    """The TuningJob of a cluster object, or the problems of its spec (the spec model's
-    verdict, pod template included: the one ``kubetune validate`` gives)."""
+def parse_body(body: Mapping[str, Any], policy: Policy | None = None
+               ) -> tuple[TuningJob | None, list[Problem]]:
+    """The TuningJob of a cluster object, or the problems of its spec: the spec model's
+    verdict, pod template included (the one ``kubetune validate`` gives), then the admin's
+    ``policy`` (default: the chart's defaults, which ``kubetune validate`` checks too)."""
     meta = body.get("metadata") or {}
     data = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
             "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
             "spec": _plain(body.get("spec"))}
     try:
-        return parse_job(data), []
+        job = parse_job(data)
     except SpecError as err:
         return None, err.problems
+    refused = policy_problems(job, policy or Policy())
+    if refused:
+        return None, [Problem(path, message) for path, message in refused]
+    return job, []
 
 
 def secret_ref(body: Mapping[str, Any], settings: Settings) -> StorageSecret:
@@ -534,7 +548,8 @@ def worker_events(launcher: PodLauncher, previous: Mapping[str, Any]) -> list[Ev
         before = next((c for c in previous.get("conditions") or []
                        if c.get("type") == WORKERS_STARTED), {})
         if before.get("message") != message:  # once per distinct refusal, not every reconcile
-            events.append(Event("Warning", POD_CREATION_FAILED, f"{message}; retrying"))
+            reason = QUOTA_EXCEEDED if launcher.quota_refused else POD_CREATION_FAILED
+            events.append(Event("Warning", reason, f"{message}; retrying"))
     for worker in launcher.failed:
         tail = worker.log_tail.strip().splitlines()
         detail = f": {tail[-1]}" if tail else ""

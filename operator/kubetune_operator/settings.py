@@ -19,6 +19,7 @@ from kubetune.spec.api import (  # re-exported for the operator
     PLURAL,
     VERSION,
 )
+from kubetune.spec.policy import DEFAULT_SERVICE_ACCOUNT, DEFAULT_VOLUME_TYPES, Policy
 from kubetune.spec.template import IMAGE_PULL_POLICIES
 from kubetune.version import __version__
 
@@ -28,8 +29,6 @@ DEFAULT_RESOURCES: dict[str, Any] = {"requests": {"cpu": "1", "memory": "1Gi"},
                                      "limits": {"memory": "4Gi"}}
 
 ENV_PREFIX = "KUBETUNE_"
-# `projected` without serviceAccountToken sources: a token would defeat the unmounted one.
-DEFAULT_VOLUME_TYPES = ("emptyDir", "configMap", "secret", "persistentVolumeClaim", "projected")
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,17 @@ class Settings:
     @property
     def clusterwide(self) -> bool:
         return not self.namespaces
+
+    @property
+    def policy(self) -> Policy:
+        """The admin's policy for TuningJobs: a template may name the workers' own service
+        account (the namespace's ``default`` when none is set) and the allowed ones."""
+        return Policy(volume_types=self.allowed_volume_types,
+                      service_accounts=(self.worker_service_account or DEFAULT_SERVICE_ACCOUNT,
+                                        *self.allowed_service_accounts),
+                      runtime_classes=self.allowed_runtime_classes,
+                      max_parallelism=self.max_parallelism, max_trials=self.max_trials,
+                      refused_namespace=self.operator_namespace)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -158,7 +158,17 @@ def _load(path: str):
 
 
 def _validate(args: argparse.Namespace) -> int:
-    if _load(args.file) is None:
+    job = _load(args.file)
+    if job is None:
+        return EXIT_INVALID
+    # What a cluster with the chart's default policy refuses (a hostPath volume, another
+    # service account...): the author learns it before applying the job.
+    from kubetune.spec.policy import Policy, problems
+
+    refused = problems(job, Policy())
+    for path, message in refused:
+        print(f"{path}: {message}", file=sys.stderr)
+    if refused:
         return EXIT_INVALID
     print("valid")
     return 0

@@ -33,6 +33,15 @@ TEMPLATE_FIELDS = CONTAINER_FIELDS + POD_FIELDS
 POD_SECURITY_FIELDS = ("runAsUser", "runAsGroup", "fsGroup", "supplementalGroups",
                        "fsGroupChangePolicy")
 IMAGE_PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+# Annotations that choose a pod's or a container's seccomp or AppArmor profile (the legacy
+# forms of the securityContext fields kubetune sets): only confining profiles may be named.
+PROFILE_ANNOTATIONS = ("seccomp.security.alpha.kubernetes.io/",
+                       "container.seccomp.security.alpha.kubernetes.io/",
+                       "container.apparmor.security.beta.kubernetes.io/")
+CONFINING_PROFILES = ("runtime/default", "docker/default", "localhost/")
+# What a projected volume may gather: no service-account token (it would defeat
+# automountServiceAccountToken: false) and no pod certificate (an identity too).
+PROJECTED_SOURCES = ("secret", "configMap", "downwardAPI", "clusterTrustBundle")
 _TYPES: dict[str, tuple[type, str]] = {
     "image": (str, "a string"), "imagePullPolicy": (str, "a string"),
     "command": (list, "a list of strings"), "args": (list, "a list of strings"),
@@ -82,7 +91,79 @@ def template_problems(template: Mapping[str, Any] | None) -> list[tuple[str, str
                 problems.append((f"{BASE}.securityContext.{key}",
                                  "cannot be set: kubetune sets it (allowed: "
                                  f"{', '.join(POD_SECURITY_FIELDS)})"))
-        if security.get("runAsUser") == 0:
-            problems.append((f"{BASE}.securityContext.runAsUser",
-                             "workers run as non-root: use a user id other than 0"))
+        problems += _id_problems(security)
+    problems += _annotation_problems(template.get("annotations"))
+    problems += _volume_problems(template.get("volumes"))
+    return problems
+
+
+def volume_type(volume: Mapping[str, Any]) -> str:
+    """The source of a volume (``hostPath``, ``emptyDir``...); a volume that names none is an
+    ``emptyDir``, as the API server defaults it."""
+    return next((key for key in volume if key != "name"), "emptyDir")
+
+
+def _id_problems(security: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Ids are whole numbers; user 0 is root and group 0 is root's group (files owned by it
+    on the image or a volume are the pod's then)."""
+    problems = []
+    for key, what in (("runAsUser", "workers run as non-root: use a user id other than 0"),
+                      ("runAsGroup", "group 0 is root's group: use a group id other than 0"),
+                      ("fsGroup", "group 0 is root's group: use a group id other than 0")):
+        if key not in security:
+            continue
+        value = security[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problems.append((f"{BASE}.securityContext.{key}", "must be an id: an integer >= 0"))
+        elif value == 0:
+            problems.append((f"{BASE}.securityContext.{key}", what))
+    groups = security.get("supplementalGroups")
+    if "supplementalGroups" in security and not isinstance(groups, list):
+        problems.append((f"{BASE}.securityContext.supplementalGroups",
+                         "must be a list of group ids"))
+    for i, group in enumerate(groups if isinstance(groups, list) else []):
+        path = f"{BASE}.securityContext.supplementalGroups[{i}]"
+        if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+            problems.append((path, "must be an id: an integer >= 0"))
+        elif group == 0:
+            problems.append((path, "group 0 is root's group: use a group id other than 0"))
+    return problems
+
+
+def _annotation_problems(annotations: Any) -> list[tuple[str, str]]:
+    problems = []
+    for key, value in (annotations.items() if isinstance(annotations, dict) else ()):
+        if not str(key).startswith(PROFILE_ANNOTATIONS):
+            continue
+        if not isinstance(value, str) or not value.startswith(CONFINING_PROFILES) \
+                or value == "localhost/":
+            problems.append((f"{BASE}.annotations.{key}",
+                             (f"{value!r} does not confine the worker: kubetune runs it under "
+                              "the runtime's default seccomp profile; name runtime/default or "
+                              "localhost/<profile> here, or drop the annotation")))
+    return problems
+
+
+def _volume_problems(volumes: Any) -> list[tuple[str, str]]:
+    problems = []
+    for i, volume in enumerate(volumes if isinstance(volumes, list) else []):
+        path = f"{BASE}.volumes[{i}]"
+        if not isinstance(volume, dict) or not isinstance(volume.get("name"), str):
+            problems.append((path, "must be a mapping with a name and one volume source"))
+            continue
+        if len([key for key in volume if key != "name"]) > 1:
+            problems.append((path, ("must have one volume source, not "
+                                    f"{', '.join(k for k in volume if k != 'name')}")))
+        projected = volume.get("projected")
+        if not isinstance(projected, dict):
+            continue
+        sources = projected.get("sources")
+        for j, source in enumerate(sources if isinstance(sources, list) else []):
+            for kind in (source if isinstance(source, dict) else {}):
+                if kind not in PROJECTED_SOURCES:
+                    why = ("a service-account token would give the worker the identity that "
+                           "automountServiceAccountToken: false keeps from it"
+                           if kind == "serviceAccountToken" else "not allowed")
+                    problems.append((f"{path}.projected.sources[{j}].{kind}",
+                                     f"{why} (allowed: {', '.join(PROJECTED_SOURCES)})"))
     return problems
