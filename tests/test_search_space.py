@@ -8,6 +8,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import (
@@ -429,7 +430,8 @@ def test_pruner_none_is_nop():
 
 
 @pytest.mark.parametrize("cfg, startup, warmup", [
-    (None, 5, 0), ({"type": "median"}, 5, 0),
+    # 100 trials of 20 epochs: a tenth of the trials start up, a quarter of the epochs warm up
+    (None, 10, 5), ({"type": "median"}, 10, 5),
     ({"type": "median", "nStartupTrials": 2, "nWarmupSteps": 3}, 2, 3),
 ])
 def test_median_pruner(cfg, startup, warmup):
@@ -438,8 +440,93 @@ def test_median_pruner(cfg, startup, warmup):
     assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (startup, warmup)
 
 
+def _curve(rng: np.random.Generator, final: float, epochs: int) -> list[float]:
+    """A validation accuracy curve: rising to ``final``; early epochs are dominated by the
+    noise of the initialisation, as on the hard task of issue 18."""
+    return [final * (1 - 0.6 * np.exp(-epoch / 2)) + rng.normal(0, 0.04 / epoch)
+            for epoch in range(1, epochs + 1)]
+
+
+def _prune_run(pruner: optuna.pruners.BasePruner, finals: list[float], epochs: int,
+               seed: int = 0) -> list[int | None]:
+    """Trials one after another through ``pruner``: the epoch each was cut at (None: it ran
+    to its end)."""
+    rng = np.random.default_rng(seed)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    cut: list[int | None] = []
+    for final in finals:
+        trial = study.ask()
+        curve = _curve(rng, final, epochs)
+        for epoch, value in enumerate(curve, start=1):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                cut.append(epoch)
+                break
+        else:
+            study.tell(trial, curve[-1])
+            cut.append(None)
+    return cut
+
+
+def _staged(**pruner: Any) -> TuningJob:
+    data = copy.deepcopy(BASE)
+    data["spec"]["budget"] = {"maxTrials": 60}
+    data["spec"]["pruning"] = {"pruner": {"type": "median", **pruner}}
+    data["spec"]["trainer"]["builtin"]["epochs"] = 20
+    data["spec"]["stages"] = [{"name": "coarse", "trials": 36, "epochs": 5},
+                              {"name": "fine", "trials": 24}]
+    return parse_job(data)
+
+
+def test_a_narrowed_fine_stage_is_not_gutted_by_the_pruner():
+    """Issue 18: in a fine stage of 24 trials whose ranges were narrowed around the best, all
+    about equally good, Optuna's median pruner (5 start-up trials, no warm-up) cut most trials,
+    many after one epoch. The stage's defaults cut none at epoch 1 and far fewer in all,
+    and a clearly bad trial is still cut once its warm-up is over."""
+    spec = _staged().spec
+    pruner = make_pruner(spec, stage=1)
+    assert (pruner._n_startup_trials, pruner._n_warmup_steps, pruner._percentile,
+            pruner._interval_steps) == (6, 5, 90.0, 5)
+    rng = np.random.default_rng(1)
+    finals = list(rng.normal(0.70, 0.01, size=24))
+    for seed in range(5):
+        before = _prune_run(optuna.pruners.MedianPruner(), finals, 20, seed)
+        now = _prune_run(make_pruner(spec, stage=1), finals, 20, seed)
+        assert before.count(1) >= 3 and now.count(1) == 0
+        assert sum(c is not None for c in now) <= sum(c is not None for c in before) / 2
+    bad = _prune_run(make_pruner(spec, stage=1), finals[:10] + [0.2], 20)
+    assert bad[-1] == 5  # cut at the first epoch past its warm-up
+
+
+def test_a_coarse_stage_prunes_after_its_warm_up_and_the_guards_at_once():
+    """The coarse stage (5 epochs): no trial is cut after 1 epoch; a poor one is cut at epoch
+    2. The NaN and divergence guards do not wait for any warm-up."""
+    from kubetune.search.guards import DIVERGED, NAN, EpochGuard
+
+    spec = _staged().spec
+    pruner = make_pruner(spec, stage=0, epochs=5)
+    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (5, 2)
+    assert isinstance(pruner, optuna.pruners.MedianPruner)
+    finals = list(np.random.default_rng(2).uniform(0.3, 0.7, size=36))
+    cut = _prune_run(pruner, finals + [0.05], 5)
+    assert 1 not in cut and cut[-1] == 2
+    guard = EpochGuard(spec.pruning, "val_accuracy")
+    assert guard.check({"val_accuracy": float("nan"), "train_loss": 1.0}) == NAN
+    guard = EpochGuard(spec.pruning, "val_accuracy")
+    assert guard.check({"val_accuracy": 0.3, "train_loss": 1.0}) is None
+    assert guard.check({"val_accuracy": 0.1, "train_loss": 50.0}) == DIVERGED  # epoch 2
+
+
+def test_explicit_pruner_settings_win_over_the_stage_defaults():
+    spec = _staged(nStartupTrials=2, nWarmupSteps=1).spec
+    for stage in (0, 1):
+        pruner = make_pruner(spec, stage=stage)
+        assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (2, 1)
+
+
 @pytest.mark.parametrize("cfg, percentile, startup, warmup", [
-    ({"type": "percentile", "percentile": 25}, 25.0, 5, 0),
+    ({"type": "percentile", "percentile": 25}, 25.0, 10, 5),
     ({"type": "percentile", "percentile": 10.5, "nStartupTrials": 1, "nWarmupSteps": 4},
      10.5, 1, 4),
 ])

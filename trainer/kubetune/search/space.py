@@ -7,7 +7,7 @@ import re
 import zlib
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
@@ -159,23 +159,30 @@ class _AskTellGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def make_pruner(spec: JobSpec, *, epochs: int | None = None) -> optuna.pruners.BasePruner:
+def make_pruner(spec: JobSpec, *, epochs: int | None = None,
+                stage: int | None = None) -> optuna.pruners.BasePruner:
     """Build the configured Optuna pruner; the NaN/divergence guards live in ``guards``.
 
     ``epochs``: the most epochs the pruned trials train when a stage trains fewer than the
-    job (hyperband's default maxResource).
+    job (hyperband's default maxResource, and the median pruner's warm-up). ``stage``: the
+    stage whose trials the pruner compares (None: a job without stages); the median and
+    percentile pruners' defaults are sized to its trials and epochs (``pruner_defaults``).
     """
     cfg: Pruner = spec.pruning.pruner
     if cfg.type == "none":
         return optuna.pruners.NopPruner()
-    if cfg.type == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=_or(cfg.n_startup_trials, 5),
-            n_warmup_steps=_or(cfg.n_warmup_steps, 0))
-    if cfg.type == "percentile":
-        return optuna.pruners.PercentilePruner(
-            float(cfg.percentile), n_startup_trials=_or(cfg.n_startup_trials, 5),
-            n_warmup_steps=_or(cfg.n_warmup_steps, 0))
+    if cfg.type in ("median", "percentile"):
+        default = pruner_defaults(spec, epochs=epochs, stage=stage)
+        startup = _or(cfg.n_startup_trials, default.startup)
+        warmup = _or(cfg.n_warmup_steps, default.warmup)
+        if cfg.type == "percentile":
+            return optuna.pruners.PercentilePruner(
+                float(cfg.percentile), n_startup_trials=startup, n_warmup_steps=warmup)
+        if default.keep == 50.0:
+            return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
+        return optuna.pruners.PercentilePruner(default.keep, n_startup_trials=startup,
+                                               n_warmup_steps=warmup,
+                                               interval_steps=default.interval)
     if cfg.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=_or(cfg.min_resource, 1),
@@ -186,6 +193,49 @@ def make_pruner(spec: JobSpec, *, epochs: int | None = None) -> optuna.pruners.B
             min_resource=_or(cfg.min_resource, 1),
             reduction_factor=_or(cfg.reduction_factor, 4))
     raise ValueError(f"unknown pruner {cfg.type!r}")  # pragma: no cover
+
+
+MIN_STARTUP_TRIALS = 5   # complete trials before the median pruner cuts any...
+STARTUP_PART = 0.1       # ...or this part of the stage's trials (a quarter in a narrowed
+NARROWED_STARTUP_PART = 0.25  # stage)
+NARROWED_KEEP = 90.0     # in a narrowed stage the median pruner keeps the top 90%
+
+
+class PrunerDefaults(NamedTuple):
+    startup: int     # nStartupTrials
+    warmup: int      # nWarmupSteps: the first epoch at which a trial can be cut
+    keep: float      # the percentile of trials kept (50: the median pruner)
+    interval: int    # epochs between two checks after the warm-up
+
+
+def pruner_defaults(spec: JobSpec, *, epochs: int | None = None,
+                    stage: int | None = None) -> PrunerDefaults:
+    """The median pruner's defaults for a stage (``stage`` None: a job without stages).
+
+    Measured on a hard task (issue 18), Optuna's defaults (5 start-up trials, no warm-up) cut
+    24 of 36 coarse trials after 1 of 5 epochs, and 19 of 24 trials of a narrowed fine stage,
+    whose 5 start-up trials then were the whole ensemble. Epoch 1 ranks trials by their
+    initialisation more than by their knobs, so a trial trains a quarter of its epochs (at
+    least 2) before it can be cut, and the start-up trials grow with the stage's trials (a
+    tenth). A later stage's ranges were narrowed around the best trials, so its trials are
+    all of the good region: a quarter of them start up, and the pruner cuts only trials below
+    the 10th percentile of their peers, checked every warm-up's worth of epochs (comparing
+    against the survivors at every epoch would cut half of them by chance).
+    """
+    narrowed = stage is not None and stage > 0
+    if stage is None:
+        trials = spec.budget.max_trials
+    else:
+        earlier = sum(s.trials for s in spec.stage_list[:stage])
+        trials = (spec.stage_list[stage].trials if stage < len(spec.stage_list) - 1
+                  else max(0, spec.budget.max_trials - earlier))
+    part = NARROWED_STARTUP_PART if narrowed else STARTUP_PART
+    startup = max(MIN_STARTUP_TRIALS, math.ceil(part * trials))
+    epochs = epochs or spec.epochs
+    warmup = 2 if epochs is None else max(2, math.ceil(epochs / 4))
+    if narrowed:
+        return PrunerDefaults(startup, warmup, NARROWED_KEEP, warmup)
+    return PrunerDefaults(startup, warmup, 50.0, 1)
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -188,7 +188,7 @@ class StageAsker:
         if len(spec.stage_list) == 1:
             return self.study.ask(fixed_distributions=space)
         if stage not in self.views:
-            pruner = make_pruner(spec, epochs=spec.stage_list[stage].epochs)
+            pruner = make_pruner(spec, epochs=spec.stage_list[stage].epochs, stage=stage)
             self.views[stage] = stage_view(self.study, stage, space,
                                            to_distributions(spec.search_space),
                                            self.sampler(stage), pruner)
