@@ -199,7 +199,7 @@ def test_a_worker_runs_torch_on_the_threads_its_pod_was_given(postgres_url, tmp_
     threads; --threads wins over it. The default here would be every core."""
     import os
 
-    from kubetune.worker import env_threads
+    from kubetune.builtin.threads import env_threads
 
     job = parse_job(fast_job(name="threads", budget={"maxTrials": 2, "parallelism": 2}))
     create_or_load_study(open_storage(postgres_url), job)

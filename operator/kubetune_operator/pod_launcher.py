@@ -33,7 +33,7 @@ from kubetune.spec.template import JOB_DIGEST_ENV, OWN_ENV, volume_type
 from kubetune.study.schema import job_digest
 from kubetune.study.urls import STORAGE_ENV
 from kubetune.version import __version__
-from kubetune.worker import THREADS_ENV
+from kubetune.builtin.threads import THREADS_ENV
 from kubetune_operator.settings import Settings
 
 log = logging.getLogger("kubetune.operator.pods")

@@ -326,7 +326,7 @@ def _delegate(name: str, argv: list[str]) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import logging
 
-    from kubetune.worker import env_threads
+    from kubetune.builtin.threads import env_threads
     from kubetune.worker.loop import WorkerOptions, run_worker
 
     logging.basicConfig(level=logging.INFO,

@@ -42,7 +42,7 @@ def ensemble_main(argv: Sequence[str]) -> int:
 
     from kubetune.ensemble.step import describe, run_ensemble_step
     from kubetune.study.storage import make_artifact_store, open_storage, silence_optuna
-    from kubetune.worker import env_threads
+    from kubetune.builtin.threads import env_threads
 
     silence_optuna()
     threads = env_threads()
