@@ -222,9 +222,9 @@ def test_presets_lists_each_preset_with_its_ranges():
     assert lines[0].startswith("mlp-classic: ")
     ranges = {line.split()[0]: " ".join(line.split()[1:]) for line in lines[1:9]}
     assert ranges == {
-        "lr": "0.001..1 log", "weight_decay": "1e-06..10 log", "hidden": "16..1024 int log",
-        "layers": "1..3 int", "batch_size": "32..512 int log", "dropout": "0.3..0.7",
-        "grad_clip": "5..15", "optimizer": "adam | adamw | sgd"}
+        "lr": "0.0001..0.3 log", "weight_decay": "1e-06..0.01 log", "hidden": "16..1024 int log",
+        "layers": "1..3 int", "batch_size": "32..512 int log", "dropout": "0..0.5",
+        "grad_clip": "5..15", "optimizer": "adam | adamw | rmsprop | sgd"}
     assert "searchSpace: {preset: NAME}" in proc.stdout
 
 

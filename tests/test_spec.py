@@ -1286,7 +1286,7 @@ def test_a_preset_expands_and_what_is_stored_is_the_expansion():
     assert "preset" not in space
     assert space["lr"] == LOG_LR  # named next to the preset: overrides it
     assert "optimizer" not in space  # fixed in params: not searched
-    assert space["weight_decay"] == {"type": "float", "low": 1e-6, "high": 10.0, "log": True}
+    assert space["weight_decay"] == {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}
     assert space["hidden"] == {"type": "int", "low": 16, "high": 1024, "log": True, "step": 1}
     assert space["batch_size"]["log"] is True and (space["batch_size"]["low"],
                                                    space["batch_size"]["high"]) == (32, 512)
