@@ -167,6 +167,44 @@ def test_pruned_trials_get_their_own_line_and_the_advice_follows_from_the_counts
     assert only_pruned["advice"].startswith("2 of 2 trials were pruned, 2 after 1 epoch:")
 
 
+def test_underfit_advice_depends_on_the_network_sizes_tried():
+    """Issue 18: "24/24 underfit: use a bigger network" on a stage whose networks already
+    had 303-1024 units. Big networks are told to train longer or regularise less; small ones
+    still to grow, with the sizes they tried."""
+    big = [{"hidden": h, "layers": 2} for h in (303, 512, 700, 1024)] * 6
+    summary = summarize([UNDERFIT] * 24, underfit_params=big)
+    assert "bigger network" not in summary["advice"]
+    assert summary["advice"] == (
+        "24 of 24 trials underfit: the networks are already big (hidden 303-1024, layers 2): "
+        "train more epochs, raise the learning rate (range), or lower weight_decay and dropout")
+    small = [{"hidden": 16, "layers": 1}, {"hidden": 32, "layers": 1}, {"hidden": 64}]
+    assert summarize([UNDERFIT] * 3, underfit_params=small)["advice"] == (
+        "3 of 3 trials underfit: use a bigger network (tried hidden 16-64, layers 1: raise "
+        "hidden or layers), more epochs or a higher learning rate")
+    # a custom trainer without hidden/layers gets the generic advice
+    assert summarize([UNDERFIT], underfit_params=[{"lr": 0.1}])["advice"].startswith(
+        "the trial underfits: use a bigger network (hidden, layers)")
+
+
+def test_status_advises_underfit_big_networks_from_their_params():
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    job = parse_job(fast_job())
+    study = create_or_load_study(InMemoryStorage(), job)
+    for hidden in (512, 1024, 16):
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, value=0.5, params={"hidden": hidden, "layers": 2},
+            distributions={"hidden": CategoricalDistribution([16, 512, 1024]),
+                           "layers": CategoricalDistribution([1, 2])},
+            user_attrs={"history": CURVES["underfit"][0]}))
+    trials = study.get_trials(deepcopy=False)
+    status = build_status(job, trials, budget.count_trials(trials), phase="Running",
+                          conditions=[])
+    assert status["diagnosis"]["advice"].startswith(
+        "3 of 3 trials underfit: the networks are already big (hidden 16-1024, layers 2)")
+
+
 def test_status_summarises_the_finished_trials_and_caches_their_labels(monkeypatch):
     job = parse_job(fast_job())
     study = create_or_load_study(InMemoryStorage(), job)

@@ -27,6 +27,7 @@ VAL_DROP = 0.05       # a validation score ending 0.05 below its best: overfit
 FLAT_RISE = 0.01      # a validation score never 0.01 above its first epoch's is flat
 MANY_PRUNED = 0.5     # pruned by the pruner: at least this share of the finished trials is many
 DIVERGE_FACTOR = 10.0  # a loss growing past 10 x its first epoch's: diverged (the guard's default)
+BIG_WIDTH = 256       # underfit trials whose median width is at least this are already big
 SCORE_NAMES = ("accuracy", "f1", "auc")
 DIVERGED_REASONS = ("nan", "diverged")
 
@@ -97,7 +98,8 @@ def missing_metrics(names: Iterable[str]) -> str | None:
 
 
 def summarize(labels: Iterable[str], *, pruned_epochs: Iterable[int] = (),
-              metrics: Iterable[str] | None = None) -> dict[str, Any] | None:
+              metrics: Iterable[str] | None = None,
+              underfit_params: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any] | None:
     """``status.diagnosis``: counts per label, the most common one, the trials the pruner
     stopped early, and advice in a line that follows from the counts; None when no trial is
     finished yet.
@@ -105,7 +107,8 @@ def summarize(labels: Iterable[str], *, pruned_epochs: Iterable[int] = (),
     ``labels``: of the trials that ran to their end (or were stopped by the NaN/divergence
     guards); ``pruned_epochs``: the epochs each trial stopped early by the pruner (or the
     deadline) ran, which are not labelled (their curves are cut); ``metrics``: the names a trial
-    reports, for what to report to tell more.
+    reports, for what to report to tell more; ``underfit_params``: the params of the underfit
+    trials, so that the advice fits the network sizes they tried (``underfit_advice``).
     """
     counts = Counter(labels)
     stopped = Counter(pruned_epochs)
@@ -121,7 +124,8 @@ def summarize(labels: Iterable[str], *, pruned_epochs: Iterable[int] = (),
         about = top
         if top in (HEALTHY, UNKNOWN) and problems and counts[problems[0]] >= 0.2 * total:
             about = problems[0]  # a problem one trial in five has is worth fixing first
-        advice.append(_about(about, counts, total))
+        advice.append(_about(about, counts, total,
+                             underfit_advice(underfit_params) if about == UNDERFIT else None))
     summary: dict[str, Any] = {
         "counts": {label: counts[label] for label in LABELS if counts[label]}}
     if top is not None:  # none while every finished trial was pruned early
@@ -141,11 +145,35 @@ def summarize(labels: Iterable[str], *, pruned_epochs: Iterable[int] = (),
     return summary
 
 
-def _about(label: str, counts: Counter[str], total: int) -> str:
+def underfit_advice(params: Iterable[Mapping[str, Any]]) -> str:
+    """The advice for underfit trials, from the network sizes they tried (``hidden``,
+    ``layers``): "use a bigger network" to networks that are already big (median width at
+    least ``BIG_WIDTH``) sends a search the wrong way; they need more epochs, a higher learning
+    rate or less regularisation. Without sizes (a custom trainer): the generic advice."""
+    params = [p for p in params if isinstance(p, Mapping)]
+    widths = sorted(int(w) for w in (_number(p.get("hidden")) for p in params)
+                    if w is not None and math.isfinite(w))
+    if not widths:
+        return ADVICE[UNDERFIT]
+    depths = sorted({int(d) for d in (_number(p.get("layers")) for p in params)
+                     if d is not None and math.isfinite(d)})
+    tried = f"hidden {_span(widths)}" + (f", layers {_span(depths)}" if depths else "")
+    if widths[len(widths) // 2] >= BIG_WIDTH:
+        return (f"the networks are already big ({tried}): train more epochs, raise the "
+                "learning rate (range), or lower weight_decay and dropout")
+    return (f"use a bigger network (tried {tried}: raise hidden or layers), more epochs or a "
+            "higher learning rate")
+
+
+def _span(values: list[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+def _about(label: str, counts: Counter[str], total: int, advice: str | None = None) -> str:
     singular, plural = _VERBS[label]
     who = f"{counts[label]} of {total} trials" if total > 1 else "the trial"
     verb = singular if counts[label] == 1 else plural
-    return f"{who} {verb}: {ADVICE[label]}"
+    return f"{who} {verb}: {advice or ADVICE[label]}"
 
 
 # ------------------------------------------------------------------ curve reading

@@ -138,9 +138,11 @@ def _diagnosis(trials: list[FrozenTrial]) -> dict[str, Any] | None:
                     if t.user_attrs.get(HISTORY_ATTR)), None)
     metrics = ({name for epoch in history[-1:] if isinstance(epoch, dict) for name in epoch}
                if isinstance(history, list) else set())
-    return diagnosis.summarize((trial_label(t) for t in ran),
-                               pruned_epochs=(_epochs(t) for t in cut),
-                               metrics=metrics - {"epoch"})
+    labels = [trial_label(t) for t in ran]
+    return diagnosis.summarize(labels, pruned_epochs=(_epochs(t) for t in cut),
+                               metrics=metrics - {"epoch"},
+                               underfit_params=[t.params for t, label in zip(ran, labels)
+                                                if label == diagnosis.UNDERFIT])
 
 
 def _epochs(trial: FrozenTrial) -> int:
