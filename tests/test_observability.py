@@ -169,7 +169,8 @@ def test_plots_say_what_they_drew_rank_the_best_and_zoom_in_on_them(tmp_path):
     assert 0.85 < low < 0.92 and 0.97 < high < 1.0  # not down to the pruned trials' 0.2
     history = described("optuna-history.png")
     assert history == {"title": "val_accuracy of the 4 complete trials; 2 pruned trials not "
-                                "shown", "xlabel": "trial number", "ylabel": "val_accuracy"}
+                                "shown", "xlabel": "trial number", "ylabel": "val_accuracy",
+                       "legend": "val_accuracy"}
     importance = described("optuna-importance.png")
     assert importance["title"] == ("importance for val_accuracy, from 4 complete trials of 6"
                                    "\nonly 4 trials: a rough indication, not a conclusion")

@@ -63,7 +63,7 @@ def history_labels(trials: list[FrozenTrial], metric: str) -> dict[str, str]:
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
     left_out = f"; {pruned} pruned trials not shown" if pruned else ""
     return {"title": f"{metric} of the {complete} complete trials{left_out}",
-            "xlabel": "trial number", "ylabel": metric}
+            "xlabel": "trial number", "ylabel": metric, "legend": metric}
 
 
 def importance_labels(trials: list[FrozenTrial], metric: str) -> dict[str, str]:
@@ -74,7 +74,8 @@ def importance_labels(trials: list[FrozenTrial], metric: str) -> dict[str, str]:
               if complete < FEW_TRIALS else "")
     return {"title": f"importance for {metric}, from {complete} complete trials of "
                      f"{len(trials)}{caveat}",
-            "xlabel": f"importance for {metric} (fANOVA)", "ylabel": "parameter"}
+            "xlabel": f"importance for {metric} (fANOVA)", "ylabel": "parameter",
+            "legend": metric}
 
 
 def learning_curve(trial: FrozenTrial, path: Path, *, metric: str) -> bool:
@@ -202,9 +203,15 @@ def _optuna_plot(draw: Any, study: optuna.Study, path: Path, labels: dict[str, s
         log.info("skipped %s: %s", path.name, err)
         plt.close("all")
         return False
-    axes.set_title(labels["title"])
+    for where in ("left", "center", "right"):  # Optuna's own titles (importance: left)
+        axes.set_title("", loc=where)
+    axes.figure.suptitle(labels["title"])  # centred on the figure, beside Optuna's legend
     axes.set_xlabel(labels["xlabel"])
     axes.set_ylabel(labels["ylabel"])
+    legend = axes.get_legend() or axes.figure.legends and axes.figure.legends[0]
+    for text in legend.get_texts() if legend else []:
+        text.set_text({"Objective Value": labels["legend"],
+                       "Best Value": "best so far"}.get(text.get_text(), text.get_text()))
     axes.figure.set_size_inches(8, 4.5)
     axes.figure.tight_layout()
     axes.figure.savefig(path, dpi=100, metadata={"Description": json.dumps(labels)})
