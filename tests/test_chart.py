@@ -128,6 +128,7 @@ def test_operator_gets_worker_defaults_it_understands():
     assert settings.worker_resources["limits"]["nvidia.com/gpu"] == 1
     assert settings.tolerations[0]["key"] == "nvidia.com/gpu"
     assert settings.priority_class == "spot"
+    assert settings.policy.priority_classes == ("spot",)  # a template may name the workers'
     assert settings.image_pull_secrets == ("regcred",)
     assert (settings.storage_secret, settings.storage_secret_key) == ("kubetune-storage", "url")
     assert settings.namespaces == ("kubetune",) and settings.metrics_port == 8080

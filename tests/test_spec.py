@@ -1331,6 +1331,9 @@ POLICY_REFUSALS = [
      "'kubetune-operator' is not allowed (allowed: kubetune-worker"),
     ({"spec.trainer.template": {"runtimeClassName": "runc-privileged"}},
      Policy(), "spec.trainer.template.runtimeClassName", "allowed: none"),
+    ({"spec.trainer.template": {"priorityClassName": "system-cluster-critical"}},
+     Policy(priority_classes=("gpu-batch",)), "spec.trainer.template.priorityClassName",
+     "priority class 'system-cluster-critical' is not allowed (allowed: gpu-batch"),
     ({"spec.budget.parallelism": 9}, Policy(max_parallelism=8), "spec.budget.parallelism",
      "at most 8 (the cluster admin's policy.maxParallelism)"),
     ({"spec.budget.maxTrials": 101}, Policy(max_trials=100), "spec.budget.maxTrials",
@@ -1353,13 +1356,16 @@ def test_what_the_admin_allows_passes():
         "spec.budget.parallelism": 8, "spec.budget.maxTrials": 100,
         "spec.trainer.template": {
             "serviceAccountName": "trainer", "runtimeClassName": "gvisor",
+            "priorityClassName": "gpu-batch",
             "volumes": [{"name": "n", "hostPath": {"path": "/data"}},
                         {"name": "p", "persistentVolumeClaim": {"claimName": "runs"}}]}}))
     policy = Policy(volume_types=("hostPath", "persistentVolumeClaim"),
                     service_accounts=("default", "trainer"), runtime_classes=("gvisor",),
+                    priority_classes=("gpu-batch",),
                     max_parallelism=8, max_trials=100, refused_namespace="kubetune-system")
     assert policy_problems(job, policy) == []
     # the defaults: no limits, the namespace's default account only, no hostPath
     assert [p for p, _ in policy_problems(job, Policy())] == [
         "spec.trainer.template.serviceAccountName", "spec.trainer.template.runtimeClassName",
+        "spec.trainer.template.priorityClassName",
         "spec.trainer.template.volumes[0].hostPath"]

@@ -68,6 +68,7 @@ class Settings:
     allowed_volume_types: tuple[str, ...] = DEFAULT_VOLUME_TYPES
     allowed_service_accounts: tuple[str, ...] = ()  # beyond worker_service_account
     allowed_runtime_classes: tuple[str, ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()  # beyond priority_class
     max_parallelism: int | None = None
     max_trials: int | None = None
     empty_dir_size_limit: str = "10Gi"
@@ -80,11 +81,14 @@ class Settings:
     @property
     def policy(self) -> Policy:
         """The admin's policy for TuningJobs: a template may name the workers' own service
-        account (the namespace's ``default`` when none is set) and the allowed ones."""
+        account (the namespace's ``default`` when none is set), the workers' own priority
+        class, and the allowed ones."""
         return Policy(volume_types=self.allowed_volume_types,
                       service_accounts=(self.worker_service_account or DEFAULT_SERVICE_ACCOUNT,
                                         *self.allowed_service_accounts),
                       runtime_classes=self.allowed_runtime_classes,
+                      priority_classes=tuple(filter(None, (self.priority_class,
+                                                           *self.allowed_priority_classes))),
                       max_parallelism=self.max_parallelism, max_trials=self.max_trials,
                       refused_namespace=self.operator_namespace)
 
@@ -157,6 +161,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--allowed-runtime-class", dest="allowed_runtime_classes",
                         action="append", metavar="NAME",
                         help="a runtimeClassName templates may name (repeatable)")
+    policy.add_argument("--allowed-priority-class", dest="allowed_priority_classes",
+                        action="append", metavar="NAME",
+                        help="a priorityClassName templates may name, besides "
+                             "--priority-class (repeatable)")
     policy.add_argument("--max-parallelism", type=_positive_int,
                         default=_optional_int(env("MAX_PARALLELISM")), metavar="N",
                         help="the largest spec.budget.parallelism a job may ask for")
@@ -203,6 +211,8 @@ def from_args(args: argparse.Namespace) -> Settings:
                                        or _env_list("ALLOWED_SERVICE_ACCOUNTS")),
         allowed_runtime_classes=tuple(args.allowed_runtime_classes
                                       or _env_list("ALLOWED_RUNTIME_CLASSES")),
+        allowed_priority_classes=tuple(args.allowed_priority_classes
+                                       or _env_list("ALLOWED_PRIORITY_CLASSES")),
         max_parallelism=args.max_parallelism,
         max_trials=args.max_trials,
         empty_dir_size_limit=args.empty_dir_size_limit,

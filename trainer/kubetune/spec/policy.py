@@ -30,6 +30,9 @@ class Policy:
     volume_types: tuple[str, ...] = DEFAULT_VOLUME_TYPES
     service_accounts: tuple[str, ...] = (DEFAULT_SERVICE_ACCOUNT,)
     runtime_classes: tuple[str, ...] = ()
+    # Every priority class a template may name, the workers' own included: a high one would
+    # let a job preempt other teams' pods.
+    priority_classes: tuple[str, ...] = ()
     max_parallelism: int | None = None
     max_trials: int | None = None
     refused_namespace: str | None = None  # the operator's own
@@ -57,6 +60,8 @@ def problems(job: Any, policy: Policy) -> list[tuple[str, str]]:
                      "service account", "policy.allowedServiceAccounts")
     found += _listed(template, "runtimeClassName", policy.runtime_classes,
                      "runtime class", "policy.allowedRuntimeClasses")
+    found += _listed(template, "priorityClassName", policy.priority_classes,
+                     "priority class", "policy.allowedPriorityClasses")
     volumes = template.get("volumes")
     for i, volume in enumerate(volumes if isinstance(volumes, list) else []):
         if not isinstance(volume, dict):
