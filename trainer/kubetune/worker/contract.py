@@ -168,7 +168,7 @@ def metric_value(name: str, value: Any, epoch: int | None = None) -> float:
                                                  "\"Infinity\" for a non-finite one")
     if isinstance(value, Decimal):
         return math.nan if value.is_nan() else float(value)
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, (bool, np.bool_)) or value is None:
         return _not_a_number(name, value, epoch)
     shape = getattr(value, "shape", ())
     if tuple(shape) != ():
