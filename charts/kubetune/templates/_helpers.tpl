@@ -118,11 +118,12 @@ url
 {{- end -}}
 
 {{/* Namespaces whose TuningJobs the operator serves; empty means all. */}}
+{{- /* Where a user's first job may go: never the release namespace, where jobs are refused. */}}
 {{- define "kubetune.jobNamespaces" -}}
 {{- if .Values.operator.watchNamespaces -}}
-{{- join "," .Values.operator.watchNamespaces -}}
+{{- join "," (without .Values.operator.watchNamespaces .Release.Namespace) | default "ml" -}}
 {{- else -}}
-{{- .Release.Namespace -}}
+ml
 {{- end -}}
 {{- end -}}
 
