@@ -462,7 +462,7 @@ def test_sdk_values_are_numbers_or_fail_the_trial_naming_metric_epoch_and_value(
     assert [h["train_loss"] for h in trial.user_attrs["history"]] == [2.0, 1.5, 1.0]
     for value, words in ((torch.tensor([0.5, 0.6]), "an array of shape (2,)"),
                          (np.zeros(3), "an array of shape (3,)"),
-                         (True, "True (bool)"), (np.bool_(True), "True (bool)"),
+                         (True, "True (bool)"), (np.bool_(True), "np.True_ (bool)"),
                          (None, "None (NoneType)"),
                          ({"mean": 0.5}, "{'mean': 0.5} (dict)"),
                          ("0.5", "'0.5' (a string; report a number"),
