@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
 STATUS_KEYS = {"name", "phase", "objective", "progress", "trials", "pruneReasons", "failures",
                "best",
                "leaderboard", "conditions", "ensemble", "workers", "stage", "stages",
-               "preflight", "diagnosis"}
+               "preflight", "diagnosis", "compute"}
 
 
 def _study(out, name="default/fast") -> optuna.Study:
@@ -63,6 +63,10 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
     study = _study(out)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value)
+    # the compute spent: every epoch every trial trained, full data only (no dataEpochs)
+    assert result["compute"] == {"epochsTrained": sum(t.user_attrs.get("epochs", 0)
+                                                      for t in study.trials)}
+    assert result["compute"]["epochsTrained"] >= 3 * trials["complete"]
     assert result["best"] == {"trial": best.number, "value": best.value, "params": best.params}
     values = [entry["value"] for entry in result["leaderboard"]]
     assert values == sorted(values, reverse=True)
@@ -77,6 +81,7 @@ def test_run_writes_result_json_with_the_status_shape(tmp_path):
     assert shown.returncode == 0
     assert "MaxTrialsReached" in shown.stdout and f"{best.value:.5g}" in shown.stdout
     assert result["diagnosis"]["advice"] in " ".join(shown.stdout.split())
+    assert f"compute: {result['compute']['epochsTrained']:,} epochs trained" in shown.stdout
     assert json.loads(kubetune("results", out, "--json").stdout) == result
 
 

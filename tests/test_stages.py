@@ -202,6 +202,31 @@ def test_data_classes_keeps_the_first_classes_in_every_split():
         assert set(y_cheap) == {0, 1} and len(y_cheap) == int(np.sum(y_full < 2))
 
 
+def test_a_reduced_dataset_knows_its_share_of_the_training_rows():
+    full = load_data(_job(epochs=1))
+    job = _job(data={"fraction": 0.5})
+    half = load_data(job, stage=0)
+    assert full.share == 1.0
+    assert half.share == pytest.approx(len(half.y_train) / len(full.y_train), abs=1e-9)
+    assert 0.45 < half.share < 0.55 and load_data(job, stage=1).share == 1.0
+
+
+def test_compute_counts_every_epoch_and_weights_reduced_data():
+    from kubetune.job.status import compute
+
+    def trial(state, epochs, **attrs):
+        return create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                            user_attrs={"epochs": epochs, **attrs})
+
+    full = [trial(TrialState.COMPLETE, 20), trial(TrialState.PRUNED, 5),
+            trial(TrialState.FAIL, 3), trial(TrialState.RUNNING, 7)]
+    assert compute(full) == {"epochsTrained": 35}  # full data: no dataEpochs
+    coarse = [trial(TrialState.COMPLETE, 5, data_share=0.25),
+              trial(TrialState.PRUNED, 2, data_share=0.25)]
+    assert compute(full + coarse) == {"epochsTrained": 42, "dataEpochs": 36.8}
+    assert compute([]) == {"epochsTrained": 0}
+
+
 def test_a_stage_epochs_fidelity_overrides_the_epochs():
     from kubetune.search.stages import trial_params
 
@@ -330,3 +355,11 @@ def test_two_stage_job_ends_with_a_full_fidelity_best_and_ensemble(tmp_path, pos
     assert [s["name"] for s in result["stages"]] == ["coarse", "fine"]
     assert result["stages"][1]["ranges"]["lr"].endswith("log")
     assert "stage coarse: 4/4 trials, reduced fidelity" in proc.stdout
+    # compute: the coarse stage's epochs count for the part of the rows they trained on
+    epochs = sum(t.user_attrs.get("epochs", 0) for t in trials)
+    assert result["compute"]["epochsTrained"] == epochs
+    assert all(0 < t.user_attrs["data_share"] < 0.5 for t in coarse)  # half of 2 of 3 classes
+    assert "data_share" not in {k for t in fine for k in t.user_attrs}
+    weighted = sum(t.user_attrs.get("epochs", 0) * t.user_attrs.get("data_share", 1.0)
+                   for t in trials)
+    assert result["compute"]["dataEpochs"] == round(weighted, 1) < epochs

@@ -55,6 +55,7 @@ class Dataset:
     feature_names: list[str]
     mean: np.ndarray
     std: np.ndarray
+    share: float = 1.0  # the part of the full training rows kept (a reduced-data stage)
 
     @property
     def n_features(self) -> int:
@@ -328,7 +329,8 @@ def reduce_dataset(data: Dataset, *, fraction: float | None = None, classes: int
         X_test=_frozen(np.ascontiguousarray(splits["test"][0])),
         y_test=_frozen(np.ascontiguousarray(splits["test"][1])),
         classes=kept_classes, feature_names=list(data.feature_names),
-        mean=data.mean, std=data.std)
+        mean=data.mean, std=data.std,
+        share=data.share * len(splits["train"][1]) / max(1, len(data.y_train)))
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:

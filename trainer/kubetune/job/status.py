@@ -18,6 +18,7 @@ from kubetune.search.space import effective_max_trials
 from kubetune.spec.model import TuningJob
 from kubetune.study.optuna_internals import trial_id
 from kubetune.study.schema import (
+    DATA_SHARE_ATTR,
     EPOCHS_ATTR,
     FAIL_REASON_ATTR,
     HISTORY_ATTR,
@@ -113,7 +114,28 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
         "ensemble": previous.get("ensemble"),
         **dict(zip(("stage", "stages"), status_view(job.spec, trials, stage_spaces or {}))),
         "diagnosis": _diagnosis(trials),
+        "compute": compute(trials),
     }
+
+
+def compute(trials: list[FrozenTrial]) -> dict[str, Any]:
+    """The training the job has paid for: ``epochsTrained``, the epochs every trial trained
+    (each attempt's last reported epoch, whatever its state), and, once a trial trained on part
+    of the training rows (a stage's ``data`` fidelity), ``dataEpochs``: each epoch weighted by
+    that part, in epochs of the full data."""
+    epochs, weighted, reduced = 0, 0.0, False
+    for trial in trials:
+        ran = trial.user_attrs.get(EPOCHS_ATTR)
+        ran = ran if isinstance(ran, int) and not isinstance(ran, bool) else 0
+        share = trial.user_attrs.get(DATA_SHARE_ATTR)
+        share = float(share) if isinstance(share, (int, float)) and 0 < share <= 1 else 1.0
+        reduced = reduced or share < 1.0
+        epochs += ran
+        weighted += ran * share
+    out: dict[str, Any] = {"epochsTrained": epochs}
+    if reduced:
+        out["dataEpochs"] = round(weighted, 1)
+    return out
 
 
 def failures(trials: list[FrozenTrial]) -> list[dict[str, Any]]:

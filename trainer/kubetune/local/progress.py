@@ -193,6 +193,11 @@ def print_summary(status: dict[str, Any], console: Console | None = None) -> Non
         console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
     _print_failures(status, console)
     _print_stages(status, console)
+    spent = status.get("compute")
+    if spent:
+        data = (f" ({spent['dataEpochs']:,g} in epochs of the full data)"
+                if "dataEpochs" in spent else "")
+        console.print(f"compute: {spent['epochsTrained']:,} epochs trained{data}", markup=False)
     diagnosis = status.get("diagnosis")
     if diagnosis:
         counts = ", ".join(f"{k} {v}" for k, v in diagnosis["counts"].items())

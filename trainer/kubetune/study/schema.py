@@ -45,6 +45,7 @@ FIDELITY_ATTR = "fidelity"            # FULL or REDUCED
 FULL, REDUCED = "full", "reduced"
 HISTORY_ATTR = "history"              # per-epoch metrics: [{"epoch": 1, ...}, ...]
 EPOCHS_ATTR = "epochs"                # the last epoch reported
+DATA_SHARE_ATTR = "data_share"        # the part of the training rows a reduced-data trial used
 METRICS_ATTR = "metrics"              # the final metrics of a complete trial
 PRUNE_REASON_ATTR = "prune_reason"    # why a trial was pruned (search.guards.PRUNE_REASONS)
 FAIL_REASON_ATTR = "fail_reason"      # why a trial failed

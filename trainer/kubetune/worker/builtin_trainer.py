@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+from kubetune.study.schema import DATA_SHARE_ATTR
 from kubetune.worker.contract import TrainerResult, TrialContext
 
 SNAPSHOTS_PER_TRIAL = 3
@@ -33,6 +34,9 @@ def run_builtin(context: TrialContext) -> TrainerResult:
         extra["on_snapshot"] = snapshots
     if builtin.balance != "none":
         extra["balance"] = builtin.balance
+    share = getattr(data, "share", 1.0)
+    if share < 1.0:  # a reduced-data stage: its epochs are cheaper (status.compute.dataEpochs)
+        context.trial.set_user_attr(DATA_SHARE_ATTR, round(float(share), 6))
     result = train(params, data, seed=builtin.seed + context.trial.number, device=builtin.device,
                    on_epoch=context.reporter.report, **extra)
     files = save_artifacts(context.trial, result, data, context.scratch, params=params,
