@@ -467,6 +467,9 @@ def test_an_operator_killed_mid_job_twice_makes_no_duplicate_pod_and_runs_exactl
 
     trials = study_trials(c, name)
     assert count_trials(trials).finished == max_trials, [(t.number, t.state) for t in trials]
+    failed = {t.number: t.user_attrs.get("fail_reason") for t in trials
+              if t.state == TrialState.FAIL}
+    assert set(failed) <= in_flight, f"trials failed, not by the kills: {failed}"
     assert_job_whole(trials, max_trials, completed, in_flight)
     assert {n: len(u) for n, u in pods.uids.items()} == {
         f"{name}-worker-0": 1, f"{name}-worker-1": 1}  # no pod created twice, none extra
