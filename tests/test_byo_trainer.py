@@ -20,6 +20,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from kubetune.study.schema import history_of
+
 from conftest import REPO_ROOT, kubetune, wait_for, write_job
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -143,13 +145,13 @@ def test_entrypoint_job_gets_params_prunes_nan_and_ensembles_saved_predictions(t
     healthy = [t for t in trials if not t.params["poison"]]
     for trial in poisoned:  # report() raised at the NaN epoch: the code went no further
         assert trial.state == TrialState.PRUNED and trial.user_attrs["prune_reason"] == "nan"
-        assert [h["epoch"] for h in trial.user_attrs["history"]] == [1, 2]
+        assert [h["epoch"] for h in history_of(trial.user_attrs)] == [1, 2]
         assert not (tmp_path / f"reached-{trial.number}-2").exists()
         assert (tmp_path / f"pruned-{trial.number}").read_text() == "nan"
     for trial in healthy:
         assert trial.state == TrialState.COMPLETE
-        assert [h["epoch"] for h in trial.user_attrs["history"]] == [1, 2, 3]
-        assert trial.value == trial.user_attrs["history"][-1]["val_accuracy"]
+        assert [h["epoch"] for h in history_of(trial.user_attrs)] == [1, 2, 3]
+        assert trial.value == history_of(trial.user_attrs)[-1]["val_accuracy"]
         assert set(trial.user_attrs["metrics"]) == {"val_accuracy", "train_loss", "final_loss"}
         assert "predictions" in trial.user_attrs["artifacts"]
         assert list(trial.intermediate_values) == [1, 2, 3]
@@ -236,8 +238,8 @@ def test_command_job_gets_env_parses_json_lines_stops_pruned_and_fails_crashed(t
 
     ok = trials["ok"]
     assert ok.state == TrialState.COMPLETE and ok.value == pytest.approx(0.9)
-    assert [h["epoch"] for h in ok.user_attrs["history"]] == [1, 2, 3]
-    assert ok.user_attrs["history"][0] == {"epoch": 1, "val_accuracy": 0.7, "train_loss": 1.0}
+    assert [h["epoch"] for h in history_of(ok.user_attrs)] == [1, 2, 3]
+    assert history_of(ok.user_attrs)[0] == {"epoch": 1, "val_accuracy": 0.7, "train_loss": 1.0}
     assert "looks like JSON but is not: {this is not json" in logs
     assert "a log line in JSON, not a report" in logs  # other lines pass through
     assert "starting ok" in logs
@@ -344,11 +346,12 @@ def test_a_retried_trial_restores_the_checkpoint_of_the_attempt_that_died(tmp_pa
     _, out = run(tmp_path, job, "--code", tmp_path / "code")  # imported from --code DIR
     first, retry = study_of(out).get_trials()
     assert first.state == TrialState.FAIL and "exited" in first.user_attrs["fail_reason"]
-    assert [h["epoch"] for h in first.user_attrs["history"]] == [1, 2]
+    assert [h["epoch"] for h in history_of(first.user_attrs)] == [1, 2]
     assert retry.state == TrialState.COMPLETE and retry.params == first.params
     assert retry.user_attrs["metrics"]["resumed_after"] == 2.0
     assert retry.user_attrs["metrics"]["restored_weights"] == 4.0
-    assert [h["epoch"] for h in retry.user_attrs["history"]] == [3, 4]
+    # the retry resumed from epoch 2's checkpoint: its curve is the epochs its model trained
+    assert [h["epoch"] for h in history_of(retry.user_attrs)] == [1, 2, 3, 4]
 
 
 def test_missing_code_is_one_clear_error_before_anything_runs(tmp_path):
@@ -425,7 +428,7 @@ def test_report_checks_what_it_is_given_and_keeps_the_curve():
     with pytest.raises(TrialFailed, match="metric val_accuracy of epoch 1 is not a number: 'high'"):
         reporter.report(1, {"val_accuracy": "high"})
     reporter.report(1, {"val_accuracy": np.float32(0.5), "train_loss": torch.tensor(2.0)})
-    assert trial.user_attrs["history"] == [{"epoch": 1, "val_accuracy": 0.5, "train_loss": 2.0}]
+    assert history_of(trial.user_attrs) == [{"epoch": 1, "val_accuracy": 0.5, "train_loss": 2.0}]
     assert reporter.final({"val_accuracy": 0.75}) == (0.75, {"val_accuracy": 0.75,
                                                              "train_loss": 2.0})
 
@@ -440,7 +443,7 @@ def test_a_non_finite_number_spelt_as_a_string_prunes_the_trial(spelling):
     with pytest.raises(TrialPruned) as stop:
         reporter.report(2, {"val_accuracy": 0.6, "train_loss": spelling})
     assert stop.value.reason == "nan"
-    assert trial.user_attrs["history"][-1]["train_loss"] in ("nan", "inf", "-inf")
+    assert history_of(trial.user_attrs)[-1]["train_loss"] in ("nan", "inf", "-inf")
     reporter, _ = _reporter_trial(pruning={"nan": False, "pruner": {"type": "none"}})
     with pytest.raises(TrialPruned, match="nan"):  # the objective itself is never told NaN
         reporter.report(1, {"val_accuracy": spelling})
@@ -459,7 +462,7 @@ def test_sdk_values_are_numbers_or_fail_the_trial_naming_metric_epoch_and_value(
     reporter.report(2, {"val_accuracy": torch.tensor([[0.75]]).squeeze(),
                         "train_loss": Decimal("1.5")})
     reporter.report(3, {"val_accuracy": np.array(0.8), "train_loss": np.int64(1)})
-    assert [h["train_loss"] for h in trial.user_attrs["history"]] == [2.0, 1.5, 1.0]
+    assert [h["train_loss"] for h in history_of(trial.user_attrs)] == [2.0, 1.5, 1.0]
     for value, words in ((torch.tensor([0.5, 0.6]), "an array of shape (2,)"),
                          (np.zeros(3), "an array of shape (3,)"),
                          (True, "True (bool)"), (np.bool_(True), "np.True_ (bool)"),

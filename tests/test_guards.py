@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from kubetune.search.guards import EpochGuard
 from kubetune.search.space import make_pruner, to_distributions
 from kubetune.spec.model import Pruning, parse_job
+from kubetune.study.schema import history_of
 from kubetune.worker.trial import run_trial
 
 from conftest import fast_job
@@ -100,7 +101,7 @@ def test_kubetune_prunes_the_late_nan_trial_at_that_epoch_with_every_pruner(prun
     assert state == TrialState.PRUNED == frozen.state
     assert frozen.user_attrs["prune_reason"] == "nan"
     assert frozen.intermediate_values == {1: 0.6, 2: 0.7}  # the NaN was never reported
-    assert len(frozen.user_attrs["history"]) == 3          # stopped at the NaN epoch
+    assert len(history_of(frozen.user_attrs)) == 3          # stopped at the NaN epoch
     assert frozen.value == 0.7
 
 
@@ -116,7 +117,7 @@ def test_trial_diverging_without_nan_is_pruned_as_diverged():
 
     assert study.trials[-1].state == TrialState.PRUNED
     assert study.trials[-1].user_attrs["prune_reason"] == "diverged"
-    assert len(study.trials[-1].user_attrs["history"]) == 3
+    assert len(history_of(study.trials[-1].user_attrs)) == 3
 
 
 def test_an_error_in_training_fails_only_that_trial_with_the_reason():

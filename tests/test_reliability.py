@@ -21,6 +21,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from kubetune.study.schema import history_of
 from kubetune.study.storage import open_storage
 
 from conftest import REPO_ROOT, fast_job, wait_for, write_job
@@ -87,7 +88,7 @@ def test_runner_killed_three_times_mid_job_finishes_exactly_with_nothing_lost(
                 trials = _trials(storage, name)
                 done = {t.number for t in trials if t.state == TrialState.COMPLETE}
                 running = [t for t in trials if t.state == TrialState.RUNNING
-                           and t.user_attrs.get("history") and t.number not in in_flight]
+                           and history_of(t.user_attrs) and t.number not in in_flight]
                 progressed = done - set(completed) or kill > 0  # the first run gets one done
                 return running if progressed and running else None
 
@@ -130,7 +131,7 @@ def test_database_restarted_twice_mid_run_the_job_completes(postgres_server, pos
                 trials = _trials(storage, name)
                 done = {t.number for t in trials if t.state == TrialState.COMPLETE}
                 running = [t for t in trials if t.state == TrialState.RUNNING
-                           and t.user_attrs.get("history")]
+                           and history_of(t.user_attrs)]
                 return trials if done - set(completed) and running else None
 
             trials = wait_for(mid_trial, timeout=120, interval=0.1,

@@ -17,6 +17,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from kubetune.study.schema import history_of
+
 from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
 
 STATUS_KEYS = {"name", "phase", "objective", "progress", "trials", "pruneReasons", "failures",
@@ -139,7 +141,7 @@ def test_complete_trials_keep_history_weights_and_predictions(tmp_path):
     store = FileSystemArtifactStore(str(out / "artifacts"))
     for trial in _study(out).trials:
         assert trial.state == TrialState.COMPLETE
-        history = trial.user_attrs["history"]
+        history = history_of(trial.user_attrs)
         assert [h["epoch"] for h in history] == [1, 2, 3]
         assert set(history[0]) >= {"train_loss", "val_loss", "train_accuracy", "val_accuracy"}
         assert trial.intermediate_values == {h["epoch"]: h["val_accuracy"] for h in history}

@@ -25,7 +25,7 @@ from kubetune.search.stages import (
     status_view,
 )
 from kubetune.spec.model import parse_job
-from kubetune.study.schema import SPACES_ATTR, create_or_load_study
+from kubetune.study.schema import SPACES_ATTR, create_or_load_study, history_of
 
 from conftest import fast_job, kubetune, write_job
 
@@ -334,9 +334,9 @@ def test_two_stage_job_ends_with_a_full_fidelity_best_and_ensemble(tmp_path, pos
     assert len(coarse) == 4 and len(fine) == 3
     assert {t.user_attrs["fidelity"] for t in coarse} == {"reduced"}
     assert {t.user_attrs["fidelity"] for t in fine} == {"full"}
-    assert all(len(t.user_attrs["history"]) == 2 for t in coarse
+    assert all(len(history_of(t.user_attrs)) == 2 for t in coarse
                if t.state == TrialState.COMPLETE)
-    assert all(len(t.user_attrs["history"]) == 3 for t in fine if t.state == TrialState.COMPLETE)
+    assert all(len(history_of(t.user_attrs)) == 3 for t in fine if t.state == TrialState.COMPLETE)
     assert min(t.datetime_start for t in fine) >= max(t.datetime_complete for t in coarse)
     space = json.loads(json.dumps(study.user_attrs[SPACES_ATTR]["1"]))
     lr = json.loads(space["space"]["lr"])["attributes"]

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from kubetune.search.budget import count_trials
 from kubetune.spec.model import parse_job
-from kubetune.study.schema import create_or_load_study
+from kubetune.study.schema import create_or_load_study, history_of
 from kubetune.study.storage import open_storage
 
 from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
@@ -102,7 +102,7 @@ def test_a_third_of_the_workers_killed_again_and_again_the_budget_is_still_met(
         def trial_to_kill():
             running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                        # mid-trial, with epochs to go, so it cannot finish before the kill
-                       if 1 <= len(t.user_attrs.get("history") or []) <= 3
+                       if 1 <= len(history_of(t.user_attrs)) <= 3
                        and t.number not in killed
                        and workers.get(t.user_attrs.get("worker")) is not None
                        and workers[t.user_attrs["worker"]].poll() is None]

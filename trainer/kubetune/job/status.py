@@ -21,8 +21,8 @@ from kubetune.study.schema import (
     DATA_SHARE_ATTR,
     EPOCHS_ATTR,
     FAIL_REASON_ATTR,
-    HISTORY_ATTR,
     PRUNE_REASON_ATTR,
+    history_of,
     is_full_fidelity,
 )
 
@@ -156,8 +156,8 @@ def _diagnosis(trials: list[FrozenTrial]) -> dict[str, Any] | None:
     cut = [t for t in chosen if t.state == TrialState.PRUNED
            and t.user_attrs.get(PRUNE_REASON_ATTR) not in diagnosis.DIVERGED_REASONS]
     ran = [t for t in chosen if t not in cut]
-    history = next((t.user_attrs.get(HISTORY_ATTR) for t in reversed(ran or chosen)
-                    if t.user_attrs.get(HISTORY_ATTR)), None)
+    history = next((h for h in (history_of(t.user_attrs) for t in reversed(ran or chosen)) if h),
+                   None)
     metrics = ({name for epoch in history[-1:] if isinstance(epoch, dict) for name in epoch}
                if isinstance(history, list) else set())
     labels = [trial_label(t) for t in ran]
@@ -191,7 +191,7 @@ def trial_label(trial: FrozenTrial) -> str:
     key = cache_key(trial)
     label = _labels.get(key)
     if label is None:
-        label = diagnosis.diagnose(trial.user_attrs.get(HISTORY_ATTR),
+        label = diagnosis.diagnose(history_of(trial.user_attrs),
                                    prune_reason=trial.user_attrs.get(PRUNE_REASON_ATTR))
         if len(_labels) >= DIAGNOSIS_CACHE_SIZE:
             _labels.clear()

@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kubetune.search.budget import ranked
-from kubetune.study.schema import HISTORY_ATTR
+from kubetune.study.schema import history_of
 
 log = logging.getLogger("kubetune.plots")
 
@@ -180,7 +180,7 @@ def _integer_epochs(ax: Any) -> None:
 def _history(trial: FrozenTrial) -> list[dict[str, Any]]:
     """The per-epoch history with non-finite values (stored as strings) turned into None."""
     rows = []
-    for entry in trial.user_attrs.get(HISTORY_ATTR) or []:
+    for entry in history_of(trial.user_attrs):
         row = {}
         for key, value in entry.items():
             if isinstance(value, (int, float)) and math.isfinite(value):

@@ -43,7 +43,8 @@ WORKER_ATTR = "worker"                # the worker that runs (ran) the trial
 STAGE_ATTR = "stage"                  # the index of the trial's stage
 FIDELITY_ATTR = "fidelity"            # FULL or REDUCED
 FULL, REDUCED = "full", "reduced"
-HISTORY_ATTR = "history"              # per-epoch metrics: [{"epoch": 1, ...}, ...]
+HISTORY_ATTR = "history"              # per-epoch metrics, whole: as earlier versions stored them
+HISTORY_PREFIX = "history:"           # per-epoch metrics, one key an epoch: read history_of
 EPOCHS_ATTR = "epochs"                # the last epoch reported
 DATA_SHARE_ATTR = "data_share"        # the part of the training rows a reduced-data trial used
 METRICS_ATTR = "metrics"              # the final metrics of a complete trial
@@ -51,6 +52,36 @@ PRUNE_REASON_ATTR = "prune_reason"    # why a trial was pruned (search.guards.PR
 FAIL_REASON_ATTR = "fail_reason"      # why a trial failed
 ARTIFACTS_ATTR = "artifacts"          # {"predictions": id, "model": id}: Optuna artifact ids
 CHECKPOINT_ATTR = "checkpoint"        # the artifact a retried trial resumes from
+
+
+def history_key(epoch: int) -> str:
+    """The user attribute of one epoch's metrics: ``history:3`` -> ``{"epoch": 3, ...}``."""
+    return f"{HISTORY_PREFIX}{epoch}"
+
+
+def history_of(user_attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """A trial's per-epoch metrics in epoch order: ``[{"epoch": 1, ...}, ...]``.
+
+    Each epoch is written once under its own key (``history_key``), so a report costs the same
+    at epoch 100 as at epoch 1; a trial's whole history is never rewritten. Epochs past the
+    last one reported (``epochs``) are left out: a retry inherits its failed attempt's keys, and
+    one that starts again from epoch 1 overwrites them as it goes. Trials stored whole under
+    ``history`` (older studies, tests) are read as they are.
+    """
+    entries = []
+    for key, value in user_attrs.items():
+        if key.startswith(HISTORY_PREFIX) and isinstance(value, dict):
+            try:
+                entries.append((int(key[len(HISTORY_PREFIX):]), value))
+            except ValueError:
+                continue
+    if not entries:
+        whole = user_attrs.get(HISTORY_ATTR)
+        return [e for e in whole if isinstance(e, dict)] if isinstance(whole, list) else []
+    last = user_attrs.get(EPOCHS_ATTR)
+    if isinstance(last, int) and not isinstance(last, bool):
+        entries = [entry for entry in entries if entry[0] <= last]
+    return [value for _, value in sorted(entries, key=lambda entry: entry[0])]
 
 
 def is_full_fidelity(trial: Any) -> bool:

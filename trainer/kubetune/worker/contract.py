@@ -22,7 +22,7 @@ import optuna
 
 from kubetune.search import guards
 from kubetune.spec.model import JobSpec, TuningJob
-from kubetune.study.schema import EPOCHS_ATTR, HISTORY_ATTR
+from kubetune.study.schema import EPOCHS_ATTR, history_key
 
 
 class TrialPruned(optuna.TrialPruned):
@@ -76,7 +76,6 @@ class EpochReporter:
         self._guard = guards.EpochGuard(spec.pruning, self.metric)
         self._last_epoch = last_epoch
         self._deadline = deadline
-        trial.set_user_attr(HISTORY_ATTR, self.history)
 
     def report(self, epoch: int, metrics: Mapping[str, Any]) -> None:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 1:
@@ -88,7 +87,9 @@ class EpochReporter:
                              f"reported: {', '.join(values) or 'nothing'}")
         self.history.append({"epoch": epoch, **{k: jsonable(v) for k, v in values.items()}})
         self.last = values
-        self.trial.set_user_attr(HISTORY_ATTR, self.history)
+        # one key an epoch (read with study.schema.history_of): the bytes written per epoch
+        # do not grow with the epochs, as rewriting the whole history each epoch did
+        self.trial.set_user_attr(history_key(epoch), self.history[-1])
         self.trial.set_user_attr(EPOCHS_ATTR, epoch)
         reason = self._guard.check(values)
         if reason is not None:
