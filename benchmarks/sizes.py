@@ -28,7 +28,8 @@ class Sizes:
 
 FULL = Sizes(
     name="full",
-    datasets=("digits", "breast_cancer", "wine"), trials=100, seeds=10, epochs=20,
+    datasets=("digits", "breast_cancer", "wine", "hard10", "noisy5"), trials=100, seeds=10,
+    epochs=20,
     divergence_trials=100, divergence_seeds=10,
     storage_trials=(1_000, 10_000), storage_workers=(1, 4, 16), storage_epochs=10,
     status_trials=(100, 1_000, 10_000), operator_jobs=(1, 50, 200),
