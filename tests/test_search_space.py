@@ -453,8 +453,8 @@ def test_pruner_none_is_nop():
 
 
 @pytest.mark.parametrize("cfg, startup, warmup", [
-    # 100 trials of 20 epochs: a tenth of the trials start up, a quarter of the epochs warm up
-    (None, 10, 5), ({"type": "median"}, 10, 5),
+    # 100 trials of 20 epochs: a tenth of the trials start up; none is cut before epoch 2
+    (None, 10, 2), ({"type": "median"}, 10, 2),
     ({"type": "median", "nStartupTrials": 2, "nWarmupSteps": 3}, 2, 3),
 ])
 def test_median_pruner(cfg, startup, warmup):
@@ -549,7 +549,7 @@ def test_explicit_pruner_settings_win_over_the_stage_defaults():
 
 
 @pytest.mark.parametrize("cfg, percentile, startup, warmup", [
-    ({"type": "percentile", "percentile": 25}, 25.0, 10, 5),
+    ({"type": "percentile", "percentile": 25}, 25.0, 10, 2),
     ({"type": "percentile", "percentile": 10.5, "nStartupTrials": 1, "nWarmupSteps": 4},
      10.5, 1, 4),
 ])
