@@ -273,10 +273,13 @@ def test_command_example_runs_and_its_predictions_join_the_ensemble(tmp_path):
     job["spec"]["trainer"]["params"]["epochs"] = 3
     job["spec"]["trainer"]["epochs"] = 3
     job["spec"]["pruning"]["pruner"] = {"type": "none"}
+    # average: every candidate is a member (greedy may keep the best alone: no ensemble)
+    job["spec"].setdefault("ensemble", {})["method"] = "average"
     _, out = run(folder, job)
     status = json.loads((out / "result.json").read_text())
     assert status["trials"]["complete"] == 3
     assert status["ensemble"]["candidates"] == 3
+    assert len(status["ensemble"]["members"]) == 3
 
 
 SLEEPER_CODE = '''
