@@ -105,6 +105,7 @@ class StorageUnavailable(Exception):
         super().__init__(message)
         self.outage = outage
 
+
 class StoredSpecMismatch(Exception):
     """The job stored in the study differs from the TuningJob outside the editable fields:
     rewritten in the database, or the TuningJob edited where the CRD does not refuse that."""
