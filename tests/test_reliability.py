@@ -173,7 +173,7 @@ def test_run_waits_for_a_storage_that_is_down_at_start_or_for_a_while_and_resume
         assert "storage unreachable" in text and "Traceback" not in text
         postgres_server.start()
 
-        trials = wait_for(lambda: [t for t in _trials(storage, name)
+        wait_for(lambda: [t for t in _trials(storage, name)
                                    if t.state == TrialState.COMPLETE], timeout=120,
                           message="the run to start once the storage is back")
         assert "storage reachable again" in log.read_text()

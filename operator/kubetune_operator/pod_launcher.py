@@ -26,6 +26,7 @@ from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 
+from kubetune.builtin.threads import THREADS_ENV
 from kubetune.job.core import WorkerState
 from kubetune.job.status import clip
 from kubetune.spec.model import TuningJob
@@ -33,7 +34,6 @@ from kubetune.spec.template import JOB_DIGEST_ENV, OWN_ENV, volume_type
 from kubetune.study.schema import job_digest
 from kubetune.study.urls import STORAGE_ENV
 from kubetune.version import __version__
-from kubetune.builtin.threads import THREADS_ENV
 from kubetune_operator.settings import Settings
 
 log = logging.getLogger("kubetune.operator.pods")

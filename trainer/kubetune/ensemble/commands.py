@@ -40,9 +40,9 @@ def ensemble_main(argv: Sequence[str]) -> int:
 
     import optuna
 
+    from kubetune.builtin.threads import env_threads
     from kubetune.ensemble.step import describe, run_ensemble_step
     from kubetune.study.storage import make_artifact_store, open_storage, silence_optuna
-    from kubetune.builtin.threads import env_threads
 
     silence_optuna()
     threads = env_threads()
