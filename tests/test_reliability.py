@@ -174,8 +174,8 @@ def test_run_waits_for_a_storage_that_is_down_at_start_or_for_a_while_and_resume
         postgres_server.start()
 
         wait_for(lambda: [t for t in _trials(storage, name)
-                                   if t.state == TrialState.COMPLETE], timeout=120,
-                          message="the run to start once the storage is back")
+                          if t.state == TrialState.COMPLETE], timeout=120,
+                 message="the run to start once the storage is back")
         assert "storage reachable again" in log.read_text()
 
         # Down for a while in the middle of the run, longer than the grace period (4 s).
