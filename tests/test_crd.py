@@ -123,11 +123,13 @@ def test_schema_is_structural():
 
 def test_unknown_fields_are_kept_only_where_the_spec_model_checks_them():
     """The pod template and the status, and what your own code searches and gets: free names
-    in searchSpace (the builtin knobs stay typed) and the fixed params of trainer.params."""
+    in searchSpace (the builtin knobs stay typed), the fixed params of trainer.params, and
+    the configurations of warmStart.enqueue (checked against searchSpace by the spec model)."""
     kept = [path for path, node in walk_schema(SCHEMA)
             if node.get("x-kubernetes-preserve-unknown-fields")]
     assert kept and all(p.startswith((".spec.trainer.template", ".status")) or p in (
-        ".spec.searchSpace", ".spec.trainer.params") for p in kept), kept
+        ".spec.searchSpace", ".spec.trainer.params", ".spec.warmStart.enqueue[]")
+        for p in kept), kept
     assert set(SCHEMA["properties"]["spec"]["properties"]["searchSpace"]["properties"]) == \
         set(KNOBS) | {"preset"}
 
@@ -204,7 +206,8 @@ def test_only_the_editable_fields_may_change_after_creation():
     assert frozen == ({f".spec.{name}" for name in spec} - {".spec.budget", ".spec.cleanup"}) | {
         f".spec.budget.{name}" for name in spec["budget"]["properties"]
         if name not in ("maxTrials", "parallelism")}
-    assert rules[".spec"] == ["has(self.stages) == has(oldSelf.stages)"]
+    assert rules[".spec"] == ["has(self.stages) == has(oldSelf.stages)",
+                              "has(self.warmStart) == has(oldSelf.warmStart)"]
     assert rules[".spec.budget"] == ["has(self.timeout) == has(oldSelf.timeout)"]
     editable = [".spec.budget.maxTrials", ".spec.budget.parallelism", ".spec.cleanup",
                 ".spec.cleanup.deleteStudy"]

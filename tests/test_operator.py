@@ -454,6 +454,39 @@ async def test_unreachable_storage_marks_that_job_only(cluster, operator):
                      == {"down", "nosecret"}, timeout=30, message="events")
 
 
+async def test_warm_start_seeds_the_study_and_a_missing_source_fails_the_job(
+        cluster, operator, postgres_url):
+    missing = tuning_job("orphan", warmStart={"fromJob": "nosuch"})
+    await create(cluster, missing)
+    st = await eventually(lambda: status(cluster, "orphan").get("phase") == "Failed"
+                          and status(cluster, "orphan"), message="phase Failed")
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "WarmStartFailed"
+    assert f"no study '{NS}/nosuch'" in failed["message"]
+    assert not pods(cluster, "orphan")
+
+    source = optuna.create_study(study_name=f"{NS}/first", storage=postgres_url,
+                                 direction="maximize")
+    first = tuning_job("first")
+    for value in (0.6, 0.95):
+        run_trial(source, first, value)
+    body = tuning_job(budget={"maxTrials": 3, "parallelism": 1}, ensemble={"enabled": False},
+                      warmStart={"fromJob": "first", "enqueue": [{"lr": 0.05, "hidden": 32}]})
+    await create(cluster, body)
+    await eventually(lambda: len(pods(cluster)) == 1, message="a worker pod")
+    study = study_of(postgres_url)
+    copied = [t for t in study.trials if "kubetune:copied_from" in t.user_attrs]
+    assert sorted(t.value for t in copied) == [0.6, 0.95]
+    enqueued = run_trial(study, body, 0.7)  # a worker takes the enqueued configuration first
+    assert enqueued.params == {"lr": 0.05, "hidden": 32}
+    st = await eventually(lambda: status(cluster).get("trials", {}).get("complete") == 1
+                          and status(cluster), message="one trial of its own")
+    assert st["trials"]["total"] == 1 and st["progress"] == "1/3"  # the copies use no budget
+    assert st["best"]["value"] == 0.7  # the copied 0.95 is another job's, never this one's best
+    assert [e["value"] for e in st["leaderboard"]] == [0.7]
+    assert st["warmStart"] == {"fromJob": "first", "copiedTrials": 2}
+
+
 async def test_timeout_stops_the_workers(cluster, operator, postgres_url):
     body = tuning_job(budget={"maxTrials": 50, "parallelism": 2, "timeout": "2s"},
                       ensemble={"enabled": False})

@@ -318,3 +318,121 @@ def test_trial_whose_artifacts_cannot_be_written_fails_with_the_reason_and_job_g
     good_store = FileSystemArtifactStore(str(tmp_path))
     trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
     assert run_trial(study, trial, job, data, good_store) == TrialState.COMPLETE
+
+
+# ---------------------------------------------------------------- spec.warmStart
+def test_warm_start_enqueue_runs_the_given_configurations_first_within_the_budget(tmp_path):
+    job = write_job(tmp_path / "job.yaml", fast_job(
+        budget={"maxTrials": 3, "parallelism": 1},
+        warmStart={"enqueue": [{"lr": 0.05, "hidden": 32}, {"lr": 0.002}]}))
+    out = tmp_path / "out"
+    proc = kubetune("run", job, "--output", out, "--no-plots")
+
+    assert proc.returncode == 0, proc.stderr
+    assert "warm start: 2 given configuration(s) tried first" in proc.stdout
+    trials = sorted(_study(out).trials, key=lambda t: t.number)
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert trials[0].params == {"lr": 0.05, "hidden": 32}
+    assert trials[1].params["lr"] == 0.002 and trials[1].params["hidden"] in (16, 32)
+    assert json.loads((out / "result.json").read_text())["progress"] == "3/3"
+
+    # A second start (a restarted runner) continues the study and enqueues nothing again
+    more = write_job(tmp_path / "more.yaml", fast_job(
+        budget={"maxTrials": 4, "parallelism": 1},
+        warmStart={"enqueue": [{"lr": 0.05, "hidden": 32}, {"lr": 0.002}]}))
+    proc = kubetune("run", more, "--output", out, "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    trials = sorted(_study(out).trials, key=lambda t: t.number)
+    assert len(trials) == 4
+    assert "fixed_params" not in trials[3].system_attrs  # sampled, not enqueued
+
+
+def test_warm_start_from_job_seeds_the_study_with_another_jobs_trials(tmp_path):
+    storage = tmp_path / "shared.journal"
+    first = write_job(tmp_path / "first.yaml", fast_job(
+        "first", budget={"maxTrials": 4, "parallelism": 1}))
+    assert kubetune("run", first, "--output", tmp_path / "first", "--storage", storage,
+                    "--no-plots").returncode == 0
+    source = optuna.load_study(study_name="default/first", storage=_open(storage))
+    # a narrower lr range: the source trials outside it are left out
+    low, high = 1e-3, 2e-2
+    fits = [t for t in source.trials if low <= t.params["lr"] <= high]
+    assert 0 < len(fits) < 4, [t.params for t in source.trials]  # seed 0 draws both kinds
+
+    second = write_job(tmp_path / "second.yaml", fast_job(
+        "second", budget={"maxTrials": 2, "parallelism": 1}, ensemble={"method": "average"},
+        searchSpace={"lr": {"type": "float", "low": low, "high": high, "log": True},
+                     "hidden": {"type": "categorical", "choices": [16, 32]}},
+        warmStart={"fromJob": "first"}))
+    proc = kubetune("run", second, "--output", tmp_path / "second", "--storage", storage,
+                    "--no-plots")
+
+    assert proc.returncode == 0, proc.stderr
+    assert (f"{len(fits)} complete trial(s) copied from job 'first'" in proc.stdout
+            and f"{4 - len(fits)} left out" in proc.stdout), proc.stdout
+    study = optuna.load_study(study_name="default/second", storage=_open(storage))
+    copied = [t for t in study.trials if "kubetune:copied_from" in t.user_attrs]
+    own = [t for t in study.trials if t not in copied]
+    assert sorted(t.params["lr"] for t in copied) == sorted(t.params["lr"] for t in fits)
+    assert {t.value for t in copied} == {t.value for t in fits}
+    assert len(own) == 2  # the copied trials used none of the budget
+    result = json.loads((tmp_path / "second" / "result.json").read_text())
+    assert result["progress"] == "2/2" and result["trials"]["total"] == 2
+    assert result["warmStart"] == {"fromJob": "first", "copiedTrials": len(fits)}
+    own_numbers = {t.number for t in own}
+    assert {e["trial"] for e in result["leaderboard"]} == own_numbers
+    members = result["ensemble"]["members"]
+    assert {m["trial"] for m in members} <= own_numbers  # another job's models never join
+    shown = kubetune("results", tmp_path / "second")
+    assert f"{len(fits)} trial(s) copied from job 'first'" in shown.stdout, shown.stdout
+
+
+def test_warm_start_from_a_missing_or_different_job_is_a_clear_error(tmp_path):
+    storage = tmp_path / "shared.journal"
+    missing = write_job(tmp_path / "missing.yaml", fast_job(warmStart={"fromJob": "nosuch"}))
+    proc = kubetune("run", missing, "--output", tmp_path / "a", "--storage", storage)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "spec.warmStart.fromJob: no study 'default/nosuch'" in proc.stderr
+    assert optuna.get_all_study_names(_open(storage)) == []  # nothing half-created
+
+    first = write_job(tmp_path / "first.yaml", fast_job(
+        "first", budget={"maxTrials": 1, "parallelism": 1}))
+    assert kubetune("run", first, "--output", tmp_path / "b", "--storage", storage,
+                    "--no-plots").returncode == 0
+    other = write_job(tmp_path / "other.yaml", fast_job(
+        searchSpace={"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+                     "hidden": {"type": "int", "low": 16, "high": 32}},
+        warmStart={"fromJob": "first"}))
+    proc = kubetune("run", other, "--output", tmp_path / "c", "--storage", storage)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "searched a different space (parameters hidden differ" in proc.stderr
+
+
+def _open(path: Path):
+    from kubetune.study.storage import open_storage
+
+    return open_storage(str(path))
+
+
+def test_warm_start_is_done_once_however_often_the_study_is_opened(postgres_url):
+    """The operator opens the study at each reconcile and the runner at each start: the
+    configurations are enqueued, and the other job's trials copied, only when it is created."""
+    from kubetune.spec.model import parse_job
+    from kubetune.study.schema import create_or_load_study
+    from kubetune.study.storage import open_storage
+
+    storage = open_storage(postgres_url)
+    source = optuna.create_study(study_name="default/first", storage=storage,
+                                 direction="maximize")
+    source.add_trial(optuna.trial.create_trial(
+        params={"lr": 0.01, "hidden": 16}, value=0.5,
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True),
+                       "hidden": optuna.distributions.CategoricalDistribution([16, 32])}))
+    job = parse_job(fast_job("second", warmStart={"fromJob": "first", "enqueue": [
+        {"lr": 0.05}, {"hidden": 32}]}))
+    for _ in range(3):
+        study = create_or_load_study(storage, job)
+    states = sorted(t.state.name for t in study.get_trials(deepcopy=False))
+    assert states == ["COMPLETE", "WAITING", "WAITING"]
+    assert study.user_attrs["kubetune:warmStart"] == {
+        "fromJob": "first", "copied": 1, "skipped": 0, "enqueued": 2}

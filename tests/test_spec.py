@@ -1369,3 +1369,40 @@ def test_what_the_admin_allows_passes():
         "spec.trainer.template.serviceAccountName", "spec.trainer.template.runtimeClassName",
         "spec.trainer.template.priorityClassName",
         "spec.trainer.template.volumes[0].hostPath"]
+
+
+# ---------------------------------------------------------------- spec.warmStart
+def test_warm_start_enqueue_accepts_full_and_partial_configurations():
+    job = parse_job(mutated({"spec.warmStart": {"enqueue": [
+        {"lr": 0.01, "layers": 2, "hidden": 128, "optimizer": "adam"}, {"lr": 1.0e-3}]}}))
+    assert job.spec.warm_start.enqueue[1] == {"lr": 1.0e-3}
+    assert job.to_dict()["spec"]["warmStart"]["enqueue"][0]["optimizer"] == "adam"
+
+
+@pytest.mark.parametrize("config, path, fragment", [
+    ({"learning_rate": 0.01}, "spec.warmStart.enqueue[0].learning_rate",
+     "unknown parameter 'learning_rate'"),
+    ({"lr": 0.5}, "spec.warmStart.enqueue[0].lr", "outside the range"),
+    ({"layers": 2.5}, "spec.warmStart.enqueue[0].layers", "must be an integer"),
+    ({"hidden": 100}, "spec.warmStart.enqueue[0].hidden", "not one of the choices"),
+    ({"optimizer": "lion"}, "spec.warmStart.enqueue[0].optimizer", "not one of the choices"),
+    ({"dropout": "0.1"}, "spec.warmStart.enqueue[0].dropout", "must be a number"),
+])
+def test_warm_start_enqueue_values_are_checked_against_the_search_space(config, path, fragment):
+    problems = problems_of(mutated({"spec.warmStart": {"enqueue": [{"lr": 0.01}, config]}}))
+    assert_problem(problems, path.replace("[0]", "[1]"), fragment)
+    assert not [p for p in problems if p.path.startswith("spec.warmStart.enqueue[0]")]
+
+
+def test_warm_start_enqueue_cannot_outgrow_the_budget():
+    configs = [{"lr": 0.01}] * 4
+    problems = problems_of(mutated({"spec.budget.maxTrials": 3,
+                                    "spec.warmStart": {"enqueue": configs}}))
+    assert_problem(problems, "spec.warmStart.enqueue", "maxTrials is 3")
+
+
+def test_warm_start_from_job_is_a_name():
+    job = parse_job(mutated({"spec.warmStart": {"fromJob": "digits-earlier"}}))
+    assert job.spec.warm_start.from_job == "digits-earlier"
+    assert_problem(problems_of(mutated({"spec.warmStart": {"fromJob": ""}})),
+                   "spec.warmStart.fromJob", "")

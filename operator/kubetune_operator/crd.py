@@ -458,6 +458,16 @@ def stages_schema() -> dict[str, Any]:
     return out
 
 
+def warm_start_enqueue_schema() -> dict[str, Any]:
+    """Each configuration maps searchSpace names to values (checked by the spec model)."""
+    return {"type": "array", "minItems": 1, "maxItems": model.MAX_ENQUEUE,
+            "description": "parameter configurations tried before any sampled one, in this "
+                           "order (each counts in the budget; a parameter left out is sampled)",
+            "items": {"type": "object", "maxProperties": MAX_MAP,
+                      "description": "one configuration: searchSpace name -> value",
+                      "x-kubernetes-preserve-unknown-fields": True}}
+
+
 def max_trials_schema() -> dict[str, Any]:
     """No default in the CRD: the spec model defaults it to 100, or to the stages' trials."""
     return {"type": "integer", "minimum": 1, "maximum": model.MAX_TRIALS,
@@ -851,6 +861,7 @@ OVERRIDES = {
     ("budget", "timeout"): duration_schema,
     ("budget", "maxTrials"): max_trials_schema,
     ("stages",): stages_schema,
+    ("warmStart", "enqueue"): warm_start_enqueue_schema,
 }
 
 ENUMS = {  # plain strings in the model, checked against these names by its validators

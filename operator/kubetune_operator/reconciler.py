@@ -46,6 +46,7 @@ from kubetune.study.schema import (
     JOB_ATTR,
     JOB_UID_ATTR,
     StudyMismatch,
+    WarmStartError,
     create_or_load_study,
     stored_differences,
     study_name,
@@ -76,6 +77,7 @@ FINALIZER = "kubetune.io/finalizer"
 INVALID_SPEC = "InvalidSpec"
 # Failed: the copy of the job stored in its study differs from the TuningJob
 STORED_SPEC_MISMATCH = "StoredSpecMismatch"
+WARM_START_FAILED = "WarmStartFailed"  # spec.warmStart.fromJob: no such study, or another space
 # Failed reasons that an edit of the spec may cure: such a job is synced again once edited
 RESUMABLE = (INVALID_SPEC, STORED_SPEC_MISMATCH)
 WORKERS_STARTED = "WorkersStarted"  # a condition present only while pods cannot be created
@@ -215,6 +217,8 @@ class Reconciler:
             return self._unavailable(previous, generation, _unavailable_message(err, target))
         except StudyMismatch as err:
             return self._failed(previous, generation, "StudyMismatch", str(err))
+        except WarmStartError as err:  # spec.warmStart.fromJob names no usable study
+            return self._failed(previous, generation, WARM_START_FAILED, str(err))
         except StoredSpecMismatch as err:
             delete_job_pods(self.core, owner)
             return self._failed(previous, generation, STORED_SPEC_MISMATCH, str(err))

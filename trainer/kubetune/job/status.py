@@ -23,6 +23,7 @@ from kubetune.study.schema import (
     FAIL_REASON_ATTR,
     PRUNE_REASON_ATTR,
     history_of,
+    is_copied,
     is_full_fidelity,
 )
 
@@ -93,6 +94,9 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
     """
     from kubetune.search.stages import status_view
 
+    copied = sum(1 for t in trials if is_copied(t))
+    if copied:  # spec.warmStart.fromJob: another job's trials, not this job's work
+        trials = [t for t in trials if not is_copied(t)]
     direction = job.spec.objective.resolved_direction
     top = ranked(trials, direction)
     reasons = Counter(t.user_attrs.get(PRUNE_REASON_ATTR) or "pruner"
@@ -115,6 +119,8 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
         **dict(zip(("stage", "stages"), status_view(job.spec, trials, stage_spaces or {}))),
         "diagnosis": _diagnosis(trials),
         "compute": compute(trials),
+        **({"warmStart": {"fromJob": (job.spec.warm_start.from_job if job.spec.warm_start
+                                      else None), "copiedTrials": copied}} if copied else {}),
     }
 
 

@@ -51,7 +51,7 @@ class ProgressView:
 
     # ------------------------------------------------------------------ lifecycle
     def intro(self, *, storage: str, output: Path, workers: int, resumed: int,
-              done: int) -> None:
+              done: int, warm: dict[str, Any] | None = None) -> None:
         if self._quiet:
             return
         spec = self._job.spec
@@ -64,6 +64,8 @@ class ProgressView:
         if resumed:
             self._console.print(f"  {resumed} trial(s) left running by an earlier run were "
                                 "queued again")
+        if warm:
+            self._console.print(f"  warm start: {warm_start_text(warm)}")
 
     def __enter__(self) -> ProgressView:
         if self._live:
@@ -191,6 +193,11 @@ def print_summary(status: dict[str, Any], console: Console | None = None) -> Non
     reasons = status.get("pruneReasons") or {}
     if reasons:
         console.print("pruned: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+    warm = status.get("warmStart")
+    if warm:
+        console.print(f"warm start: {warm.get('copiedTrials', 0)} trial(s) copied from job "
+                      f"{warm.get('fromJob')!r} guided the sampler (not ranked above, no "
+                      "budget used)", markup=False)
     _print_failures(status, console)
     _print_stages(status, console)
     spent = status.get("compute")
@@ -277,3 +284,17 @@ def leaderboard_table(status: dict[str, Any]) -> Table:
 
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def warm_start_text(warm: dict[str, Any]) -> str:
+    """What ``spec.warmStart`` did when the study was created (``WARM_START_ATTR``)."""
+    parts = []
+    if warm.get("enqueued"):
+        parts.append(f"{warm['enqueued']} given configuration(s) tried first")
+    if "fromJob" in warm:
+        skipped = warm.get("skipped", 0)
+        parts.append(f"{warm.get('copied', 0)} complete trial(s) copied from job "
+                     f"{warm['fromJob']!r} to guide the sampler (no budget used, not ranked)"
+                     + (f"; {skipped} left out (outside this search space, or not complete "
+                        "at full fidelity)" if skipped else ""))
+    return "; ".join(parts) or "nothing to do"

@@ -21,7 +21,12 @@ from kubetune.local.launcher import LOCAL_PREFIX, ProcessLauncher, default_threa
 from kubetune.local.progress import ProgressView
 from kubetune.local.runs import default_output
 from kubetune.spec.model import TuningJob
-from kubetune.study.schema import WORKER_ATTR, create_or_load_study
+from kubetune.study.schema import (
+    WARM_START_ATTR,
+    WORKER_ATTR,
+    create_or_load_study,
+    is_copied,
+)
 from kubetune.study.storage import (
     is_outage,
     open_job_storage,
@@ -92,8 +97,10 @@ def run_job(job: TuningJob, options: RunOptions) -> int:
     previous = _previous_result(out)
     view = ProgressView(job, quiet=options.quiet)
     view.intro(storage=redact(storage_url), output=out, workers=workers, resumed=resumed,
-               done=outage.wait_for(lambda: len(study.get_trials(
-                   deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))), options))
+               done=outage.wait_for(lambda: len([t for t in study.get_trials(
+                   deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                   if not is_copied(t)]), options),
+               warm=study.user_attrs.get(WARM_START_ATTR))
     status: dict[str, Any] = previous
     metrics = _serve_metrics(options.metrics_port)
     try:

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kubetune.search.space import effective_max_trials
 from kubetune.spec.model import JobSpec
-from kubetune.study.schema import is_full_fidelity
+from kubetune.study.schema import is_copied, is_full_fidelity
 
 MAX_TRIALS = "MaxTrialsReached"
 GOAL = "GoalReached"
@@ -54,6 +54,8 @@ def count_trials(trials: list[FrozenTrial]) -> TrialCounts:
     retried = retried_numbers(trials)
     counts = dict.fromkeys(("complete", "pruned", "failed", "running", "waiting", "retried"), 0)
     for trial in trials:
+        if is_copied(trial):  # spec.warmStart.fromJob: another job's, no budget used
+            continue
         if trial.state == TrialState.COMPLETE:
             counts["complete"] += 1
         elif trial.state == TrialState.PRUNED:
@@ -72,11 +74,12 @@ def ranked(trials: list[FrozenTrial], direction: str, *,
     """Complete trials with a finite value, best first (ties: earlier trial first).
 
     Only full-fidelity trials compete (best, leaderboard, ensemble): a reduced-fidelity
-    stage's scores are not comparable. ``full_only=False`` ranks within one stage.
+    stage's scores are not comparable. ``full_only=False`` ranks within one stage. Trials
+    copied from another job (``spec.warmStart.fromJob``) never rank.
     """
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
             and math.isfinite(t.value)
-            and (not full_only or is_full_fidelity(t))]
+            and (not full_only or is_full_fidelity(t)) and not is_copied(t)]
     sign = -1.0 if direction == "maximize" else 1.0
     return sorted(done, key=lambda t: (sign * t.value, t.number))
 

@@ -11,39 +11,22 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
+from optuna.distributions import BaseDistribution
 
 from kubetune.spec.model import (
     CategoricalParam,
-    FloatParam,
     IntParam,
     JobSpec,
     Pruner,
     Sampler,
 )
+from kubetune.study.schema import distributions_of
 
 
 def to_distributions(search_space: dict[str, Any]) -> dict[str, BaseDistribution]:
-    """The one mapping of spec parameters onto Optuna distributions."""
-    distributions: dict[str, BaseDistribution] = {}
-    for name, param in search_space.items():
-        if isinstance(param, FloatParam):
-            distributions[name] = FloatDistribution(
-                float(param.low), float(param.high), log=param.log,
-                step=None if param.step is None else float(param.step))
-        elif isinstance(param, IntParam):
-            distributions[name] = IntDistribution(param.low, param.high, log=param.log,
-                                                  step=param.step)
-        elif isinstance(param, CategoricalParam):
-            distributions[name] = CategoricalDistribution(list(param.choices))
-        else:  # pragma: no cover - the spec model admits nothing else
-            raise TypeError(f"unsupported search parameter {name}: {param!r}")
-    return distributions
+    """The one mapping of spec parameters onto Optuna distributions (kept with the study's
+    schema, which seeds a warm-started study with it)."""
+    return distributions_of(search_space)
 
 
 def grid_values(search_space: dict[str, Any]) -> dict[str, list[Any]]:

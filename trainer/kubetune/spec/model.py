@@ -61,6 +61,7 @@ KNOB_SEARCH_TYPES: dict[str, tuple[str, ...]] = {
     "float": ("float", "int", "categorical"), "int": ("int", "categorical"),
     "choice": ("categorical",), "bool": ("categorical",)}
 MAX_STAGES = 10
+MAX_ENQUEUE = 100  # spec.warmStart.enqueue
 # Hard ceilings of any job (the CRD's too); an admin may set lower ones in the operator.
 MAX_PARALLELISM = 10_000
 MAX_TRIALS = 10_000_000
@@ -637,6 +638,21 @@ class Stage(_Model):
         return self.epochs is not None or self.data is not None
 
 
+class WarmStart(_Model):
+    """Starting from what worked before: configurations tried first, and another job's
+    finished trials."""
+
+    enqueue: list[dict[str, Any]] | None = Field(
+        default=None, min_length=1, max_length=MAX_ENQUEUE,
+        description="parameter configurations tried before any sampled one, in this order "
+                    "(each counts in the budget; a parameter left out is sampled)")
+    from_job: StrictStr | None = Field(
+        default=None, min_length=1, max_length=NAME_MAX,
+        description="another finished job whose complete trials seed the sampler (locally "
+                    "its run name, on Kubernetes a TuningJob in the same namespace); they use "
+                    "no budget")
+
+
 class JobSpec(_Model):
     objective: Objective
     search_space: dict[str, SearchParam]
@@ -652,6 +668,9 @@ class JobSpec(_Model):
     stages: list[Stage] | None = Field(
         default=None, min_length=1, max_length=MAX_STAGES,
         description="coarse-to-fine search: each stage's trials narrow the next stage's ranges")
+    warm_start: WarmStart | None = Field(
+        default=None, description="configurations to try first, and another job's trials to "
+                                  "start from")
 
     @model_validator(mode="before")
     @classmethod
@@ -892,7 +911,53 @@ def _semantic_problems(spec: JobSpec) -> list[Problem]:
                                 f"exceeds the epochs a trial trains ({epochs})"))
     if spec.stages:
         problems.extend(_stage_problems(spec))
+    if spec.warm_start is not None:
+        problems.extend(_warm_start_problems(spec))
     return problems
+
+
+def _warm_start_problems(spec: JobSpec) -> list[Problem]:
+    """Each enqueued configuration fits the search space; they fit in the first stage."""
+    problems = []
+    enqueue = spec.warm_start.enqueue if spec.warm_start is not None else None
+    first = spec.stage_list[0].trials
+    if enqueue and len(enqueue) > first:
+        where = "spec.stages[0].trials" if spec.stages else "spec.budget.maxTrials"
+        problems.append(Problem("spec.warmStart.enqueue", (
+            f"lists {len(enqueue)} configurations but {where} is {first}: each enqueued "
+            "configuration is a trial of the budget")))
+    for i, config in enumerate(enqueue or []):
+        for name, value in config.items():
+            path = f"spec.warmStart.enqueue[{i}].{name}"
+            param = spec.search_space.get(name)
+            if param is None:
+                problems.append(Problem(path, _unknown("parameter", name, spec.search_space,
+                                                       what="spec.searchSpace has")))
+            elif (why := enqueued_value_problem(param, value)) is not None:
+                problems.append(Problem(path, why))
+    return problems
+
+
+def enqueued_value_problem(param: Any, value: Any) -> str | None:
+    """Why ``value`` is not a value of the search-space entry ``param`` (None if it is)."""
+    if isinstance(param, CategoricalParam):
+        same = [c for c in param.choices if c == value
+                and isinstance(c, bool) == isinstance(value, bool)
+                and isinstance(c, str) == isinstance(value, str)]
+        if not same:
+            return (f"{_describe(value)} is not one of the choices "
+                    f"{', '.join(repr(c) for c in param.choices)}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(param, IntParam) and not isinstance(value, int)):
+        kind = "an integer" if isinstance(param, IntParam) else "a number"
+        return f"must be {kind}, got {_describe(value)}"
+    if not math.isfinite(value) or not param.low <= value <= param.high:
+        return f"{value!r} is outside the range [{param.low}, {param.high}]"
+    step = param.step
+    if step is not None and not _fits(value - param.low, step):
+        return f"{value!r} is not on the grid {param.low} + k * {step}"
+    return None
 
 
 def _stage_problems(spec: JobSpec) -> list[Problem]:

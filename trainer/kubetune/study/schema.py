@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.storages import BaseStorage
+from optuna.trial import TrialState
 
 from kubetune.spec.model import (
     EDITABLE_FIELDS,
+    CategoricalParam,
+    FloatParam,
+    IntParam,
     Problem,
     SpecError,
     TuningJob,
@@ -35,6 +46,7 @@ JOB_UID_ATTR = "kubetune:jobUid"           # the TuningJob (metadata.uid) the st
 PREFLIGHT_ATTR = "kubetune:preflight"      # the preflight verdict (builtin.preflight)
 SPACES_ATTR = "kubetune:stages"            # narrowed spaces: {"1": {"space", "top"}, ...}
 ENSEMBLE_ATTR = "kubetune:ensemble"        # the ensemble step's small record
+WARM_START_ATTR = "kubetune:warmStart"     # what spec.warmStart did: {"enqueued", "copied"...}
 # study *system* attribute: a copy of the saved ensemble bundle
 MODEL_ATTR = "kubetune:ensemble-model"
 
@@ -52,6 +64,7 @@ PRUNE_REASON_ATTR = "prune_reason"    # why a trial was pruned (search.guards.PR
 FAIL_REASON_ATTR = "fail_reason"      # why a trial failed
 ARTIFACTS_ATTR = "artifacts"          # {"predictions": id, "model": id}: Optuna artifact ids
 CHECKPOINT_ATTR = "checkpoint"        # the artifact a retried trial resumes from
+COPIED_ATTR = "kubetune:copied_from"  # the study a spec.warmStart.fromJob trial was copied from
 
 
 def history_key(epoch: int) -> str:
@@ -85,12 +98,24 @@ def history_of(user_attrs: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def is_full_fidelity(trial: Any) -> bool:
-    """Whether a trial competes for best (trials from before stages existed do)."""
-    return trial.user_attrs.get(FIDELITY_ATTR, FULL) == FULL
+    """Whether a trial competes for best (trials from before stages existed do; trials
+    copied from another job by ``spec.warmStart.fromJob`` do not)."""
+    return trial.user_attrs.get(FIDELITY_ATTR, FULL) == FULL and not is_copied(trial)
+
+
+def is_copied(trial: Any) -> bool:
+    """Whether a trial was copied from another job (``spec.warmStart.fromJob``): it informs
+    the sampler, uses no budget, is never best, and its artifacts are the other job's."""
+    return COPIED_ATTR in trial.user_attrs
 
 
 class StudyMismatch(ValueError):
     """An existing study cannot continue under the given job (objective changed)."""
+
+
+class WarmStartError(ValueError):
+    """``spec.warmStart.fromJob`` names no study in the job's storage, or one that searched
+    other parameters."""
 
 
 def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
@@ -100,6 +125,10 @@ def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
     since, so the first worker checks it again (see ``kubetune.builtin.preflight``).
     """
     direction = job.spec.objective.resolved_direction
+    warm = job.spec.warm_start
+    source = None
+    if warm is not None and warm.from_job is not None and not _exists(storage, job.study_name):
+        source = _source_study(storage, job)
     study = optuna.create_study(study_name=job.study_name, storage=storage,
                                 direction=direction, load_if_exists=True)
     stored = study.user_attrs.get(JOB_ATTR)
@@ -113,10 +142,113 @@ def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
                 f"{job.spec.objective.metric} ({direction}). Use a new name or output folder.")
     else:
         study.set_user_attr(STARTED_ATTR, time.time())
+    if warm is not None and WARM_START_ATTR not in study.user_attrs \
+            and not study.get_trials(deepcopy=False):
+        study.set_user_attr(WARM_START_ATTR, warm_start(study, job, source))
     study.set_user_attr(JOB_ATTR, job.to_dict())
     if study.user_attrs.get(PREFLIGHT_ATTR) is not None:
         study.set_user_attr(PREFLIGHT_ATTR, None)
     return study
+
+
+def _exists(storage: BaseStorage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _source_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
+    name = study_name(job.namespace, job.spec.warm_start.from_job)
+    if name == job.study_name:
+        raise WarmStartError("spec.warmStart.fromJob names this job itself")
+    try:
+        source = optuna.load_study(study_name=name, storage=storage,
+                                   sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        raise WarmStartError(
+            f"spec.warmStart.fromJob: no study {name!r} in this job's storage (the job "
+            f"{job.spec.warm_start.from_job!r} must have run in the same storage: on "
+            "Kubernetes in the same namespace, locally with the same --storage)") from None
+    theirs = ((source.user_attrs.get(JOB_ATTR) or {}).get("spec") or {}).get("searchSpace")
+    if isinstance(theirs, dict):
+        ours = {n: p.type for n, p in job.spec.search_space.items()}
+        kinds = {n: p.get("type") if isinstance(p, dict) else None for n, p in theirs.items()}
+        if kinds != ours:
+            differ = sorted(n for n in set(ours) | set(kinds) if ours.get(n) != kinds.get(n))
+            raise WarmStartError(
+                f"spec.warmStart.fromJob: {name!r} searched a different space (parameters "
+                f"{', '.join(differ)} differ in name or type): its trials cannot seed this job")
+    return source
+
+
+def warm_start(study: optuna.Study, job: TuningJob, source: optuna.Study | None
+               ) -> dict[str, Any]:
+    """Seed a new study: copy ``source``'s complete trials that fit the search space (they use
+    no budget), then enqueue ``spec.warmStart.enqueue`` (tried first, in the budget). Done
+    once, when the study is created; returns what was done, kept in ``WARM_START_ATTR``."""
+    warm = job.spec.warm_start
+    record: dict[str, Any] = {}
+    if source is not None:
+        distributions = distributions_of(job.spec.search_space)
+        copied = skipped = 0
+        for trial in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if trial.value is None or not math.isfinite(trial.value) or not is_full_fidelity(
+                    trial) or not _fits_space(trial, distributions):
+                skipped += 1
+                continue
+            study.add_trial(optuna.trial.create_trial(
+                params=dict(trial.params),
+                distributions={n: distributions[n] for n in trial.params},
+                value=trial.value,
+                user_attrs={COPIED_ATTR: f"{source.study_name}#{trial.number}",
+                            FIDELITY_ATTR: FULL}))
+            copied += 1
+        record.update({"fromJob": warm.from_job, "copied": copied, "skipped": skipped})
+    for config in warm.enqueue or []:
+        study.enqueue_trial(dict(config), skip_if_exists=False)
+    if warm.enqueue:
+        record["enqueued"] = len(warm.enqueue)
+    return record
+
+
+def distributions_of(search_space: dict[str, Any]) -> dict[str, BaseDistribution]:
+    """The one mapping of spec parameters onto Optuna distributions (``kubetune.search.space``
+    re-exports it as ``to_distributions``)."""
+    distributions: dict[str, BaseDistribution] = {}
+    for name, param in search_space.items():
+        if isinstance(param, FloatParam):
+            distributions[name] = FloatDistribution(
+                float(param.low), float(param.high), log=param.log,
+                step=None if param.step is None else float(param.step))
+        elif isinstance(param, IntParam):
+            distributions[name] = IntDistribution(param.low, param.high, log=param.log,
+                                                  step=param.step)
+        elif isinstance(param, CategoricalParam):
+            distributions[name] = CategoricalDistribution(list(param.choices))
+        else:  # pragma: no cover - the spec model admits nothing else
+            raise TypeError(f"unsupported search parameter {name}: {param!r}")
+    return distributions
+
+
+def _fits_space(trial: Any, distributions: dict[str, Any]) -> bool:
+    """The trial's parameters are this search space's, each value within its range (and
+    on its step) or among its choices."""
+    if set(trial.params) != set(distributions):
+        return False
+    for name, value in trial.params.items():
+        dist = distributions[name]
+        if isinstance(dist, CategoricalDistribution):
+            if not any(c == value and type(c) is type(value) for c in dist.choices):
+                return False
+        elif not dist.low <= value <= dist.high:
+            return False
+        elif dist.step is not None:  # on this job's grid (Optuna refuses a value off it)
+            ratio = (value - dist.low) / dist.step
+            if abs(ratio - round(ratio)) > 1e-8 * max(1.0, abs(ratio)):
+                return False
+    return True
 
 
 def load_job(study: optuna.Study, digest: str | None = None) -> TuningJob:
