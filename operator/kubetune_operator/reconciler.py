@@ -52,7 +52,6 @@ from kubetune.study.schema import (
     study_name,
 )
 from kubetune.study.storage import is_outage, open_job_storage, outage_message
-from kubetune.study.urls import normalize_url
 from kubetune_operator.pod_launcher import (
     Owner,
     PodLauncher,
@@ -92,7 +91,6 @@ MAX_RETRY_DELAY_S = 300.0
 # A deleted job with cleanup.deleteStudy waits this long for its pods to exit before its
 # deletion handler is retried (kopf: up to 5 times, 10 s apart with the default settings).
 STUDY_DELETE_WAIT_S = 20.0
-CONNECT_TIMEOUT_S = 10
 ADMIN_URL_TTL_S = 60.0
 # The label of the storage Secrets the operator writes (with an admin storage Secret).
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -172,10 +170,7 @@ class Reconciler:
         """Close the database connections of the cached storages."""
         with self._lock:
             storages, self._storages = list(self._storages.values()), {}
-        for storage in storages:
-            engine = getattr(storage, "engine", None)
-            if engine is not None:
-                engine.dispose()
+        _dispose(storages)
 
     # ------------------------------------------------------------------ sync
     def _job_lock(self, body: Mapping[str, Any]) -> threading.Lock:
@@ -428,10 +423,7 @@ class Reconciler:
                 self._users.setdefault(keep, set()).add(uid)
             dropped = [self._storages.pop(key) for key in list(self._storages)
                        if key[0] in unused]
-        for storage in dropped:
-            engine = getattr(storage, "engine", None)
-            if engine is not None:
-                engine.dispose()
+        _dispose(dropped)
 
     def _storage(self, url: str, job: TuningJob | None) -> BaseStorage:
         """An open storage per URL and heartbeat settings, kept for the next reconciles."""
@@ -449,7 +441,7 @@ class Reconciler:
                 with self._lock:
                     storage = self._storages.get(key)
                 if storage is None:
-                    storage = _call_storage(open_job_storage, _with_connect_timeout(url), spec)
+                    storage = _call_storage(open_job_storage, url, spec)
                     with self._lock:
                         self._storages[key] = storage
         return storage
@@ -685,13 +677,9 @@ def _db_error(err: Exception) -> str:
         "storage error: " + (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _with_connect_timeout(url: str) -> str:
-    """PostgreSQL URLs get a connect timeout: an unreachable host must not block a thread."""
-    if not url.startswith(("postgres://", "postgresql")):
-        return url
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(normalize_url(url))
-    if "connect_timeout" not in parsed.query:
-        parsed = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_S)})
-    return parsed.render_as_string(hide_password=False)
+def _dispose(storages: list[BaseStorage]) -> None:
+    """Close the database connections of storages no job uses any more."""
+    for storage in storages:
+        engine = getattr(storage, "engine", None)
+        if engine is not None:
+            engine.dispose()
