@@ -59,6 +59,18 @@ class Setup:
         out = self.cp.kubectl("get", "pods", "-n", ns or self.ns, "-o", "json").stdout
         return json.loads(out)["items"]
 
+    def uid(self, name: str) -> str:
+        """The uid of TuningJob ``name``, once it exists."""
+        return self.poll(lambda: (self.get("tj", name) or {}).get("metadata", {}).get("uid"),
+                         f"the uid of {name}")
+
+    def owned_pods(self, uid: str) -> list[dict]:
+        """The pods whose controller is the TuningJob of ``uid``: the job's own, whatever
+        their labels say."""
+        return [p for p in self.pods() if any(
+            r.get("uid") == uid and r.get("controller")
+            for r in p["metadata"].get("ownerReferences") or [])]
+
     def diagnostics(self) -> str:
         jobs = self.cp.kubectl("get", "tj", "-A", "-o", "yaml", check=False).stdout
         return (f"\n--- TuningJobs ---\n{jobs[-6000:]}\n--- operator log ---\n"
@@ -194,13 +206,10 @@ def test_a_look_alike_pod_is_neither_counted_nor_deleted(setup):
 
     # parallelism 1: had the look-alike counted as the job's worker, none would start
     setup.apply(job_with(name, budget={"maxTrials": 500, "parallelism": 1}))
-    uid = setup.poll(lambda: (setup.get("tj", name) or {}).get("metadata", {}).get("uid"),
-                     "the job's uid")
+    uid = setup.uid(name)
 
     def own_pods():
-        return [p for p in setup.pods() if any(
-            r.get("uid") == uid and r.get("controller") for r in
-            p["metadata"].get("ownerReferences") or [])]
+        return setup.owned_pods(uid)
     started = setup.poll(own_pods, "a worker pod of the job's own")
     assert [p["metadata"]["name"] for p in started] == [f"{name}-worker-1"]  # slot 0 taken
 
@@ -218,13 +227,10 @@ def test_a_running_job_patched_past_the_maximum_fails_naming_the_field(setup):
     patched back within the maximum, it resumes its study."""
     name = "grows"
     setup.apply(job_with(name, budget={"maxTrials": 500, "parallelism": 1}))
-    uid = setup.poll(lambda: (setup.get("tj", name) or {}).get("metadata", {}).get("uid"),
-                     "the job's uid")
+    uid = setup.uid(name)
 
     def own_pods():
-        return [p for p in setup.pods() if any(
-            r.get("uid") == uid and r.get("controller") for r in
-            p["metadata"].get("ownerReferences") or [])]
+        return setup.owned_pods(uid)
     setup.poll(own_pods, "a worker pod")
 
     setup.as_tenant("patch", "tj", name, "--type=merge", "-p",
