@@ -1,9 +1,9 @@
-"""``python -m benchmarks [--quick] [--only NAME ...] [--output PATH] [--jobs N]``.
+"""``python -m benchmarks [--standard | --quick] [--only NAME ...] [--output PATH] [--jobs N]``.
 
 Runs the benchmarks one after the other, prints a progress line as each step ends, and writes
 one markdown report (default ``benchmarks/RESULTS.md``). ``--quick`` fits in about 10 minutes
-on 2 cores; the full run takes hours. ``--smoke`` (not in ``--help``) runs tiny counts, for
-the test suite.
+on 2 cores, ``--standard`` (every goal of issue 18) in about 35 minutes; the full run takes
+hours. ``--smoke`` (not in ``--help``) runs tiny counts, for the test suite.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks import (
+    dashboard,
     divergence,
     efficiency,
     operator_overhead,
@@ -34,6 +35,7 @@ BENCHMARKS: dict[str, Callable[..., Section]] = {
     divergence.NAME: divergence.run,
     storage.NAME: storage.run,
     status_size.NAME: status_size.run,
+    dashboard.NAME: dashboard.run,
     operator_overhead.NAME: operator_overhead.run,
 }
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks",
         description="Run kubetune's benchmarks side by side and write a markdown report.")
     size = parser.add_mutually_exclusive_group()
+    size.add_argument("--standard", action="store_const", dest="size", const="standard",
+                      help="every goal measured: about 35 minutes on 2 cores")
     size.add_argument("--quick", action="store_const", dest="size", const="quick",
                       help="smaller counts: about 10 minutes on 2 cores")
     size.add_argument("--smoke", action="store_const", dest="size", const="smoke",

@@ -67,6 +67,8 @@ def render(sections: Sequence[Section], *, size: str, command: str, started: dat
     run_kind = {
         "quick": "the **quick** run (`--quick`): smaller counts than the full suite, as each "
                  "section's settings say. Run `python -m benchmarks` for the full counts.",
+        "standard": "the **standard** run (`--standard`): every goal of issue 18 measured, "
+                    "with the counts each section's settings say.",
         "full": "the **full** run: the counts the issue asks for.",
         "smoke": "a **smoke** run (`--smoke`): tiny counts that only check the suite works; "
                  "the numbers mean nothing.",

@@ -14,11 +14,16 @@ Every trial reports the same learning curve, so the median pruner never prunes a
 trial does the same work. The sampler is random, so that the numbers are the storage's and
 not TPE's.
 
+Beside them, in the same run on the same server, plain Optuna (``optuna``): worker processes
+that do what a user without kubetune writes on the same space, sampler and pruner: ``ask``,
+``report`` and ``should_prune`` each epoch, ``tell``, each worker its share of the trials. The
+ratio of the two overheads is issue 18's goal 3 (at most 1.2x).
+
 Measured: trials per second for all workers together; the latency of one epoch's report plus
 prune check (p50/p95); the time to choose a trial under the lock; and the overhead per trial,
-the workers' wall time added up and divided by the trials (lock waits included). Because nothing is trained,
-that is all overhead; the share of a worker's wall time spent outside training for trials
-that train T seconds is then overhead / (overhead + T).
+the workers' wall time added up and divided by the trials (lock waits included). Because
+nothing is trained, that is all overhead; the share of a worker's wall time spent outside
+training for trials that train T seconds is then overhead / (overhead + T).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from benchmarks.report import Section, Table, percentile, progress
 from benchmarks.sizes import Sizes
 
 NAME = "storage"
+KINDS = ("postgresql", "optuna", "journal")  # optuna: plain Optuna on PostgreSQL
 TRIAL_SECONDS = (1, 10, 60)
 _SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
           "hidden": {"type": "categorical", "choices": [32, 64, 128, 256]},
@@ -66,7 +72,7 @@ def run(sizes: Sizes, jobs: int) -> Section:
     progress(NAME, f"{version} on port {postgres.server().port}")
     for trials in sizes.storage_trials:
         for workers in sizes.storage_workers:
-            for kind in ("postgresql", "journal"):
+            for kind in KINDS:
                 result = _measure(kind, trials, workers, sizes.storage_epochs)
                 results.append(result)
                 rows.append(_row(result))
@@ -84,12 +90,16 @@ def run(sizes: Sizes, jobs: int) -> Section:
         "median pruner; no training (see below); one fresh database or journal file each",
         f"{version}, local, fsync off (as the test fixture runs it); journal: "
         "Optuna's JournalStorage on a local file (kubetune's default for `kubetune run`)",
-        "*report + prune* is one epoch's bookkeeping in kubetune's trial runner: write the "
-        "history, check the guards, `trial.report`, `trial.should_prune`; *choose a trial* "
-        "is the worker's step under the study lock (fail stale trials, count, ask)",
+        "*report + prune* is one epoch's bookkeeping in kubetune's trial runner: keep the "
+        "history (stored in chunks, at most every 2 s), check the guards, `trial.report`, "
+        "`trial.should_prune`; *choose a trial* is the worker's step under the study lock "
+        "(fail stale trials, count, ask)",
+        "*optuna* is plain Optuna on the same PostgreSQL server: `ask`, then `report` and "
+        "`should_prune` every epoch, then `tell`, each worker process its share of the trials "
+        "(no lock, no heartbeat, no artifacts); its *choose a trial* is `ask`",
         "*overhead/trial*: the workers' wall time, added up, divided by the trials, with "
-        "nothing trained, so all of it is overhead (choose, bookkeeping, artifacts, tell, lock waits). The "
-        "share of wall time outside training for trials that train T s is overhead / "
+        "nothing trained, so all of it is overhead (choose, bookkeeping, artifacts, tell, lock "
+        "waits). The share of wall time outside training for trials that train T s is overhead / "
         "(overhead + T), with the overhead measured on the same row. With more workers than "
         f"the {os.cpu_count()} cores, workers also wait for a CPU, which a real fleet (one "
         "worker per node or GPU) does not: those shares are upper bounds",
@@ -120,12 +130,23 @@ def _headline(results: list[dict[str, Any]]) -> str:
     pg = [r for r in results if r["kind"] == "postgresql"]
     worst = max(pg, key=lambda r: r["overhead_ms"])
     one = min(pg, key=lambda r: (r["workers"], r["trials"]))
+    ratios = []
+    for r in pg:
+        plain = next((o for o in results if o["kind"] == "optuna"
+                      and (o["workers"], o["trials"]) == (r["workers"], r["trials"])), None)
+        if plain and plain["overhead_ms"] > 0:
+            ratios.append(f"{r['overhead_ms'] / plain['overhead_ms']:.2f}x per trial and "
+                          f"{r['p95_ms'] / plain['p95_ms']:.2f}x report + prune p95 with "
+                          f"{r['workers']} worker(s), {r['trials']:,} trials")
     return (f"Storage: on PostgreSQL one epoch's report + prune check takes "
-            f"{one['p50_ms']:.1f} ms (p50) and a trial's whole overhead {one['overhead_ms']:.0f} "
-            f"ms with {one['workers']} worker(s), {share(one['overhead_ms'], 10):.1f}% of a 10 s trial and "
+            f"{one['p50_ms']:.1f} ms (p50) and a trial's whole overhead "
+            f"{one['overhead_ms']:.0f} ms with {one['workers']} worker(s), "
+            f"{share(one['overhead_ms'], 10):.1f}% of a 10 s trial and "
             f"{share(one['overhead_ms'], 60):.2f}% of a 60 s one; the worst row "
             f"({worst['workers']} workers, {worst['trials']:,} trials) spends "
-            f"{share(worst['overhead_ms'], 60):.2f}% of a 60 s trial outside training.")
+            f"{share(worst['overhead_ms'], 60):.2f}% of a 60 s trial outside training. "
+            f"Against plain Optuna on the same server (goal: at most 1.2x): "
+            f"{'; '.join(ratios) or 'not measured'}.")
 
 
 # ---------------------------------------------------------------- one configuration
@@ -135,18 +156,25 @@ def _measure(kind: str, trials: int, workers: int, epochs: int) -> dict[str, Any
     folder = Path(tempfile.mkdtemp(prefix="kubetune-bench-storage-"))
     dbname = None
     try:
-        if kind == "postgresql":
-            dbname, url = postgres.new_database()
-        else:
+        if kind == "journal":
             url = str(folder / "study.journal")
-        study_name = _create_study(url, _job(trials, workers, epochs))
+        else:
+            dbname, url = postgres.new_database()
         context = multiprocessing.get_context("spawn")
         barrier = context.Barrier(workers)
         queue = context.Queue()
-        procs = [context.Process(target=worker_main,
-                                 args=(url, study_name, f"bench-worker-{i}",
-                                       str(folder / "artifacts"), barrier, queue))
-                 for i in range(workers)]
+        if kind == "optuna":
+            study_name = _create_plain_study(url)
+            procs = [context.Process(target=optuna_worker_main,
+                                     args=(url, study_name, trials // workers
+                                           + (i < trials % workers), epochs, barrier, queue))
+                     for i in range(workers)]
+        else:
+            study_name = _create_study(url, _job(trials, workers, epochs))
+            procs = [context.Process(target=worker_main,
+                                     args=(url, study_name, f"bench-worker-{i}",
+                                           str(folder / "artifacts"), barrier, queue))
+                     for i in range(workers)]
         for proc in procs:
             proc.start()
         reports = [queue.get() for _ in procs]
@@ -186,6 +214,57 @@ def _create_study(url: str, job_data: dict[str, Any]) -> str:
     if engine is not None:
         engine.dispose()  # the workers are separate processes; hold no connection open
     return job.study_name
+
+
+def _create_plain_study(url: str) -> str:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    storage = optuna.storages.RDBStorage(url)
+    optuna.create_study(study_name="plain", storage=storage, direction="maximize")
+    storage.engine.dispose()
+    return "plain"
+
+
+def optuna_worker_main(url: str, study_name: str, trials: int, epochs: int, barrier: Any,
+                       queue: Any) -> None:
+    """One plain-Optuna benchmark worker: ``trials`` trials of ask, report/prune, tell."""
+    try:
+        queue.put(_optuna_worker_loop(url, study_name, trials, epochs, barrier))
+    except BaseException as err:
+        import traceback
+
+        queue.put({"error": f"{type(err).__name__}: {err}\n{traceback.format_exc()}"})
+
+
+def _optuna_worker_loop(url: str, study_name: str, trials: int, epochs: int,
+                        barrier: Any) -> dict[str, Any]:
+    import optuna
+
+    from kubetune.search.space import to_distributions
+    from kubetune.spec.model import parse_job
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    distributions = to_distributions(parse_job(_job(1, 1, epochs)).spec.search_space)
+    study = optuna.load_study(study_name=study_name, storage=url,
+                              sampler=optuna.samplers.RandomSampler(seed=0),
+                              pruner=optuna.pruners.MedianPruner())
+    choose: list[float] = []
+    epoch_seconds: list[float] = []
+    barrier.wait()
+    began = time.time()
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        trial = study.ask(fixed_distributions=distributions)
+        choose.append(time.perf_counter() - t0)
+        for epoch in range(1, epochs + 1):  # NoTraining's curve: never pruned
+            t0 = time.perf_counter()
+            trial.report(0.5 + 0.02 * epoch, epoch)
+            trial.should_prune()
+            epoch_seconds.append(time.perf_counter() - t0)
+        study.tell(trial, 0.5 + 0.02 * epochs)
+    return {"trials": trials, "start": began, "end": time.time(), "choose_s": choose,
+            "epoch_s": epoch_seconds}
 
 
 class NoTraining:
@@ -240,7 +319,8 @@ def worker_main(url: str, study_name: str, worker_id: str, artifacts: str, barri
 
 def _worker_loop(url: str, study_name: str, worker_id: str, artifacts: str,
                  barrier: Any) -> dict[str, Any]:
-    # The setup of kubetune.worker.loop.run_worker, then its loop with a trainer that trains nothing.
+    # The setup of kubetune.worker.loop.run_worker, then its loop with a trainer that trains
+    # nothing.
     import optuna
 
     from kubetune.search import budget

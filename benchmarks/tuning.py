@@ -1,23 +1,30 @@
 """The ways of tuning that parts 1 and 2 compare, on the same trainer, data, space and budget.
 
-Every arm trains with ``kubetune.builtin.mlp.train`` on the same split, with the same epochs per trial,
-the same seed per trial number and the same number of trials; the arms differ only in sampler,
-pruner and guards:
+Every arm trains with ``kubetune.builtin.mlp.train`` on the same split, with the same epochs
+per trial, the same seed per trial number and the same number of trials; the arms differ only
+in sampler, pruner, guards and (e) search space and stages:
 
 * ``random``: (a) what Katib does by default: Optuna's ``RandomSampler``, no pruning, stock
   ``study.optimize``. A NaN final value fails the trial, as stock Optuna does, after it trained
   all its epochs.
 * ``optuna``: (b) plain Optuna: ``TPESampler`` and ``MedianPruner`` with their defaults, every
   epoch's objective reported (a NaN too) and ``should_prune`` asked after it.
-* ``kubetune``: (c) kubetune's defaults, through kubetune's own code: the TuningJob is parsed by
-  ``kubetune.spec.model``, the sampler and pruner come from ``make_sampler``/``make_pruner`` and each
-  trial runs in ``kubetune.worker.trial.run_trial`` (NaN/divergence guards, then the pruner). It
-  runs in process on an in-memory study, artifacts in a temp folder, instead of worker
-  processes, so the comparison measures tuning, not process start-up.
-* (d) ``kubetune`` plus the ensemble step (``kubetune.ensemble.step``) on the finished study of (c);
-  it trains nothing more, so its compute is that of (c).
+* ``hyperband``: (c) plain Optuna with its ASHA-like pruner: ``TPESampler`` and
+  ``HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)``, reported and
+  asked like (b).
+* ``kubetune``: (d) kubetune's defaults, through kubetune's own code: the TuningJob is parsed by
+  ``kubetune.spec.model``, the sampler and pruner come from ``make_sampler``/``make_pruner``
+  and each trial runs in ``kubetune.worker.trial.run_trial`` (NaN/divergence guards, then the
+  pruner). It runs in process on an in-memory study, artifacts in a temp folder, instead of
+  worker processes, so the comparison measures tuning, not process start-up.
+* ``expert``: (e) kubetune's recommended setting (docs/tuning.md): the ``mlp-classic`` preset
+  and two coarse-to-fine stages, the first on a quarter of the epochs and of the training rows,
+  run through kubetune's stage asker as a worker does.
+* (f) ``kubetune`` plus the ensemble step (``kubetune.ensemble.step``) on the finished study of
+  (d); it trains nothing more, so its compute is that of (d).
 
-Compute is counted in epochs actually trained, summed over the trials. Each run also notes, per
+Compute is counted in epochs actually trained, summed over the trials; an epoch on a share of
+the training rows counts as that share of an epoch (data-weighted epochs). Each run also notes, per
 trial, the first epoch at which training *blew up*: a non-finite metric, or a training loss
 above 10x that of the first epoch (the definition of kubetune's guards with their defaults).
 """
@@ -34,12 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ARMS = ("random", "optuna", "kubetune")
+ARMS = ("random", "optuna", "hyperband", "kubetune", "expert")
 ARM_LABELS = {
     "random": "(a) random search, no pruning (Katib default)",
     "optuna": "(b) Optuna TPE + median pruner",
-    "kubetune": "(c) kubetune defaults (TPE + NaN/divergence guards + median pruner)",
-    "ensemble": "(d) kubetune + ensemble",
+    "hyperband": "(c) Optuna TPE + Hyperband pruner (ASHA-like)",
+    "kubetune": "(d) kubetune defaults (TPE + NaN/divergence guards + median pruner)",
+    "expert": "(e) kubetune recommended (mlp-classic preset + coarse-to-fine stages)",
+    "ensemble": "(f) kubetune defaults + ensemble",
 }
 BLOWUP_FACTOR = 10.0
 
@@ -84,6 +93,13 @@ class TrialRecord:
     value: float | None              # final objective of a complete trial
     test_accuracy: float | None      # of a trial that trained to the end
     blowup_epoch: int | None         # first epoch that went NaN or diverged
+    data_share: float = 1.0          # the share of the training rows it trained on
+    full: bool = True                # full fidelity: its value competes for the best
+
+    @property
+    def cost(self) -> float:
+        """Data-weighted epochs."""
+        return self.epochs * self.data_share
 
 
 @dataclass
@@ -95,16 +111,19 @@ class ArmRun:
     trials: list[TrialRecord]
     seconds: float
     ensemble: dict[str, float] | None = None   # (d): val/test value of the ensemble
-    ensemble_note: str | None = None           # why (d) has no numbers
+    ensemble_note: str | None = None           # why (f) has no numbers
+    test_rows: int = 0                         # rows of the test split
 
     @property
-    def total_epochs(self) -> int:
-        return sum(t.epochs for t in self.trials)
+    def total_epochs(self) -> float:
+        """Data-weighted epochs trained in all."""
+        return sum(t.cost for t in self.trials)
 
     def best(self) -> TrialRecord | None:
-        """The best complete trial (ties: the earlier one), as the study reports it."""
+        """The best complete full-fidelity trial (ties: the earlier one), as the study
+        reports it."""
         done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None
-                and math.isfinite(t.value)]
+                and t.full and math.isfinite(t.value)]
         if not done:
             return None
         sign = -1.0 if self.maximize else 1.0
@@ -112,13 +131,37 @@ class ArmRun:
 
     def epochs_to_reach(self, target: float) -> float:
         """Epochs trained until a complete trial first reached ``target``; inf if none did."""
-        spent = 0
+        spent = 0.0
         for trial in sorted(self.trials, key=lambda t: t.number):
-            spent += trial.epochs
-            if trial.state == "COMPLETE" and trial.value is not None and (
+            spent += trial.cost
+            if trial.state == "COMPLETE" and trial.value is not None and trial.full and (
                     trial.value >= target if self.maximize else trial.value <= target):
-                return float(spent)
+                return spent
         return math.inf
+
+    def epochs_to_test(self, target: float) -> float:
+        """Epochs trained until the run's best trial so far (on validation, as a user picks
+        it) has a test accuracy of at least ``target``; inf if it never had."""
+        spent, best = 0.0, None
+        sign = -1.0 if self.maximize else 1.0
+        for trial in sorted(self.trials, key=lambda t: t.number):
+            spent += trial.cost
+            if (trial.state == "COMPLETE" and trial.full and trial.value is not None
+                    and math.isfinite(trial.value)
+                    and (best is None or sign * trial.value < sign * best.value)):
+                best = trial
+            if best is not None and best.test_accuracy is not None \
+                    and best.test_accuracy >= target:
+                return spent
+        return math.inf
+
+    def ensemble_error_ratio(self) -> float | None:
+        """The ensemble's test error over its best single trial's (below 1: it helped)."""
+        best = self.best()
+        if not self.ensemble or best is None or best.test_accuracy is None:
+            return None
+        single = 1.0 - self.ensemble.get("single_test", best.test_accuracy)
+        return (1.0 - self.ensemble["test"]) / single if single > 0 else None
 
 
 @dataclass
@@ -198,6 +241,22 @@ def job_dict(name: str, dataset: dict[str, Any], *, trials: int, epochs: int, se
     }
 
 
+def expert_job_dict(name: str, dataset: dict[str, Any], *, trials: int, epochs: int,
+                    seed: int) -> dict[str, Any]:
+    """(e): the job of ``job_dict`` with kubetune's recommended search (docs/tuning.md): the
+    ``mlp-classic`` preset, and 60% of the trials in a coarse stage on a quarter of the epochs
+    and of the training rows, whose top 5 trials narrow the full-fidelity fine stage."""
+    job = job_dict(name, dataset, trials=trials, epochs=epochs, seed=seed,
+                   space={"preset": "mlp-classic"}, params={"init": FIXED_PARAMS["init"]})
+    coarse = max(1, round(0.6 * trials))
+    job["spec"]["stages"] = [
+        {"name": "coarse", "trials": coarse, "top": min(5, coarse),
+         "epochs": max(1, epochs // 4), "data": {"fraction": 0.25}},
+        {"name": "fine", "trials": trials - coarse},
+    ]
+    return job
+
+
 # ---------------------------------------------------------------- running tasks
 _pool: ProcessPoolExecutor | None = None
 
@@ -225,7 +284,7 @@ def run_tasks(tasks: list[Task], jobs: int, name: str) -> list[ArmRun]:
         best = run.best()
         progress(name, f"{run.dataset} {run.arm} seed {run.seed}: best "
                        f"{'none' if best is None else f'{best.value:.4f}'}, "
-                       f"{run.total_epochs} epochs, {run.seconds:.0f} s "
+                       f"{run.total_epochs:.0f} epochs, {run.seconds:.0f} s "
                        f"({len(runs)}/{len(tasks)})")
     return sorted(runs, key=lambda r: (r.dataset, ARMS.index(r.arm), r.seed))
 
@@ -252,7 +311,8 @@ def run_task(task: Task) -> ArmRun:
 
     job = parse_job(task.job)
     started = time.perf_counter()
-    runner = {"random": _run_stock, "optuna": _run_stock, "kubetune": _run_kubetune}[task.arm]
+    runner = {"random": _run_stock, "optuna": _run_stock, "hyperband": _run_stock,
+              "kubetune": _run_kubetune, "expert": _run_kubetune}[task.arm]
     run = runner(task, job)
     run.seconds = time.perf_counter() - started
     return run
@@ -264,6 +324,7 @@ class Recorder:
     def __init__(self) -> None:
         self.current = -1
         self.trials: dict[int, dict[str, Any]] = {}
+        self.test_rows = 0
 
     def train(self, params: dict[str, Any], data: Any, **kwargs: Any) -> Any:
         from kubetune.builtin.mlp import train
@@ -286,15 +347,20 @@ class Recorder:
 
         result = train(params, data, on_epoch=on_epoch, **kwargs)
         record["test"] = float((result.test_proba.argmax(axis=1) == data.y_test).mean())
+        self.test_rows = len(data.y_test)
         return result
 
     def records(self, study: Any) -> list[TrialRecord]:
+        from kubetune.study.schema import DATA_SHARE_ATTR, is_full_fidelity
+
         out = []
         for trial in study.get_trials(deepcopy=False):
             seen = self.trials.get(trial.number, {"epochs": 0, "blowup": None, "test": None})
             out.append(TrialRecord(trial.number, trial.state.name, seen["epochs"],
                                    trial.value if trial.state.name == "COMPLETE" else None,
-                                   seen["test"], seen["blowup"]))
+                                   seen["test"], seen["blowup"],
+                                   float(trial.user_attrs.get(DATA_SHARE_ATTR, 1.0)),
+                                   is_full_fidelity(trial)))
         return out
 
 
@@ -324,6 +390,10 @@ def _run_stock(task: Task, job: Any) -> ArmRun:
     distributions = to_distributions(spec.search_space)
     if task.arm == "random":
         sampler, pruner = optuna.samplers.RandomSampler(seed=task.seed), None
+    elif task.arm == "hyperband":
+        sampler = optuna.samplers.TPESampler(seed=task.seed)
+        pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=builtin.epochs,
+                                                reduction_factor=3)
     else:
         sampler, pruner = optuna.samplers.TPESampler(seed=task.seed), optuna.pruners.MedianPruner()
     study = optuna.create_study(direction=direction, sampler=sampler,
@@ -348,37 +418,46 @@ def _run_stock(task: Task, job: Any) -> ArmRun:
 
     study.optimize(objective, n_trials=spec.budget.max_trials, catch=(Exception,))
     return ArmRun(task.arm, task.dataset, task.seed, direction == "maximize",
-                  recorder.records(study), 0.0)
+                  recorder.records(study), 0.0, test_rows=recorder.test_rows)
 
 
 def _run_kubetune(task: Task, job: Any) -> ArmRun:
-    """(c), and (d) when asked: kubetune's sampler, pruner, guards and trial runner."""
+    """(d) and (e), and (f) when asked: kubetune's sampler, pruner, stages, guards and trial
+    runner, a trial at a time as one worker runs them."""
     import optuna
     from optuna.storages import InMemoryStorage
 
     from kubetune.builtin.data import load_data
-    from kubetune.search.space import make_pruner, make_sampler, to_distributions
+    from kubetune.search.space import make_pruner, stage_samplers
+    from kubetune.search.stages import StageAsker, new_trial_attrs, stage_for_new_trial
+    from kubetune.study.optuna_internals import set_user_attrs
     from kubetune.study.schema import create_or_load_study
     from kubetune.study.storage import make_artifact_store
     from kubetune.worker.trial import run_trial
 
     spec = job.spec
-    data = load_data(job)
     storage = InMemoryStorage()
     create_or_load_study(storage, job)
+    samplers = stage_samplers(spec, "bench-0")  # slot 0: the seed as given
     study = optuna.load_study(study_name=job.study_name, storage=storage,
-                              sampler=make_sampler(spec), pruner=make_pruner(spec))
-    distributions = to_distributions(spec.search_space)
+                              sampler=samplers(), pruner=make_pruner(spec))
+    stages = StageAsker(study, spec, samplers)
     recorder = Recorder()
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
         store = make_artifact_store(tmp)
         for _ in range(spec.budget.max_trials):
-            trial = study.ask(fixed_distributions=distributions)
+            trials = study.get_trials(deepcopy=False)
+            stage = stage_for_new_trial(spec, trials)
+            if stage is None:  # cannot happen a trial at a time: every earlier trial ended
+                raise RuntimeError("the next stage waits for running trials")
+            trial = stages.ask(stage, trials)
+            set_user_attrs(trial, new_trial_attrs(trial, spec, stage))
             recorder.current = trial.number
-            run_trial(study, trial, job, data, store, train=recorder.train)
+            run_trial(trial.study, trial, job, load_data(job, stage=stage), store,
+                      train=recorder.train)
         run = ArmRun(task.arm, task.dataset, task.seed,
                      spec.objective.resolved_direction == "maximize", recorder.records(study),
-                     0.0)
+                     0.0, test_rows=recorder.test_rows)
         if task.ensemble:
             run.ensemble, run.ensemble_note = run_ensemble(study, store)
     return run
@@ -397,4 +476,5 @@ def run_ensemble(study: Any, store: Any) -> tuple[dict[str, float] | None, str |
     if "reason" in record:
         return None, f"{record['reason']}: {record.get('message', '')}"
     return {"val": float(record["validationValue"]), "test": float(record["testValue"]),
+            "single_test": float(record["bestSingleTestValue"]),
             "members": float(len(record.get("members", [])))}, None

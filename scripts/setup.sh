@@ -3,7 +3,8 @@
 #
 #   bash scripts/setup.sh          # venv + kubetune (runtime deps only)
 #   bash scripts/setup.sh --test   # also test extras, the Debian packages the tests need
-#                                  # (postgresql, prometheus, pgbouncer) and the test
+#                                  # (postgresql, prometheus, pgbouncer, chromium and
+#                                  # chromium-driver for the dashboard's browser test) and the test
 #                                  # Kubernetes control plane (built with Go, cached)
 #
 # Environment:
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 WITH_TEST=0
@@ -71,7 +72,7 @@ ensure_debian_packages() {
 }
 
 if [ "$WITH_TEST" -eq 1 ]; then
-    ensure_debian_packages postgresql prometheus pgbouncer
+    ensure_debian_packages postgresql prometheus pgbouncer chromium chromium-driver
     # Kubernetes' own binaries, built from its Go modules once per version (minutes the
     # first time, nothing after): see scripts/control-plane/build.sh.
     step "test control plane"

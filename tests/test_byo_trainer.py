@@ -432,8 +432,8 @@ def test_report_checks_what_it_is_given_and_keeps_the_curve():
         reporter.report(1, {"val_accuracy": "high"})
     reporter.report(1, {"val_accuracy": np.float32(0.5), "train_loss": torch.tensor(2.0)})
     assert history_of(trial.user_attrs) == [{"epoch": 1, "val_accuracy": 0.5, "train_loss": 2.0}]
-    assert reporter.final({"val_accuracy": 0.75}) == (0.75, {"val_accuracy": 0.75,
-                                                             "train_loss": 2.0})
+    assert reporter.final({"val_accuracy": 0.75}) == ([0.75], {"val_accuracy": 0.75,
+                                                               "train_loss": 2.0})
 
 
 @pytest.mark.parametrize("spelling", ["NaN", "nan", "NAN", "-nan", "Infinity", "-Infinity",
@@ -465,6 +465,7 @@ def test_sdk_values_are_numbers_or_fail_the_trial_naming_metric_epoch_and_value(
     reporter.report(2, {"val_accuracy": torch.tensor([[0.75]]).squeeze(),
                         "train_loss": Decimal("1.5")})
     reporter.report(3, {"val_accuracy": np.array(0.8), "train_loss": np.int64(1)})
+    reporter.flush()  # as the trial's runner does when the trial ends
     assert [h["train_loss"] for h in history_of(trial.user_attrs)] == [2.0, 1.5, 1.0]
     for value, words in ((torch.tensor([0.5, 0.6]), "an array of shape (2,)"),
                          (np.zeros(3), "an array of shape (3,)"),

@@ -31,6 +31,12 @@ TOGGLES = {
     "namespaces": [{"operator": {"watchNamespaces": ["ml-team", "research"]}}],
     "replicas": [{"operator": {"replicas": 2}},
                  {"operator": {"replicas": 3, "watchNamespaces": ["ml-team"]}}],
+    "optunaDashboard": [
+        {"optunaDashboard": {"enabled": True, "namespace": "ml", "ingress": {
+            "enabled": True, "host": "optuna.example.com", "className": "nginx",
+            "tls": [{"secretName": "optuna-tls", "hosts": ["optuna.example.com"]}]}}},
+        {"optunaDashboard": {"enabled": True, "namespace": "ml", "secretName": "optuna-reader",
+                             "secretKey": "dsn", "allowEdits": True}}],
 }
 
 
@@ -242,6 +248,59 @@ def test_only_the_operator_and_kubetune_pods_may_reach_the_bundled_postgresql():
                 and d["metadata"]["name"] == "kubetune-postgresql"]
 
 
+def _dashboard_objects(values: dict) -> dict[str, dict]:
+    return {d["kind"]: d for d in _render(values)
+            if d["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+            == "optuna-dashboard"}
+
+
+def test_optuna_dashboard_is_off_by_default_and_reads_its_namespaces_storage_read_only():
+    assert _dashboard_objects({}) == {}
+    objects = _dashboard_objects(TOGGLES["optunaDashboard"][0])
+    assert set(objects) == {"Deployment", "Service", "Ingress"}
+    assert {o["metadata"]["namespace"] for o in objects.values()} == {"ml"}
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    assert container["args"] == ["dashboard", "--host=0.0.0.0", "--port=8080"]  # read-only
+    (env,) = container["env"]  # the URL only through the Secret, as the workers get it
+    assert env == {"name": "KUBETUNE_STORAGE_URL", "valueFrom": {"secretKeyRef": {
+        "name": "kubetune-storage", "key": "url"}}}
+    service = objects["Service"]["spec"]
+    assert service["type"] == "ClusterIP"
+    assert service["selector"] == objects["Deployment"]["spec"]["selector"]["matchLabels"]
+    rule = objects["Ingress"]["spec"]["rules"][0]
+    assert rule["host"] == "optuna.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"] == {
+        "name": objects["Service"]["metadata"]["name"], "port": {"name": "http"}}
+    assert objects["Ingress"]["spec"]["ingressClassName"] == "nginx"
+    # The bundled PostgreSQL lets this pod in, from its namespace only.
+    policy = next(d for d in _render(TOGGLES["optunaDashboard"][0])
+                  if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] ==
+                  "kubetune-postgresql")
+    dashboard = policy["spec"]["ingress"][0]["from"][-1]
+    assert dashboard["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name":
+                                                              "ml"}}
+    assert dashboard["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == \
+        "optuna-dashboard"
+
+    # An admin's own Secret (say, a role that may only SELECT), edits allowed, no Ingress.
+    objects = _dashboard_objects(TOGGLES["optunaDashboard"][1])
+    assert set(objects) == {"Deployment", "Service"}
+    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["args"][-1] == "--allow-edits"
+    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "optuna-reader",
+                                                                 "key": "dsn"}
+
+
+def test_optuna_dashboard_needs_its_namespace_and_an_ingress_host():
+    with pytest.raises(Exception, match="optunaDashboard.namespace is required"):
+        _render({"optunaDashboard": {"enabled": True}})
+    with pytest.raises(Exception, match="ingress.host is required"):
+        _render({"optunaDashboard": {"enabled": True, "namespace": "ml",
+                                     "ingress": {"enabled": True}}})
+
+
 def test_more_replicas_turn_on_peering():
     docs = _render(TOGGLES["replicas"][0])
     deployment = next(d for d in docs if d["kind"] == "Deployment")
@@ -269,6 +328,8 @@ BAD_VALUES = {
     "relative artifacts path": {"workers": {"artifactsPath": "artifacts"}},
     "toggle as text": {"metrics": {"dashboard": {"enabled": "yes"}}},
     "unknown nested key": {"postgresql": {"bundled": {"size": "10Gi"}}},
+    "bad dashboard namespace": {"optunaDashboard": {"enabled": True, "namespace": "ML"}},
+    "unknown dashboard key": {"optunaDashboard": {"readOnly": True}},
 }
 
 

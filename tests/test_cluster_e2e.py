@@ -149,8 +149,11 @@ def table(text: str) -> list[dict[str, str]]:
 
 
 def test_a_gpu_job_runs_on_the_gpu_node_to_completion(cluster):
+    """Also a job of two objectives: the operator's status holds their Pareto front."""
     c = cluster()
-    name = c.apply(gpu_job("gpus", gpus=1))
+    job = gpu_job("gpus", gpus=1)
+    job["spec"]["objective"] = {"metrics": [{"metric": "val_accuracy"}, {"metric": "n_params"}]}
+    name = c.apply(job)
 
     def placed():
         pods = [p for p in c.pods(name) if p["status"].get("phase") == "Running"]
@@ -178,14 +181,19 @@ def test_a_gpu_job_runs_on_the_gpu_node_to_completion(cluster):
     study = optuna.load_study(study_name=study_name(c.ns, name), storage=c.url)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4
-    assert status["best"]["value"] == pytest.approx(max(t.value for t in complete))
+    assert status["best"]["value"] == pytest.approx(max(t.values[0] for t in complete))
+    front = status["paretoFront"]
+    assert front["size"] == len(study.best_trials) >= 1
+    assert sorted(e["trial"] for e in front["trials"]) == sorted(
+        t.number for t in study.best_trials)
 
     # kubectl prints the printer columns the API server renders.
     out = c.kubectl("get", "tj", name).stdout
-    assert out.split("\n")[0].split() == ["NAME", "PHASE", "TRIALS", "BEST", "WAITING", "AGE"]
+    assert out.split("\n")[0].split() == ["NAME", "PHASE", "TRIALS", "BEST", "FRONT", "WAITING",
+                                          "AGE"]
     row = table(out)[0]
-    assert (row["NAME"], row["PHASE"], row["TRIALS"], row["WAITING"]) == (
-        name, "Succeeded", "4/4", ""), out
+    assert (row["NAME"], row["PHASE"], row["TRIALS"], row["FRONT"], row["WAITING"]) == (
+        name, "Succeeded", "4/4", str(front["size"]), ""), out
     assert float(row["BEST"]) == pytest.approx(status["best"]["value"], rel=1e-6), out
     wide = table(c.kubectl("get", "tj", name, "-o", "wide").stdout)[0]
     assert wide["METRIC"] == "val_accuracy" and wide["PRUNED"] == "0", wide
@@ -194,13 +202,47 @@ def test_a_gpu_job_runs_on_the_gpu_node_to_completion(cluster):
                        env={**os.environ, "KUBECONFIG": str(c.cp.kubeconfig)})
     assert results.returncode == 0, results.stderr
     assert "Succeeded (MaxTrialsReached)" in results.stdout, results.stdout
-    best = max(complete, key=lambda t: t.value)
+    best = max(complete, key=lambda t: (t.values[0], -t.number))
     assert f"best: trial {best.number}, val_accuracy" in results.stdout, results.stdout
+    assert "Pareto front of val_accuracy (maximize) vs n_params (minimize)" in results.stdout
 
     scheduled = c.kubectl("get", "events", "--field-selector", "reason=Scheduled",
                           "-o", "jsonpath={.items[*].message}").stdout
     assert f"{name}-worker-0 to {NODE}" in scheduled and f"{name}-worker-1 to {NODE}" in \
         scheduled, scheduled
+
+    # The operator reconciled the job every second; its log says what it did, and that it
+    # reconciled the job (its only one) for the first time, not each tick.
+    log = c.operator.log.read_text(errors="replace")
+    assert f"created pod {name}-worker-0" in log, c.operator.tail()
+    assert log.count("Timer 'sync' succeeded") == 1, c.operator.tail()
+
+
+def test_one_worker_pod_runs_two_trials_at_once_on_its_gpu_with_an_exact_budget(cluster):
+    c = cluster()
+    job = fast_job("packed", budget={"maxTrials": 4, "parallelism": 1, "trialsPerWorker": 2},
+                   ensemble={"enabled": False})
+    job["spec"]["trainer"]["template"] = {"resources": {
+        "requests": {"cpu": "1", "memory": "512Mi"},
+        "limits": {"memory": "3Gi", "nvidia.com/gpu": 1}}}
+    name = c.apply(job)
+    c.wait(name, "Complete")
+    status = c.status(name)
+    assert status["phase"] == "Succeeded" and status["progress"] == "4/4", status
+
+    pod = f"{name}-worker-0"  # one pod: its GPU and CPU shared by its two trials
+    started = [e["message"] for e in c.events(name, "WorkerStarted")]
+    assert len(started) == 1 and pod in started[0], started
+    logs = c.kubectl("logs", pod, check=False).stdout
+    assert f"worker {pod} started 2 trial slots, 1 torch threads each" in logs, logs
+    study = optuna.load_study(study_name=study_name(c.ns, name), storage=c.url)
+    trials = study.get_trials()
+    counts = count_trials(trials)
+    assert (counts.finished, counts.retried) == (4, 0), counts
+    assert {t.user_attrs["worker"] for t in trials} == {f"{pod}/0", f"{pod}/1"}
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), \
+        spans
 
 
 def test_a_job_asking_for_more_gpus_than_the_node_has_says_it_is_unschedulable(cluster):
@@ -294,7 +336,9 @@ def test_a_restricted_namespace_admits_the_worker_and_ensemble_pods(cluster, tmp
         job = fast_job("restricted", budget={"maxTrials": 3, "parallelism": 2},
                        # average: always two members (greedy may keep the best alone,
                        # which is EnsembleReady=False/NoBetterCombination)
-                       ensemble={"enabled": True, "topK": 2, "method": "average"})
+                       ensemble={"enabled": True, "topK": 2, "method": "average"},
+                       # a configuration to try first, through the CRD and the operator
+                       warmStart={"enqueue": [{"lr": 0.01, "hidden": 32}]})
         job["spec"]["trainer"]["template"] = {
             "volumes": [{"name": "artifacts",
                          "persistentVolumeClaim": {"claimName": "artifacts"}}],
@@ -307,6 +351,8 @@ def test_a_restricted_namespace_admits_the_worker_and_ensemble_pods(cluster, tmp
         ready = next(x for x in status["conditions"] if x["type"] == "EnsembleReady")
         assert (ready["status"], ready["reason"]) == ("True", "EnsembleBuilt"), ready
         assert status["ensemble"]["testValue"] is not None, status["ensemble"]
+        tried = [entry["params"] for entry in status["leaderboard"]]
+        assert {"lr": 0.01, "hidden": 32} in tried, tried
         started = [e["message"] for e in c.events(name, "WorkerStarted")]
         assert any(f"{name}-ensemble" in m for m in started), started
         assert any(f"{name}-worker-0" in m for m in started), started
@@ -422,7 +468,7 @@ def study_trials(c: Cluster, name: str) -> list[optuna.trial.FrozenTrial]:
 
 def restart(c: Cluster, name: str) -> None:
     """SIGKILL the operator (no cleanup of any kind), then start the same command again and
-    wait until it has reconciled the job once."""
+    wait until it has reconciled the job once (it logs a job's first reconcile)."""
     c.operator.proc.kill()
     c.operator.proc.wait(30)
     logged = len(c.operator.log.read_bytes())

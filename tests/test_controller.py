@@ -127,6 +127,37 @@ def test_never_starts_more_workers_than_trials_left():
     assert launcher.started == 3
 
 
+def test_workers_running_several_trials_each_are_started_for_the_trials_left():
+    core, study, launcher, _ = _core(budget={"maxTrials": 5, "parallelism": 4,
+                                             "trialsPerWorker": 2})
+    status = core.reconcile().status
+    assert launcher.started == 3  # 5 trials, 2 at a time per worker
+    for worker in ("w1/0", "w1/1", "w2/0"):
+        _trial(study, core.job, TrialState.RUNNING, worker=worker)
+    _trial(study, core.job, worker="w2/1")
+    launcher.exit("w3", 0)
+    status = core.reconcile(status).status
+    assert launcher.started == 3  # 3 running and 1 left: two workers are enough
+    assert status["trials"]["running"] == 3 and status["workers"]["active"] == 2
+
+
+def test_a_worker_that_exited_has_the_trials_of_all_its_slots_queued_again():
+    core, study, launcher, _ = _core(budget={"maxTrials": 4, "parallelism": 1,
+                                             "trialsPerWorker": 2})
+    status = core.reconcile().status
+    mine = [_trial(study, core.job, TrialState.RUNNING, worker=f"w1/{slot}") for slot in (0, 1)]
+    other = _trial(study, core.job, TrialState.RUNNING, worker="w11/0")
+    launcher.exit("w1", -9)
+    core.reconcile(status)
+    trials = study.get_trials(deepcopy=False)
+    for slot, trial in enumerate(mine):
+        assert trials[trial.number].state == TrialState.FAIL
+        assert trials[trial.number].user_attrs["fail_reason"] == (
+            f"worker w1/{slot} exited with code -9")
+    assert trials[other.number].state == TrialState.RUNNING  # w11 is another worker
+    assert len([t for t in trials if t.state == TrialState.WAITING]) == 2
+
+
 def _with_budget(core, **budget):
     """The core of the same job after a budget edit (as the operator applies one)."""
     data = core.job.to_dict()
@@ -419,8 +450,8 @@ def test_failed_ensemble_step_is_retried_a_bounded_number_of_times_then_the_job_
         launcher.exit(f"e{attempt}", 1, "RuntimeError: disk full")
         outcome = _again(core, outcome.status)
     # The progress line names what is built once, and attempts only on a retry.
-    assert messages[0] == "building a greedy ensemble of the 5 best trials"
-    assert messages[1] == f"building a greedy ensemble of the 5 best trials, attempt 2 of " \
+    assert messages[0] == "building a greedy ensemble of the 20 best trials"
+    assert messages[1] == f"building a greedy ensemble of the 20 best trials, attempt 2 of " \
                           f"{MAX_ENSEMBLE_ATTEMPTS}"
 
     assert outcome.done and outcome.status["phase"] == "Succeeded"

@@ -80,14 +80,15 @@ def test_names_scope_and_version():
 def test_printer_columns():
     columns = {c["name"]: c for c in VERSION["additionalPrinterColumns"]}
     assert [c["name"] for c in VERSION["additionalPrinterColumns"]] == [
-        "Phase", "Trials", "Best", "Waiting", "Age", "Metric", "Running", "Pruned",
+        "Phase", "Trials", "Best", "Front", "Waiting", "Age", "Metric", "Running", "Pruned",
         "Diagnosis"]
     expected = {
         "Phase": (".status.phase", "string", 0), "Trials": (".status.progress", "string", 0),
         "Best": (".status.best.value", "number", 0),
+        "Front": (".status.paretoFront.size", "integer", 0),
         "Waiting": ('.status.conditions[?(@.type=="WorkersScheduled")].reason', "string", 0),
         "Age": (".metadata.creationTimestamp", "date", 0),
-        "Metric": (".spec.objective.metric", "string", 1),
+        "Metric": (".status.objective.metric", "string", 1),
         "Running": (".status.trials.running", "integer", 1),
         "Pruned": (".status.trials.pruned", "integer", 1),
         "Diagnosis": (".status.diagnosis.mostCommon", "string", 1),

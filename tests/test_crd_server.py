@@ -629,6 +629,7 @@ def test_short_name_category_and_printer_columns(control_plane, tuningjobs):
     control_plane.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job))
     try:
         status = {"phase": "Running", "progress": "3/100", "best": {"value": 0.97},
+                  "objective": {"metric": "val_accuracy", "direction": "maximize"},
                   "trials": {"running": 2, "pruned": 1},
                   "diagnosis": {"mostCommon": "overfitting"}}
         control_plane.kubectl("patch", "tuningjob", "columns", "-n", ns, "--subresource=status",

@@ -100,6 +100,7 @@ def test_kubetune_prunes_the_late_nan_trial_at_that_epoch_with_every_pruner(prun
     frozen = study.trials[-1]
     assert state == TrialState.PRUNED == frozen.state
     assert frozen.user_attrs["prune_reason"] == "nan"
+    assert frozen.user_attrs["diagnosis"] == "diverged"  # kept on the trial, for the dashboard
     assert frozen.intermediate_values == {1: 0.6, 2: 0.7}  # the NaN was never reported
     assert len(history_of(frozen.user_attrs)) == 3          # stopped at the NaN epoch
     assert frozen.value == 0.7
@@ -117,6 +118,7 @@ def test_trial_diverging_without_nan_is_pruned_as_diverged():
 
     assert study.trials[-1].state == TrialState.PRUNED
     assert study.trials[-1].user_attrs["prune_reason"] == "diverged"
+    assert study.trials[-1].user_attrs["diagnosis"] == "diverged"
     assert len(history_of(study.trials[-1].user_attrs)) == 3
 
 
@@ -132,3 +134,66 @@ def test_an_error_in_training_fails_only_that_trial_with_the_reason():
 
     assert state == TrialState.FAIL
     assert study.trials[-1].user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory"
+
+
+# ------------------------------------------------------------------------------ several objectives
+def _multi_objective_job():
+    job = fast_job(ensemble={"enabled": False})
+    job["spec"]["objective"] = {"metrics": [{"metric": "val_accuracy"}, {"metric": "n_params"}]}
+    return parse_job(job)
+
+
+def _multi_objective_study(job):
+    from kubetune.study.schema import create_or_load_study
+
+    storage = optuna.storages.InMemoryStorage()
+    create_or_load_study(storage, job)
+    return optuna.load_study(study_name=job.study_name, storage=storage,
+                             pruner=make_pruner(job.spec))
+
+
+@pytest.mark.parametrize("epochs, reason", [
+    (_late_nan_epochs(), "nan"),
+    ([_metrics(train_loss=1.0), _metrics(train_loss=4.0), _metrics(train_loss=25.0)],
+     "diverged")])
+def test_the_guards_prune_every_trial_of_a_multi_objective_study(epochs, reason):
+    """Optuna's report and pruners take one objective: with several, the guards still act
+    on the history, and nothing is reported to Optuna."""
+    job = _multi_objective_job()
+    study = _multi_objective_study(job)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert isinstance(study.pruner, optuna.pruners.NopPruner)
+    trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+
+    state = run_trial(study, trial, job, data=None, artifact_store=None,
+                      train=_ScriptedTraining([{**e, "n_params": 59.0} for e in epochs]))
+
+    frozen = study.trials[-1]
+    assert state == TrialState.PRUNED == frozen.state
+    assert frozen.user_attrs["prune_reason"] == reason
+    assert frozen.intermediate_values == {} and frozen.values is None
+    assert len(history_of(frozen.user_attrs)) == 3
+
+
+def test_a_multi_objective_trial_ends_with_one_value_per_objective():
+    from kubetune.worker.contract import EpochReporter, TrialPruned
+    from kubetune.worker.trial import tell
+
+    job = _multi_objective_job()
+    study = _multi_objective_study(job)
+    trial = study.ask(fixed_distributions=to_distributions(job.spec.search_space))
+    reporter = EpochReporter(trial, job.spec)
+    reporter.report(1, _metrics(val_accuracy=0.6, n_params=59.0))
+    reporter.report(2, _metrics(val_accuracy=0.7, n_params=59.0))
+    values, final = reporter.final()
+    assert values == [0.7, 59.0] and final["n_params"] == 59.0
+    tell(study, trial, values)
+    assert study.trials[-1].values == [0.7, 59.0]
+    assert [t.number for t in study.best_trials] == [trial.number]
+    # a missing or non-finite objective at the end: failed or pruned, as with one objective
+    with pytest.raises(TrialPruned):
+        reporter.final({"n_params": math.inf})
+    other = EpochReporter(study.ask(), job.spec)
+    other.report(1, _metrics(val_accuracy=0.6))
+    with pytest.raises(Exception, match="without reporting n_params"):
+        other.final()

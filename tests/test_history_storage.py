@@ -1,6 +1,7 @@
-"""Per-epoch history in the study: each epoch is written once, under its own key, so what a
-report writes does not grow with the epochs (issue 18: the whole history was rewritten as one
-trial attribute every epoch); every reader gets the same curve through ``history_of``."""
+"""Per-epoch history in the study: each epoch is written once, in chunks of the epochs not yet
+written, so what a report writes does not grow with the epochs (issue 18: the whole history
+was rewritten as one trial attribute every epoch) and quick epochs cost few writes; every
+reader gets the same curve through ``history_of``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from typing import Any
 
 import optuna
+import pytest
 from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState, create_trial
 
@@ -30,7 +32,22 @@ class CountingStorage(InMemoryStorage):
         super().set_trial_user_attr(trial_id, key, value)
 
 
-def _report(epochs: int) -> tuple[CountingStorage, optuna.Study, list[int]]:
+class Clock:
+    """``time.monotonic`` of the reporter, moved by the test: epochs of a given length."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _report(epochs: int, seconds_per_epoch: float, monkeypatch
+            ) -> tuple[CountingStorage, optuna.Study, list[int]]:
+    from kubetune.worker import contract
+
+    clock = Clock()
+    monkeypatch.setattr(contract.time, "monotonic", clock)
     job = parse_job(fast_job(pruning={"pruner": {"type": "none"}}))
     storage = CountingStorage()
     study = optuna.create_study(storage=storage, direction="maximize")
@@ -39,26 +56,77 @@ def _report(epochs: int) -> tuple[CountingStorage, optuna.Study, list[int]]:
     per_epoch = []
     for epoch in range(1, epochs + 1):
         before = len(storage.writes)
+        clock.now += seconds_per_epoch
         reporter.report(epoch, {"val_accuracy": round(0.5 + epoch / 1000, 4),
                                 "train_loss": round(1 / epoch, 4),
                                 "train_accuracy": 0.6, "val_loss": 1.1})
         per_epoch.append(sum(size for _, size in storage.writes[before:]))
+    reporter.flush()  # what the trial's runner does when the trial ends
     study.tell(trial, 0.6)
     return storage, study, per_epoch
 
 
-def test_the_bytes_written_per_epoch_do_not_grow_with_the_epochs():
-    _, study, per_epoch = _report(200)
-    # epochs 101-200 write what epochs 1-20 write, give or take the digits of the epoch
-    # (rewriting the whole history wrote about 100 bytes more with every epoch)
-    assert max(per_epoch[100:]) <= max(per_epoch[:20]) + 4
-    assert sum(per_epoch) < 200 * (max(per_epoch[:20]) + 4)  # linear in the epochs
+def _curve_is_whole(study: optuna.Study, epochs: int) -> None:
     trial = study.trials[0]
     history = history_of(trial.user_attrs)
-    assert [h["epoch"] for h in history] == list(range(1, 201))
-    assert history[-1] == {"epoch": 200, "val_accuracy": 0.7, "train_loss": 0.005,
-                           "train_accuracy": 0.6, "val_loss": 1.1}
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert history[-1] == {"epoch": epochs, "val_accuracy": round(0.5 + epochs / 1000, 4),
+                           "train_loss": round(1 / epochs, 4), "train_accuracy": 0.6,
+                           "val_loss": 1.1}
+    assert trial.user_attrs["epochs"] == epochs
     assert "history" not in trial.user_attrs  # never the whole curve in one attribute
+
+
+def test_slow_epochs_are_each_written_once_and_the_bytes_do_not_grow(monkeypatch):
+    _, study, per_epoch = _report(200, 3.0, monkeypatch)
+    # epochs longer than the flush interval are stored as they are reported (a dashboard
+    # sees them at once); epochs 101-200 write what epochs 1-20 write, give or take the
+    # digits of the epoch (rewriting the whole history wrote 100 bytes more every epoch)
+    assert all(per_epoch)
+    assert max(per_epoch[100:]) <= max(per_epoch[:20]) + 4
+    _curve_is_whole(study, 200)
+
+
+def test_quick_epochs_are_written_together_every_couple_of_seconds(monkeypatch):
+    from kubetune.worker.contract import HISTORY_FLUSH_SECONDS
+
+    storage, study, per_epoch = _report(200, 0.05, monkeypatch)
+    # the first epoch at once (a running trial shows a curve), then one chunk every
+    # HISTORY_FLUSH_SECONDS of epochs: 200 epochs of 0.05 s are 10 s, so about 6 chunks,
+    # two writes each (the chunk and the last epoch), instead of 400 writes
+    chunks = [key for key, _ in storage.writes if key.startswith("history:")]
+    assert per_epoch[0] > 0 and len(chunks) <= 200 * 0.05 / HISTORY_FLUSH_SECONDS + 2
+    assert len(storage.writes) == 2 * len(chunks)
+    # every epoch's bytes are written once: the chunks add up to the curve, not more
+    curve = history_of(study.trials[0].user_attrs)
+    written = sum(size for key, size in storage.writes if key.startswith("history:"))
+    assert written <= sum(len(json.dumps(h)) + 2 for h in curve) + 2 * len(chunks)
+    _curve_is_whole(study, 200)
+
+
+@pytest.mark.parametrize("resumed_at", [0, 3])
+def test_a_retry_reads_its_own_epochs_over_its_failed_attempts(resumed_at):
+    """A retry inherits its failed attempt's chunks; it starts again at epoch 1 or resumes
+    from a checkpoint; its curve is its own epochs over the attempt's earlier ones, never the
+    attempt's epochs past where the retry is, whichever chunks either wrote."""
+    from kubetune.worker.trial import _gather_inherited_history
+
+    attempt = {"history:1": {"epoch": 1, "run": "old"},
+               "history:2": [{"epoch": e, "run": "old"} for e in (2, 3, 4, 5)],
+               "history:6": [{"epoch": e, "run": "old"} for e in (6, 7, 8, 9)], "epochs": 9}
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({}, user_attrs=attempt)
+    trial = study.ask()
+    _gather_inherited_history(trial)
+    assert [h["epoch"] for h in history_of(trial.user_attrs)] == list(range(1, 10))
+    # the retry's own chunks, starting where it starts: after epoch 6 it has written 1-6
+    own = range(resumed_at + 1, 7)
+    trial.set_user_attr(f"history:{own[0]}", {"epoch": own[0], "run": "new"})
+    trial.set_user_attr(f"history:{own[1]}", [{"epoch": e, "run": "new"} for e in own[1:]])
+    trial.set_user_attr("epochs", 6)
+    history = history_of(trial.user_attrs)
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert [h["run"] for h in history] == ["old"] * resumed_at + ["new"] * (6 - resumed_at)
 
 
 def test_history_of_reads_whole_histories_and_leaves_out_stale_epochs():
@@ -66,8 +134,8 @@ def test_history_of_reads_whole_histories_and_leaves_out_stale_epochs():
     whole = [{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.6}]
     assert history_of({"history": whole}) == whole
     assert history_of({}) == []
-    # a retry inherits its failed attempt's epochs 1..5 and starts again at epoch 1: the
-    # attempt's last epoch bounds what is read; epoch 10 sorts after epoch 9
+    # one key an epoch (as slow epochs are written): the last epoch written bounds what is
+    # read; epoch 10 sorts after epoch 9
     attrs = {f"history:{e}": {"epoch": e} for e in range(1, 11)}
     assert [h["epoch"] for h in history_of({**attrs, "epochs": 10})] == list(range(1, 11))
     assert [h["epoch"] for h in history_of({**attrs, "epochs": 2})] == [1, 2]

@@ -396,6 +396,26 @@ async def test_budget_edits_scale_workers_and_other_edits_stop_the_job(cluster, 
     assert condition(st, "Failed") is None and st["observedGeneration"] == 4
 
 
+async def test_a_study_deleted_under_a_running_job_is_made_again(cluster, operator,
+                                                                 postgres_url):
+    """The operator keeps each job's study open between reconciles (opening one reads its id
+    and directions); a study deleted by hand is noticed, and the job goes on in a new one."""
+    body = tuning_job(budget={"maxTrials": 4, "parallelism": 2}, ensemble={"enabled": False})
+    await create(cluster, body)
+    await eventually(lambda: len(pods(cluster)) == 2, message="two worker pods")
+    run_trial(study_of(postgres_url), body, 0.7)
+    await eventually(lambda: status(cluster).get("progress") == "1/4", message="one trial")
+    optuna.delete_study(study_name=f"{NS}/fast", storage=postgres_url)
+    await eventually(lambda: status(cluster).get("progress") == "0/4",
+                     message="the new, empty study in the status")
+    study = study_of(postgres_url)
+    assert study.user_attrs["kubetune:job"]["metadata"]["name"] == "fast"
+    run_trial(study, body, 0.9)
+    st = await eventually(lambda: status(cluster).get("progress") == "1/4" and status(cluster),
+                          message="the new study's trial in the status")
+    assert st["best"]["value"] == 0.9 and st["phase"] == "Running"
+
+
 async def test_a_stored_job_rewritten_in_the_database_runs_no_pod(cluster, operator,
                                                                   postgres_url):
     """A tenant with access to the database rewrites the job stored in the study: the

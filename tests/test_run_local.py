@@ -17,6 +17,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from kubetune.builtin.diagnosis import diagnose
 from kubetune.study.schema import history_of
 
 from conftest import REPO_ROOT, fast_job, kubetune, wait_for, write_job
@@ -145,6 +146,9 @@ def test_complete_trials_keep_history_weights_and_predictions(tmp_path):
         assert [h["epoch"] for h in history] == [1, 2, 3]
         assert set(history[0]) >= {"train_loss", "val_loss", "train_accuracy", "val_accuracy"}
         assert trial.intermediate_values == {h["epoch"]: h["val_accuracy"] for h in history}
+        # the curve's label is kept on the trial (optuna-dashboard shows it), as the status
+        # reads it
+        assert trial.user_attrs["diagnosis"] == diagnose(history)
         ids = trial.user_attrs["artifacts"]
         preds_path = tmp_path / f"p{trial.number}.npz"
         download_artifact(artifact_store=store, artifact_id=ids["predictions"],
@@ -182,7 +186,7 @@ def test_rerun_continues_the_same_study(tmp_path):
     assert {t.number: t.params for t in trials if t.number < 3} == before
     result = json.loads((out / "result.json").read_text())
     assert result["progress"] == "6/6"
-    assert result["ensemble"]["candidates"] == 5  # built again, from the top 5 of 6 trials
+    assert result["ensemble"]["candidates"] == 6  # built again, from all 6 trials
 
 
 def test_run_killed_mid_job_resumes_without_losing_or_repeating_trials(tmp_path):

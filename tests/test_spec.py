@@ -247,6 +247,12 @@ REJECTIONS = [
      "spec.budget.parallelism", "must be <= 10000"),
     ("maxTrials-past-the-ceiling", {"spec.budget.maxTrials": 10_000_001},
      "spec.budget.maxTrials", "must be <= 10000000"),
+    ("trialsPerWorker-zero", {"spec.budget.trialsPerWorker": 0}, "spec.budget.trialsPerWorker",
+     "must be >= 1"),
+    ("trialsPerWorker-past-the-ceiling", {"spec.budget.trialsPerWorker": 17},
+     "spec.budget.trialsPerWorker", "must be <= 16"),
+    ("trialsPerWorker-not-a-number", {"spec.budget.trialsPerWorker": "2"},
+     "spec.budget.trialsPerWorker", "integer"),
     # a cluster job's artifacts folder (a relative one only means something in a job file)
     ("artifacts-path-relative", {"spec.artifacts": {"path": "artifacts"}}, "spec.artifacts.path",
      "must be an absolute path"),
@@ -262,7 +268,8 @@ REJECTIONS = [
      "must be a positive duration"),
     # unknown names
     ("unknown-sampler", {"spec.sampler.type": "tpee"}, "spec.sampler.type",
-     "unknown sampler 'tpee' (known: random, grid, tpe, cmaes, gp, qmc); did you mean 'tpe'?"),
+     "unknown sampler 'tpee' (known: random, grid, tpe, cmaes, gp, qmc, nsgaii); did you mean "
+     "'tpe'?"),
     ("unknown-pruner", {"spec.pruning.pruner.type": "medain"}, "spec.pruning.pruner.type",
      "unknown pruner 'medain'"),
     ("unknown-dataset", {"spec.trainer.builtin.dataset.name": "mnist"},
@@ -583,6 +590,99 @@ TRAINER_REJECTIONS = [
      "unknown parameter 'depth'"),
 ]
 REJECTIONS += TRAINER_REJECTIONS
+
+# several objectives (issue 19, item 2)
+ACC_SIZE = [{"metric": "val_accuracy", "direction": "maximize"},
+            {"metric": "n_params", "direction": "minimize"}]
+MULTI = {"spec.objective": {"metrics": ACC_SIZE}, "spec.pruning.pruner": DELETE}
+NOT_PRUNED = "Optuna's pruners do not support several objectives"
+MULTI_REJECTIONS = [
+    ("multi-metric-and-metrics",
+     {**MULTI, "spec.objective": {"metric": "val_accuracy", "metrics": ACC_SIZE}},
+     "spec.objective.metric", "cannot be combined with metrics"),
+    ("multi-one-metric", {**MULTI, "spec.objective": {"metrics": ACC_SIZE[:1]}},
+     "spec.objective.metrics", "must list at least 2 items"),
+    ("multi-too-many", {**MULTI, "spec.objective": {"metrics": [
+        {"metric": m} for m in ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                                "val_f1")]}},
+     "spec.objective.metrics", "must list at most 4 items"),
+    ("multi-direction-beside-metrics",
+     {**MULTI, "spec.objective": {"metrics": ACC_SIZE, "direction": "maximize"}},
+     "spec.objective.direction", "each entry has its own direction"),
+    ("multi-primary-without-metrics", {"spec.objective.primary": "val_accuracy"},
+     "spec.objective.primary", "only used with metrics"),
+    ("multi-primary-not-listed",
+     {**MULTI, "spec.objective": {"metrics": ACC_SIZE, "primary": "val_f1"}},
+     "spec.objective.primary", "unknown metric 'val_f1' (spec.objective.metrics has: "
+                               "val_accuracy, n_params)"),
+    ("multi-unknown-metric",
+     {**MULTI, "spec.objective": {"metrics": [{"metric": "val_acc"}, ACC_SIZE[1]]}},
+     "spec.objective.metrics[0].metric", "did you mean 'val_accuracy'?"),
+    ("multi-metric-twice",
+     {**MULTI, "spec.objective": {"metrics": [ACC_SIZE[0], {"metric": "val_accuracy"}]}},
+     "spec.objective.metrics[1].metric", "val_accuracy is listed twice"),
+    ("multi-maximize-a-loss",
+     {**MULTI, "spec.objective": {"metrics": [{"metric": "val_loss", "direction": "maximize"},
+                                              ACC_SIZE[1]]}},
+     "spec.objective.metrics[0].direction", "val_loss is a loss: use minimize"),
+    ("multi-cmaes", {**MULTI, "spec.sampler": {"type": "cmaes"}}, "spec.sampler.type",
+     "the cmaes sampler does not search several objectives"),
+    ("multi-with-a-pruner", {**MULTI, "spec.pruning.pruner": {"type": "hyperband"}},
+     "spec.pruning.pruner.type", NOT_PRUNED),
+    ("multi-with-pruner-options",
+     {**MULTI, "spec.pruning.pruner": {"type": "median", "nWarmupSteps": 3}},
+     "spec.pruning.pruner.nWarmupSteps", NOT_PRUNED),
+    ("multi-ensemble-on-model-size",
+     {**MULTI, "spec.objective": {"metrics": ACC_SIZE, "primary": "n_params"}},
+     "spec.objective.primary", "the ensemble step ranks and scores trials by the primary"),
+    ("ensemble-on-model-size",
+     {"spec.objective": {"metric": "n_params"}, "spec.pruning.pruner": {"type": "none"}},
+     "spec.objective.metric", "n_params is no score of predictions"),
+    ("multi-code-metric-not-reported",
+     {**MULTI, "spec.trainer": ENTRYPOINT, "spec.objective": {"metrics": [
+         {"metric": "val_accuracy"}, {"metric": "latency_ms", "direction": "minimize"}]}},
+     "spec.objective.metrics[1].metric", "unknown metric 'latency_ms' (spec.trainer.metrics"),
+]
+REJECTIONS += MULTI_REJECTIONS
+MULTI_VALID = [
+    MULTI,
+    {**MULTI, "spec.objective": {"metrics": ACC_SIZE, "primary": "val_accuracy", "goal": 0.9},
+     "spec.sampler": {"type": "nsgaii", "populationSize": 10, "seed": 1},
+     "spec.pruning.pruner": {"type": "none"}},
+    {"spec.objective": {"metrics": [{"metric": "n_params"}, {"metric": "val_loss"}],
+                        "primary": "val_loss"},
+     "spec.pruning.pruner": {"type": "median"}, "spec.sampler": {"type": "gp"}},
+    {**MULTI, "spec.objective": {"metrics": ACC_SIZE, "primary": "n_params"},
+     "spec.ensemble": {"enabled": False}},
+    {**MULTI, "spec.trainer": {**ENTRYPOINT, "metrics": ["val_accuracy", "latency_ms"]},
+     "spec.objective": {"metrics": [{"metric": "val_accuracy"},
+                                    {"metric": "latency_ms", "direction": "minimize"}]}},
+    {"spec.sampler": {"type": "nsgaii", "seed": 3}},
+]
+
+
+@pytest.mark.parametrize("changes", MULTI_VALID)
+def test_several_objectives_accepted(changes):
+    objective = parse_job(mutated(changes)).spec.objective
+    assert objective.names == tuple(objective.names)
+    assert len(objective.directions) == len(objective.names)
+
+
+def test_several_objectives_resolve_directions_and_the_primary():
+    objective = parse_job(mutated(MULTI)).spec.objective
+    assert objective.is_multi and objective.names == ("val_accuracy", "n_params")
+    assert objective.directions == ["maximize", "minimize"]
+    assert (objective.primary_metric, objective.primary_index) == ("val_accuracy", 0)
+    assert objective.resolved_direction == "maximize"
+    ranked_by_size = parse_job(mutated({
+        **MULTI, "spec.ensemble": {"enabled": False},
+        "spec.objective": {"metrics": [{"metric": "val_f1"}, {"metric": "n_params"}],
+                           "primary": "n_params"}})).spec.objective
+    assert ranked_by_size.directions == ["maximize", "minimize"]  # n_params: minimize
+    assert (ranked_by_size.primary_index, ranked_by_size.resolved_direction) == (1, "minimize")
+    single = parse_job(base_job()).spec.objective
+    assert not single.is_multi and single.names == ("val_accuracy",)
+    assert single.primary_metric == "val_accuracy" and single.primary_index == 0
 TRAINER_VALID = {
     "entrypoint": {"spec.trainer": ENTRYPOINT},
     "command-with-everything": {"spec.trainer": {
@@ -860,6 +960,7 @@ VALID_VARIATIONS = [
     {"spec.trainer.builtin.balance": "oversample"},
     {"spec.trainer.builtin.balance": "weighted"},
     {"spec.trainer.builtin.balance": "none"},
+    *MULTI_VALID,
     # what `kubectl get -o yaml` adds must re-apply
     {"metadata.uid": "1234", "metadata.resourceVersion": "7", "status": {"phase": "Running"}},
 ]
@@ -937,7 +1038,7 @@ def test_explicit_direction_wins():
 def test_budget_defaults():
     budget = parse_job(mutated({"spec.budget": DELETE})).spec.budget
     assert (budget.max_trials, budget.parallelism, budget.max_failed_trials,
-            budget.max_retries) == (100, 1, 10, 3)
+            budget.max_retries, budget.trials_per_worker) == (100, 1, 10, 3, 1)
     assert budget.timeout is None and budget.timeout_seconds is None
 
 
@@ -947,7 +1048,7 @@ def test_optional_sections_have_defaults():
     assert spec.sampler.type == "tpe" and spec.sampler.seed is None
     assert spec.pruning.nan is True and spec.pruning.divergence.enabled is True
     assert spec.pruning.pruner.type == "median"
-    assert spec.ensemble.enabled is True and spec.ensemble.top_k == 5
+    assert spec.ensemble.enabled is True and spec.ensemble.top_k == 20
     assert spec.storage.heartbeat_interval == 10 and spec.storage.grace_period == 60
     assert (spec.preflight.enabled, spec.preflight.samples, spec.preflight.steps) == (
         True, 16, 200)

@@ -225,6 +225,28 @@ def test_compute_counts_every_epoch_and_weights_reduced_data():
               trial(TrialState.PRUNED, 2, data_share=0.25)]
     assert compute(full + coarse) == {"epochsTrained": 42, "dataEpochs": 36.8}
     assert compute([]) == {"epochsTrained": 0}
+    # a retry that resumed from its failed attempt's checkpoint at epoch 4 trained 16 more;
+    # a trial copied from another job (warmStart.fromJob) trained nothing here
+    resumed = trial(TrialState.COMPLETE, 20, resumed_from=4)
+    copied = trial(TrialState.COMPLETE, 20, **{"kubetune:copied_from": "other"})
+    assert compute(full + [resumed, copied]) == {"epochsTrained": 51}
+
+
+def test_a_resumed_attempt_records_the_epoch_it_resumed_from():
+    import optuna
+
+    from kubetune.spec.model import parse_job
+    from kubetune.study.schema import epochs_trained
+    from kubetune.worker.contract import EpochReporter
+
+    study = optuna.create_study(direction="maximize")
+    for first in (1, 5):  # from scratch; from a checkpoint at epoch 4
+        trial = study.ask()
+        reporter = EpochReporter(trial, parse_job(fast_job()).spec)
+        for epoch in range(first, 11):
+            reporter.report(epoch, {"val_accuracy": 0.5, "train_loss": 1.0})
+        reporter.flush()
+        assert epochs_trained(trial.user_attrs) == 11 - first
 
 
 def test_a_stage_epochs_fidelity_overrides_the_epochs():

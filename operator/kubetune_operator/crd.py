@@ -813,24 +813,80 @@ def spec_rules() -> list[dict[str, Any]]:
              f"{space_epochs}.choices.exists(c, c >= double({max_resource})))) : "
              f"{max_resource} <= {fixed_epochs})",
              "maxResource exceeds the epochs a trial trains", ".pruning.pruner.maxResource"),
-        rule(f"!{builtin} || {one_of('self.objective.metric', REPORTED_METRICS)}",
+        rule(f"!{builtin} || !has(self.objective.metric) || "
+             f"{one_of('self.objective.metric', REPORTED_METRICS)}",
              f"the builtin trainer reports {words(REPORTED_METRICS, 'and')}: the objective "
              "metric must be one of them", ".objective.metric"),
-        rule(f"{builtin} || !has(self.trainer.metrics) || "
+        rule(f"{builtin} || !has(self.trainer.metrics) || !has(self.objective.metric) || "
              "self.objective.metric in self.trainer.metrics",
              "the objective metric must be one of trainer.metrics", ".objective.metric"),
+        *objective_rules(builtin),
         rule(f"{builtin} || !self.ensemble.enabled || self.ensemble.members == 'trials'",
              "ensemble members seeds and snapshots need the builtin trainer; use trials",
              ".ensemble.members"),
     ] + stage_rules()
 
 
+def objective_rules(builtin: str) -> list[dict[str, Any]]:
+    """Several objectives (spec._objective_problems): metrics the trainer reports, a sampler
+    that searches them, no Optuna pruner, and a primary the ensemble can score."""
+    multi = "has(self.objective.metrics)"
+    options = list(PRUNER_OPTIONS)
+    primary = ("(has(self.objective.metrics) ? (has(self.objective.primary) ? "
+               "self.objective.primary : self.objective.metrics[0].metric) : "
+               "(has(self.objective.metric) ? self.objective.metric : ''))")
+    no_pruner = ("Optuna's pruners do not support several objectives (objective.metrics): "
+                 "leave pruning.pruner out or set its type to none; the NaN and divergence "
+                 "guards still prune every trial")
+    return [
+        rule(f"!{builtin} || !{multi} || self.objective.metrics.all(m, "
+             f"{one_of('m.metric', REPORTED_METRICS)})",
+             f"the builtin trainer reports {words(REPORTED_METRICS, 'and')}: each objective "
+             "metric must be one of them", ".objective.metrics"),
+        rule(f"{builtin} || !has(self.trainer.metrics) || !{multi} || "
+             "self.objective.metrics.all(m, m.metric in self.trainer.metrics)",
+             "each objective metric must be one of trainer.metrics", ".objective.metrics"),
+        rule(f"!{multi} || {one_of('self.sampler.type', model.MULTI_OBJECTIVE_SAMPLERS)}",
+             "this sampler does not search several objectives (objective.metrics): use "
+             f"{words(model.MULTI_OBJECTIVE_SAMPLERS, 'or')}", ".sampler.type"),
+        rule(f"!{multi} || {one_of('self.pruning.pruner.type', ['median', 'none'])}",
+             no_pruner, ".pruning.pruner.type"),
+        rule(f"!{multi} || !({has_any(options, 'self.pruning.pruner')})", no_pruner,
+             ".pruning.pruner"),
+        rule(f"!{builtin} || !self.ensemble.enabled || "
+             f"{none_of(primary, model.MINIMIZED_METRICS)}",
+             "the ensemble step ranks and scores trials by the primary objective, and a model's "
+             "size is no score of predictions: make an accuracy, F1 or loss metric the primary, "
+             "or set ensemble.enabled: false", ".objective"),
+    ]
+
+
 RULES: dict[tuple[str, ...], list[dict[str, Any]]] = {
     (): spec_rules(),
-    ("objective",): [rule(
-        f"!has(self.direction) || self.direction != 'maximize' || "
-        f"!({one_of('self.metric', LOSS_METRICS)})",
-        "a loss is minimized: use direction minimize", ".direction")],
+    ("objective",): [
+        rule("!has(self.direction) || !has(self.metric) || self.direction != 'maximize' || "
+             f"!({one_of('self.metric', LOSS_METRICS)})",
+             "a loss is minimized: use direction minimize", ".direction"),
+        rule("has(self.metric) || has(self.metrics)",
+             "metric is required: the metric to optimize (or metrics, a list of several "
+             "objectives)", ".metric"),
+        rule("!has(self.metric) || !has(self.metrics)",
+             "metric cannot be combined with metrics: give one objective as metric (and "
+             "direction), or several as metrics", ".metric"),
+        rule("!has(self.direction) || !has(self.metrics)",
+             "with metrics, each entry has its own direction", ".direction"),
+        rule("!has(self.primary) || has(self.metrics)",
+             "primary is only used with metrics (several objectives)", ".primary"),
+        rule("!has(self.primary) || !has(self.metrics) || "
+             "self.metrics.exists(m, m.metric == self.primary)",
+             "primary must be one of the metrics", ".primary"),
+        rule("!has(self.metrics) || self.metrics.all(a, "
+             "self.metrics.exists_one(b, b.metric == a.metric))",
+             "an objective metric is listed twice", ".metrics"),
+        rule("!has(self.metrics) || self.metrics.all(m, !has(m.direction) || "
+             f"m.direction != 'maximize' || !({one_of('m.metric', LOSS_METRICS)}))",
+             "a loss is minimized: use direction minimize", ".metrics"),
+    ],
     ("sampler",): _option_rules(SAMPLER_OPTIONS, "sampler"),
     ("pruning", "pruner"): _option_rules(PRUNER_OPTIONS, "pruner") + [
         rule("!has(self.type) || self.type != 'percentile' || has(self.percentile)",
@@ -872,14 +928,15 @@ ENUMS = {  # plain strings in the model, checked against these names by its vali
 
 DESCRIPTIONS = {
     (): "what to tune, how, and with which budget (see the kubetune docs)",
-    ("objective",): "the metric to optimize",
+    ("objective",): "the metric to optimize (metric, direction), or several (metrics, "
+                    "primary)",
     ("objective", "metric"): "a metric the trainer reports (builtin: "
                              f"{', '.join(REPORTED_METRICS)}; your code: one of trainer.metrics)",
-    ("objective", "direction"): "maximize or minimize (default: minimize for losses, "
-                                "else maximize)",
+    ("objective", "direction"): "maximize or minimize (default: minimize for losses and "
+                                "n_params, else maximize)",
     ("budget",): "how many trials, how many at once, and for how long",
-    ("budget", "parallelism"): "trials run at once, one worker pod each; may be edited while "
-                               "the job runs",
+    ("budget", "parallelism"): "worker pods, each running budget.trialsPerWorker trials at "
+                               "once; may be edited while the job runs",
     ("budget", "maxFailedTrials"): "the job fails once more trials than this have failed",
     ("sampler",): "how Optuna picks the next parameters",
     ("pruning",): "stopping bad trials early: NaN/Inf and divergence guards, and a pruner",
@@ -966,13 +1023,22 @@ def status_schema() -> dict[str, Any]:
         phase={"type": "string", "description": "Pending | Running | Ensembling | Succeeded | "
                                                 "Failed"},
         progress={"type": "string", "description": "finished trials / maxTrials, e.g. 25/100"},
+        objective=_open_object("what the trials are ranked by",
+                               metric={"type": "string",
+                                       "description": "the objective metric (the primary one, "
+                                                      "with several objectives)"}),
         observedGeneration={"type": "integer", "format": "int64",
                             "description": "the metadata.generation of the spec this status "
                                            "is of"},
         trials=_open_object("trial counts", **counts),
         best=_open_object("the best trial so far",
                           trial={"type": "integer", "description": "its number"},
-                          value={"type": "number", "description": "its objective value"}),
+                          value={"type": "number", "description": "its objective value (the "
+                                                                  "primary objective's)"}),
+        paretoFront=_open_object(
+            "several objectives: the trials no other trial beats in every objective (at most "
+            "10 of them, spread along the front)",
+            size={"type": "integer", "description": "trials on the Pareto front"}),
         conditions={"type": "array", "description": "the job's conditions (Ready, Complete, "
                                                     "Failed, WorkersScheduled, EnsembleReady...)",
                     "items": _open_object(
@@ -1028,13 +1094,15 @@ PRINTER_COLUMNS = [
      "description": "finished trials / maxTrials"},
     {"name": "Best", "type": "number", "jsonPath": ".status.best.value",
      "description": "the best objective value so far"},
+    {"name": "Front", "type": "integer", "jsonPath": ".status.paretoFront.size",
+     "description": "trials on the Pareto front (several objectives only)"},
     {"name": "Waiting", "type": "string",
      "jsonPath": '.status.conditions[?(@.type=="WorkersScheduled")].reason',
      "description": "why pods wait: Unschedulable while the cluster cannot place them (kubectl "
                     "describe shows the scheduler's message)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    {"name": "Metric", "type": "string", "jsonPath": ".spec.objective.metric", "priority": 1,
-     "description": "the objective metric"},
+    {"name": "Metric", "type": "string", "jsonPath": ".status.objective.metric", "priority": 1,
+     "description": "the objective metric (the primary one, with several objectives)"},
     {"name": "Running", "type": "integer", "jsonPath": ".status.trials.running", "priority": 1,
      "description": "trials running now"},
     {"name": "Pruned", "type": "integer", "jsonPath": ".status.trials.pruned", "priority": 1,

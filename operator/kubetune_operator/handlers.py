@@ -44,6 +44,37 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.background.cancellation_polling = 1.0
 
 
+class QuietTicks(logging.Filter):
+    """Keeps kopf's "Timer 'sync' succeeded." line once per job and process: the first
+    reconcile of each job after the operator started. Logged for every job every sync
+    interval (40 lines a second with 200 jobs), it buried what the log is for. A failing tick
+    is still logged, by kopf and by the reconciler. ``--verbose`` keeps every one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged: set[str] = set()  # job uids
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != SYNC_SUCCEEDED:
+            return True
+        uid = str((getattr(record, "k8s_ref", None) or {}).get("uid"))
+        if uid in self._logged:
+            return False
+        self._logged.add(uid)
+        return True
+
+
+SYNC_SUCCEEDED = "Timer 'sync' succeeded."
+
+
+def quiet_ticks(verbose: bool) -> None:
+    kopf_objects = logging.getLogger("kopf.objects")
+    for old in [f for f in kopf_objects.filters if isinstance(f, QuietTicks)]:
+        kopf_objects.removeFilter(old)
+    if not verbose:
+        kopf_objects.addFilter(QuietTicks())
+
+
 def peering_priority(started: float | None = None) -> int:
     """This replica's kopf peering priority (``--peering``): the earlier started, the higher.
 

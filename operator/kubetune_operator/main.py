@@ -33,10 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kubetune.job.metrics import Metrics
     from kubetune.study.storage import silence_optuna
     from kubetune_operator.client import load_credentials
-    from kubetune_operator.handlers import register
+    from kubetune_operator.handlers import quiet_ticks, register
     from kubetune_operator.reconciler import Reconciler
 
     kopf.configure(verbose=settings.verbose)
+    quiet_ticks(settings.verbose)
     silence_optuna()
     try:
         load_credentials()

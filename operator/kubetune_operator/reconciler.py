@@ -92,6 +92,10 @@ MAX_RETRY_DELAY_S = 300.0
 # deletion handler is retried (kopf: up to 5 times, 10 s apart with the default settings).
 STUDY_DELETE_WAIT_S = 20.0
 ADMIN_URL_TTL_S = 60.0
+# A job's own storage Secret is read again after this long: reading it every reconcile was a
+# fifth of a steady job's reconcile. The Secrets the operator writes (an admin storage Secret's
+# per-namespace URLs) are read every reconcile, so a tenant's edit is undone at once.
+STORAGE_SECRET_TTL_S = 30.0
 # The label of the storage Secrets the operator writes (with an admin storage Secret).
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "kubetune-operator"
@@ -121,6 +125,10 @@ class StoredSpecMismatch(Exception):
             "refuse such edits. No pod runs from it; the job's pods were stopped. Undo the "
             "edit, or create a new TuningJob.")
         self.fields = fields
+
+
+class StudyVanished(Exception):
+    """The job's study was deleted while a reconcile read it."""
 
 
 class StudyInUse(StorageUnavailable):
@@ -162,14 +170,22 @@ class Reconciler:
         # after a ResourceQuota refused a pod: the retry delay, doubled at each refusal
         self._quota = QuotaBackoff(first=settings.retry_delay)
         self._users: dict[str, set[str]] = {}  # storage URL -> uids of the jobs using it
+        # per job uid: its open study (with the storage it was opened on), the (generation,
+        # stored job) last accepted, and when stale trials were last failed
+        self._studies: dict[str, tuple[BaseStorage, optuna.Study]] = {}
+        self._accepted: dict[str, tuple[Any, Any]] = {}
+        self._stale_checked: dict[str, float] = {}
         self.tenants = TenantDatabases()
         self._admin: tuple[float, StorageURL] | None = None  # admin URL, when read
+        # (namespace, Secret, key) -> (when read, the URL it held)
+        self._secret_urls: dict[tuple[str, str, str], tuple[float, StorageURL]] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
         """Close the database connections of the cached storages."""
         with self._lock:
             storages, self._storages = list(self._storages.values()), {}
+            self._studies.clear()
         _dispose(storages)
 
     # ------------------------------------------------------------------ sync
@@ -185,7 +201,10 @@ class Reconciler:
         with self._job_lock(body):
             if not needs_sync(body):
                 return SyncResult()
-            return self._sync(body)
+            try:
+                return self._sync(body)
+            except StudyVanished:  # deleted during the pass: the next one opens it afresh
+                return self._sync(body)
 
     def _sync(self, body: Mapping[str, Any]) -> SyncResult:
         observed = _plain(body.get("status") or {})
@@ -203,11 +222,7 @@ class Reconciler:
         target: StorageURL | None = None
         try:
             secret, target = self._job_storage(owner, secret)
-            url = target.url
-            job, events = self._accept(url, owner, current)
-            study = _call_storage(optuna.Study, study_name=job.study_name,
-                                  storage=self._storage(url, job),
-                                  sampler=optuna.samplers.RandomSampler())
+            job, study, attrs, events = self._accept(target.url, owner, generation, current)
         except StorageUnavailable as err:
             return self._unavailable(previous, generation, _unavailable_message(err, target))
         except StudyMismatch as err:
@@ -221,7 +236,11 @@ class Reconciler:
             return self._invalid(previous, generation, err.problems)
         launcher = PodLauncher(self.core, owner, job, self.settings, secret, self._quota)
         try:
-            outcome = JobCore(job, study, launcher).reconcile(previous)
+            outcome = JobCore(job, study, launcher).reconcile(
+                previous, attrs, fail_stale=self._stale_check_due(owner.uid, job))
+        except KeyError as err:  # Optuna's answer for a study that is not there (any more)
+            self._forget_study(owner.uid)
+            raise StudyVanished(job.study_name) from err
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
             if not isinstance(err, SQLAlchemyError) and not is_outage(err):
                 raise
@@ -252,31 +271,83 @@ class Reconciler:
                                               status))
         return SyncResult(status=status_patch(observed, status), events=events)
 
-    def _accept(self, url: str, owner: Owner, current: TuningJob
-                ) -> tuple[TuningJob, list[Event]]:
-        """The job to run: always ``current``, the TuningJob as the spec model validated it.
-        The copy stored in its study is only compared with it (``StoredSpecMismatch``) and
-        takes its editable fields, which workers read there."""
-        storage = self._storage(url, None)
-        try:
-            study = _call_storage(optuna.load_study,
-                                  study_name=study_name(owner.namespace, owner.name),
-                                  storage=storage, sampler=optuna.samplers.RandomSampler())
-        except KeyError:
-            study = None
-        if study is None or study.user_attrs.get(JOB_UID_ATTR) != owner.uid:
+    def _accept(self, url: str, owner: Owner, generation: Any, current: TuningJob
+                ) -> tuple[TuningJob, optuna.Study, dict[str, Any], list[Event]]:
+        """The job to run, its study and the study's user attributes. The job is always
+        ``current``, the TuningJob as the spec model validated it. The copy stored in its
+        study is only compared with it (``StoredSpecMismatch``) and takes its editable fields,
+        which workers read there.
+
+        A steady job costs one read of the study's attributes: the study is opened once per
+        job, and a stored copy equal to the one accepted at this generation is not compared
+        again (a rewrite in the database makes it unequal, so it is still caught)."""
+        study, attrs = self._open_study(url, owner, current)
+        if study is None or attrs.get(JOB_UID_ATTR) != owner.uid:
             # A new job, or a new TuningJob continuing the study of an earlier one of that name
+            storage = self._storage(url, current)
             study = _call_storage(create_or_load_study, storage, current)
             _call_storage(study.set_user_attr, JOB_UID_ATTR, owner.uid)
-            return current, []
-        stored = study.user_attrs.get(JOB_ATTR)
+            self._remember_study(owner.uid, storage, study)
+            return current, study, _call_storage(lambda: study.user_attrs), []
+        stored = attrs.get(JOB_ATTR)
+        with self._lock:
+            accepted = self._accepted.get(owner.uid)
+        if accepted == (generation, stored):
+            return current, study, attrs, []
         differences = stored_differences(stored, current)
         if differences:
             raise StoredSpecMismatch(study.study_name, differences)
         events = budget_events(stored, current)
         if current.to_dict() != stored:
-            _call_storage(study.set_user_attr, JOB_ATTR, current.to_dict())
-        return current, events
+            stored = current.to_dict()
+            _call_storage(study.set_user_attr, JOB_ATTR, stored)
+            attrs = {**attrs, JOB_ATTR: stored}
+        with self._lock:
+            self._accepted[owner.uid] = (generation, stored)
+        return current, study, attrs, events
+
+    def _open_study(self, url: str, owner: Owner, current: TuningJob
+                    ) -> tuple[optuna.Study | None, dict[str, Any]]:
+        """The job's study (None: there is none) and its user attributes. The study object
+        is kept for the job's next reconciles: opening one reads its id and directions."""
+        storage = self._storage(url, current)
+        with self._lock:
+            kept = self._studies.get(owner.uid)
+        if kept is not None and kept[0] is storage:
+            try:
+                return kept[1], _call_storage(lambda: kept[1].user_attrs)
+            except KeyError:  # deleted since (kubetune delete, or by hand)
+                self._forget_study(owner.uid)
+        try:
+            study = _call_storage(optuna.load_study,
+                                  study_name=study_name(owner.namespace, owner.name),
+                                  storage=storage, sampler=optuna.samplers.RandomSampler())
+        except KeyError:
+            return None, {}
+        self._remember_study(owner.uid, storage, study)
+        return study, _call_storage(lambda: study.user_attrs)
+
+    def _remember_study(self, uid: str, storage: BaseStorage, study: optuna.Study) -> None:
+        with self._lock:
+            self._studies[uid] = (storage, study)
+            self._accepted.pop(uid, None)
+
+    def _forget_study(self, uid: str) -> None:
+        with self._lock:
+            self._studies.pop(uid, None)
+            self._accepted.pop(uid, None)
+            self._stale_checked.pop(uid, None)
+
+    def _stale_check_due(self, uid: str, job: TuningJob) -> bool:
+        """Whether this reconcile fails the trials whose heartbeat stopped: every quarter of
+        the grace period, which workers (before each trial) do too."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._stale_checked.get(uid)
+            if last is not None and now - last < job.spec.storage.grace_period / 4:
+                return False
+            self._stale_checked[uid] = now
+        return True
 
     # ------------------------------------------------------------------ delete
     def delete(self, body: Mapping[str, Any]) -> list[Event]:
@@ -285,6 +356,7 @@ class Reconciler:
             events = self._delete(body)
         with self._lock:
             self._jobs.pop(body["metadata"]["uid"], None)
+        self._forget_study(body["metadata"]["uid"])
         self._release_storages(body["metadata"]["uid"])
         return events
 
@@ -342,15 +414,24 @@ class Reconciler:
 
     def _storage_url(self, namespace: str, secret: StorageSecret) -> StorageURL:
         """The URL in the job's Secret, checked: a PostgreSQL URL to an allowed host. No
-        message says what the Secret held."""
+        message says what the Secret held. A URL read is kept STORAGE_SECRET_TTL_S."""
+        key = (namespace, secret.name, secret.key)
+        now = time.monotonic()
+        with self._lock:
+            read = self._secret_urls.get(key)
+        if read is not None and now - read[0] < STORAGE_SECRET_TTL_S:
+            return read[1]
         where = f"storage Secret {namespace}/{secret.name} key {secret.key!r}"
         value = self._read_secret(namespace, secret,
                                   "create it with the storage URL under key "
                                   f"{secret.key!r}, or set spec.storage.secretRef")
         try:
-            return check_storage_url(value, where, self.settings.allowed_storage_hosts)
+            target = check_storage_url(value, where, self.settings.allowed_storage_hosts)
         except BadStorageURL as err:
             raise StorageUnavailable(str(err)) from None
+        with self._lock:
+            self._secret_urls[key] = (now, target)
+        return target
 
     def _read_secret(self, namespace: str, secret: StorageSecret, hint: str) -> str:
         try:

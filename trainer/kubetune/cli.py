@@ -109,6 +109,32 @@ def _parser() -> argparse.ArgumentParser:
                                                       "or ./<name>-plots)")
     plot.set_defaults(handler=_plot)
 
+    dashboard = sub.add_parser("dashboard", help="serve optuna-dashboard on a local run's or a "
+                                                 "TuningJob's study (read-only by default)")
+    dashboard.add_argument("target", nargs="?", metavar="DIR|NAME",
+                           help="a local run's output folder or name, or a TuningJob's name "
+                                "(default: the whole --storage)")
+    dashboard.add_argument("-n", "--namespace",
+                           help="namespace of the TuningJob (cluster; default: the "
+                                "kubeconfig's)")
+    dashboard.add_argument("--storage", metavar="URL",
+                           help=f"the study's storage (default: DIR/study.journal, the "
+                                f"cluster job's storage Secret, or ${STORAGE_ENV})")
+    dashboard.add_argument("--db-address", metavar="HOST:PORT",
+                           help="connect to the cluster job's database here instead of the "
+                                "host in its Secret (e.g. through kubectl port-forward)")
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on (default: 127.0.0.1)")
+    dashboard.add_argument("--port", type=_port_or_zero, default=8080,
+                           help="port to listen on (default: 8080; 0: any free port)")
+    dashboard.add_argument("--allow-edits", action="store_true",
+                           help="let visitors change notes and trial states and delete or "
+                                "rename studies (refused by default)")
+    dashboard.add_argument("--with-history", action="store_true",
+                           help="also send each trial's per-epoch history:N attributes "
+                                "(hidden by default: they slow large studies down)")
+    dashboard.set_defaults(handler=_dashboard)
+
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
 
@@ -136,6 +162,10 @@ def _port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
     return value
+
+
+def _port_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _port(text)
 
 
 def _positive_int(text: str) -> int:
@@ -267,6 +297,17 @@ def _cluster_results(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_INVALID
     return cluster_results(args)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from kubetune.local.dashboard import main as dashboard
+
+    def cluster_target(name: str, namespace: str | None, db_address: str | None):
+        from kubetune_operator.results import dashboard_target
+
+        return dashboard_target(name, namespace, db_address)
+
+    return dashboard(args, cluster_target)
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@ Pure functions of the ``history`` user attribute, so they work for any trainer t
 ``train_<x>`` / ``val_<x>`` metrics, all of them or some: a loss curve alone tells divergence
 and stalls, a validation score alone its plateau and the onset of overfitting, and the summary
 says which metric would tell more. The rules, their order and their thresholds (the constants
-below) are documented in docs/tuning.md (Diagnosis): change the two together. Labels are never
-stored; ``kubetune.job.status`` computes and caches them.
+below) are documented in docs/tuning.md (Diagnosis): change the two together. A finished
+trial keeps its label in its ``diagnosis`` user attribute, for whoever reads the trial
+(optuna-dashboard shows it); ``kubetune.job.status`` computes the labels itself and caches them.
 """
 
 from __future__ import annotations

@@ -203,12 +203,18 @@ def _train(
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     oversample = balance == "oversample"
     history: list[dict[str, float]] = []
+    n_params = float(sum(t.numel() for t in model.parameters() if t.requires_grad))
     for epoch in range(1, int(p["epochs"]) + 1):
         order = epoch_order(y_train, generator, balanced=oversample)
         train_loss, train_accuracy = _train_epoch(
             model, optimizer, X_train, y_train, order, int(p["batch_size"]), float(p["grad_clip"]), loss_fn
         )
-        metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy, **_evaluate(model, X_val, y_val)}
+        metrics = {
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            **_evaluate(model, X_val, y_val),
+            "n_params": n_params,
+        }
         if scheduler is not None:
             scheduler.step(metrics["val_loss"])
         history.append({"epoch": epoch, **metrics})

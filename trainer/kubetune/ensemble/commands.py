@@ -146,7 +146,7 @@ def _trial_bundle(args: argparse.Namespace) -> dict[str, Any]:
         raise ExportError(f"trial {args.trial}'s model not found (artifact folders tried: "
                           f"{tried}); give --artifacts DIR")
     direction = job.spec.objective.resolved_direction
-    metric = selection_metric(job.spec.objective.metric)
+    metric = selection_metric(job.spec.objective.primary_metric)
     with tempfile.TemporaryDirectory(prefix="kubetune-export-") as tmp:
         reader = ArtifactReader(make_artifact_store(folder), Path(tmp))
         preds = reader.predictions(trial)

@@ -307,7 +307,9 @@ def collect_members(study: optuna.Study, job: TuningJob, reader: ArtifactReader,
     wanted = 1 if ensemble.members == "seeds" else ensemble.top_k
     usable: list[tuple[FrozenTrial, dict[str, np.ndarray]]] = []
     skipped: list[int] = []
-    for trial in ranked(study.get_trials(deepcopy=False), job.spec.objective.resolved_direction):
+    objective = job.spec.objective  # several objectives: ranked by the primary one
+    for trial in ranked(study.get_trials(deepcopy=False), objective.resolved_direction,
+                        index=objective.primary_index):
         if len(usable) == wanted:
             break
         preds = reader.predictions(trial)
@@ -442,7 +444,7 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
     built_from = fingerprint(spec.ensemble, count_trials(study.get_trials(deepcopy=False))
                              .finished)
     try:
-        metric = selection_metric(spec.objective.metric)
+        metric = selection_metric(spec.objective.primary_metric)
     except ValueError as err:  # custom code may optimize a metric the ensemble cannot score
         record = {"reason": NO_ENSEMBLE_METRIC, "message": str(err), "builtFrom": built_from}
         study.set_user_attr(ENSEMBLE_ATTR, record)
@@ -471,7 +473,8 @@ def run_ensemble_step(study: optuna.Study, artifact_store: Any, *,
                                   source=spec.ensemble.members)
             artifact = save_bundle(bundle, study, artifact_store, Path(tmp))
     record = make_record(result, source=spec.ensemble.members, artifact=artifact,
-                         objective_metric=spec.objective.metric, built_from=built_from)
+                         objective_metric=spec.objective.primary_metric,
+                         built_from=built_from)
     if artifact is None:
         record["note"] = (record.get("note", "") + "; " if "note" in record else "") + (
             "no model to export: the members are trials of your own code (their weights are "

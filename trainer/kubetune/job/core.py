@@ -11,6 +11,7 @@ carries on where the last one stopped.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from kubetune.search import budget
 from kubetune.search.stages import stored_spaces
 from kubetune.spec.model import TuningJob
 from kubetune.study.schema import ENSEMBLE_ATTR, WORKER_ATTR, started_at
-from kubetune.study.trials import fail_and_requeue
+from kubetune.study.trials import fail_and_requeue, worker_of
 
 log = logging.getLogger("kubetune.controller")
 
@@ -133,17 +134,23 @@ class JobCore:
         self.clock = clock
         self._stage_spaces: dict[str, Any] = {}  # read once per reconcile, for the status
 
-    def reconcile(self, previous: dict[str, Any] | None = None) -> Outcome:
+    def reconcile(self, previous: dict[str, Any] | None = None,
+                  attrs: dict[str, Any] | None = None, fail_stale: bool = True) -> Outcome:
+        """``attrs``: the study's user attributes when the caller read them this pass;
+        ``fail_stale``: whether to fail the trials whose heartbeat stopped (the operator does
+        it less often than it reconciles; a worker does it before each trial too)."""
         previous = previous or {}
-        attrs = self.study.user_attrs
-        outcome = self._reconcile(previous, attrs)
+        attrs = self.study.user_attrs if attrs is None else attrs
+        outcome = self._reconcile(previous, attrs, fail_stale)
         outcome.status["preflight"] = preflight.status_view(attrs)
         return outcome
 
-    def _reconcile(self, previous: dict[str, Any], attrs: dict[str, Any]) -> Outcome:
+    def _reconcile(self, previous: dict[str, Any], attrs: dict[str, Any],
+                   fail_stale: bool) -> Outcome:
         spec = self.job.spec
         now = self.clock()
-        fail_stale_trials(self.study)
+        if fail_stale:
+            fail_stale_trials(self.study)
         if spec.stages and len(spec.stages) > 1:
             self._stage_spaces = stored_spaces(self.study)
         tracking = _ensemble_tracking(previous)
@@ -182,7 +189,10 @@ class JobCore:
         running = self._fit_workers(previous, running, check.max_trials)
         started = 0
         if check.stop is None:
-            wanted = min(spec.budget.parallelism, check.open_slots + check.counts.running)
+            # Each worker runs up to trialsPerWorker trials at once.
+            wanted = min(spec.budget.parallelism,
+                         math.ceil((check.open_slots + check.counts.running)
+                                   / spec.budget.trials_per_worker))
             backoff = min(60.0, 2.0 ** crashes) if crashes else 0.0
             if last_crash is None or now - last_crash >= backoff:
                 for _ in range(max(0, wanted - len(running))):
@@ -347,7 +357,8 @@ class JobCore:
             return FAILED, NO_COMPLETE_TRIAL, f"no full-fidelity trial completed; {summary}"
         messages = {
             budget.MAX_TRIALS: f"budget of {check.max_trials} trials spent; {summary}",
-            budget.GOAL: f"objective goal {self.job.spec.objective.goal} reached; {summary}",
+            budget.GOAL: f"objective goal {self.job.spec.objective.goal} "
+                         f"({self.job.spec.objective.primary_metric}) reached; {summary}",
             budget.TIMEOUT: f"timeout {self.job.spec.budget.timeout} reached; {summary}",
         }
         return SUCCEEDED, check.stop, messages[check.stop]
@@ -369,8 +380,8 @@ class JobCore:
             if trial.state != TrialState.RUNNING:
                 continue
             owner = trial.user_attrs.get(WORKER_ATTR)
-            if owner in dead:
-                reason = f"worker {owner} exited with code {dead[owner].exit_code}"
+            if owner is not None and worker_of(owner) in dead:
+                reason = f"worker {owner} exited with code {dead[worker_of(owner)].exit_code}"
             elif owner is None and trial.datetime_start is not None \
                     and trial.datetime_start < unclaimed_before:
                 reason = "no worker claimed the trial (its creation was cut off)"

@@ -34,7 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from kubetune.search.budget import count_trials
-from kubetune.study.schema import EPOCHS_ATTR, PRUNE_REASON_ATTR
+from kubetune.study.schema import EPOCHS_ATTR, PRUNE_REASON_ATTR, epochs_trained, history_of
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 PHASES = ("Pending", "Running", "Ensembling", "Succeeded", "Failed")
@@ -65,7 +65,7 @@ def snapshot(namespace: str, job: str, trials: list[FrozenTrial],
     running: dict[int, tuple[float | None, int]] = {}
     epochs = 0
     for trial in trials:
-        epochs += int(trial.user_attrs.get(EPOCHS_ATTR) or 0)
+        epochs += epochs_trained(trial.user_attrs)
         if trial.state == TrialState.COMPLETE:
             finished[("complete", "")] += 1
         elif trial.state == TrialState.PRUNED:
@@ -75,8 +75,13 @@ def snapshot(namespace: str, job: str, trials: list[FrozenTrial],
         elif trial.state == TrialState.RUNNING:
             steps = trial.intermediate_values
             last = max(steps) if steps else 0
-            running[trial.number] = (steps.get(last), int(trial.user_attrs.get(EPOCHS_ATTR)
-                                                          or last))
+            value = steps.get(last)
+            if not steps and "metrics" in (status.get("objective") or {}):
+                # several objectives: Optuna keeps no intermediate values, the history does
+                latest = (history_of(trial.user_attrs) or [{}])[-1]
+                value = latest.get(status["objective"]["metric"])
+                value = float(value) if isinstance(value, (int, float)) else None
+            running[trial.number] = (value, int(trial.user_attrs.get(EPOCHS_ATTR) or last))
         if trial.state.is_finished() and trial.datetime_start and trial.datetime_complete:
             durations.append((trial.datetime_complete - trial.datetime_start).total_seconds())
     best = (status.get("best") or {}).get("value")

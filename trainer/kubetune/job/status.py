@@ -13,7 +13,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from kubetune.builtin import diagnosis
-from kubetune.search.budget import TrialCounts, ranked
+from kubetune.search.budget import TrialCounts, pareto_front, ranked
 from kubetune.search.space import effective_max_trials
 from kubetune.spec.model import TuningJob
 from kubetune.study.optuna_internals import trial_id
@@ -22,12 +22,14 @@ from kubetune.study.schema import (
     EPOCHS_ATTR,
     FAIL_REASON_ATTR,
     PRUNE_REASON_ATTR,
+    epochs_trained,
     history_of,
     is_copied,
     is_full_fidelity,
 )
 
 LEADERBOARD_SIZE = 10
+PARETO_SIZE = 10        # of the Pareto front's trials (status.paretoFront; its size is kept)
 FAILURES_SIZE = 5       # the latest failed trials, with their reasons
 FAILURE_CHARS = 500     # of each reason (a command's reason ends with its last output)
 DIAGNOSIS_CACHE_SIZE = 100_000
@@ -97,8 +99,9 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
     copied = sum(1 for t in trials if is_copied(t))
     if copied:  # spec.warmStart.fromJob: another job's trials, not this job's work
         trials = [t for t in trials if not is_copied(t)]
-    direction = job.spec.objective.resolved_direction
-    top = ranked(trials, direction)
+    objective = job.spec.objective
+    direction = objective.resolved_direction
+    top = ranked(trials, direction, index=objective.primary_index)
     reasons = Counter(t.user_attrs.get(PRUNE_REASON_ATTR) or "pruner"
                       for t in trials if t.state == TrialState.PRUNED)
     max_trials = max_trials or effective_max_trials(job.spec)
@@ -106,14 +109,15 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
     return {
         "name": job.name,
         "phase": phase,
-        "objective": {"metric": job.spec.objective.metric, "direction": direction},
+        "objective": objective_view(job),
         "progress": f"{counts.finished}/{max_trials}",
         "trials": {"total": counts.used, "complete": counts.complete, "pruned": counts.pruned,
                    "failed": counts.failed, "running": counts.running},
         "pruneReasons": dict(sorted(reasons.items())),
         "failures": failures(trials),
-        "best": _entry(top[0]) if top else None,
-        "leaderboard": [_entry(t) for t in top[:LEADERBOARD_SIZE]],
+        "best": _entry(top[0], job) if top else None,
+        "leaderboard": [_entry(t, job) for t in top[:LEADERBOARD_SIZE]],
+        **({"paretoFront": pareto_view(job, trials)} if objective.is_multi else {}),
         "conditions": merge_conditions(previous.get("conditions"), conditions),
         "ensemble": previous.get("ensemble"),
         **dict(zip(("stage", "stages"), status_view(job.spec, trials, stage_spaces or {}))),
@@ -126,13 +130,13 @@ def build_status(job: TuningJob, trials: list[FrozenTrial], counts: TrialCounts,
 
 def compute(trials: list[FrozenTrial]) -> dict[str, Any]:
     """The training the job has paid for: ``epochsTrained``, the epochs every trial trained
-    (each attempt's last reported epoch, whatever its state), and, once a trial trained on part
+    (each attempt's, whatever its state: a retry resumed from a checkpoint counts only the
+    epochs after it; trials copied from another job count none), and, once a trial trained on part
     of the training rows (a stage's ``data`` fidelity), ``dataEpochs``: each epoch weighted by
     that part, in epochs of the full data."""
     epochs, weighted, reduced = 0, 0.0, False
     for trial in trials:
-        ran = trial.user_attrs.get(EPOCHS_ATTR)
-        ran = ran if isinstance(ran, int) and not isinstance(ran, bool) else 0
+        ran = epochs_trained(trial.user_attrs)
         share = trial.user_attrs.get(DATA_SHARE_ATTR)
         share = float(share) if isinstance(share, (int, float)) and 0 < share <= 1 else 1.0
         reduced = reduced or share < 1.0
@@ -205,5 +209,38 @@ def trial_label(trial: FrozenTrial) -> str:
     return label
 
 
-def _entry(trial: FrozenTrial) -> dict[str, Any]:
-    return {"trial": trial.number, "value": trial.value, "params": dict(trial.params)}
+def _entry(trial: FrozenTrial, job: TuningJob) -> dict[str, Any]:
+    """A trial in the status: ``value`` is the (primary) objective's; with several
+    objectives, ``values`` lists them all, in the order of ``spec.objective.metrics``."""
+    objective = job.spec.objective
+    entry = {"trial": trial.number, "value": trial.values[objective.primary_index]}
+    if objective.is_multi:
+        entry["values"] = list(trial.values)
+    entry["params"] = dict(trial.params)
+    return entry
+
+
+def objective_view(job: TuningJob) -> dict[str, Any]:
+    """``status.objective``: the (primary) metric and its direction; with several objectives,
+    also each metric and direction, in the order of the trials' ``values``."""
+    objective = job.spec.objective
+    view: dict[str, Any] = {"metric": objective.primary_metric,
+                            "direction": objective.resolved_direction}
+    if objective.is_multi:
+        view["metrics"] = [{"metric": name, "direction": direction}
+                           for name, direction in zip(objective.names, objective.directions)]
+    return view
+
+
+def pareto_view(job: TuningJob, trials: list[FrozenTrial]) -> dict[str, Any]:
+    """``status.paretoFront``: its ``size``, and at most ``PARETO_SIZE`` of its trials, spread
+    evenly along the front ordered by the primary objective (both ends kept), so that the
+    status shows the whole trade-off however large the front grows."""
+    objective = job.spec.objective
+    front = ranked(pareto_front(trials, objective.directions), objective.resolved_direction,
+                   index=objective.primary_index)
+    shown = front
+    if len(front) > PARETO_SIZE:
+        last = len(front) - 1
+        shown = [front[round(i * last / (PARETO_SIZE - 1))] for i in range(PARETO_SIZE)]
+    return {"size": len(front), "trials": [_entry(t, job) for t in shown]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,29 +30,75 @@ def _pyplot() -> Any:
     return plt
 
 
-def write_plots(study: optuna.Study, out_dir: Path, *, metric: str, direction: str,
+def write_plots(study: optuna.Study, out_dir: Path, *, metric: str | None, direction: str,
                 top: int = TOP_TRIALS) -> list[Path]:
-    """Write the PNGs into ``out_dir`` and return their paths (best effort per plot)."""
+    """Write the PNGs into ``out_dir`` and return their paths (best effort per plot).
+
+    With several objectives (the job stored in the study says which) the curves, history and
+    importance are of the primary objective, and ``optuna-pareto.png`` shows the front.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     written: list[Path] = []
-    best = ranked(trials, direction)[:top]
+    names, index = _objectives(study)
+    if len(names) > 1:
+        metric, direction = names[index], _direction(study, index)
+    metric = metric or (names[index] if names else "value")
+    best = ranked(trials, direction, index=index)[:top]
     for rank, trial in enumerate(best, start=1):
         path = out_dir / f"curves-{rank:02d}-trial-{trial.number}.png"
-        if learning_curve(trial, path, metric=metric):
+        if learning_curve(trial, path, metric=metric, names=names):
             written.append(path)
     path = out_dir / "curves-overview.png"
     if overview(trials, path, metric=metric, best=[t.number for t in best]):
         written.append(path)
-    for name, draw, labels in (
-            ("history", optuna.visualization.matplotlib.plot_optimization_history,
-             history_labels(trials, metric)),
-            ("importance", optuna.visualization.matplotlib.plot_param_importances,
-             importance_labels(trials, metric))):
+    plot = optuna.visualization.matplotlib
+    drawings: list[tuple[str, Any, dict[str, str]]] = [
+        ("history", plot.plot_optimization_history, history_labels(trials, metric)),
+        ("importance", plot.plot_param_importances, importance_labels(trials, metric))]
+    if len(names) > 1:  # Optuna's plots of one objective need to be told which
+        primary = {"target": lambda t: t.values[index], "target_name": metric}
+        drawings = [(name, functools.partial(draw, **primary), labels)
+                    for name, draw, labels in drawings]
+        drawings.append(("pareto", functools.partial(plot.plot_pareto_front,
+                                                     target_names=list(names)),
+                         pareto_labels(study, trials, names)))
+    for name, draw, labels in drawings:
         path = out_dir / f"optuna-{name}.png"
         if _optuna_plot(draw, study, path, labels):
             written.append(path)
     return written
+
+
+def _objectives(study: optuna.Study) -> tuple[list[str], int]:
+    """The objective metrics of the job stored in the study, and the primary's index."""
+    from kubetune.study.schema import JOB_ATTR
+
+    objective = ((study.user_attrs.get(JOB_ATTR) or {}).get("spec") or {}).get("objective")
+    if not isinstance(objective, dict):
+        return [], 0
+    if isinstance(objective.get("metrics"), list):
+        names = [str(m.get("metric")) for m in objective["metrics"] if isinstance(m, dict)]
+        primary = objective.get("primary") or (names[0] if names else None)
+        return names, names.index(primary) if primary in names else 0
+    return ([str(objective["metric"])] if objective.get("metric") else []), 0
+
+
+def _direction(study: optuna.Study, index: int) -> str:
+    return study.directions[index].name.lower()
+
+
+def pareto_labels(study: optuna.Study, trials: list[FrozenTrial], names: list[str]
+                  ) -> dict[str, str]:
+    from kubetune.search.budget import pareto_front
+
+    directions = [d.name.lower() for d in study.directions]
+    front = pareto_front(trials, directions)
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    return {"title": f"Pareto front: {len(front)} of the {complete} complete trials",
+            "xlabel": f"{names[0]} ({directions[0]})",
+            "ylabel": f"{names[1]} ({directions[1]})", "legend": "trial",
+            "front": [t.number for t in front]}
 
 
 FEW_TRIALS = 30  # fewer complete trials than this: an importance is a rough indication
@@ -78,7 +125,8 @@ def importance_labels(trials: list[FrozenTrial], metric: str) -> dict[str, str]:
             "legend": metric}
 
 
-def learning_curve(trial: FrozenTrial, path: Path, *, metric: str) -> bool:
+def learning_curve(trial: FrozenTrial, path: Path, *, metric: str,
+                   names: list[str] | None = None) -> bool:
     """Loss (left axis) and accuracy (right axis), training and validation, per epoch."""
     history = _history(trial)
     if not history:
@@ -89,7 +137,7 @@ def learning_curve(trial: FrozenTrial, path: Path, *, metric: str) -> bool:
     acc_ax = loss_ax.twinx()
     curves = [("train_loss", "-", loss_ax), ("val_loss", "--", loss_ax),
               ("train_accuracy", "-", acc_ax), ("val_accuracy", "--", acc_ax)]
-    if metric not in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+    if metric not in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "n_params"):
         # your own code's objective (e.g. val_auc): drawn with the standard curves it reports
         curves.append((metric, ":", loss_ax if "loss" in metric else acc_ax))
     for key, style, axis in curves:
@@ -101,7 +149,10 @@ def learning_curve(trial: FrozenTrial, path: Path, *, metric: str) -> bool:
     _integer_epochs(loss_ax)
     loss_ax.set_ylabel("loss", color="tab:red")
     acc_ax.set_ylabel("accuracy", color="tab:blue")
-    value = "" if trial.value is None else f", {metric} {trial.value:.4g}"
+    values = trial.values or []
+    shown = list(names or ()) if len(values) > 1 and len(names or ()) == len(values) \
+        else [metric]
+    value = "".join(f", {name} {v:.4g}" for name, v in zip(shown, values))
     loss_ax.set_title(f"trial {trial.number}{value}")
     lines = loss_ax.get_lines() + acc_ax.get_lines()
     loss_ax.legend(lines, [line.get_label() for line in lines], loc="center right")
@@ -210,8 +261,9 @@ def _optuna_plot(draw: Any, study: optuna.Study, path: Path, labels: dict[str, s
     axes.set_ylabel(labels["ylabel"])
     legend = axes.get_legend() or axes.figure.legends and axes.figure.legends[0]
     for text in legend.get_texts() if legend else []:
-        text.set_text({"Objective Value": labels["legend"],
-                       "Best Value": "best so far"}.get(text.get_text(), text.get_text()))
+        text.set_text({"Objective Value": labels["legend"], "Best Value": "best so far",
+                       "Trial": "dominated trial", "Best Trial": "on the Pareto front"}
+                      .get(text.get_text(), text.get_text()))
     axes.figure.set_size_inches(8, 4.5)
     axes.figure.tight_layout()
     axes.figure.savefig(path, dpi=100, metadata={"Description": json.dumps(labels)})

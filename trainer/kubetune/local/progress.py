@@ -56,10 +56,12 @@ class ProgressView:
             return
         spec = self._job.spec
         what = f"continuing study ({done} trials done)" if done else "new study"
+        slots = spec.budget.trials_per_worker
+        at_once = f" x {slots} trials at once" if slots > 1 else ""
         self._console.print(
             f"[bold]kubetune run {self._job.name}[/]: {what}, up to "
-            f"{effective_max_trials(spec)} trials, {workers} worker(s), objective "
-            f"{spec.objective.metric} ({spec.objective.resolved_direction})")
+            f"{effective_max_trials(spec)} trials, {workers} worker(s){at_once}, "
+            f"{objective_text(spec.objective)}")
         self._console.print(f"  storage: {storage}\n  output:  {output}")
         if resumed:
             self._console.print(f"  {resumed} trial(s) left running by an earlier run were "
@@ -187,6 +189,9 @@ def print_summary(status: dict[str, Any], console: Console | None = None) -> Non
     console = console or make_console()
     if status.get("leaderboard"):
         console.print(leaderboard_table(status))
+    front = pareto_table(status)
+    if front is not None:
+        console.print(front)
     for cond in status.get("conditions", []):
         if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
             console.print(f"[bold]{status['phase']}[/] ({cond['reason']}): {cond['message']}")
@@ -268,18 +273,51 @@ def _member(member: dict[str, Any]) -> str:
     return f"#{member['trial']}{extra} x{member['weight']:.3g}"
 
 
+def objective_text(objective: Any) -> str:
+    """``objective val_accuracy (maximize)``, or with several ``objectives val_accuracy
+    (maximize, primary), n_params (minimize)``."""
+    if not objective.is_multi:
+        return f"objective {objective.primary_metric} ({objective.resolved_direction})"
+    return "objectives " + ", ".join(
+        f"{name} ({direction}{', primary' if name == objective.primary_metric else ''})"
+        for name, direction in zip(objective.names, objective.directions))
+
+
 def leaderboard_table(status: dict[str, Any]) -> Table:
     objective = status["objective"]
     table = Table(title=f"{status['name']}: top trials by {objective['metric']} "
                         f"({objective['direction']})")
+    _trial_rows(table, objective, status.get("leaderboard", []))
+    return table
+
+
+def pareto_table(status: dict[str, Any]) -> Table | None:
+    """The Pareto front of a job with several objectives (``status.paretoFront``)."""
+    front = status.get("paretoFront")
+    if not isinstance(front, dict):
+        return None
+    shown = front.get("trials") or []
+    size = front.get("size", len(shown))
+    names = " vs ".join(f"{m['metric']} ({m['direction']})"
+                        for m in status["objective"].get("metrics", []))
+    more = f", {len(shown)} shown" if len(shown) < size else ""
+    table = Table(title=f"{status['name']}: Pareto front of {names}: {size} trials{more}")
+    _trial_rows(table, status["objective"], shown)
+    return table
+
+
+def _trial_rows(table: Table, objective: dict[str, Any], entries: list[dict[str, Any]]
+                ) -> None:
+    metrics = [m["metric"] for m in objective.get("metrics", [])] or [objective["metric"]]
     table.add_column("#", justify="right")
     table.add_column("trial", justify="right")
-    table.add_column(objective["metric"], justify="right")
+    for name in metrics:
+        table.add_column(name, justify="right")
     table.add_column("params")
-    for rank, entry in enumerate(status.get("leaderboard", []), start=1):
+    for rank, entry in enumerate(entries, start=1):
         params = ", ".join(f"{k}={_short(v)}" for k, v in entry["params"].items())
-        table.add_row(str(rank), str(entry["trial"]), f"{entry['value']:.5g}", params)
-    return table
+        values = entry.get("values") or [entry["value"]]
+        table.add_row(str(rank), str(entry["trial"]), *(f"{v:.5g}" for v in values), params)
 
 
 def _short(value: Any) -> str:

@@ -69,25 +69,56 @@ def count_trials(trials: list[FrozenTrial]) -> TrialCounts:
     return TrialCounts(**counts)
 
 
-def ranked(trials: list[FrozenTrial], direction: str, *,
-           full_only: bool = True) -> list[FrozenTrial]:
+def objective_value(trial: FrozenTrial, index: int = 0) -> float | None:
+    """The trial's value of one objective (``index`` into the study's values), if any: with
+    several objectives Optuna's ``trial.value`` raises."""
+    values = trial.values
+    return values[index] if values is not None and len(values) > index else None
+
+
+def _competing(trials: Iterable[FrozenTrial], full_only: bool = True) -> list[FrozenTrial]:
+    """Complete trials with finite values that compete for best (see ``ranked``)."""
+    return [t for t in trials if t.state == TrialState.COMPLETE and t.values
+            and all(math.isfinite(v) for v in t.values)
+            and (not full_only or is_full_fidelity(t)) and not is_copied(t)]
+
+
+def ranked(trials: list[FrozenTrial], direction: str, *, full_only: bool = True,
+           index: int = 0) -> list[FrozenTrial]:
     """Complete trials with a finite value, best first (ties: earlier trial first).
 
     Only full-fidelity trials compete (best, leaderboard, ensemble): a reduced-fidelity
     stage's scores are not comparable. ``full_only=False`` ranks within one stage. Trials
-    copied from another job (``spec.warmStart.fromJob``) never rank.
+    copied from another job (``spec.warmStart.fromJob``) never rank. ``index``: the objective
+    that ranks, with several (``spec.objective.primary_index``).
     """
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and math.isfinite(t.value)
-            and (not full_only or is_full_fidelity(t)) and not is_copied(t)]
+    done = _competing(trials, full_only)
     sign = -1.0 if direction == "maximize" else 1.0
-    return sorted(done, key=lambda t: (sign * t.value, t.number))
+    return sorted(done, key=lambda t: (sign * t.values[index], t.number))
 
 
-def best_value(trials: Iterable[FrozenTrial], direction: str) -> float | None:
+def best_value(trials: Iterable[FrozenTrial], direction: str, index: int = 0) -> float | None:
     """The best value of the complete full-fidelity trials (what the goal is checked on)."""
-    top = ranked(list(trials), direction)
-    return top[0].value if top else None
+    top = ranked(list(trials), direction, index=index)
+    return top[0].values[index] if top else None
+
+
+def pareto_front(trials: Iterable[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
+    """The complete full-fidelity trials no other such trial dominates (as good in every
+    objective and better in one), in the order of the first objective, best first.
+
+    Sorted so, a trial can only be dominated by one before it, and then by one already on the
+    front: each trial is compared with the front only.
+    """
+    signs = [-1.0 if d == "maximize" else 1.0 for d in directions]
+    keyed = sorted(((tuple(s * v for s, v in zip(signs, t.values)), t)
+                    for t in _competing(trials)), key=lambda e: (e[0], e[1].number))
+    front: list[tuple[tuple[float, ...], FrozenTrial]] = []
+    for key, trial in keyed:
+        if not any(all(a <= b for a, b in zip(other, key)) and other != key
+                   for other, _ in front):
+            front.append((key, trial))
+    return [trial for _, trial in front]
 
 
 @dataclass(frozen=True)
@@ -109,7 +140,8 @@ class BudgetPass:
 def check_budget(spec: JobSpec, trials: list[FrozenTrial], started_at: float,
                  now: float) -> BudgetPass:
     counts = count_trials(trials)
-    best = best_value(trials, spec.objective.resolved_direction)
+    best = best_value(trials, spec.objective.resolved_direction,
+                      spec.objective.primary_index)
     max_trials = effective_max_trials(spec)
     return BudgetPass(max_trials, counts, best,
                       _stop_reason(spec, counts, best, max_trials, started_at, now))

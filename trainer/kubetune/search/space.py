@@ -75,7 +75,8 @@ def stage_samplers(spec: JobSpec, worker_id: str) -> Callable[[int], optuna.samp
 
     def sampler(stage: int = 0) -> optuna.samplers.BaseSampler:
         return make_sampler(spec, seed=None if seed is None else seed + 104729 * stage,
-                            parallel=spec.budget.parallelism > 1)
+                            parallel=spec.budget.parallelism * spec.budget.trials_per_worker
+                            > 1)
 
     return sampler
 
@@ -83,13 +84,17 @@ def stage_samplers(spec: JobSpec, worker_id: str) -> Callable[[int], optuna.samp
 def worker_seed(seed: int | None, worker_id: str) -> int | None:
     """Distinct, reproducible seeds per worker, so parallel workers never draw the same points.
 
-    Worker ids end in their slot number (``local-3fa2c1-1``, ``digits-mlp-worker-0``); the
-    seed follows the slot, so the same job with the same parallelism samples the same way.
+    Worker ids end in their slot number (``local-3fa2c1-1``, ``digits-mlp-worker-0``), and a
+    worker's trial slots (``budget.trialsPerWorker``) add theirs (``digits-mlp-worker-0/1``);
+    the seed follows both, so the same job with the same parallelism samples the same way.
+    The trial slot's stride is past every worker slot and stage offset, so no two collide.
     """
     if seed is None:
         return None
-    slot = re.search(r"(\d+)$", worker_id)
-    offset = int(slot.group(1)) * 7919 if slot else zlib.crc32(worker_id.encode())
+    slot = re.search(r"(\d+)(?:/(\d+))?$", worker_id)
+    if slot is None:
+        return (seed + zlib.crc32(worker_id.encode())) % (2**31)
+    offset = int(slot.group(1)) * 7919 + int(slot.group(2) or 0) * 100_000_007
     return (seed + offset) % (2**31)
 
 
@@ -124,6 +129,11 @@ def make_sampler(spec: JobSpec, *, seed: int | None = None,
         if cfg.n_startup_trials is not None:
             kwargs["n_startup_trials"] = cfg.n_startup_trials
         return optuna.samplers.GPSampler(**kwargs)
+    if cfg.type == "nsgaii":
+        kwargs = {"seed": seed}
+        if cfg.population_size is not None:
+            kwargs["population_size"] = cfg.population_size
+        return optuna.samplers.NSGAIISampler(**kwargs)
     if cfg.type == "qmc":
         return optuna.samplers.QMCSampler(qmc_type=cfg.qmc_type or "sobol", seed=seed,
                                           warn_independent_sampling=False)
@@ -152,7 +162,7 @@ def make_pruner(spec: JobSpec, *, epochs: int | None = None,
     percentile pruners' defaults are sized to its trials and epochs (``pruner_defaults``).
     """
     cfg: Pruner = spec.pruning.pruner
-    if cfg.type == "none":
+    if cfg.type == "none" or spec.objective.is_multi:  # Optuna prunes one objective only
         return optuna.pruners.NopPruner()
     if cfg.type in ("median", "percentile"):
         default = pruner_defaults(spec, epochs=epochs, stage=stage)

@@ -101,7 +101,8 @@ def stage_space(spec: JobSpec, study: optuna.Study, stage: int,
     previous = stage_space(spec, study, stage - 1, trials)
     stored = stored_spaces(study)  # the call above may have stored the previous stage
     ranking = budget.ranked(by_stage(trials, len(spec.stage_list))[stage - 1],
-                            spec.objective.resolved_direction, full_only=False)
+                            spec.objective.resolved_direction, full_only=False,
+                            index=spec.objective.primary_index)
     top = ranking[:spec.stage_list[stage - 1].top or default_top(len(ranking))]
     space = narrow(previous, to_distributions(spec.search_space), [dict(t.params) for t in top],
                    ranked=[dict(t.params) for t in ranking])
@@ -112,13 +113,13 @@ def stage_space(spec: JobSpec, study: optuna.Study, stage: int,
     return space
 
 
-def mark_new_trial(trial: optuna.Trial, spec: JobSpec, stage: int) -> None:
-    """Record the stage and fidelity of a new trial (a retry keeps its original's)."""
+def new_trial_attrs(trial: optuna.Trial, spec: JobSpec, stage: int) -> dict[str, Any]:
+    """The stage and fidelity to record on a new trial (a retry keeps its original's)."""
     attrs = trial.user_attrs
     stage = int(attrs.get(STAGE_ATTR, stage))
-    for attr, value in ((STAGE_ATTR, stage), (FIDELITY_ATTR, fidelity(spec, stage))):
-        if attr not in attrs:
-            trial.set_user_attr(attr, value)
+    return {attr: value for attr, value in ((STAGE_ATTR, stage),
+                                            (FIDELITY_ATTR, fidelity(spec, stage)))
+            if attr not in attrs}
 
 
 def stage_epochs(spec: JobSpec, user_attrs: dict[str, Any]) -> int | None:

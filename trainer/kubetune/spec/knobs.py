@@ -14,8 +14,12 @@ MODELS = ("mlp",)
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 INITS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "orthogonal")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adadelta", "adagrad")
-REPORTED_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1")
+# n_params: the model's size (trainable parameters), the same every epoch: an objective to
+# trade against accuracy (spec.objective.metrics).
+REPORTED_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1",
+                    "n_params")
 LOSS_METRICS = ("train_loss", "val_loss")
+MINIMIZED_METRICS = ("n_params",)  # minimized by default, as losses are
 BALANCE_MODES = ("none", "oversample", "weighted")  # trainer.builtin.balance
 
 

@@ -32,12 +32,21 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kubetune.spec.api import API_VERSION, KIND
-from kubetune.spec.knobs import KNOBS, LOSS_METRICS, MODELS, REPORTED_METRICS
+from kubetune.spec.knobs import (
+    KNOBS,
+    LOSS_METRICS,
+    MINIMIZED_METRICS,
+    MODELS,
+    REPORTED_METRICS,
+)
 from kubetune.spec.presets import PRESET_KEY, PRESETS, expand
 from kubetune.spec.source import YamlDocument, YamlError, load_yaml
 from kubetune.spec.template import template_problems
 
-SAMPLERS = ("random", "grid", "tpe", "cmaes", "gp", "qmc")
+SAMPLERS = ("random", "grid", "tpe", "cmaes", "gp", "qmc", "nsgaii")
+# The samplers that search several objectives (spec.objective.metrics); CMA-ES does not.
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsgaii", "gp", "random", "qmc", "grid")
+MAX_OBJECTIVES = 4
 PRUNERS = ("median", "percentile", "hyperband", "asha", "none")
 # Which sampler or pruner uses which option (any other rejects it); the CRD's rules too.
 SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -45,6 +54,7 @@ SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
     "multivariate": ("tpe",),
     "constant_liar": ("tpe",),
     "qmc_type": ("qmc",),
+    "population_size": ("nsgaii",),
 }
 PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
     "n_startup_trials": ("median", "percentile"),
@@ -64,6 +74,7 @@ MAX_STAGES = 10
 MAX_ENQUEUE = 100  # spec.warmStart.enqueue
 # Hard ceilings of any job (the CRD's too); an admin may set lower ones in the operator.
 MAX_PARALLELISM = 10_000
+MAX_TRIALS_PER_WORKER = 16
 MAX_TRIALS = 10_000_000
 # What a running job may change: the CRD refuses edits of any other field, and the operator
 # compares the rest with the copy stored in the study (paths under ``spec``).
@@ -236,23 +247,102 @@ PARAM_MODELS: dict[str, type[BaseModel]] = {
 SearchParam = _tagged_union("type", PARAM_MODELS)
 
 # ---------------------------------------------------------------- objective, budget, sampler
-class Objective(_Model):
-    metric: StrictStr
-    direction: Literal["maximize", "minimize"] | None = None
-    goal: Number | None = Field(
-        default=None, description="stop starting trials once a trial reaches this value")
+class ObjectiveMetric(_Model):
+    """One objective of several: a metric and its direction."""
+
+    metric: StrictStr = Field(min_length=1, description="a metric the trainer reports")
+    direction: Literal["maximize", "minimize"] | None = Field(
+        default=None, description="maximize or minimize (default: minimize for losses and "
+                                  "n_params, else maximize)")
 
     @property
     def resolved_direction(self) -> str:
-        """The direction given, or the natural one for the metric (losses are minimized)."""
-        if self.direction:
-            return self.direction
-        return "minimize" if self.metric.endswith("loss") else "maximize"
+        return self.direction or default_direction(self.metric)
+
+
+def default_direction(metric: str) -> str:
+    """Losses and model size are minimized, anything else maximized."""
+    return "minimize" if metric.endswith("loss") or metric in MINIMIZED_METRICS else "maximize"
+
+
+class Objective(_Model):
+    """One metric (``metric``, ``direction``) or several (``metrics``, ``primary``)."""
+
+    metric: StrictStr | None = Field(
+        default=None, description="the metric to optimize (one objective)")
+    direction: Literal["maximize", "minimize"] | None = None
+    metrics: list[ObjectiveMetric] | None = Field(
+        default=None, min_length=2, max_length=MAX_OBJECTIVES,
+        description="several objectives, each a metric and a direction: the search looks for "
+                    "their Pareto front")
+    primary: StrictStr | None = Field(
+        default=None, min_length=1,
+        description="with metrics: the objective that ranks trials for best, the leaderboard, "
+                    "the goal and the ensemble (default: the first of metrics)")
+    goal: Number | None = Field(
+        default=None, description="stop starting trials once a trial reaches this value (of "
+                                  "the primary objective, with metrics)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Objective:
+        if self.metrics is None:
+            if self.metric is None:
+                raise _at("metric", "required field is missing: the metric to optimize (or "
+                                    "metrics, a list of several objectives)")
+            if self.primary is not None:
+                raise _at("primary", "only used with metrics (several objectives)")
+        elif self.metric is not None:
+            raise _at("metric", "cannot be combined with metrics: give one objective as "
+                                "metric (and direction), or several as metrics")
+        elif self.direction is not None:
+            raise _at("direction", "with metrics, each entry has its own direction")
+        return self
+
+    @property
+    def is_multi(self) -> bool:
+        """Several objectives: the study has one direction per metric."""
+        return self.metrics is not None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The objective metrics, in the order of the study's values."""
+        if self.metrics is None:
+            return (self.metric or "",)
+        return tuple(m.metric for m in self.metrics)
+
+    @property
+    def directions(self) -> list[str]:
+        if self.metrics is None:
+            return [self.direction or default_direction(self.metric or "")]
+        return [m.resolved_direction for m in self.metrics]
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric that ranks trials (the only one, or ``primary``)."""
+        if self.metrics is None:
+            return self.metric or ""
+        return self.primary or self.metrics[0].metric
+
+    @property
+    def primary_index(self) -> int:
+        """Where the primary objective is among the study's values."""
+        names = self.names
+        return names.index(self.primary_metric) if self.primary_metric in names else 0
+
+    @property
+    def resolved_direction(self) -> str:
+        """The primary objective's direction: the one given, or the natural one for the
+        metric (losses and n_params are minimized)."""
+        return self.directions[self.primary_index]
 
 
 class Budget(_Model):
     max_trials: StrictInt = Field(default=100, ge=1, le=MAX_TRIALS)
     parallelism: StrictInt = Field(default=1, ge=1, le=MAX_PARALLELISM)
+    trials_per_worker: StrictInt = Field(
+        default=1, ge=1, le=MAX_TRIALS_PER_WORKER,
+        description="trials one worker runs at once, each in its own process, sharing the "
+                    "worker's GPUs and dividing its CPU threads")
     max_failed_trials: StrictInt = Field(default=10, ge=0)
     max_retries: StrictInt = Field(
         default=3, ge=0, description="times a trial whose worker died is retried")
@@ -285,6 +375,8 @@ class Sampler(_Model):
                                   "workers spread out (tpe)")
     qmc_type: Literal["sobol", "halton"] | None = Field(
         default=None, description="the low-discrepancy sequence (qmc): sobol or halton")
+    population_size: StrictInt | None = Field(
+        default=None, ge=2, description="trials of a generation (nsgaii; Optuna's default 50)")
 
     @model_validator(mode="after")
     def _check(self) -> Sampler:
@@ -563,7 +655,7 @@ class Ensemble(_Model):
     enabled: StrictBool = Field(
         default=True, description="combine the best models into an ensemble after the search")
     top_k: StrictInt = Field(
-        default=5, ge=2, le=50,
+        default=20, ge=2, le=50,
         description="best complete trials whose models are candidates (members: trials or "
                     "snapshots)")
     method: Literal["greedy", "average"] = Field(
@@ -869,16 +961,7 @@ def _semantic_problems(spec: JobSpec) -> list[Problem]:
     trainer = spec.trainer
     problems += [Problem(path, message) for path, message in template_problems(trainer.template)]
     builtin = trainer.builtin
-    metric = spec.objective.metric
-    if trainer.is_builtin and metric not in REPORTED_METRICS:
-        problems.append(Problem("spec.objective.metric", _unknown(
-            "metric", metric, REPORTED_METRICS, what="the builtin trainer reports")))
-    elif not trainer.is_builtin and trainer.metrics and metric not in trainer.metrics:
-        problems.append(Problem("spec.objective.metric", _unknown(
-            "metric", metric, trainer.metrics, what="spec.trainer.metrics")))
-    elif spec.objective.direction == "maximize" and metric in LOSS_METRICS:
-        problems.append(Problem("spec.objective.direction",
-                                f"{metric} is a loss: use minimize"))
+    problems += _objective_problems(spec)
     for name, value in (builtin.params if builtin is not None else {}).items():
         path = f"spec.trainer.builtin.params.{name}"
         if name not in KNOBS:
@@ -914,6 +997,62 @@ def _semantic_problems(spec: JobSpec) -> list[Problem]:
     if spec.warm_start is not None:
         problems.extend(_warm_start_problems(spec))
     return problems
+
+
+def _objective_problems(spec: JobSpec) -> list[Problem]:
+    """Each objective metric is reported by the trainer; several objectives need a sampler
+    that searches them, no Optuna pruner, and a primary the ensemble can score."""
+    objective, trainer = spec.objective, spec.trainer
+    problems = []
+    if objective.metrics is None:
+        entries = [("spec.objective", objective.metric or "", objective.direction)]
+    else:
+        entries = [(f"spec.objective.metrics[{i}]", m.metric, m.direction)
+                   for i, m in enumerate(objective.metrics)]
+    seen: set[str] = set()
+    for where, metric, direction in entries:
+        if trainer.is_builtin and metric not in REPORTED_METRICS:
+            problems.append(Problem(f"{where}.metric", _unknown(
+                "metric", metric, REPORTED_METRICS, what="the builtin trainer reports")))
+        elif not trainer.is_builtin and trainer.metrics and metric not in trainer.metrics:
+            problems.append(Problem(f"{where}.metric", _unknown(
+                "metric", metric, trainer.metrics, what="spec.trainer.metrics")))
+        elif direction == "maximize" and metric in LOSS_METRICS:
+            problems.append(Problem(f"{where}.direction", f"{metric} is a loss: use minimize"))
+        if metric in seen:
+            problems.append(Problem(f"{where}.metric", f"{metric} is listed twice"))
+        seen.add(metric)
+    if objective.is_multi:
+        names = objective.names
+        if objective.primary is not None and objective.primary not in names:
+            problems.append(Problem("spec.objective.primary", _unknown(
+                "metric", objective.primary, names, what="spec.objective.metrics has")))
+        if spec.sampler.type not in MULTI_OBJECTIVE_SAMPLERS:
+            problems.append(Problem("spec.sampler.type", (
+                f"the {spec.sampler.type} sampler does not search several objectives "
+                f"(spec.objective.metrics): use {words(MULTI_OBJECTIVE_SAMPLERS)}")))
+        pruner = spec.pruning.pruner
+        why = ("Optuna's pruners do not support several objectives (spec.objective.metrics): "
+               "leave spec.pruning.pruner out or set its type to none; the NaN and divergence "
+               "guards still prune every trial")
+        if pruner.type not in ("median", "none"):
+            problems.append(Problem("spec.pruning.pruner.type", why))
+        for name in PRUNER_OPTIONS:
+            if getattr(pruner, name) is not None and pruner.type in ("median", "none"):
+                problems.append(Problem(f"spec.pruning.pruner.{to_camel(name)}", why))
+    primary = objective.primary_metric
+    if trainer.is_builtin and spec.ensemble.enabled and primary in MINIMIZED_METRICS:
+        where = "spec.objective.primary" if objective.is_multi else "spec.objective.metric"
+        problems.append(Problem(where, (
+            f"the ensemble step ranks and scores trials by the primary objective, and {primary} "
+            "is no score of predictions: make an accuracy, F1 or loss metric the primary, or "
+            "set spec.ensemble.enabled: false")))
+    return problems
+
+
+def words(names: Any, joiner: str = "or") -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {joiner} {names[-1]}"
 
 
 def _warm_start_problems(spec: JobSpec) -> list[Problem]:

@@ -9,10 +9,11 @@ of Optuna (4.5 to 5.x, what pyproject.toml allows) it relies on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import optuna
-from optuna.storages import BaseStorage
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
 # Optuna 4.5-5.x: what BaseStorage.get_all_studies returns; optuna.study does not export it
@@ -49,6 +50,43 @@ def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
     """Set a study system attribute (``Study.set_system_attr`` is deprecated)."""
     # Optuna 4.5-5.x: public BaseStorage call, reached through the private storage and id.
     storage_of(study).set_study_system_attr(study_id(study), key, value)
+
+
+def write_trial_user_attrs(storage: RDBStorage, trial_id: int,
+                           attrs: Mapping[str, Any]) -> None:
+    """Several user attributes of a running trial in one transaction of an RDB storage, where
+    ``set_trial_user_attr`` commits each."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    # Optuna 4.5-5.x: RDBStorage.set_trial_user_attr is _set_trial_attr_without_commit (which
+    # checks that the trial is still running) inside _create_scoped_session(..., True).
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        for key, value in attrs.items():
+            storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel,
+                                                   trial_id, key, value)
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """``trial.set_user_attr`` for several keys: one write on an RDB storage (a storage with
+    its own ``set_trial_user_attrs``, which may retry, uses that), one per key elsewhere."""
+    if not attrs:
+        return
+    storage = trial.storage
+    # Optuna 4.5-5.x: _CachedStorage (in front of every RDB study) keeps its RDB storage as
+    # _backend and passes set_trial_user_attr straight to it.
+    backend = getattr(storage, "_backend", storage)
+    writer = getattr(backend, "set_trial_user_attrs", None)
+    if writer is not None:
+        writer(trial_id(trial), dict(attrs))
+    elif isinstance(backend, RDBStorage):
+        write_trial_user_attrs(backend, trial_id(trial), attrs)
+    else:
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id(trial), key, value)
+    # Optuna 4.5-5.x: Trial.set_user_attr updates the trial's _cached_frozen_trial as well,
+    # which Trial.user_attrs reads.
+    trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
 class Heartbeat(Protocol):

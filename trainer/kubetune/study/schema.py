@@ -58,9 +58,11 @@ FULL, REDUCED = "full", "reduced"
 HISTORY_ATTR = "history"              # per-epoch metrics, whole: as earlier versions stored them
 HISTORY_PREFIX = "history:"           # per-epoch metrics, one key an epoch: read history_of
 EPOCHS_ATTR = "epochs"                # the last epoch reported
+RESUMED_ATTR = "resumed_from"         # the last epoch a resumed attempt inherited (a checkpoint's)
 DATA_SHARE_ATTR = "data_share"        # the part of the training rows a reduced-data trial used
 METRICS_ATTR = "metrics"              # the final metrics of a complete trial
 PRUNE_REASON_ATTR = "prune_reason"    # why a trial was pruned (search.guards.PRUNE_REASONS)
+DIAGNOSIS_ATTR = "diagnosis"          # its learning curve's label (builtin.diagnosis), once ended
 FAIL_REASON_ATTR = "fail_reason"      # why a trial failed
 ARTIFACTS_ATTR = "artifacts"          # {"predictions": id, "model": id}: Optuna artifact ids
 CHECKPOINT_ATTR = "checkpoint"        # the artifact a retried trial resumes from
@@ -68,33 +70,61 @@ COPIED_ATTR = "kubetune:copied_from"  # the study a spec.warmStart.fromJob trial
 
 
 def history_key(epoch: int) -> str:
-    """The user attribute of one epoch's metrics: ``history:3`` -> ``{"epoch": 3, ...}``."""
+    """The user attribute of the epochs one write stored, from ``epoch`` on: ``history:3`` ->
+    ``{"epoch": 3, ...}`` or ``[{"epoch": 3, ...}, {"epoch": 4, ...}]``."""
     return f"{HISTORY_PREFIX}{epoch}"
+
+
+# What a retried trial inherited from its failed attempts, in one chunk that every epoch of
+# its own overrides (see history_of).
+INHERITED_HISTORY_KEY = history_key(0)
 
 
 def history_of(user_attrs: dict[str, Any]) -> list[dict[str, Any]]:
     """A trial's per-epoch metrics in epoch order: ``[{"epoch": 1, ...}, ...]``.
 
-    Each epoch is written once under its own key (``history_key``), so a report costs the same
-    at epoch 100 as at epoch 1; a trial's whole history is never rewritten. Epochs past the
-    last one reported (``epochs``) are left out: a retry inherits its failed attempt's keys, and
-    one that starts again from epoch 1 overwrites them as it goes. Trials stored whole under
-    ``history`` (older studies, tests) are read as they are.
+    A worker writes the epochs it has not written yet in one chunk (``history_key`` of the
+    chunk's first epoch), at most every couple of seconds and when the trial ends, so neither
+    the bytes nor the writes of a report grow with the epochs, and a trial of fast epochs
+    costs few writes. Where two chunks hold one epoch, the later chunk's entry wins; a retry's
+    inherited epochs sit in ``history:0``, overridden by the retry's own. Epochs past the last
+    one written (``epochs``) are left out: those of a failed attempt that the retry has not
+    reached again. Trials stored whole under ``history`` (older studies) are read as they are.
     """
-    entries = []
+    chunks = []
     for key, value in user_attrs.items():
-        if key.startswith(HISTORY_PREFIX) and isinstance(value, dict):
-            try:
-                entries.append((int(key[len(HISTORY_PREFIX):]), value))
-            except ValueError:
-                continue
-    if not entries:
+        if not key.startswith(HISTORY_PREFIX):
+            continue
+        try:
+            start = int(key[len(HISTORY_PREFIX):])
+        except ValueError:
+            continue
+        entries = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+        chunks.append((start, [e for e in entries if isinstance(e, dict)]))
+    if not chunks:
         whole = user_attrs.get(HISTORY_ATTR)
         return [e for e in whole if isinstance(e, dict)] if isinstance(whole, list) else []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for _, entries in sorted(chunks, key=lambda chunk: chunk[0]):
+        for entry in entries:
+            epoch = entry.get("epoch")
+            if isinstance(epoch, int) and not isinstance(epoch, bool):
+                by_epoch[epoch] = entry
     last = user_attrs.get(EPOCHS_ATTR)
     if isinstance(last, int) and not isinstance(last, bool):
-        entries = [entry for entry in entries if entry[0] <= last]
-    return [value for _, value in sorted(entries, key=lambda entry: entry[0])]
+        by_epoch = {epoch: entry for epoch, entry in by_epoch.items() if epoch <= last}
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def epochs_trained(user_attrs: dict[str, Any]) -> int:
+    """The epochs this attempt trained: its last epoch, less those it resumed from a failed
+    attempt's checkpoint (counted on that attempt); none for a trial copied from another job."""
+    if COPIED_ATTR in user_attrs:
+        return 0
+    last, resumed = user_attrs.get(EPOCHS_ATTR), user_attrs.get(RESUMED_ATTR)
+    last = last if isinstance(last, int) and not isinstance(last, bool) else 0
+    resumed = resumed if isinstance(resumed, int) and not isinstance(resumed, bool) else 0
+    return max(0, last - resumed)
 
 
 def is_full_fidelity(trial: Any) -> bool:
@@ -124,22 +154,25 @@ def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
     A start clears the preflight verdict of an earlier start: the data may have been fixed
     since, so the first worker checks it again (see ``kubetune.builtin.preflight``).
     """
-    direction = job.spec.objective.resolved_direction
+    objective = job.spec.objective
+    directions = objective.directions
     warm = job.spec.warm_start
     source = None
     if warm is not None and warm.from_job is not None and not _exists(storage, job.study_name):
         source = _source_study(storage, job)
     study = optuna.create_study(study_name=job.study_name, storage=storage,
-                                direction=direction, load_if_exists=True)
+                                directions=directions, load_if_exists=True)
     stored = study.user_attrs.get(JOB_ATTR)
     if stored is not None:
         before = stored["spec"]["objective"]
-        if before.get("metric") != job.spec.objective.metric or (
-                study.direction.name.lower() != direction):
+        names = ([m.get("metric") for m in before["metrics"]] if before.get("metrics")
+                 else [before.get("metric")])
+        had = [d.name.lower() for d in study.directions]
+        if names != list(objective.names) or had != directions:
             raise StudyMismatch(
-                f"study {job.study_name!r} already optimizes {before.get('metric')} "
-                f"({study.direction.name.lower()}); the job now asks for "
-                f"{job.spec.objective.metric} ({direction}). Use a new name or output folder.")
+                f"study {job.study_name!r} already optimizes {_objectives(names, had)}; the "
+                f"job now asks for {_objectives(objective.names, directions)}. Use a new name "
+                "or output folder.")
     else:
         study.set_user_attr(STARTED_ATTR, time.time())
     if warm is not None and WARM_START_ATTR not in study.user_attrs \
@@ -149,6 +182,10 @@ def create_or_load_study(storage: BaseStorage, job: TuningJob) -> optuna.Study:
     if study.user_attrs.get(PREFLIGHT_ATTR) is not None:
         study.set_user_attr(PREFLIGHT_ATTR, None)
     return study
+
+
+def _objectives(names: Any, directions: list[str]) -> str:
+    return ", ".join(f"{n} ({d})" for n, d in zip(names, directions))
 
 
 def _exists(storage: BaseStorage, name: str) -> bool:
@@ -193,15 +230,18 @@ def warm_start(study: optuna.Study, job: TuningJob, source: optuna.Study | None
     if source is not None:
         distributions = distributions_of(job.spec.search_space)
         copied = skipped = 0
+        objectives = len(study.directions)
         for trial in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if trial.value is None or not math.isfinite(trial.value) or not is_full_fidelity(
+            values = trial.values
+            if not values or len(values) != objectives or not all(
+                    math.isfinite(v) for v in values) or not is_full_fidelity(
                     trial) or not _fits_space(trial, distributions):
                 skipped += 1
                 continue
             study.add_trial(optuna.trial.create_trial(
                 params=dict(trial.params),
                 distributions={n: distributions[n] for n in trial.params},
-                value=trial.value,
+                values=list(values),
                 user_attrs={COPIED_ATTR: f"{source.study_name}#{trial.number}",
                             FIDELITY_ATTR: FULL}))
             copied += 1

@@ -34,3 +34,17 @@ def fail_and_requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, rea
     log.warning("trial %d failed: %s; queued again", trial.number, reason)
     RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(study, storage.get_trial(trial_id))
     return True
+
+
+# A worker running several trials at once (budget.trialsPerWorker) claims them as its slots,
+# ``<worker>/<slot>``: pod and process names never hold a slash.
+SLOT_SEPARATOR = "/"
+
+
+def slot_id(worker_id: str, slot: int) -> str:
+    return f"{worker_id}{SLOT_SEPARATOR}{slot}"
+
+
+def worker_of(owner: object) -> str:
+    """The worker (process or pod) behind a trial's ``worker`` attribute, slot or not."""
+    return str(owner).partition(SLOT_SEPARATOR)[0]

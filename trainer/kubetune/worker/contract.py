@@ -22,7 +22,8 @@ import optuna
 
 from kubetune.search import guards
 from kubetune.spec.model import JobSpec, TuningJob
-from kubetune.study.schema import EPOCHS_ATTR, history_key
+from kubetune.study.optuna_internals import set_user_attrs
+from kubetune.study.schema import EPOCHS_ATTR, RESUMED_ATTR, history_key
 
 
 class TrialPruned(optuna.TrialPruned):
@@ -59,23 +60,37 @@ def max_epochs(job: TuningJob, params: Mapping[str, Any]) -> int | None:
     return int(params["epochs"])
 
 
+# The most a running trial's stored curve lags behind its reports (dashboards, the status and
+# the metrics read it): epochs quicker than this are written together, in one chunk.
+HISTORY_FLUSH_SECONDS = 2.0
+
+
 class EpochReporter:
     """The one reporting path of every trainer, one per trial.
 
     ``report(epoch, metrics)`` records the epoch in ``history``, runs the NaN/divergence guards,
     reports the objective to Optuna, checks the job's deadline and asks the pruner; it raises
-    ``TrialPruned`` when the trial must stop.
+    ``TrialPruned`` when the trial must stop. The history reaches the study in chunks
+    (``flush``): the first epoch at once, then at most every ``HISTORY_FLUSH_SECONDS``; the
+    trial's runner flushes the rest when the trial ends, so a report costs what Optuna's own
+    report and pruner check cost plus, at most every couple of seconds, two writes.
     """
 
     def __init__(self, trial: optuna.Trial, spec: JobSpec, *, last_epoch: int | None = None,
                  deadline: float | None = None) -> None:
         self.trial = trial
-        self.metric = spec.objective.metric
+        self.metric = spec.objective.primary_metric
+        # Several objectives: every metric ends the trial with a value; Optuna's report and
+        # pruner work on one objective only, so only kubetune's history and guards run.
+        self.objectives = spec.objective.names
+        self._multi = spec.objective.is_multi
         self.history: list[dict[str, Any]] = []
         self.last: dict[str, float] = {}
         self._guard = guards.EpochGuard(spec.pruning, self.metric)
         self._last_epoch = last_epoch
         self._deadline = deadline
+        self._unwritten: list[dict[str, Any]] = []
+        self._written_at: float | None = None
 
     def report(self, epoch: int, metrics: Mapping[str, Any]) -> None:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 1:
@@ -87,33 +102,53 @@ class EpochReporter:
                              f"reported: {', '.join(values) or 'nothing'}")
         self.history.append({"epoch": epoch, **{k: jsonable(v) for k, v in values.items()}})
         self.last = values
-        # one key an epoch (read with study.schema.history_of): the bytes written per epoch
-        # do not grow with the epochs, as rewriting the whole history each epoch did
-        self.trial.set_user_attr(history_key(epoch), self.history[-1])
-        self.trial.set_user_attr(EPOCHS_ATTR, epoch)
+        self._unwritten.append(self.history[-1])
+        if (self._written_at is None
+                or time.monotonic() - self._written_at >= HISTORY_FLUSH_SECONDS):
+            self.flush()
         reason = self._guard.check(values)
+        if reason is None:
+            if not self._multi:
+                self.trial.report(values[self.metric], epoch)
+            last = self._last_epoch is not None and epoch >= self._last_epoch
+            if self._deadline is not None and time.time() >= self._deadline and not last:
+                reason = guards.TIMEOUT
+            elif not self._multi and self.trial.should_prune():
+                reason = guards.PRUNER
         if reason is not None:
+            self.flush()  # a stopped trial's curve is stored whole
             raise TrialPruned(reason)
-        self.trial.report(values[self.metric], epoch)
-        last = self._last_epoch is not None and epoch >= self._last_epoch
-        if self._deadline is not None and time.time() >= self._deadline and not last:
-            raise TrialPruned(guards.TIMEOUT)
-        if self.trial.should_prune():
-            raise TrialPruned(guards.PRUNER)
 
-    def final(self, metrics: Mapping[str, Any] | None = None) -> tuple[float, dict[str, float]]:
-        """The objective value and metrics a trial ends with: ``metrics`` over the last report.
+    def flush(self) -> None:
+        """Store the epochs not stored yet, in one chunk (read with study.schema.history_of):
+        each epoch is written once, never the whole history again."""
+        if not self._unwritten:
+            return
+        chunk, self._unwritten = self._unwritten, []
+        attrs: dict[str, Any] = {}
+        if self._written_at is None and chunk[0]["epoch"] > 1:  # resumed from a checkpoint
+            attrs[RESUMED_ATTR] = chunk[0]["epoch"] - 1
+        attrs[history_key(chunk[0]["epoch"])] = chunk[0] if len(chunk) == 1 else chunk
+        attrs[EPOCHS_ATTR] = chunk[-1]["epoch"]
+        set_user_attrs(self.trial, attrs)  # one write
+        self._written_at = time.monotonic()
+
+    def final(self, metrics: Mapping[str, Any] | None = None
+              ) -> tuple[list[float], dict[str, float]]:
+        """The objective values (one per objective metric, in the study's order) and metrics
+        a trial ends with: ``metrics`` over the last report.
 
         A final objective that is not finite prunes the trial (``nan``), as a report would.
         """
         final = {**self.last, **{k: metric_value(k, v) for k, v in (metrics or {}).items()}}
-        if self.metric not in final:
-            raise TrialFailed(f"the trial ended without reporting {self.metric} (the objective "
-                              "metric)")
-        if not math.isfinite(final[self.metric]) or (
+        missing = [name for name in self.objectives if name not in final]
+        if missing:
+            what = "the objective metric" if len(self.objectives) == 1 else "objective metrics"
+            raise TrialFailed(f"the trial ended without reporting {', '.join(missing)} ({what})")
+        if not all(math.isfinite(final[name]) for name in self.objectives) or (
                 self._guard.check(final) == guards.NAN):
             raise TrialPruned(guards.NAN)
-        return final[self.metric], final
+        return [final[name] for name in self.objectives], final
 
 
 @dataclass

@@ -79,6 +79,7 @@ class Trial:
         torch.save(state, path)
         artifact = upload_artifact(artifact_store=context.artifact_store, file_path=str(path),
                                    study_or_trial=context.trial)
+        context.reporter.flush()  # a retry resuming here finds the curve up to here
         context.trial.set_user_attr(CHECKPOINT_ATTR, {"artifact": artifact,
                                                       "trial": self.number})
         if self._checkpoint_id is not None:

@@ -27,12 +27,12 @@ from kubetune.search import budget
 from kubetune.search.space import make_pruner, stage_samplers
 from kubetune.search.stages import (
     StageAsker,
-    mark_new_trial,
+    new_trial_attrs,
     stage_for_new_trial,
     stage_of,
 )
 from kubetune.spec.model import TuningJob
-from kubetune.study.optuna_internals import heartbeat_storage, trial_id
+from kubetune.study.optuna_internals import heartbeat_storage, set_user_attrs, trial_id
 from kubetune.study.schema import WORKER_ATTR, load_job, started_at
 from kubetune.study.storage import (
     StudyLock,
@@ -63,6 +63,9 @@ class WorkerOptions:
     # The job_digest of the TuningJob the operator validated (its pods' KUBETUNE_JOB_DIGEST):
     # the worker refuses a stored job that differs from it. None: trust the stored job.
     job_digest: str | None = None
+    # One of a worker's trial slots (budget.trialsPerWorker; worker_id is then <worker>/<slot>).
+    # None: the worker itself, which forks its slots when the job runs several trials at once.
+    slot: int | None = None
 
 
 def run_worker(options: WorkerOptions) -> int:
@@ -73,6 +76,10 @@ def run_worker(options: WorkerOptions) -> int:
     job = load_job(optuna.load_study(study_name=options.study, storage=storage),
                    options.job_digest)
     spec = job.spec
+    if spec.budget.trials_per_worker > 1 and options.slot is None:
+        from kubetune.worker.slots import run_slots
+
+        return run_slots(options, job, storage, run_worker)
     if is_rdb(options.storage):
         # The heartbeat settings are part of the job: reopen with them, and close the first
         # engine so that each worker holds one connection pool, not two.
@@ -146,13 +153,14 @@ def run_worker(options: WorkerOptions) -> int:
 def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: StageAsker,
                 start: float, options: WorkerOptions
                 ) -> tuple[optuna.Trial | None, budget.BudgetPass]:
-    """Under the study lock: fail stale trials, count, and ask for a trial if one may start.
+    """Fail stale trials; then under the study lock count, and ask for a trial if one may start.
 
     A queued retry runs first, in its own stage; a new trial joins the current stage, and
     none starts while the next stage waits for the trials of the current one.
     """
+    # Outside the lock, which every worker waits for: failing a stale trial twice is harmless.
+    fail_stale_trials(study)
     with lock:
-        fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         check = budget.check_budget(job.spec, trials, start, time.time())
         if check.stop is not None:
@@ -163,8 +171,8 @@ def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: St
             return None, check
         stage = min(stage, len(job.spec.stage_list) - 1)  # a job resumed with fewer stages
         trial = stages.ask(stage, trials)
-        trial.set_user_attr(WORKER_ATTR, options.worker_id)
-        mark_new_trial(trial, job.spec, stage)
+        set_user_attrs(trial, {WORKER_ATTR: options.worker_id,
+                               **new_trial_attrs(trial, job.spec, stage)})
     log.info("trial %d started: %s", trial.number, trial.params)
     return trial, check
 

@@ -19,14 +19,20 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
+from kubetune.builtin import diagnosis
 from kubetune.search.stages import trial_params
 from kubetune.spec.model import TuningJob
-from kubetune.study.optuna_internals import artifact_folder
+from kubetune.study.optuna_internals import artifact_folder, set_user_attrs
 from kubetune.study.schema import (
     ARTIFACTS_ATTR,
+    DIAGNOSIS_ATTR,
     FAIL_REASON_ATTR,
+    HISTORY_PREFIX,
+    INHERITED_HISTORY_KEY,
     METRICS_ATTR,
     PRUNE_REASON_ATTR,
+    RESUMED_ATTR,
+    history_of,
 )
 from kubetune.worker.contract import (
     EpochReporter,
@@ -45,7 +51,8 @@ _REASON_LIMIT = 2000
 # Attributes of one attempt: a retried trial inherits its failed attempt's user attributes
 # (Optuna's retry callback copies them), so they are cleared when the retry starts. The
 # checkpoint is kept on purpose: it is what the retry resumes from.
-_ATTEMPT_ATTRS = (PRUNE_REASON_ATTR, FAIL_REASON_ATTR, ARTIFACTS_ATTR, METRICS_ATTR)
+_ATTEMPT_ATTRS = (PRUNE_REASON_ATTR, FAIL_REASON_ATTR, ARTIFACTS_ATTR, METRICS_ATTR,
+                  DIAGNOSIS_ATTR, RESUMED_ATTR)
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: Any,
@@ -54,21 +61,26 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: An
               workdir: Path | None = None) -> TrialState:
     """Run one trial to its end with the job's trainer and tell the study how it ended."""
     spec = job.spec
-    metric = spec.objective.metric
     params = trial_params(job, trial)
     for attr in _ATTEMPT_ATTRS:
         if attr in trial.user_attrs:
             trial.set_user_attr(attr, None)
+    _gather_inherited_history(trial)
     reporter = EpochReporter(trial, spec, last_epoch=max_epochs(job, params), deadline=deadline)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="kubetune-trial-") as scratch:
         context = TrialContext(study, trial, job, params, reporter, data, artifact_store,
                                Path(scratch), workdir, train)
         try:
-            outcome = _trainer(spec.trainer.kind)(context)
-            value, metrics = reporter.final(outcome.metrics)
+            try:
+                outcome = _trainer(spec.trainer.kind)(context)
+            finally:  # however the trial ends, its curve is stored whole
+                reporter.flush()
+            values, metrics = reporter.final(outcome.metrics)
         except TrialPruned as stop:
             trial.set_user_attr(PRUNE_REASON_ATTR, stop.reason)
+            if stop.reason in diagnosis.DIVERGED_REASONS:  # a cut-short curve gets no label
+                trial.set_user_attr(DIAGNOSIS_ATTR, diagnosis.DIVERGED)
             tell(study, trial, state=TrialState.PRUNED)
             log.info("trial %d pruned (%s) after %d epochs", trial.number, stop.reason,
                      len(reporter.history))
@@ -87,14 +99,32 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: TuningJob, data: An
             return _fail(study, trial, f"cannot save artifacts: {type(err).__name__}: {err}",
                          traceback.format_exc())
     if ids:
-        trial.set_user_attr(ARTIFACTS_ATTR, ids)
         link_trial_files(artifact_store, trial.number,
                          {outcome.artifacts[key].name: ids[key] for key in ids})
-    trial.set_user_attr(METRICS_ATTR, {k: jsonable(v) for k, v in metrics.items()})
-    tell(study, trial, value)
-    log.info("trial %d complete: %s=%.5g in %.1fs", trial.number, metric, value,
-             time.time() - started)
+    # In one write: the artifacts, the final metrics and the curve's label, kept for whoever
+    # reads the trial (optuna-dashboard shows it); the history is read back whole, since a
+    # resumed attempt reported only its own epochs.
+    set_user_attrs(trial, {**({ARTIFACTS_ATTR: ids} if ids else {}),
+                           METRICS_ATTR: {k: jsonable(v) for k, v in metrics.items()},
+                           DIAGNOSIS_ATTR: diagnosis.diagnose(history_of(trial.user_attrs))})
+    tell(study, trial, values)
+    log.info("trial %d complete: %s in %.1fs", trial.number, ", ".join(
+        f"{name}={value:.5g}" for name, value in zip(spec.objective.names, values)),
+        time.time() - started)
     return TrialState.COMPLETE
+
+
+def _gather_inherited_history(trial: optuna.Trial) -> None:
+    """A retry inherits its failed attempt's history chunks (Optuna copies the user
+    attributes); gathered under ``INHERITED_HISTORY_KEY``, which every epoch the retry reports
+    overrides, they cannot shadow the retry's own chunks, whose first epochs differ."""
+    inherited = [key for key in trial.user_attrs
+                 if key.startswith(HISTORY_PREFIX) and key != INHERITED_HISTORY_KEY]
+    if not inherited:
+        return
+    trial.set_user_attr(INHERITED_HISTORY_KEY, history_of(trial.user_attrs))
+    for key in inherited:
+        trial.set_user_attr(key, None)
 
 
 def trial_folder(number: int) -> str:
@@ -136,8 +166,8 @@ def _trainer(kind: str) -> TrainerRun:
     return run_builtin
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None,
-         state: TrialState | None = None) -> None:
+def tell(study: optuna.Study, trial: optuna.Trial,
+         value: float | list[float] | None = None, state: TrialState | None = None) -> None:
     """``study.tell`` outside ``study.optimize``.
 
     GridSampler calls ``study.stop()`` once the grid is done, which Optuna only allows inside
