@@ -38,16 +38,25 @@ def _get(url: str) -> bytes:
 
 
 # A trial of the scraped job: it reports its first epoch, then waits for the gate file, which
-# the fixture creates once Prometheus itself holds a sample of the running-trial series (not
-# once the fixture's own scrape saw it: the trials could end before Prometheus's next scrape).
-# Trial x=0 reports NaN, so a trial is pruned (the pruned-by-reason panel needs one).
+# the fixture creates once Prometheus itself holds a sample of the running-trial series and of
+# the best value (not once the fixture's own scrape saw them: the trials could end, and the
+# runner exit, before Prometheus's next scrape). The first trial to claim the "free" file
+# does not wait, so a best value exists while the others run (the grid sampler's order is
+# random); trial x=0 reports NaN, so a trial is pruned (the pruned-by-reason panel needs one).
 GATED_TRIAL = """
 import json, os, pathlib, time
 
 x = float(os.environ["KUBETUNE_PARAM_X"])
 deadline = time.time() + 180
+free = False
+if x != 0:
+    try:
+        os.close(os.open("free", os.O_CREAT | os.O_EXCL))
+        free = True
+    except FileExistsError:
+        pass
 for epoch in range(1, 5):
-    if epoch == 2:
+    if epoch == 2 and not free:
         while not pathlib.Path("gate").exists() and time.time() < deadline:
             time.sleep(0.1)
     accuracy = "NaN" if x == 0 else 0.5 + x / 10 + epoch / 100
@@ -92,7 +101,7 @@ def scraped_run(tmp_path_factory):
                           message="a scrape while a trial runs")
         assert runner.poll() is None, f"the run ended early, with exit code {runner.returncode}"
         wait_for(lambda: _prometheus_sees_a_running_trial(base), timeout=60,
-                 message="Prometheus: the target up and a sample of a running trial")
+                 message="Prometheus: the target up, a running trial and a best value")
         (tmp / "gate").touch()  # now the trials may end
         assert runner.wait(timeout=240) == 0
         # Once the runner exits its series go stale, so only range queries see them.
@@ -109,12 +118,13 @@ def scraped_run(tmp_path_factory):
 
 def _prometheus_sees_a_running_trial(base: str) -> bool:
     """Prometheus's own view: its scrape target is up, and it holds a sample of each
-    running-trial series the dashboard shows."""
+    running-trial series the dashboard shows and of the best value."""
     targets = json.loads(_get(base + "/api/v1/targets"))["data"]["activeTargets"]
     if not any(t["health"] == "up" for t in targets):
         return False
     return all(_query(base, name) for name in ("kubetune_running_trial_epoch",
-                                               "kubetune_running_trial_objective_value"))
+                                               "kubetune_running_trial_objective_value",
+                                               "kubetune_best_objective_value"))
 
 
 def _ready(base: str) -> bool:
