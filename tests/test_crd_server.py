@@ -38,6 +38,7 @@ from kubetune.spec.knobs import KNOBS
 from kubetune.spec.model import PRUNERS, SAMPLERS, Problem, SpecError, parse_job
 from kubetune.spec.source import load_yaml
 from kubetune_operator import crd as crd_module
+from kubetune_operator.reconciler import status_patch
 
 from conftest import REPO_ROOT
 
@@ -650,6 +651,32 @@ def test_short_name_category_and_printer_columns(control_plane, tuningjobs):
             assert listed.split() == ["tuningjob.kubetune.io/columns"], (category, listed)
     finally:
         control_plane.kubectl("delete", "tj", "columns", "-n", ns, "--wait=false")
+
+
+def test_a_status_read_back_from_the_server_needs_no_second_patch(control_plane, tuningjobs):
+    """The operator patches only the status fields that changed (``status_patch``), comparing
+    with the status the server stored: nulls inside a merge patch are not stored, so they
+    must not count as a change, or every sync of a steady job patches it again."""
+    ns = tuningjobs.namespace
+    job = cases.mutated({"metadata.name": "steady"})
+    control_plane.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job))
+    try:
+        status = {"phase": "Pending", "progress": "0/10", "completionTime": None,
+                  "best": None, "ensemble": None,
+                  "workers": {"active": 2, "consecutiveCrashes": 0, "lastCrashTime": None,
+                              "finishedTrials": 0, "maxTrials": 10, "restarts": 0},
+                  "study": {"name": f"{ns}/steady",
+                            "secretRef": {"name": "kubetune-storage", "key": "url"}}}
+        patch = status_patch({}, status)
+        control_plane.kubectl("patch", "tuningjob", "steady", "-n", ns, "--subresource=status",
+                              "--type=merge", "-p", json.dumps({"status": patch}))
+        stored = json.loads(control_plane.kubectl(
+            "get", "tuningjob", "steady", "-n", ns, "-o", "json").stdout)["status"]
+        assert stored["workers"] == {"active": 2, "consecutiveCrashes": 0, "finishedTrials": 0,
+                                     "maxTrials": 10, "restarts": 0}, stored
+        assert status_patch(stored, status) == {}
+    finally:
+        control_plane.kubectl("delete", "tj", "steady", "-n", ns, "--wait=false")
 
 
 # ------------------------------------------------------------------------------ agreement

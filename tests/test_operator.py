@@ -847,6 +847,16 @@ def test_status_patches_carry_only_what_changed():
     assert status_patch(before, after) == {"trials": {"complete": 2}, "best": None}
 
 
+def test_a_status_the_server_stored_without_its_nested_nulls_is_not_patched_again():
+    """A merge patch deletes the keys it sets to null: the stored status lacks them."""
+    status = {"phase": "Pending", "completionTime": None,
+              "workers": {"active": 2, "lastCrashTime": None, "restarts": 0}}
+    stored = {"phase": "Pending", "workers": {"active": 2, "restarts": 0}}
+    assert status_patch(stored, status) == {}
+    crashed = {**stored, "workers": {**stored["workers"], "lastCrashTime": "2026-12-03T04:46Z"}}
+    assert status_patch(crashed, status) == {"workers": status["workers"]}  # null deletes it
+
+
 async def test_ensemble_step_runs_in_its_own_pod_after_the_search(cluster, operator,
                                                                    postgres_url):
     body = tuning_job(budget={"maxTrials": 2, "parallelism": 2}, ensemble={"topK": 2})
