@@ -226,15 +226,17 @@ def test_one_worker_pod_runs_two_trials_at_once_on_its_gpu_with_an_exact_budget(
         "requests": {"cpu": "1", "memory": "512Mi"},
         "limits": {"memory": "3Gi", "nvidia.com/gpu": 1}}}
     name = c.apply(job)
+    pod = f"{name}-worker-0"  # one pod: its GPU and CPU shared by its two trials
+    # Its log is read while it runs: once the job is complete the operator deletes the pod.
+    line = f"worker {pod} started 2 trial slots, 1 torch threads each"
+    c.poll(name, lambda: line in c.kubectl("logs", pod, check=False).stdout,
+           f"kubectl logs to show {line!r}", timeout=120)
     c.wait(name, "Complete")
     status = c.status(name)
     assert status["phase"] == "Succeeded" and status["progress"] == "4/4", status
 
-    pod = f"{name}-worker-0"  # one pod: its GPU and CPU shared by its two trials
     started = [e["message"] for e in c.events(name, "WorkerStarted")]
     assert len(started) == 1 and pod in started[0], started
-    logs = c.kubectl("logs", pod, check=False).stdout
-    assert f"worker {pod} started 2 trial slots, 1 torch threads each" in logs, logs
     study = optuna.load_study(study_name=study_name(c.ns, name), storage=c.url)
     trials = study.get_trials()
     counts = count_trials(trials)
