@@ -143,14 +143,14 @@ class DrainableReconciler(Reconciler):
         self.drained_calls = 0
         self._count = threading.Lock()
 
-    def sync(self, body: Any) -> SyncResult:
+    def sync(self, body: Any, pods: Any = None) -> SyncResult:
         if self.draining.is_set():
             self.drained_calls += 1
             return SyncResult()
         with self._count:
             self.busy += 1
         try:
-            return super().sync(body)
+            return super().sync(body, pods)
         finally:
             with self._count:
                 self.busy -= 1

@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 
 from kubetune.job.status import clip
+from kubetune_operator.pod_launcher import LABEL_JOB
 from kubetune_operator.reconciler import (
     EVENT_MESSAGE_LIMIT,
     FINALIZER,
@@ -35,6 +36,8 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # list/watch of CRDs and namespaces, which the chart's RBAC does not grant (kopf would
     # retry each 403 for a minute, and a namespaced operator would wait that long to start).
     settings.scanning.disabled = True
+    # The pod watch asks the API server for the jobs' pods only, not every pod it may see.
+    settings.watching.label_selectors["v1", "pods"] = LABEL_JOB
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -99,12 +102,21 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings)
 
+    @kopf.index("v1", "pods", id="job_pods", labels={LABEL_JOB: kopf.PRESENT},
+                registry=registry)
+    def job_pods(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
+        """Every job's pods, kept by a watch: a reconcile reads them here instead of listing
+        them (one API call per job and sync interval, 40 a second with 200 jobs)."""
+        return {(body.metadata.namespace, body.metadata.labels[LABEL_JOB]): dict(body)}
+
     @kopf.timer(GROUP, VERSION, PLURAL, id="sync", interval=interval, registry=registry,
                 when=lambda body, **_: needs_sync(body))
-    def sync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    def sync(body: kopf.Body, patch: kopf.Patch, job_pods: kopf.Index, **_: Any) -> None:
         started = time.perf_counter()
         try:
-            result = reconciler.sync(body)
+            # list(): one step under the GIL, while the event loop may update the index
+            pods = list(job_pods.get((body.metadata.namespace, body.metadata.name), ()))
+            result = reconciler.sync(body, pods)
         except Exception:
             if reconciler.metrics is not None:
                 reconciler.metrics.record(False, time.perf_counter() - started)

@@ -459,9 +459,14 @@ class PodLauncher:
     """
 
     def __init__(self, api: CoreV1Api, owner: Owner, job: TuningJob, settings: Settings,
-                 secret: StorageSecret, quota: QuotaBackoff | None = None) -> None:
+                 secret: StorageSecret, quota: QuotaBackoff | None = None,
+                 watched: list[dict[str, Any]] | None = None) -> None:
+        """``watched``: the job's pods as the operator's pod watch holds them, which the
+        first listing uses instead of asking the API server (a steady job's only API call).
+        A watch may lag a moment; creating a pod whose name is taken still finds it (409)."""
         self.api, self.owner, self.job, self.settings, self.secret = (
             api, owner, job, settings, secret)
+        self._watched = watched
         self.quota = quota if quota is not None else QuotaBackoff()
         self.quota_refused = False  # a ResourceQuota refused a pod (or still holds them back)
         self.started: list[str] = []
@@ -519,7 +524,11 @@ class PodLauncher:
 
     # -- API calls
     def _list(self) -> list[dict[str, Any]]:
-        pods = list_job_pods(self.api, self.owner)
+        if self._watched is not None:
+            pods = [pod for pod in self._watched if _owned_by(pod, self.owner)]
+            self._watched = None  # a later listing in this reconcile asks the API server
+        else:
+            pods = list_job_pods(self.api, self.owner)
         self._pods = self._index(pods)
         return pods
 

@@ -193,20 +193,22 @@ class Reconciler:
         with self._lock:
             return self._jobs.setdefault(body["metadata"]["uid"], threading.Lock())
 
-    def sync(self, body: Mapping[str, Any]) -> SyncResult:
+    def sync(self, body: Mapping[str, Any],
+             pods: list[dict[str, Any]] | None = None) -> SyncResult:
         """One reconcile. Never while the job's deletion runs: kopf starts the deletion handler
         while a timer tick may still be running, and that tick would recreate a deleted study
         or start pods after the finalizer deleted them. ``body`` is kopf's live view, so a
-        tick that waited for the lock sees the deletion."""
+        tick that waited for the lock sees the deletion. ``pods``: the job's pods from the
+        operator's pod watch (None: list them)."""
         with self._job_lock(body):
             if not needs_sync(body):
                 return SyncResult()
             try:
-                return self._sync(body)
+                return self._sync(body, pods)
             except StudyVanished:  # deleted during the pass: the next one opens it afresh
-                return self._sync(body)
+                return self._sync(body, None)
 
-    def _sync(self, body: Mapping[str, Any]) -> SyncResult:
+    def _sync(self, body: Mapping[str, Any], pods: list[dict[str, Any]] | None) -> SyncResult:
         observed = _plain(body.get("status") or {})
         # A failed job synced again had an invalid spec (or one unlike its stored copy), edited
         # since: it starts afresh.
@@ -234,7 +236,8 @@ class Reconciler:
             return self._failed(previous, generation, STORED_SPEC_MISMATCH, str(err))
         except SpecError as err:
             return self._invalid(previous, generation, err.problems)
-        launcher = PodLauncher(self.core, owner, job, self.settings, secret, self._quota)
+        launcher = PodLauncher(self.core, owner, job, self.settings, secret, self._quota,
+                               watched=pods)
         try:
             outcome = JobCore(job, study, launcher).reconcile(
                 previous, attrs, fail_stale=self._stale_check_due(owner.uid, job))
