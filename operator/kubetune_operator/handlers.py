@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 
 from kubetune.job.status import clip
-from kubetune_operator.pod_launcher import LABEL_JOB
+from kubetune_operator.pod_launcher import LABEL_JOB, watched_view
 from kubetune_operator.reconciler import (
     EVENT_MESSAGE_LIMIT,
     FINALIZER,
@@ -107,7 +107,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     def job_pods(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
         """Every job's pods, kept by a watch: a reconcile reads them here instead of listing
         them (one API call per job and sync interval, 40 a second with 200 jobs)."""
-        return {(body.metadata.namespace, body.metadata.labels[LABEL_JOB]): dict(body)}
+        return {(body.metadata.namespace, body.metadata.labels[LABEL_JOB]): watched_view(body)}
 
     @kopf.timer(GROUP, VERSION, PLURAL, id="sync", interval=interval, registry=registry,
                 when=lambda body, **_: needs_sync(body))

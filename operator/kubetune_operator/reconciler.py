@@ -175,6 +175,9 @@ class Reconciler:
         self._studies: dict[str, tuple[BaseStorage, optuna.Study]] = {}
         self._accepted: dict[str, tuple[Any, Any]] = {}
         self._stale_checked: dict[str, float] = {}
+        # per job uid: the spec last validated and the verdict (parse_body)
+        self._parsed: dict[str, tuple[dict[str, Any], tuple[TuningJob | None,
+                                                            list[Problem]]]] = {}
         self.tenants = TenantDatabases()
         self._admin: tuple[float, StorageURL] | None = None  # admin URL, when read
         # (namespace, Secret, key) -> (when read, the URL it held)
@@ -214,8 +217,8 @@ class Reconciler:
         # since: it starts afresh.
         previous = {} if observed.get("phase") == FAILED else observed
         generation = body["metadata"].get("generation")
-        current, problems = parse_body(body, self.settings.policy)
         owner = Owner.of(body)
+        current, problems = self._parse(owner.uid, body)
         if current is None:
             if previous.get("study"):  # a started job's spec became invalid: no pod runs on
                 delete_job_pods(self.core, owner)
@@ -273,6 +276,21 @@ class Reconciler:
             self.metrics.jobs.update(snapshot(owner.namespace, owner.name, outcome.trials,
                                               status))
         return SyncResult(status=status_patch(observed, status), events=events)
+
+    def _parse(self, uid: str, body: Mapping[str, Any]) -> tuple[TuningJob | None,
+                                                                 list[Problem]]:
+        """``parse_body``, kept per job while its spec stays the same: validating an unchanged
+        spec every sync was an eighth of a steady job's reconcile. The object's spec is
+        compared whole with the one validated, so any edit is validated afresh."""
+        data = _job_data(body)
+        with self._lock:
+            kept = self._parsed.get(uid)
+        if kept is not None and kept[0] == data:
+            return kept[1]
+        verdict = _parse_data(data, self.settings.policy)
+        with self._lock:
+            self._parsed[uid] = (data, verdict)
+        return verdict
 
     def _accept(self, url: str, owner: Owner, generation: Any, current: TuningJob
                 ) -> tuple[TuningJob, optuna.Study, dict[str, Any], list[Event]]:
@@ -360,6 +378,8 @@ class Reconciler:
         with self._lock:
             self._jobs.pop(body["metadata"]["uid"], None)
         self._forget_study(body["metadata"]["uid"])
+        with self._lock:
+            self._parsed.pop(body["metadata"]["uid"], None)
         self._release_storages(body["metadata"]["uid"])
         return events
 
@@ -587,10 +607,19 @@ def parse_body(body: Mapping[str, Any], policy: Policy | None = None
     """The TuningJob of a cluster object, or the problems of its spec: the spec model's
     verdict, pod template included (the one ``kubetune validate`` gives), then the admin's
     ``policy`` (default: the chart's defaults, which ``kubetune validate`` checks too)."""
+    return _parse_data(_job_data(body), policy)
+
+
+def _job_data(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a cluster object the spec model reads."""
     meta = body.get("metadata") or {}
-    data = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
             "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
             "spec": _plain(body.get("spec"))}
+
+
+def _parse_data(data: dict[str, Any], policy: Policy | None
+                ) -> tuple[TuningJob | None, list[Problem]]:
     try:
         job = parse_job(data)
     except SpecError as err:
