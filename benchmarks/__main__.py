@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(BENCHMARKS)
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]  # other work on the machine, before ours starts
     progress("benchmarks", f"{args.size} run of {', '.join(names)}; report: {args.output}")
     sections = []
     try:
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         postgres.stop()
     seconds = time.perf_counter() - started
     text = render(sections, size=args.size, command=python_command(), started=started_at,
-                  seconds=seconds, machine=machine_info(database))
+                  seconds=seconds, machine=machine_info(database), load_before=load_before)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     progress("benchmarks", f"wrote {args.output} after {seconds / 60:.1f} min")

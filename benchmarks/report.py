@@ -63,7 +63,7 @@ class Section:
 
 
 def render(sections: Sequence[Section], *, size: str, command: str, started: datetime,
-           seconds: float, machine: dict[str, str]) -> str:
+           seconds: float, machine: dict[str, str], load_before: float) -> str:
     run_kind = {
         "quick": "the **quick** run (`--quick`): smaller counts than the full suite, as each "
                  "section's settings say. Run `python -m benchmarks` for the full counts.",
@@ -86,8 +86,8 @@ def render(sections: Sequence[Section], *, size: str, command: str, started: dat
         f"- Software: {machine['software']}",
         f"- Code: {machine['commit']}",
         "",
-        "The machine was shared with other work while this ran: times (not epochs or "
-        "bytes) are noisy.",
+        f"- Load before the run: {load_before:.2f} (the 1-minute load average; other work "
+        "on the machine makes times, not epochs or bytes, noisier)",
         "",
     ]
     return "\n".join(head) + "\n" + "\n\n".join(s.markdown() for s in sections) + "\n"

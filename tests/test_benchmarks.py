@@ -55,6 +55,7 @@ def test_report_says_what_ran_where_and_when(report):
     for field in ("- Command: `python -m benchmarks --smoke --output ", "- Date: 20",
                   "- Machine: ", "cores", "- Software: Python 3.", "torch ", "optuna "):
         assert field in report
+    assert re.search(r"- Load before the run: \d+\.\d\d ", report)  # measured, not assumed
 
 
 def test_efficiency_table_per_dataset_with_every_arm(report):
