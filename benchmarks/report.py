@@ -85,7 +85,6 @@ def render(sections: Sequence[Section], *, size: str, command: str, started: dat
         f"{machine['os']}",
         f"- Software: {machine['software']}",
         f"- Code: {machine['commit']}",
-        "",
         f"- Load before the run: {load_before:.2f} (the 1-minute load average; other work "
         "on the machine makes times, not epochs or bytes, noisier)",
         "",
