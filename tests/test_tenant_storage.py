@@ -113,6 +113,29 @@ def test_a_namespace_gets_a_database_only_its_role_reaches(admin_server):
     assert provision(admin, "team-a").url == a.url
 
 
+def test_a_tenant_password_never_reaches_the_server_log(admin_server):
+    """A server that logs every DDL statement (``log_statement = 'ddl'``) logs the operator's
+    CREATE and ALTER ROLE: they carry the password's SCRAM verifier, never the password."""
+    conn = connect(admin_url(admin_server))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("ALTER ROLE postgres SET log_statement = 'ddl'")  # the operator's sessions
+    try:
+        admin = admin_storage(admin_server)
+        made = provision(admin, "team-logged")  # CREATE ROLE
+        assert provision(admin, "team-logged").url == made.url  # ALTER ROLE
+    finally:
+        with conn.cursor() as cur:
+            cur.execute("ALTER ROLE postgres RESET log_statement")
+        conn.close()
+    password = psycopg2.extensions.parse_dsn(made.url)["password"]
+    logged = admin_server.logfile.read_text(errors="replace")
+    assert 'CREATE ROLE "kt_team_logged"' in logged and 'ALTER ROLE "kt_team_logged"' in logged
+    assert "SCRAM-SHA-256$4096:" in logged
+    assert password not in logged
+    connect(made.url).close()  # the role logs in with its password (SCRAM)
+
+
 def test_a_tenant_cannot_list_edit_or_lock_another_namespace_study(admin_server):
     admin = admin_storage(admin_server)
     a, b = provision(admin, "lab-a"), provision(admin, "lab-b")

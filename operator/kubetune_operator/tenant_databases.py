@@ -12,16 +12,21 @@ idempotently:
 Names come from the namespace (``kt_<namespace>``, ``-`` as ``_``; cut and suffixed with a
 hash past PostgreSQL's 63 bytes). The role's password is an HMAC of the namespace keyed by
 the admin URL, so a restarted operator derives the same one and keeps no state; a changed
-admin URL changes every tenant password (the next reconcile sets it again).
+admin URL changes every tenant password (the next reconcile sets it again). The password is
+sent to the server only as its SCRAM-SHA-256 verifier, so it never reaches the server's log
+(``log_statement = 'ddl'`` logs every CREATE and ALTER ROLE) or ``pg_stat_statements``.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
 import threading
 from dataclasses import dataclass
+
+import scramp
 
 from kubetune_operator.storage_urls import StorageURL
 
@@ -136,6 +141,18 @@ def provision(admin: StorageURL, namespace: str) -> TenantDatabase:
     return TenantDatabase(namespace, name, name, tenant_url(admin, namespace))
 
 
+def scram_verifier(password: str) -> str:
+    """What PostgreSQL stores for a SCRAM-SHA-256 password, which it also accepts in place of
+    the password in CREATE and ALTER ROLE (PostgreSQL 10 and later)."""
+    salt, stored_key, server_key, iterations = scramp.ScramMechanism(
+        "SCRAM-SHA-256").make_auth_info(password, iteration_count=SCRAM_ITERATIONS)
+    b64 = [base64.b64encode(part).decode() for part in (salt, stored_key, server_key)]
+    return f"SCRAM-SHA-256${iterations}:{b64[0]}${b64[1]}:{b64[2]}"
+
+
+SCRAM_ITERATIONS = 4096  # PostgreSQL's own default (scram_iterations)
+
+
 def _provision(cur, admin: StorageURL, name: str, password: str) -> None:
     import psycopg2
     from psycopg2 import sql
@@ -149,7 +166,7 @@ def _provision(cur, admin: StorageURL, name: str, password: str) -> None:
     if row is None:
         cur.execute(sql.SQL("CREATE ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
                             "NOREPLICATION NOBYPASSRLS PASSWORD %s").format(ident),
-                    (password,))
+                    (scram_verifier(password),))
     else:
         held = [FORBIDDEN_ATTRIBUTES[attr] for attr, value
                 in zip(FORBIDDEN_ATTRIBUTES, row[1:]) if value]
@@ -158,7 +175,8 @@ def _provision(cur, admin: StorageURL, name: str, password: str) -> None:
             raise ProvisionError(f"role {name} exists with rights a tenant role must not have "
                                  f"({', '.join(held) or 'member of other roles'}): the "
                                  "cluster admin must drop or rename it")
-        cur.execute(sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD %s").format(ident), (password,))
+        cur.execute(sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD %s").format(ident),
+                    (scram_verifier(password),))
     cur.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (name,))
     row = cur.fetchone()
     if row is None:
