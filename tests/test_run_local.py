@@ -107,8 +107,9 @@ def test_the_readme_run_is_found_by_name_and_its_output_reads_well_in_files_and_
     assert f"plots:  {out / 'plots'}" in lines
     assert any(re.fullmatch(r"succeeded in (\d+s|\d+m \d\ds)", line) for line in lines), lines
     next_steps = lines[lines.index("next:") + 1:]
-    assert [line.split("  ")[1] for line in next_steps][:2] == ["kubetune results fast",
-                                                              "kubetune plot fast"]
+    commands = [line.split("  ")[1] for line in next_steps]
+    assert commands[:2] == ["kubetune results fast", "kubetune plot fast"]
+    assert commands[2].startswith("kubetune export fast "), commands
     # Not a terminal: no line is wrapped, so the advice is one line, whole.
     assert f"  advice: {result['diagnosis']['advice']}" in lines
 
@@ -118,6 +119,9 @@ def test_the_readme_run_is_found_by_name_and_its_output_reads_well_in_files_and_
     plotted = here("plot", "fast")
     assert plotted.returncode == 0, plotted.stderr
     assert f"{Path('kubetune-runs') / 'fast' / 'plots' / 'curves-overview.png'}" in plotted.stdout
+    exported = here(*commands[2].split()[1:])  # as printed: the run found by its name
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert (tmp_path / "model" / "ensemble.json").is_file(), exported.stdout
     missing = here("results", "no-such-run")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "no kubetune-runs/no-such-run" in missing.stderr and "--storage" in missing.stderr

@@ -257,7 +257,7 @@ def _results(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kubetune.local.progress import print_summary
-    from kubetune.local.runs import find_run
+    from kubetune.study.runs import find_run
 
     path = Path(args.path)
     if not path.exists() and "/" not in args.path and not args.path.endswith(".json"):
@@ -284,7 +284,7 @@ def _cluster_results(args: argparse.Namespace) -> int:
     from kubetune_operator.results import main as cluster_results
 
     if not args.storage:
-        from kubetune.local.runs import default_output
+        from kubetune.study.runs import default_output
         from kubetune_operator.client import load_credentials
 
         try:
@@ -316,7 +316,7 @@ def _plot(args: argparse.Namespace) -> int:
     import optuna
 
     from kubetune.local.plots import write_plots
-    from kubetune.local.runs import default_output, find_run
+    from kubetune.study.runs import default_output, find_run
     from kubetune.study.schema import load_job
     from kubetune.study.schema import study_name as study_of
     from kubetune.study.storage import open_storage, silence_optuna

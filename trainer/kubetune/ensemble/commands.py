@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.spec.template import JOB_DIGEST_ENV
+from kubetune.study.runs import find_run
 from kubetune.study.urls import STORAGE_ENV
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -69,7 +70,8 @@ def export_main(argv: Sequence[str]) -> int:
         description="Write a job's ensemble as a self-contained model folder, loaded with "
                     "kubetune.load_ensemble(FOLDER).")
     parser.add_argument("source", metavar="RUN_DIR|NAME",
-                        help="a local run's output folder, or a TuningJob's name (with --storage)")
+                        help="a local run's output folder or name (a run in ./kubetune-runs), "
+                             "or a TuningJob's name (with --storage)")
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="folder to write (new, empty, or an earlier export)")
     parser.add_argument("--storage", metavar="URL", default=None,
@@ -174,6 +176,8 @@ def _open_study(args: argparse.Namespace) -> tuple[Any, Path | None]:
     silence_optuna()
     source = Path(args.source)
     run_dir = source if source.is_dir() else None
+    if run_dir is None and not args.storage and not args.namespace:
+        run_dir = find_run(args.source)  # a run of `kubetune run` without --output
     if run_dir is not None:
         url = args.storage or str(run_dir / "study.journal")
         if not args.storage and not Path(url).is_file():

@@ -27,7 +27,7 @@ from typing import Any
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
-from kubetune.local.runs import default_output, find_run
+from kubetune.study.runs import default_output, find_run
 from kubetune.study.schema import HISTORY_PREFIX
 from kubetune.study.urls import redact
 

@@ -143,8 +143,7 @@ class ProgressView:
             self._console.print(f"{status.get('phase', 'finished').lower()} in "
                                 f"{duration(elapsed)}", markup=False)
         if run is not None:
-            for line in next_steps(status, run, folder=_shown(result_path.parent),
-                                   models=self._job.spec.trainer.is_builtin):
+            for line in next_steps(status, run, models=self._job.spec.trainer.is_builtin):
                 self._console.print(line, markup=False)
 
 
@@ -158,27 +157,16 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
 
 
-def _shown(folder: Path) -> str:
-    """A folder as a command line names it: relative when it is below the working directory."""
-    try:
-        return str(folder.relative_to(Path.cwd()))
-    except ValueError:
-        return str(folder)
-
-
-def next_steps(status: dict[str, Any], run: str, folder: str | None = None, *,
-               models: bool = True) -> list[str]:
-    """The follow-up commands for a finished run (``run``: its name or folder for results and
-    plot; ``folder``: its folder, for export; ``models``: whether kubetune kept the trials'
-    models, which it does for the built-in trainer only)."""
-    folder = folder or run
+def next_steps(status: dict[str, Any], run: str, *, models: bool = True) -> list[str]:
+    """The follow-up commands for a finished run (``run``: its name or folder; ``models``:
+    whether kubetune kept the trials' models, which it does for the built-in trainer only)."""
     steps = [(f"kubetune results {run}", "the leaderboard again (--json: the whole status)"),
              (f"kubetune plot {run}", "redraw the learning curves and search plots")]
     if status.get("ensemble"):
-        steps.append((f"kubetune export {folder} --output model",
+        steps.append((f"kubetune export {run} --output model",
                       "the ensemble as a model folder for kubetune.load_ensemble"))
     elif status.get("best") and models:
-        steps.append((f"kubetune export {folder} --trial {status['best']['trial']} --output "
+        steps.append((f"kubetune export {run} --trial {status['best']['trial']} --output "
                       "model", "the best trial's model, for kubetune.load_ensemble"))
     width = max(len(command) for command, _ in steps)
     return ["next:"] + [f"  {command:<{width}}  {what}" for command, what in steps]

@@ -19,8 +19,8 @@ from kubetune.job.core import JobCore
 from kubetune.job.status import STORAGE_UNAVAILABLE, storage_unavailable
 from kubetune.local.launcher import LOCAL_PREFIX, ProcessLauncher, default_threads
 from kubetune.local.progress import ProgressView
-from kubetune.local.runs import default_output
 from kubetune.spec.model import TuningJob
+from kubetune.study.runs import default_output
 from kubetune.study.schema import (
     WARM_START_ATTR,
     WORKER_ATTR,

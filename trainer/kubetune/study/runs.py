@@ -1,4 +1,5 @@
-"""Where ``kubetune run`` keeps a run by default, so that other commands find it by name."""
+"""Where ``kubetune run`` keeps a run (its study journal, results and artifacts) by default, so
+that other commands (results, plot, dashboard, export) find it by name."""
 
 from __future__ import annotations
 
