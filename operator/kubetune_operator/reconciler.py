@@ -375,12 +375,12 @@ class Reconciler:
         """Delete the job's pods; and its study when ``spec.cleanup.deleteStudy`` is true."""
         with self._job_lock(body):
             events = self._delete(body)
+        uid = body["metadata"]["uid"]
         with self._lock:
-            self._jobs.pop(body["metadata"]["uid"], None)
-        self._forget_study(body["metadata"]["uid"])
-        with self._lock:
-            self._parsed.pop(body["metadata"]["uid"], None)
-        self._release_storages(body["metadata"]["uid"])
+            self._jobs.pop(uid, None)
+            self._parsed.pop(uid, None)
+        self._forget_study(uid)
+        self._release_storages(uid)
         return events
 
     def _delete(self, body: Mapping[str, Any]) -> list[Event]:
