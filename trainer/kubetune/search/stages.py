@@ -213,7 +213,7 @@ def stage_view(study: optuna.Study, stage: int, space: dict[str, BaseDistributio
                 if isinstance(dist, CategoricalDistribution) and dist != original.get(name)}
     asked = {name: original[name] if name in narrowed else dist for name, dist in space.items()}
     view = optuna.Study(study_name=study.study_name,
-                        storage=_StageStorage(storage_of(study), stage),
+                        storage=StageStorage(storage_of(study), stage),
                         sampler=_NarrowedChoices(sampler, narrowed), pruner=pruner)
     return view, asked
 
@@ -253,7 +253,7 @@ class _NarrowedChoices(optuna.samplers.BaseSampler):
         self._inner.reseed_rng()
 
 
-class _StageStorage(BaseStorage):
+class StageStorage(BaseStorage):
     """A storage wrapper (Optuna's public ``BaseStorage``, implemented by delegation to
     ``inner``) that shows one stage: ``get_all_trials`` lists the trials of that stage only,
     and a trial created here (``study.ask``) is of that stage from its first moment.
@@ -265,96 +265,96 @@ class _StageStorage(BaseStorage):
     """
 
     def __init__(self, inner: BaseStorage, stage: int) -> None:
-        self._inner, self._stage = inner, stage
+        self.inner, self.stage = inner, stage
 
     # -- the stage's view
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return [t for t in self._inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
-                if stage_of(t) == self._stage]
+        return [t for t in self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+                if stage_of(t) == self.stage]
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        trial_id = self._inner.create_new_trial(study_id, template_trial)
+        trial_id = self.inner.create_new_trial(study_id, template_trial)
         if template_trial is None:
-            self._inner.set_trial_user_attr(trial_id, STAGE_ATTR, self._stage)
+            self.inner.set_trial_user_attr(trial_id, STAGE_ATTR, self.stage)
         return trial_id
 
     # -- studies, as they are
     def create_new_study(self, directions: Sequence[StudyDirection],
                          study_name: str | None = None) -> int:
-        return self._inner.create_new_study(directions, study_name)
+        return self.inner.create_new_study(directions, study_name)
 
     def delete_study(self, study_id: int) -> None:
-        self._inner.delete_study(study_id)
+        self.inner.delete_study(study_id)
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._inner.set_study_user_attr(study_id, key, value)
+        self.inner.set_study_user_attr(study_id, key, value)
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._inner.set_study_system_attr(study_id, key, value)
+        self.inner.set_study_system_attr(study_id, key, value)
 
     def get_study_id_from_name(self, study_name: str) -> int:
-        return self._inner.get_study_id_from_name(study_name)
+        return self.inner.get_study_id_from_name(study_name)
 
     def get_study_name_from_id(self, study_id: int) -> str:
-        return self._inner.get_study_name_from_id(study_id)
+        return self.inner.get_study_name_from_id(study_id)
 
     def get_study_directions(self, study_id: int) -> list[StudyDirection]:
-        return self._inner.get_study_directions(study_id)
+        return self.inner.get_study_directions(study_id)
 
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._inner.get_study_user_attrs(study_id)
+        return self.inner.get_study_user_attrs(study_id)
 
     def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._inner.get_study_system_attrs(study_id)
+        return self.inner.get_study_system_attrs(study_id)
 
     def get_all_studies(self) -> list[FrozenStudy]:
-        return self._inner.get_all_studies()
+        return self.inner.get_all_studies()
 
     # -- trials, as they are
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: BaseDistribution) -> None:
-        self._inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        self.inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
-        return self._inner.set_trial_state_values(trial_id, state, values)
+        return self.inner.set_trial_state_values(trial_id, state, values)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int,
                                      intermediate_value: float) -> None:
-        self._inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
+        self.inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._inner.set_trial_user_attr(trial_id, key, value)
+        self.inner.set_trial_user_attr(trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._inner.set_trial_system_attr(trial_id, key, value)
+        self.inner.set_trial_system_attr(trial_id, key, value)
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        return self._inner.get_trial(trial_id)
+        return self.inner.get_trial(trial_id)
 
     # BaseStorage's defaults for these go through get_all_trials: the inner storage's own
     # answer finds a trial of any stage (and is cheaper).
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
-        return self._inner.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+        return self.inner.get_trial_id_from_study_id_trial_number(study_id, trial_number)
 
     def get_trial_number_from_id(self, trial_id: int) -> int:
-        return self._inner.get_trial_number_from_id(trial_id)
+        return self.inner.get_trial_number_from_id(trial_id)
 
     def get_trial_param(self, trial_id: int, param_name: str) -> float:
-        return self._inner.get_trial_param(trial_id, param_name)
+        return self.inner.get_trial_param(trial_id, param_name)
 
     def get_trial_params(self, trial_id: int) -> dict[str, Any]:
-        return self._inner.get_trial_params(trial_id)
+        return self.inner.get_trial_params(trial_id)
 
     def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
-        return self._inner.get_trial_user_attrs(trial_id)
+        return self.inner.get_trial_user_attrs(trial_id)
 
     def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
-        return self._inner.get_trial_system_attrs(trial_id)
+        return self.inner.get_trial_system_attrs(trial_id)
 
     def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
-        self._inner.check_trial_is_updatable(trial_id, trial_state)
+        self.inner.check_trial_is_updatable(trial_id, trial_state)
 
     def remove_session(self) -> None:
-        self._inner.remove_session()
+        self.inner.remove_session()

@@ -19,7 +19,7 @@ from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 # Optuna 4.5-5.x: what BaseStorage.get_all_studies returns; optuna.study does not export it
 # (re-exported for the annotations of a storage wrapper).
 from optuna.study._frozen import FrozenStudy as FrozenStudy
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 
 def storage_of(study: optuna.Study) -> BaseStorage:
@@ -67,15 +67,47 @@ def write_trial_user_attrs(storage: RDBStorage, trial_id: int,
                                                    trial_id, key, value)
 
 
+def backend_of(storage: BaseStorage) -> BaseStorage:
+    """The RDB storage behind Optuna's cache (in front of every RDB study); else ``storage``."""
+    # Optuna 4.5-5.x: _CachedStorage keeps its RDB storage as _backend and passes writes
+    # straight to it.
+    return getattr(storage, "_backend", storage)
+
+
+def read_trial_states(storage: RDBStorage, study_id: int, after: int,
+                      among: set[int]) -> list[tuple[int, TrialState]]:
+    """(id, state) of the study's trials with an id above ``after`` or in ``among``: one
+    query of one table, where Optuna's cache reads every unfinished trial whole (its
+    parameters, attributes and curve) on each ``get_all_trials``."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    # Optuna 4.5-5.x: the trials table is models.TrialModel (trial_id, study_id, state), and
+    # RDBStorage reads through _create_scoped_session(storage.scoped_session).
+    row = models.TrialModel
+    query = sqlalchemy.select(row.trial_id, row.state).where(row.study_id == study_id)
+    newer = row.trial_id > after
+    query = query.where(sqlalchemy.or_(newer, row.trial_id.in_(among)) if among else newer)
+    with _create_scoped_session(storage.scoped_session) as session:
+        return [(trial, state) for trial, state in session.execute(query)]
+
+
+def running_frozen_trial(trial: optuna.Trial) -> FrozenTrial:
+    """The running trial as a pruner sees it in ``trial.should_prune()``: its reported
+    values as this process knows them, with no read of the storage."""
+    # Optuna 4.5-5.x: Trial._get_latest_trial, which should_prune passes to the pruner (a copy
+    # of the trial's _cached_frozen_trial, which report updates).
+    return trial._get_latest_trial()
+
+
 def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     """``trial.set_user_attr`` for several keys: one write on an RDB storage (a storage with
     its own ``set_trial_user_attrs``, which may retry, uses that), one per key elsewhere."""
     if not attrs:
         return
     storage = trial.storage
-    # Optuna 4.5-5.x: _CachedStorage (in front of every RDB study) keeps its RDB storage as
-    # _backend and passes set_trial_user_attr straight to it.
-    backend = getattr(storage, "_backend", storage)
+    backend = backend_of(storage)
     writer = getattr(backend, "set_trial_user_attrs", None)
     if writer is not None:
         writer(trial_id(trial), dict(attrs))

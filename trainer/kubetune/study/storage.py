@@ -35,7 +35,11 @@ from optuna.storages import (
 )
 from optuna.storages.journal import JournalFileBackend
 
-from kubetune.study.optuna_internals import RDB_PRIVATE_METHODS, write_trial_user_attrs
+from kubetune.study.optuna_internals import (
+    RDB_PRIVATE_METHODS,
+    read_trial_states,
+    write_trial_user_attrs,
+)
 from kubetune.study.urls import is_rdb, normalize_url
 
 if TYPE_CHECKING:
@@ -244,6 +248,12 @@ class ReconnectingRDBStorage(RDBStorage):
         """Several user attributes of a running trial in one transaction."""
         self._retrying(lambda: write_trial_user_attrs(self, trial_id, attrs),
                        "set_trial_user_attrs")
+
+    def read_trial_states(self, study_id: int, after: int,
+                          among: set[int]) -> list[tuple[int, Any]]:
+        """``optuna_internals.read_trial_states``, riding out an outage like every call."""
+        return self._retrying(lambda: read_trial_states(self, study_id, after, among),
+                              "read_trial_states")
 
     def _retrying(self, call: Callable[[], T], name: str) -> T:
         if getattr(self._calls, "depth", 0):  # an inner call: the outer one retries

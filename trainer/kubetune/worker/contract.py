@@ -21,6 +21,7 @@ import numpy as np
 import optuna
 
 from kubetune.search import guards
+from kubetune.search.pruning import should_prune
 from kubetune.spec.model import JobSpec, TuningJob
 from kubetune.study.optuna_internals import set_user_attrs
 from kubetune.study.schema import EPOCHS_ATTR, RESUMED_ATTR, history_key
@@ -113,7 +114,7 @@ class EpochReporter:
             last = self._last_epoch is not None and epoch >= self._last_epoch
             if self._deadline is not None and time.time() >= self._deadline and not last:
                 reason = guards.TIMEOUT
-            elif not self._multi and self.trial.should_prune():
+            elif not self._multi and should_prune(self.trial):
                 reason = guards.PRUNER
         if reason is not None:
             self.flush()  # a stopped trial's curve is stored whole
