@@ -418,6 +418,7 @@ REJECTIONS = [
     ("epochs-zero", {"spec.trainer.builtin.epochs": 0}, "spec.trainer.builtin.epochs",
      "must be >= 1"),
     ("ensemble-topK-one", {"spec.ensemble.topK": 1}, "spec.ensemble.topK", "must be >= 2"),
+    ("ensemble-bags-zero", {"spec.ensemble.bags": 0}, "spec.ensemble.bags", "must be >= 1"),
     # presets
     ("preset-unknown", {"spec.searchSpace": {"preset": "mlp-clasic"}},
      "spec.searchSpace.preset", "did you mean 'mlp-classic'?"),

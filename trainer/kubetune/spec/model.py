@@ -661,6 +661,11 @@ class Ensemble(_Model):
     method: Literal["greedy", "average"] = Field(
         default="greedy", description="greedy: ensemble selection with replacement on the "
                                       "validation split; average: equal weights")
+    bags: StrictInt = Field(
+        default=20, ge=1, le=100,
+        description="greedy: selections on random halves of the candidates, averaged "
+                    "(bagging: less overfitting of the validation split); 1: one selection "
+                    "over all candidates")
     members: Literal["trials", "seeds", "snapshots"] = Field(
         default="trials", description="trials: the top trials' final models; seeds: the best "
                                       "configuration trained again with other seeds; "
@@ -1368,7 +1373,8 @@ def _type_message(message: str) -> str:
 def _tidy(message: str) -> str:
     if message.startswith("List should have at least 1 item"):
         return "must not be empty"
-    if match := re.match(r"List should have at (least|most) (\d+) items? after validation", message):
+    if match := re.match(r"List should have at (least|most) (\d+) items? after validation",
+                         message):
         return f"must list at {match.group(1)} {match.group(2)} item" + \
             ("s" if match.group(2) != "1" else "")
     for old, new in (("Input should be greater than or equal to", "must be >="),
