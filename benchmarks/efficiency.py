@@ -17,6 +17,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.report import Section, Table, median_or_inf, progress, spread, times
 from benchmarks.sizes import Sizes
@@ -24,6 +25,7 @@ from benchmarks.tuning import (
     ARM_LABELS,
     ARMS,
     FIXED_PARAMS,
+    MEMBER_KINDS,
     ArmRun,
     Task,
     expert_job_dict,
@@ -44,11 +46,7 @@ def run(sizes: Sizes, jobs: int) -> Section:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-data-") as folder:
         datasets = prepare_datasets(sizes.datasets, Path(folder))
-        tasks = [Task(arm, name, seed,
-                      (expert_job_dict if arm == "expert" else job_dict)(
-                          f"eff-{name.replace('_', '-')}-{seed}", dataset,
-                          trials=sizes.trials, epochs=sizes.epochs, seed=seed),
-                      ensemble=arm == "kubetune")
+        tasks = [_task(arm, name, dataset, seed, sizes)
                  for name, dataset in datasets.items()
                  for seed in range(sizes.seeds) for arm in ARMS]
         # The slowest runs first, so that the last ones to finish are short.
@@ -93,12 +91,80 @@ def run(sizes: Sizes, jobs: int) -> Section:
         mine = [r for r in runs if r.dataset == dataset]
         section.tables.append(_table(dataset, mine, TARGETS[dataset]))
         section.headlines += _headlines(dataset, mine, TARGETS[dataset])
+    section.settings.append(
+        "*ensemble members*: the ensemble step on each study of (d) three times, with "
+        "`members: trials` (the top 20 trials' final models; (f)), `snapshots` (their models "
+        "at two earlier epochs too, kept while the trials trained: (d)'s job keeps them, "
+        "which changes none of its training) and `seeds` (the best configuration trained "
+        "again with 4 more seeds); *extra epochs* are those trained after the search; "
+        "*points per 100 extra epochs* is the test error cut against the best single trial, "
+        "in percentage points, for each 100 of them; where no combination beat the best "
+        "single model on validation, the job gives that model: 1.0x")
+    section.tables.append(_members_table(runs, sizes.datasets))
+    section.headlines += [line for dataset in sizes.datasets
+                          if (line := _members_headline(dataset, runs))]
     for run in runs:
         if run.arm == "kubetune" and run.ensemble_note:
             section.notes.append(f"(f) on {run.dataset}, seed {run.seed}: no ensemble: "
                                  f"{run.ensemble_note}")
     section.seconds = time.perf_counter() - started
     return section
+
+
+def _task(arm: str, name: str, dataset: dict[str, Any], seed: int, sizes: Sizes) -> Task:
+    make = expert_job_dict if arm == "expert" else job_dict
+    job = make(f"eff-{name.replace('_', '-')}-{seed}", dataset, trials=sizes.trials,
+               epochs=sizes.epochs, seed=seed)
+    if arm == "kubetune":  # its trials keep snapshots for the members table
+        job["spec"]["ensemble"] = {"members": "snapshots"}
+    return Task(arm, name, seed, job, ensemble=arm == "kubetune")
+
+
+def _members(runs: list[ArmRun], dataset: str, members: str) -> dict[str, list[float]]:
+    mine = [r for r in runs if r.dataset == dataset and r.arm == "kubetune"]
+    ratios = [r.ensemble_error_ratio(members) for r in mine]
+    kept = [r.member_ensembles.get(members, {}).get("members") for r in mine]
+    extra = [float(r.member_ensembles.get(members, {}).get("extra_epochs", 0)) for r in mine]
+    gains = []  # points of test error cut per 100 extra epochs
+    for run, ratio, epochs in zip(mine, ratios, extra):
+        best = run.best()
+        if ratio is None or best is None or best.test_accuracy is None or epochs <= 0:
+            continue
+        single = 1.0 - run.member_ensembles[members].get("single_test", best.test_accuracy)
+        gains.append(100 * single * (1.0 - ratio) / epochs * 100)
+    return {"ratios": [x for x in ratios if x is not None],
+            "kept": [x for x in kept if x is not None], "extra": extra, "gains": gains,
+            "search": [r.total_epochs for r in mine]}
+
+
+def _members_table(runs: list[ArmRun], datasets: tuple[str, ...]) -> Table:
+    rows = []
+    for dataset in datasets:
+        for members in MEMBER_KINDS:
+            m = _members(runs, dataset, members)
+            rows.append([dataset, members, spread(m["ratios"]),
+                         f"{sum(x > 1.0 for x in m['ratios'])} of {len(m['ratios'])}",
+                         spread(m["kept"], "{:.0f}"), spread(m["extra"], "{:.0f}"),
+                         spread(m["gains"], "{:.2f}") if m["gains"] else "no extra epochs"])
+    return Table(["dataset", "members", "test error / best single's", "seeds above 1.0x",
+                  "models in the ensemble", "extra epochs", "points per 100 extra epochs"],
+                 rows, caption="Ensemble members on the studies of (d): no extra training "
+                               "(trials, snapshots) or four more trainings (seeds)")
+
+
+def _members_headline(dataset: str, runs: list[ArmRun]) -> str | None:
+    kinds = {members: _members(runs, dataset, members) for members in MEMBER_KINDS}
+    if not all(k["ratios"] for k in kinds.values()):
+        return None
+    seeds = kinds["seeds"]
+    extra, search = median_or_inf(seeds["extra"]), median_or_inf(seeds["search"])
+    return (f"{dataset}: ensemble members, test error / best single's (median over seeds): "
+            f"trials {median_or_inf(kinds['trials']['ratios']):.3f}x and snapshots "
+            f"{median_or_inf(kinds['snapshots']['ratios']):.3f}x with no extra epochs; seeds "
+            f"{median_or_inf(seeds['ratios']):.3f}x for {extra:.0f} extra epochs "
+            f"({extra / search:.0%} of the search's {search:.0f}): "
+            f"{median_or_inf(seeds['gains']) if seeds['gains'] else 0.0:.2f} points of test "
+            "error per 100 extra epochs.")
 
 
 def _optuna_version() -> str:

@@ -37,9 +37,9 @@ FULL = Sizes(
     status_trials=(100, 1_000, 10_000), operator_jobs=(1, 50, 200),
 )
 
-# Every goal measured, in about 35 minutes on 2 cores (at most an hour): the hard tasks with 5 seeds per arm
-# (40 trials of 15 epochs: the kubetune arms' ensembles choose among the top 20), digits as the
-# smoke task, storage at 1, 4 and 16 workers, the operator at 200 jobs.
+# Every goal measured, in about 35 minutes on 2 cores (at most an hour): the hard tasks with 5
+# seeds per arm (40 trials of 15 epochs: the kubetune arms' ensembles choose among the top 20),
+# digits as the smoke task, storage at 1, 4 and 16 workers, the operator at 200 jobs.
 STANDARD = Sizes(
     name="standard",
     datasets=("digits", "hard10", "noisy5"), trials=40, seeds=5, epochs=15,

@@ -37,7 +37,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ ARM_LABELS = {
     "ensemble": "(f) kubetune defaults + ensemble",
 }
 BLOWUP_FACTOR = 10.0
+# What (f) combines (spec.ensemble.members): the top trials' final models, those models at
+# earlier epochs too (kept while the trials trained), the best configuration trained again
+# with other seeds (spec.ensemble.seeds, default 5: four more trainings).
+MEMBER_KINDS = ("trials", "snapshots", "seeds")
+NO_BETTER = "NoBetterCombination"  # kubetune.ensemble.step's reason: the best model alone
 
 # The digits example's search space (examples/digits-mlp.yaml), used for every dataset.
 SEARCH_SPACE: dict[str, Any] = {
@@ -113,6 +118,9 @@ class ArmRun:
     ensemble: dict[str, float] | None = None   # (d): val/test value of the ensemble
     ensemble_note: str | None = None           # why (f) has no numbers
     test_rows: int = 0                         # rows of the test split
+    # (d): the ensemble of each kind of member (MEMBER_KINDS) on the same study: its values,
+    # or the "note" why none was built, and "extra_epochs", trained beyond the search
+    member_ensembles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def total_epochs(self) -> float:
@@ -155,13 +163,20 @@ class ArmRun:
                 return spent
         return math.inf
 
-    def ensemble_error_ratio(self) -> float | None:
-        """The ensemble's test error over its best single trial's (below 1: it helped)."""
+    def ensemble_error_ratio(self, members: str = "trials") -> float | None:
+        """The ensemble's test error over its best single trial's (below 1: it helped);
+        ``members``: the kind of member (MEMBER_KINDS). Where no combination beat the best
+        single model on validation, that model is what the job gives (1.0)."""
+        ensemble = self.member_ensembles.get(members)
+        if ensemble is None and members == "trials":
+            ensemble = self.ensemble
         best = self.best()
-        if not self.ensemble or best is None or best.test_accuracy is None:
+        if not ensemble or best is None or best.test_accuracy is None:
             return None
-        single = 1.0 - self.ensemble.get("single_test", best.test_accuracy)
-        return (1.0 - self.ensemble["test"]) / single if single > 0 else None
+        if "test" not in ensemble:
+            return 1.0 if (ensemble.get("note") or "").startswith(NO_BETTER) else None
+        single = 1.0 - ensemble.get("single_test", best.test_accuracy)
+        return (1.0 - ensemble["test"]) / single if single > 0 else None
 
 
 @dataclass
@@ -459,22 +474,44 @@ def _run_kubetune(task: Task, job: Any) -> ArmRun:
                      spec.objective.resolved_direction == "maximize", recorder.records(study),
                      0.0, test_rows=recorder.test_rows)
         if task.ensemble:
-            run.ensemble, run.ensemble_note = run_ensemble(study, store)
+            for members in MEMBER_KINDS:
+                result, note, extra = run_ensemble(study, store, members)
+                run.member_ensembles[members] = {**(result or {}), "extra_epochs": extra,
+                                                 "note": note}
+                if members == "trials":
+                    run.ensemble, run.ensemble_note = result, note
     return run
 
 
-def run_ensemble(study: Any, store: Any) -> tuple[dict[str, float] | None, str | None]:
-    """(d): kubetune's ensemble step on a finished study: (values, None) or (None, why not)."""
+def run_ensemble(study: Any, store: Any, members: str = "trials"
+                 ) -> tuple[dict[str, float] | None, str | None, int]:
+    """(d): kubetune's ensemble step on a finished study, with ``members`` in place of the
+    job's ``spec.ensemble.members``: (values, None) or (None, why not), and the epochs it
+    trained. A job that keeps snapshots trains exactly as one that does not, so one study
+    serves every kind."""
+    from kubetune.builtin.mlp import train
+    from kubetune.ensemble.step import run_ensemble_step
+    from kubetune.study.schema import JOB_ATTR
+
+    stored = study.user_attrs[JOB_ATTR]
+    ensemble = {**stored["spec"].get("ensemble", {}), "members": members}
+    study.set_user_attr(JOB_ATTR, {**stored, "spec": {**stored["spec"], "ensemble": ensemble}})
+    extra = [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:  # seeds: the trainings after the search
+        def on_epoch(epoch: int, metrics: Any) -> None:
+            extra[0] += 1
+
+        return train(*args, on_epoch=on_epoch, **kwargs)
+
     try:
-        from kubetune.ensemble.step import run_ensemble_step
-    except ImportError:
-        return None, "not available yet: kubetune.ensemble.step has no run_ensemble_step"
-    try:
-        record = run_ensemble_step(study, store)
+        record = run_ensemble_step(study, store, train=counted)
     except Exception as err:  # report it in the table rather than lose the whole benchmark
-        return None, f"ensemble step failed: {type(err).__name__}: {err}"
+        return None, f"ensemble step failed: {type(err).__name__}: {err}", extra[0]
+    finally:
+        study.set_user_attr(JOB_ATTR, stored)
     if "reason" in record:
-        return None, f"{record['reason']}: {record.get('message', '')}"
+        return None, f"{record['reason']}: {record.get('message', '')}", extra[0]
     return {"val": float(record["validationValue"]), "test": float(record["testValue"]),
             "single_test": float(record["bestSingleTestValue"]),
-            "members": float(len(record.get("members", [])))}, None
+            "members": float(len(record.get("members", [])))}, None, extra[0]

@@ -81,6 +81,18 @@ def test_efficiency_table_per_dataset_with_every_arm(report):
     assert "goal 1 (random search's median best test accuracy" in report
 
 
+def test_members_table_counts_the_epochs_each_kind_of_member_trains(report):
+    (table,) = table_with(report, "points per 100 extra epochs")
+    assert [(row["dataset"], row["members"]) for row in table] == [
+        (dataset, members) for dataset in SMOKE.datasets
+        for members in ("trials", "snapshots", "seeds")]
+    extra = {row["members"]: row["extra epochs"] for row in table}
+    # trials and snapshots train nothing more; seeds trains the best configuration again
+    # with 4 more seeds (spec.ensemble.seeds: 5, the best trial included)
+    assert extra == {"trials": "0", "snapshots": "0", "seeds": str(4 * SMOKE.epochs)}
+    assert table[0]["points per 100 extra epochs"] == "no extra epochs"
+
+
 def test_divergence_table_counts_wasted_epochs(report):
     (table,) = table_with(report, "epochs wasted after blow-up")
     assert [row["arm"][:3] for row in table] == ["(a)", "(b)", "(d)"]
