@@ -98,9 +98,13 @@ def ranked(trials: list[FrozenTrial], direction: str, *, full_only: bool = True,
 
 
 def best_value(trials: Iterable[FrozenTrial], direction: str, index: int = 0) -> float | None:
-    """The best value of the complete full-fidelity trials (what the goal is checked on)."""
-    top = ranked(list(trials), direction, index=index)
-    return top[0].values[index] if top else None
+    """The best value of the complete full-fidelity trials (what the goal is checked on):
+    ``ranked``'s first, found without sorting them all."""
+    done = _competing(trials)
+    if not done:
+        return None
+    sign = -1.0 if direction == "maximize" else 1.0
+    return min(done, key=lambda t: (sign * t.values[index], t.number)).values[index]
 
 
 def pareto_front(trials: Iterable[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
@@ -138,13 +142,17 @@ class BudgetPass:
 
 
 def check_budget(spec: JobSpec, trials: list[FrozenTrial], started_at: float,
-                 now: float) -> BudgetPass:
+                 now: float, *, best: bool = True) -> BudgetPass:
+    """``best`` False: the best value is worked out only if the objective's goal needs it
+    (else ``BudgetPass.best`` is None), for a worker choosing its next trial, which reads the
+    stop reason and the counts only, under the study lock every worker waits for."""
     counts = count_trials(trials)
-    best = best_value(trials, spec.objective.resolved_direction,
-                      spec.objective.primary_index)
+    value = (best_value(trials, spec.objective.resolved_direction,
+                        spec.objective.primary_index)
+             if best or spec.objective.goal is not None else None)
     max_trials = effective_max_trials(spec)
-    return BudgetPass(max_trials, counts, best,
-                      _stop_reason(spec, counts, best, max_trials, started_at, now))
+    return BudgetPass(max_trials, counts, value,
+                      _stop_reason(spec, counts, value, max_trials, started_at, now))
 
 
 def _stop_reason(spec: JobSpec, counts: TrialCounts, best: float | None, max_trials: int,

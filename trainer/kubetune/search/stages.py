@@ -59,14 +59,18 @@ def stage_budgets(spec: JobSpec) -> list[int]:
     return earlier + [max(0, spec.budget.max_trials - sum(earlier))]
 
 
-def stage_for_new_trial(spec: JobSpec, trials: list[FrozenTrial]) -> int | None:
+def stage_for_new_trial(spec: JobSpec, trials: list[FrozenTrial],
+                        counts: budget.TrialCounts | None = None) -> int | None:
     """The stage a new trial joins, or None while the next stage waits for the current one
-    to finish (or when every stage's trials are taken)."""
+    to finish (or when every stage's trials are taken). ``counts``: ``count_trials(trials)``
+    if the caller has it, which is all a job of one stage needs."""
     budgets = stage_budgets(spec)
-    for index, counts in enumerate(_stage_counts(spec, trials)):
-        if counts.used < budgets[index]:
+    per_stage = ([counts] if counts is not None and len(spec.stage_list) == 1
+                 else _stage_counts(spec, trials))
+    for index, stage in enumerate(per_stage):
+        if stage.used < budgets[index]:
             return index
-        if counts.running or counts.waiting:
+        if stage.running or stage.waiting:
             return None  # the next stage needs this one finished
     return None
 

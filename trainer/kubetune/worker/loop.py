@@ -162,11 +162,12 @@ def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: St
     fail_stale_trials(study)
     with lock:
         trials = study.get_trials(deepcopy=False)
-        check = budget.check_budget(job.spec, trials, start, time.time())
+        check = budget.check_budget(job.spec, trials, start, time.time(), best=False)
         if check.stop is not None:
             return None, check
         waiting = [t for t in trials if t.state == TrialState.WAITING]
-        stage = stage_of(waiting[0]) if waiting else stage_for_new_trial(job.spec, trials)
+        stage = (stage_of(waiting[0]) if waiting
+                 else stage_for_new_trial(job.spec, trials, check.counts))
         if stage is None:  # the next stage waits for this one's running trials
             return None, check
         stage = min(stage, len(job.spec.stage_list) - 1)  # a job resumed with fewer stages
