@@ -39,6 +39,24 @@ SLOWER_TRAINER = {"builtin": {
     "epochs": 6, "params": {"batch_size": 16}}}
 
 
+# Trials whose epochs take 0.3 s whatever the machine's speed: the runner test waits to see
+# one in flight, and the builtin trainer's trials of SLOWER_TRAINER take 0.4 s on a quiet
+# machine, so the whole job could end between two looks (it did, in CI).
+PACED_TRIAL = """
+import json, os, time
+
+lr = float(os.environ["KUBETUNE_PARAM_LR"])
+for epoch in range(1, 7):
+    time.sleep(0.3)
+    print(json.dumps({"epoch": epoch, "val_accuracy": 0.5 + lr + epoch / 100}), flush=True)
+"""
+
+
+def _paced_trainer(folder: Path) -> dict:
+    (folder / "trial.py").write_text(PACED_TRIAL)
+    return {"command": [sys.executable, "trial.py"], "metrics": ["val_accuracy"], "epochs": 6}
+
+
 def _job(name: str, max_trials: int, **spec) -> dict:
     spec.setdefault("budget", {"maxTrials": max_trials, "parallelism": 2, "maxRetries": 3})
     spec.setdefault("storage", {"heartbeatInterval": 1, "gracePeriod": 4})
@@ -75,8 +93,10 @@ def test_runner_killed_three_times_mid_job_finishes_exactly_with_nothing_lost(
         postgres_url, tmp_path):
     name, max_trials = "killed", 6
     # One worker: each of the four runs starts one process less (the test is about the runner).
-    job = write_job(tmp_path / "job.yaml", _job(
-        name, max_trials, budget={"maxTrials": max_trials, "parallelism": 1, "maxRetries": 3}))
+    spec = _job(name, max_trials,
+                budget={"maxTrials": max_trials, "parallelism": 1, "maxRetries": 3})
+    spec["spec"]["trainer"] = _paced_trainer(tmp_path)
+    job = write_job(tmp_path / "job.yaml", spec)
     out = tmp_path / "out"
     storage = open_storage(postgres_url)
     completed: dict[int, float] = {}
@@ -88,8 +108,10 @@ def test_runner_killed_three_times_mid_job_finishes_exactly_with_nothing_lost(
             def mid_trial():
                 trials = _trials(storage, name)
                 done = {t.number for t in trials if t.state == TrialState.COMPLETE}
+                # Reported an epoch of its own (a retry's copied history is not one): the
+                # worker is inside the trial, where a stop gives it back.
                 running = [t for t in trials if t.state == TrialState.RUNNING
-                           and history_of(t.user_attrs) and t.number not in in_flight]
+                           and t.intermediate_values and t.number not in in_flight]
                 progressed = done - set(completed) or kill > 0  # the first run gets one done
                 return running if progressed and running else None
 

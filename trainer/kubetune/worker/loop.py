@@ -172,8 +172,12 @@ def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: St
             return None, check
         stage = min(stage, len(job.spec.stage_list) - 1)  # a job resumed with fewer stages
         trial = stages.ask(stage, trials)
-        set_user_attrs(trial, {WORKER_ATTR: options.worker_id,
-                               **new_trial_attrs(trial, job.spec, stage)})
+        try:
+            set_user_attrs(trial, {WORKER_ATTR: options.worker_id,
+                                   **new_trial_attrs(trial, job.spec, stage)})
+        except (WorkerStopped, KeyboardInterrupt):  # stopped as the trial began: give it back
+            _give_back(study, trial, job.spec.budget.max_retries)
+            raise
     log.info("trial %d started: %s", trial.number, trial.params)
     return trial, check
 
