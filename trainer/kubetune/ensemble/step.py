@@ -116,7 +116,8 @@ def weighted(probas: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarr
 # ---------------------------------------------------------------- selection
 @dataclass(frozen=True)
 class Selection:
-    """Members picked, in pick order (the kept prefix), and the weight of every member."""
+    """Members picked (greedy: in pick order, the kept prefix; bagged: by weight, heaviest
+    first) and the weight of every member."""
 
     picks: tuple[int, ...]
     weights: tuple[float, ...]
