@@ -17,11 +17,18 @@ in sampler, pruner, guards and (e) search space and stages:
   and each trial runs in ``kubetune.worker.trial.run_trial`` (NaN/divergence guards, then the
   pruner). It runs in process on an in-memory study, artifacts in a temp folder, instead of
   worker processes, so the comparison measures tuning, not process start-up.
-* ``expert``: (e) kubetune's recommended setting (docs/tuning.md): the ``mlp-classic`` preset
-  and two coarse-to-fine stages, the first on a quarter of the epochs and of the training rows,
-  run through kubetune's stage asker as a worker does.
-* (f) ``kubetune`` plus the ensemble step (``kubetune.ensemble.step``) on the finished study of
-  (d); it trains nothing more, so its compute is that of (d).
+* (e) kubetune's recommended setting (docs/tuning.md): (d) with ``ensemble.members:
+  snapshots``, judged by the model the job gives: its ensemble of the top trials' models at
+  their last and two earlier epochs (kept while the trials trained; it changes none of (d)'s
+  training), or the best trial's model when no combination beats it on validation. It trains
+  nothing beyond (d), so it reuses (d)'s study; *had the job stopped after each trial* is
+  exact, as a job of k trials runs the first k trials of (d), one at a time from the seeded
+  sampler.
+* (f) ``kubetune`` plus the job's default ensemble (``members: trials``) on the finished study
+  of (d); it trains nothing more, so its compute is that of (d).
+* ``staged``: (g) the ``mlp-classic`` preset and two coarse-to-fine stages, the first on a
+  quarter of the epochs and of the training rows, run through kubetune's stage asker as a
+  worker does.
 
 Compute is counted in epochs actually trained, summed over the trials; an epoch on a share of
 the training rows counts as that share of an epoch (data-weighted epochs). Each run also notes, per
@@ -41,15 +48,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ARMS = ("random", "optuna", "hyperband", "kubetune", "expert")
+ARMS = ("random", "optuna", "hyperband", "kubetune", "staged")
 ARM_LABELS = {
     "random": "(a) random search, no pruning (Katib default)",
     "optuna": "(b) Optuna TPE + median pruner",
     "hyperband": "(c) Optuna TPE + Hyperband pruner (ASHA-like)",
     "kubetune": "(d) kubetune defaults (TPE + NaN/divergence guards + median pruner)",
-    "expert": "(e) kubetune recommended (mlp-classic preset + coarse-to-fine stages)",
-    "ensemble": "(f) kubetune defaults + ensemble",
+    "recommended": "(e) kubetune recommended (defaults + an ensemble of snapshots: the job's "
+                   "final model)",
+    "ensemble": "(f) kubetune defaults + ensemble (the top trials' final models)",
+    "staged": "(g) kubetune staged preset (mlp-classic preset + coarse-to-fine stages)",
 }
+RECOMMENDED_MEMBERS = "snapshots"  # (e): spec.ensemble.members of the recommended setting
 BLOWUP_FACTOR = 10.0
 # What (f) combines (spec.ensemble.members): the top trials' final models, those models at
 # earlier epochs too (kept while the trials trained), the best configuration trained again
@@ -121,6 +131,11 @@ class ArmRun:
     # (d): the ensemble of each kind of member (MEMBER_KINDS) on the same study: its values,
     # or the "note" why none was built, and "extra_epochs", trained beyond the search
     member_ensembles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (d): what the job gives as its final model had it stopped after each trial (a job with
+    # that many trials runs exactly those trials: one at a time, seeded), per kind of member:
+    # (epochs trained so far, test accuracy of the ensemble, or of the best single model when
+    # no combination beat it)
+    result_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def total_epochs(self) -> float:
@@ -160,6 +175,35 @@ class ArmRun:
                 best = trial
             if best is not None and best.test_accuracy is not None \
                     and best.test_accuracy >= target:
+                return spent
+        return math.inf
+
+    def test_at(self, budget: float) -> float | None:
+        """The test accuracy of the best trial (on validation) among those that ended within
+        ``budget`` epochs: what a user has after spending that much."""
+        spent, best = 0.0, None
+        sign = -1.0 if self.maximize else 1.0
+        for trial in sorted(self.trials, key=lambda t: t.number):
+            spent += trial.cost
+            if spent > budget:
+                break
+            if (trial.state == "COMPLETE" and trial.full and trial.value is not None
+                    and math.isfinite(trial.value)
+                    and (best is None or sign * trial.value < sign * best.value)):
+                best = trial
+        return None if best is None else best.test_accuracy
+
+    def result_test_at(self, budget: float, members: str) -> float | None:
+        """The test accuracy of the job's final model (``result_curves``) had it stopped after
+        the last trial that ended within ``budget`` epochs."""
+        within = [test for spent, test in self.result_curves.get(members, []) if spent <= budget]
+        return within[-1] if within else None
+
+    def epochs_to_result_test(self, target: float, members: str) -> float:
+        """Epochs trained until the job's final model (``result_curves``) would have had a test
+        accuracy of at least ``target``; inf if it never had."""
+        for spent, test in self.result_curves.get(members, []):
+            if test >= target:
                 return spent
         return math.inf
 
@@ -256,11 +300,11 @@ def job_dict(name: str, dataset: dict[str, Any], *, trials: int, epochs: int, se
     }
 
 
-def expert_job_dict(name: str, dataset: dict[str, Any], *, trials: int, epochs: int,
+def staged_job_dict(name: str, dataset: dict[str, Any], *, trials: int, epochs: int,
                     seed: int) -> dict[str, Any]:
-    """(e): the job of ``job_dict`` with kubetune's recommended search (docs/tuning.md): the
-    ``mlp-classic`` preset, and 60% of the trials in a coarse stage on a quarter of the epochs
-    and of the training rows, whose top 5 trials narrow the full-fidelity fine stage."""
+    """(g): the job of ``job_dict`` with the ``mlp-classic`` preset, and 60% of the trials in a
+    coarse stage on a quarter of the epochs and of the training rows, whose top 5 trials narrow
+    the full-fidelity fine stage."""
     job = job_dict(name, dataset, trials=trials, epochs=epochs, seed=seed,
                    space={"preset": "mlp-classic"}, params={"init": FIXED_PARAMS["init"]})
     coarse = max(1, round(0.6 * trials))
@@ -327,7 +371,7 @@ def run_task(task: Task) -> ArmRun:
     job = parse_job(task.job)
     started = time.perf_counter()
     runner = {"random": _run_stock, "optuna": _run_stock, "hyperband": _run_stock,
-              "kubetune": _run_kubetune, "expert": _run_kubetune}[task.arm]
+              "kubetune": _run_kubetune, "staged": _run_kubetune}[task.arm]
     run = runner(task, job)
     run.seconds = time.perf_counter() - started
     return run
@@ -437,7 +481,7 @@ def _run_stock(task: Task, job: Any) -> ArmRun:
 
 
 def _run_kubetune(task: Task, job: Any) -> ArmRun:
-    """(d) and (e), and (f) when asked: kubetune's sampler, pruner, stages, guards and trial
+    """(d) and (g), and (e) and (f) when asked: kubetune's sampler, pruner, stages, guards and trial
     runner, a trial at a time as one worker runs them."""
     import optuna
     from optuna.storages import InMemoryStorage
@@ -480,7 +524,64 @@ def _run_kubetune(task: Task, job: Any) -> ArmRun:
                                                  "note": note}
                 if members == "trials":
                     run.ensemble, run.ensemble_note = result, note
+            for members in ("trials", RECOMMENDED_MEMBERS):
+                run.result_curves[members] = result_curve(study, store, job, run.trials,
+                                                          members)
     return run
+
+
+class _Prefix:
+    """The study as a job that stopped after its first trials saw it (``collect_members``
+    reads only ``get_trials``)."""
+
+    def __init__(self, trials: list[Any]) -> None:
+        self._trials = trials
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[Any]:
+        return [t for t in self._trials if states is None or t.state in states]
+
+
+def result_curve(study: Any, store: Any, job: Any, records: list[TrialRecord],
+                 members: str) -> list[tuple[float, float]]:
+    """(epochs trained, test accuracy of the job's final model) after each trial: the
+    ensemble of ``members`` kubetune's ensemble step chooses on the trials so far, or the best
+    single model where none beats it. Trials run one at a time from a seeded sampler, so the
+    first k trials of this study are exactly what a job of k trials runs."""
+    from kubetune.ensemble.step import (
+        ArtifactReader,
+        NotEnoughMembers,
+        collect_members,
+        combine,
+        score,
+        selection_metric,
+    )
+
+    spec = job.spec
+    job = job.model_copy(update={"spec": spec.model_copy(update={
+        "ensemble": spec.ensemble.model_copy(update={"members": members})})})
+    metric = selection_metric(spec.objective.primary_metric)
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    cost = {r.number: r.cost for r in records}
+    curve: list[tuple[float, float]] = []
+    spent = 0.0
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-curve-") as tmp:
+        reader = ArtifactReader(store, Path(tmp))
+        for count, trial in enumerate(trials, start=1):
+            spent += cost.get(trial.number, 0.0)
+            candidates = collect_members(_Prefix(trials[:count]), job, reader)
+            if not candidates.members:
+                continue
+            try:
+                result = combine(candidates.members, candidates.y_val, candidates.y_test,
+                                 metric=metric, direction=spec.objective.resolved_direction,
+                                 method=spec.ensemble.method, bags=spec.ensemble.bags)
+            except NotEnoughMembers:
+                test = score(metric, candidates.members[0].test_proba, candidates.y_test)
+            else:
+                test = (result.test_value if len(result.members) > 1
+                        else result.best_single_test_value)
+            curve.append((spent, float(test)))
+    return curve
 
 
 def run_ensemble(study: Any, store: Any, members: str = "trials"

@@ -64,20 +64,27 @@ def test_efficiency_table_per_dataset_with_every_arm(report):
     assert len(efficiency) == len(SMOKE.datasets)
     for table in efficiency:
         arms = [row["arm"][:3] for row in table]
-        assert arms == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]
-        random_search = table[0]
+        assert arms == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)"]
+        random_search, defaults, recommended, staged = table[0], table[3], table[4], table[6]
         # no pruning: every trial trains every epoch
         assert random_search["epochs trained"] == str(SMOKE.trials * SMOKE.epochs)
         assert random_search["trials pruned"] == "0"
-        for row in table[:5]:
+        for row in table[:4] + [staged]:
             assert re.fullmatch(r"0\.\d{3}|1\.000", row["best val accuracy"])
             assert re.fullmatch(r"0\.\d{3}|1\.000", row["test accuracy (of best)"])
             assert int(row["epochs trained"]) <= SMOKE.trials * SMOKE.epochs
-        # the recommended arm's coarse stage trains on a quarter of the rows: data-weighted
+        # the recommended setting trains what the defaults train: its ensemble is of
+        # snapshots the defaults' trials kept
+        assert recommended["epochs trained"] == defaults["epochs trained"]
+        assert re.fullmatch(r"0\.\d{3}|1\.000", recommended["test accuracy (of best)"])
+        # the staged preset's coarse stage trains on a quarter of the rows: data-weighted
         # epochs are fewer than the epochs it ran
-        assert float(table[4]["epochs trained"]) < SMOKE.trials * SMOKE.epochs
+        assert float(staged["epochs trained"]) < SMOKE.trials * SMOKE.epochs
         assert any(column.startswith("epochs to val ≥ ") for column in table[0])
         assert any(column.startswith("epochs to random's test ") for column in table[0])
+        # goal 1's budget: 30% of random search's epochs
+        budget = f"test accuracy after {0.3 * SMOKE.trials * SMOKE.epochs:.1f} epochs"
+        assert budget in table[0]
     assert "goal 1 (random search's median best test accuracy" in report
 
 
@@ -174,3 +181,50 @@ def test_hard_tasks_are_hard_and_load_through_kubetunes_file_source(tmp_path):
         spec = prepare_datasets((name,), tmp_path)[name]
         data = load_dataset(spec, {})
         assert data.n_classes == config["n_classes"] and data.n_features == X.shape[1]
+
+
+def test_the_recommended_result_replays_a_job_stopped_after_each_trial():
+    """Goal 1 judges the model a job gives after a share of the epochs by replaying one
+    longer job trial by trial. That is exact only if a job of k trials ends with the ensemble
+    the replay builds on the first k trials of the longer one: checked here against real jobs
+    of 2 and 5 trials."""
+    from benchmarks.tuning import RECOMMENDED_MEMBERS, Task, job_dict, run_task
+
+    def run(trials: int):
+        job = job_dict("replay", {"name": "digits"}, trials=trials, epochs=3, seed=1)
+        job["spec"]["ensemble"] = {"members": RECOMMENDED_MEMBERS}
+        return run_task(Task("kubetune", "digits", 1, job, ensemble=True))
+
+    short, long = run(2), run(5)
+    for members in ("trials", RECOMMENDED_MEMBERS):
+        curve = long.result_curves[members]
+        spent = [sum(t.cost for t in long.trials[:k]) for k in range(1, 6)]
+        assert [epochs for epochs, _ in curve] == spent
+        # the last point is the job's own ensemble step on the whole study (or its best
+        # trial where no combination beat it), and the second a 2-trial job's
+        for replayed, job in ((curve[-1], long), (curve[1], short)):
+            built = job.member_ensembles[members]
+            own = built["test"] if "test" in built else job.best().test_accuracy
+            assert replayed[1] == pytest.approx(own)
+    # a model as good as the last point's is reached by the end, and not before it exists
+    curve = long.result_curves[RECOMMENDED_MEMBERS]
+    assert long.epochs_to_result_test(curve[-1][1], RECOMMENDED_MEMBERS) <= curve[-1][0]
+    assert long.epochs_to_result_test(1.01, RECOMMENDED_MEMBERS) == float("inf")
+    assert long.result_test_at(curve[2][0], RECOMMENDED_MEMBERS) == curve[2][1]
+    assert long.result_test_at(curve[0][0] - 0.5, RECOMMENDED_MEMBERS) is None
+
+
+def test_test_at_a_budget_is_the_best_trial_on_validation_within_it():
+    from benchmarks.tuning import ArmRun, TrialRecord
+
+    run = ArmRun("random", "digits", 0, True, [
+        TrialRecord(0, "COMPLETE", 10, 0.80, 0.70, None),
+        TrialRecord(1, "PRUNED", 2, None, None, None),
+        TrialRecord(2, "COMPLETE", 10, 0.90, 0.60, None),   # better on validation, worse test
+        TrialRecord(3, "COMPLETE", 10, 0.95, 0.99, None),
+    ], 0.0)
+    assert run.test_at(9) is None            # nothing ended within 9 epochs
+    assert run.test_at(12) == 0.70
+    assert run.test_at(22) == 0.60           # the user picks on validation
+    assert run.test_at(31) == 0.60           # trial 3 ends at 32
+    assert run.test_at(32) == 0.99
