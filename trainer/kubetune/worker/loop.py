@@ -171,13 +171,15 @@ def _next_trial(study: optuna.Study, job: TuningJob, lock: StudyLock, stages: St
         if stage is None:  # the next stage waits for this one's running trials
             return None, check
         stage = min(stage, len(job.spec.stage_list) - 1)  # a job resumed with fewer stages
-        trial = stages.ask(stage, trials)
-        try:
-            set_user_attrs(trial, {WORKER_ATTR: options.worker_id,
-                                   **new_trial_attrs(trial, job.spec, stage)})
-        except (WorkerStopped, KeyboardInterrupt):  # stopped as the trial began: give it back
-            _give_back(study, trial, job.spec.budget.max_retries)
-            raise
+        with _STOP.deferred():
+            trial = stages.ask(stage, trials)
+            try:
+                set_user_attrs(trial, {WORKER_ATTR: options.worker_id,
+                                       **new_trial_attrs(trial, job.spec, stage)})
+                _STOP.raise_if_requested()
+            except (WorkerStopped, KeyboardInterrupt):  # stopped as the trial began
+                _give_back(study, trial, job.spec.budget.max_retries)
+                raise
     log.info("trial %d started: %s", trial.number, trial.params)
     return trial, check
 
@@ -219,8 +221,36 @@ class _heartbeat:
             self._thread.join()
 
 
-def _stop_on_sigterm() -> None:
-    def handler(signum: int, frame: object) -> None:
+class _StopRequest:
+    """SIGTERM raises ``WorkerStopped`` where it lands, except while a trial is created and
+    marked this worker's: raised there, it would leave a RUNNING trial nobody runs until its
+    heartbeat went stale. Then it is noted, and raised once the trial can be given back."""
+
+    def __init__(self) -> None:
+        self._deferring = self._requested = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self._deferring:
+            self._requested = True
+            return
         raise WorkerStopped()
 
-    signal.signal(signal.SIGTERM, handler)
+    @contextlib.contextmanager
+    def deferred(self) -> Any:
+        self._deferring, self._requested = True, False
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def raise_if_requested(self) -> None:
+        if self._requested:
+            self._requested = False
+            raise WorkerStopped()
+
+
+_STOP = _StopRequest()
+
+
+def _stop_on_sigterm() -> None:
+    signal.signal(signal.SIGTERM, _STOP.handle)
