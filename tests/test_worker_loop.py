@@ -21,10 +21,14 @@ from kubetune.worker.contract import WorkerStopped
 from conftest import fast_job
 
 
-def test_sigterm_while_a_trial_is_created_gives_that_trial_back(tmp_path):
-    """SIGTERM that lands inside Optuna's ``ask``, after the trial row exists, must not leave
-    a RUNNING trial that no worker runs (it would wait for a heartbeat that never starts): the
-    worker gives it back, failed and queued again, and stops."""
+@pytest.mark.parametrize("signum, stop", [(signal.SIGTERM, WorkerStopped),
+                                          (signal.SIGINT, KeyboardInterrupt)])
+def test_a_stop_while_a_trial_is_created_gives_that_trial_back(tmp_path, signum, stop):
+    """SIGTERM (a pod or `kubetune run` stopping its workers) or SIGINT (Ctrl-C in a
+    terminal reaches the workers of `kubetune run` too) that lands inside Optuna's ``ask``,
+    after the trial row exists, must not leave a RUNNING trial that no worker runs (it would
+    wait for a heartbeat that never starts): the worker gives it back, failed and queued again,
+    and stops."""
     url = str(tmp_path / "study.journal")
     job = parse_job(fast_job("stop-in-ask"))
     storage = open_job_storage(url, job.spec)
@@ -37,7 +41,7 @@ def test_sigterm_while_a_trial_is_created_gives_that_trial_back(tmp_path):
 
     def ask_then_sigterm(*args, **kwargs):
         trial = ask(*args, **kwargs)  # the trial row exists, not yet marked this worker's
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
         return trial
 
     stages.ask = ask_then_sigterm
@@ -47,7 +51,7 @@ def test_sigterm_while_a_trial_is_created_gives_that_trial_back(tmp_path):
                                  artifacts=str(tmp_path / "artifacts"))
     try:
         loop._stop_on_sigterm()
-        with pytest.raises(WorkerStopped):
+        with pytest.raises(stop):
             loop._next_trial(study, job, lock, stages, 0.0, options)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -55,12 +59,13 @@ def test_sigterm_while_a_trial_is_created_gives_that_trial_back(tmp_path):
     assert given_back.state == TrialState.FAIL
     assert given_back.user_attrs["fail_reason"] == "worker stopped during the trial; retried"
     assert queued.state == TrialState.WAITING and queued.params == given_back.params
-    # a SIGTERM outside that moment still stops the worker where it lands
+    # outside that moment the signal still stops the worker where it lands
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     stages.ask = ask
     try:
         loop._stop_on_sigterm()
-        with pytest.raises(WorkerStopped):
-            os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(stop):
+            os.kill(os.getpid(), signum)
             time.sleep(0.5)
     finally:
         signal.signal(signal.SIGTERM, previous)

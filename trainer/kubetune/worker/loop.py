@@ -222,31 +222,43 @@ class _heartbeat:
 
 
 class _StopRequest:
-    """SIGTERM raises ``WorkerStopped`` where it lands, except while a trial is created and
-    marked this worker's: raised there, it would leave a RUNNING trial nobody runs until its
-    heartbeat went stale. Then it is noted, and raised once the trial can be given back."""
+    """SIGTERM raises ``WorkerStopped`` where it lands (SIGINT: ``KeyboardInterrupt``), except
+    while a trial is created and marked this worker's: raised there, it would leave a RUNNING
+    trial nobody runs until its heartbeat went stale. Then it is noted, and raised once the
+    trial can be given back."""
 
     def __init__(self) -> None:
-        self._deferring = self._requested = False
+        self._deferring = False
+        self._requested: type[BaseException] | None = None
 
     def handle(self, signum: int, frame: object) -> None:
+        stop = KeyboardInterrupt if signum == signal.SIGINT else WorkerStopped
         if self._deferring:
-            self._requested = True
+            self._requested = stop
             return
-        raise WorkerStopped()
+        raise stop()
 
     @contextlib.contextmanager
     def deferred(self) -> Any:
-        self._deferring, self._requested = True, False
+        self._deferring, self._requested = True, None
+        # Ctrl-C in a terminal reaches `kubetune run`'s workers too; hold it like SIGTERM
+        # where Python's own handler would raise (main thread only may set handlers).
+        previous = signal.getsignal(signal.SIGINT)
+        hold_sigint = (previous is signal.default_int_handler
+                       and threading.current_thread() is threading.main_thread())
+        if hold_sigint:
+            signal.signal(signal.SIGINT, self.handle)
         try:
             yield
         finally:
             self._deferring = False
+            if hold_sigint:
+                signal.signal(signal.SIGINT, previous)
 
     def raise_if_requested(self) -> None:
-        if self._requested:
-            self._requested = False
-            raise WorkerStopped()
+        if self._requested is not None:
+            stop, self._requested = self._requested, None
+            raise stop()
 
 
 _STOP = _StopRequest()
