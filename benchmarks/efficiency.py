@@ -202,12 +202,12 @@ def _table(dataset: str, runs: list[ArmRun], target: float) -> Table:
     test_target, budget = random_test_target(runs), goal_budget(runs)
     arms = _by_arm(runs)
     rows = []
-    for arm in ARMS[:4]:
+    for arm in ARMS:
         rows.append(_single_row(arm, arms[arm], target, test_target, budget))
-    rows.append(_result_row("recommended", arms["kubetune"], RECOMMENDED_MEMBERS,
-                            test_target, budget))
-    rows.append(_result_row("ensemble", arms["kubetune"], "trials", test_target, budget))
-    rows.append(_single_row("staged", arms["staged"], target, test_target, budget))
+        if arm == "kubetune":  # (e) and (f): the models its job gives
+            rows.append(_result_row("recommended", arms[arm], RECOMMENDED_MEMBERS,
+                                    test_target, budget))
+            rows.append(_result_row("ensemble", arms[arm], "trials", test_target, budget))
     return Table(["arm", "best val accuracy", "test accuracy (of best)", "epochs trained",
                   f"epochs to val ≥ {target}", f"epochs to random's test {test_target:.3f}",
                   f"test accuracy after {_epochs(budget)} epochs", "trials pruned"],

@@ -116,6 +116,12 @@ class TrialRecord:
         """Data-weighted epochs."""
         return self.epochs * self.data_share
 
+    @property
+    def competes(self) -> bool:
+        """A complete full-fidelity trial with a finite value: one that can be the best."""
+        return (self.state == "COMPLETE" and self.value is not None and self.full
+                and math.isfinite(self.value))
+
 
 @dataclass
 class ArmRun:
@@ -145,8 +151,7 @@ class ArmRun:
     def best(self) -> TrialRecord | None:
         """The best complete full-fidelity trial (ties: the earlier one), as the study
         reports it."""
-        done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None
-                and t.full and math.isfinite(t.value)]
+        done = [t for t in self.trials if t.competes]
         if not done:
             return None
         sign = -1.0 if self.maximize else 1.0
@@ -162,50 +167,38 @@ class ArmRun:
                 return spent
         return math.inf
 
-    def epochs_to_test(self, target: float) -> float:
-        """Epochs trained until the run's best trial so far (on validation, as a user picks
-        it) has a test accuracy of at least ``target``; inf if it never had."""
+    def best_curve(self) -> list[tuple[float, float | None]]:
+        """(epochs trained, test accuracy of the best trial so far on validation, as a user
+        picks it) after each trial; None before any trial completed."""
+        curve: list[tuple[float, float | None]] = []
         spent, best = 0.0, None
         sign = -1.0 if self.maximize else 1.0
         for trial in sorted(self.trials, key=lambda t: t.number):
             spent += trial.cost
-            if (trial.state == "COMPLETE" and trial.full and trial.value is not None
-                    and math.isfinite(trial.value)
-                    and (best is None or sign * trial.value < sign * best.value)):
+            if trial.competes and (best is None or sign * trial.value < sign * best.value):
                 best = trial
-            if best is not None and best.test_accuracy is not None \
-                    and best.test_accuracy >= target:
-                return spent
-        return math.inf
+            curve.append((spent, None if best is None else best.test_accuracy))
+        return curve
+
+    def epochs_to_test(self, target: float) -> float:
+        """Epochs trained until the run's best trial so far has a test accuracy of at least
+        ``target``; inf if it never had."""
+        return epochs_to(self.best_curve(), target)
 
     def test_at(self, budget: float) -> float | None:
         """The test accuracy of the best trial (on validation) among those that ended within
         ``budget`` epochs: what a user has after spending that much."""
-        spent, best = 0.0, None
-        sign = -1.0 if self.maximize else 1.0
-        for trial in sorted(self.trials, key=lambda t: t.number):
-            spent += trial.cost
-            if spent > budget:
-                break
-            if (trial.state == "COMPLETE" and trial.full and trial.value is not None
-                    and math.isfinite(trial.value)
-                    and (best is None or sign * trial.value < sign * best.value)):
-                best = trial
-        return None if best is None else best.test_accuracy
+        return value_at(self.best_curve(), budget)
 
     def result_test_at(self, budget: float, members: str) -> float | None:
         """The test accuracy of the job's final model (``result_curves``) had it stopped after
         the last trial that ended within ``budget`` epochs."""
-        within = [test for spent, test in self.result_curves.get(members, []) if spent <= budget]
-        return within[-1] if within else None
+        return value_at(self.result_curves.get(members, []), budget)
 
     def epochs_to_result_test(self, target: float, members: str) -> float:
         """Epochs trained until the job's final model (``result_curves``) would have had a test
         accuracy of at least ``target``; inf if it never had."""
-        for spent, test in self.result_curves.get(members, []):
-            if test >= target:
-                return spent
-        return math.inf
+        return epochs_to(self.result_curves.get(members, []), target)
 
     def ensemble_error_ratio(self, members: str = "trials") -> float | None:
         """The ensemble's test error over its best single trial's (below 1: it helped);
@@ -221,6 +214,21 @@ class ArmRun:
             return 1.0 if (ensemble.get("note") or "").startswith(NO_BETTER) else None
         single = 1.0 - ensemble.get("single_test", best.test_accuracy)
         return (1.0 - ensemble["test"]) / single if single > 0 else None
+
+
+def epochs_to(curve: list[tuple[float, float | None]], target: float) -> float:
+    """The epochs at the first point of ``curve`` whose value is at least ``target``; inf if
+    none is."""
+    for spent, value in curve:
+        if value is not None and value >= target:
+            return spent
+    return math.inf
+
+
+def value_at(curve: list[tuple[float, float | None]], budget: float) -> float | None:
+    """The value at the last point of ``curve`` within ``budget`` epochs (None if none is)."""
+    within = [value for spent, value in curve if spent <= budget]
+    return within[-1] if within else None
 
 
 @dataclass
@@ -481,8 +489,8 @@ def _run_stock(task: Task, job: Any) -> ArmRun:
 
 
 def _run_kubetune(task: Task, job: Any) -> ArmRun:
-    """(d) and (g), and (e) and (f) when asked: kubetune's sampler, pruner, stages, guards and trial
-    runner, a trial at a time as one worker runs them."""
+    """(d) and (g), and (e) and (f) when asked: kubetune's sampler, pruner, stages, guards and
+    trial runner, a trial at a time as one worker runs them."""
     import optuna
     from optuna.storages import InMemoryStorage
 
