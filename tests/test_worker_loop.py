@@ -39,12 +39,12 @@ def test_a_stop_while_a_trial_is_created_gives_that_trial_back(tmp_path, signum,
     stages = StageAsker(study, job.spec, sampler)
     ask = stages.ask
 
-    def ask_then_sigterm(*args, **kwargs):
+    def ask_then_signal(*args, **kwargs):
         trial = ask(*args, **kwargs)  # the trial row exists, not yet marked this worker's
         os.kill(os.getpid(), signum)
         return trial
 
-    stages.ask = ask_then_sigterm
+    stages.ask = ask_then_signal
     previous = signal.getsignal(signal.SIGTERM)
     lock = StudyLock(url, job.study_name)
     options = loop.WorkerOptions(storage=url, study=job.study_name, worker_id="w0",
